@@ -1,0 +1,36 @@
+"""Settings shared by every Card Desk process, read from `CARDDESK_*` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class CardDeskSettings(BaseSettings):
+    """What every service needs to reach Kafka and PostgreSQL; each service subclasses it."""
+
+    model_config = SettingsConfigDict(env_prefix="CARDDESK_", extra="ignore", frozen=True)
+
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    database_url: str = "postgresql://carddesk@127.0.0.1:5432/carddesk"
+    http_port: int = 8080
+    channels_file: Path = PROJECT_ROOT / "config" / "channels.dev.json"
+    partitions: int = 6
+    # Local development secrets; production sets its own through the environment.
+    citizen_ref_pepper: SecretStr = SecretStr("carddesk-dev-pepper-change-me")
+    master_key: SecretStr = SecretStr("Y2FyZGRlc2stZGV2LW1hc3Rlci1rZXktMzItYnl0ZXM=")
+    state_dir: Path = PROJECT_ROOT / ".local"
+    log_level: str = "INFO"
+    kafka_controller_port: int = 9093
+    kafka_version: str = "4.0.0"
+    kafka_heap: str = "512m"
+    postgres_bin: Path = Path("/usr/lib/postgresql/15/bin")
+    outbox_poll_ms: int = 100
+    consumer_max_attempts: int = 5
+
+    def event_topic(self, service: str) -> str:
+        return f"{service}.events"
