@@ -18,11 +18,18 @@ class CardDeskSettings(BaseSettings):
     kafka_bootstrap: str = "127.0.0.1:9092"
     database_url: str = "postgresql://carddesk@127.0.0.1:5432/carddesk"
     http_port: int = 8080
+    http_host: str = "127.0.0.1"
+    # The /health and AsyncAPI port of a command service; each has its own default.
+    health_port: int | None = None
     channels_file: Path = PROJECT_ROOT / "config" / "channels.dev.json"
     partitions: int = 6
     # Local development secrets; production sets its own through the environment.
     citizen_ref_pepper: SecretStr = SecretStr("carddesk-dev-pepper-change-me")
+    # base64 of 32 bytes: wraps the per-citizen data keys (AES-256-GCM).
     master_key: SecretStr = SecretStr("Y2FyZGRlc2stZGV2LW1hc3Rlci1rZXktMzItYnl0ZXM=")
+    # Ed25519, base64 raw: only auth holds the private seed; every service has the public key.
+    session_signing_key: SecretStr = SecretStr("kFePrAOdaWJbcyBJV6pDodw4NqVIYNuzzX+77ioPv1U=")
+    session_public_key: str = "+xNIdtO9G3+tXicUQYJI2LTaAxlGTYyLu2bGe/fr8Hc="
     state_dir: Path = PROJECT_ROOT / ".local"
     log_level: str = "INFO"
     kafka_controller_port: int = 9093

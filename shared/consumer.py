@@ -1,0 +1,209 @@
+"""Idempotent consumption: dead letters, retries, and the event consumer every follower uses.
+
+A consumer records what it processed in the same transaction as its effect; the Kafka offset
+is committed by the subscriber only after `handle` returned, i.e. after that commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import structlog
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from pydantic import ValidationError
+
+from shared.envelope import EventEnvelope, hash_is_intact
+from shared.eventstore import ConcurrencyError
+from shared.logging import bind_message_context
+
+log = structlog.get_logger()
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.CannotConnectNowError,
+    ConcurrencyError,
+    KafkaError,
+    TimeoutError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """A Kafka record as the consumers see it, independent of the client library."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: dict[str, bytes] = field(default_factory=dict)
+
+    @classmethod
+    def from_record(cls, record: Any) -> Inbound:
+        return cls(
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            key=record.key,
+            value=record.value or b"",
+            headers={k: bytes(v or b"") for k, v in (record.headers or ())},
+        )
+
+    def header(self, name: str) -> str | None:
+        raw = self.headers.get(name)
+        return raw.decode("utf-8", "replace") if raw is not None else None
+
+
+class Rejected(Exception):
+    """A message that can never be processed; it goes to the DLQ with this code and reason."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class DeadLetters:
+    """Publishes unprocessable messages to `<topic>.dlq`, the reason and origin in headers."""
+
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self.producer = producer
+
+    async def send(self, msg: Inbound, code: str, reason: str) -> None:
+        headers = [
+            *((k, v) for k, v in msg.headers.items() if not k.startswith("x-dlq-")),
+            ("x-dlq-code", code.encode()),
+            ("x-dlq-reason", reason[:1000].encode()),
+            ("x-original-topic", msg.topic.encode()),
+            ("x-original-partition", str(msg.partition).encode()),
+            ("x-original-offset", str(msg.offset).encode()),
+        ]
+        await self.producer.send_and_wait(
+            f"{msg.topic}.dlq", value=msg.value, key=msg.key, headers=headers
+        )
+        log.warning("message.dead_lettered", topic=msg.topic, partition=msg.partition,
+                    offset=msg.offset, code=code, reason=reason[:200])
+
+
+async def with_retries(
+    msg: Inbound,
+    process: Callable[[], Awaitable[None]],
+    dead_letters: DeadLetters,
+    *,
+    max_attempts: int = 5,
+    base_delay: float = 0.2,
+    max_delay: float = 5.0,
+) -> None:
+    """Run `process` until it succeeds. Infrastructure faults are retried without limit (the
+    message must not be lost); anything else is retried `max_attempts` times, then DLQ'd."""
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            await process()
+            return
+        except Rejected as exc:
+            await dead_letters.send(msg, exc.code, exc.reason)
+            return
+        except TRANSIENT_ERRORS as exc:
+            log.warning("message.retrying", error=type(exc).__name__, attempt=attempt)
+        except Exception as exc:
+            if attempt >= max_attempts:
+                log.exception("message.failed", attempt=attempt)
+                await dead_letters.send(msg, "processing_failed", f"{type(exc).__name__}: {exc}")
+                return
+            log.warning("message.retrying", error=type(exc).__name__, attempt=attempt)
+        await asyncio.sleep(min(max_delay, base_delay * 2 ** min(attempt, 8)))
+
+
+def parse_event(msg: Inbound, known_types: Collection[str] | None) -> EventEnvelope:
+    """Validate an event from a topic: JSON, envelope shape, intact hash, known type."""
+    try:
+        body = json.loads(msg.value)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise Rejected("malformed_json", f"not JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise Rejected("malformed_event", "an event must be a JSON object")
+    try:
+        envelope = EventEnvelope.model_validate(body)
+    except ValidationError as exc:
+        raise Rejected("malformed_event", describe_validation_error(exc)) from exc
+    if not hash_is_intact(body):
+        raise Rejected("bad_hash", f"hash mismatch in {envelope.stream_id} v{envelope.version}")
+    if known_types is not None and envelope.type not in known_types:
+        raise Rejected("unknown_event_type", f"unknown event type {envelope.type!r}")
+    return envelope
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]
+    )
+
+
+EventHandler = Callable[[asyncpg.Connection, EventEnvelope], Awaitable[None]]
+
+
+class EventConsumer:
+    """Applies each event once: the `processed` row and the effect share one transaction."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        schema: str,
+        name: str,
+        handler: EventHandler,
+        dead_letters: DeadLetters,
+        *,
+        known_types: Collection[str] | None = None,
+        max_attempts: int = 5,
+    ) -> None:
+        self.pool = pool
+        self.schema = schema
+        self.name = name
+        self.handler = handler
+        self.dead_letters = dead_letters
+        self.known_types = known_types
+        self.max_attempts = max_attempts
+
+    async def handle(self, msg: Inbound) -> None:
+        bind_message_context(topic=msg.topic, partition=msg.partition, offset=msg.offset)
+
+        async def process() -> None:
+            envelope = parse_event(msg, self.known_types)
+            bind_message_context(
+                topic=msg.topic,
+                event_type=envelope.type,
+                event_id=str(envelope.event_id),
+                citizen_ref=envelope.citizen_ref,
+                correlation_id=envelope.correlation_id,
+                causation_id=envelope.causation_id,
+            )
+            await self.apply(envelope)
+
+        await with_retries(msg, process, self.dead_letters, max_attempts=self.max_attempts)
+
+    async def apply(self, envelope: EventEnvelope) -> bool:
+        """Apply one event unless already applied; True when it had an effect."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            first_time = await conn.fetchval(
+                f"INSERT INTO {self.schema}.processed (consumer, message_id) VALUES ($1, $2)"
+                " ON CONFLICT DO NOTHING RETURNING true",
+                self.name,
+                str(envelope.event_id),
+            )
+            if not first_time:
+                log.debug("event.duplicate_skipped")
+                return False
+            await self.handler(conn, envelope)
+            return True

@@ -1,0 +1,84 @@
+"""issuance.commands payloads and issuance.events."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import Field, TypeAdapter
+
+from shared.contracts.common import SubjectErased, type_names
+from shared.events import Command, DomainEvent
+
+
+class ProxyPresenter(Command):
+    id_number: str = Field(min_length=1, max_length=32)
+    name: str = Field(min_length=1, max_length=100)
+    authorisation_ref: str = Field(min_length=1, max_length=200)
+
+
+class CollectCard(Command):
+    application_id: str = Field(min_length=1, max_length=64)
+    bureau_id: str = Field(min_length=1, max_length=64)
+    presented_id_number: str = Field(min_length=1, max_length=32)
+    proxy: ProxyPresenter | None = None
+
+
+class ImportCard(Command):
+    """Initial cards from the legacy card system (used by `cardctl seed`; bureau only)."""
+
+    id_number: str = Field(min_length=1, max_length=32)
+    card_no: str = Field(min_length=4, max_length=32)
+
+
+class CardIssued(DomainEvent):
+    type: Literal["CardIssued"] = "CardIssued"
+    card_no: str
+    imported: bool = True
+
+
+class CardProductionStarted(DomainEvent):
+    type: Literal["CardProductionStarted"] = "CardProductionStarted"
+    application_id: str
+    pickup_bureau: str
+    ready_by: datetime
+
+
+class CardReissued(DomainEvent):
+    type: Literal["CardReissued"] = "CardReissued"
+    application_id: str
+    new_card_no: str
+    old_card_no: str | None
+
+
+class CardReadyForPickup(DomainEvent):
+    type: Literal["CardReadyForPickup"] = "CardReadyForPickup"
+    application_id: str
+    pickup_bureau: str
+    card_no: str
+
+
+class CardCollected(DomainEvent):
+    type: Literal["CardCollected"] = "CardCollected"
+    application_id: str
+    bureau_id: str
+    card_no: str
+    by_proxy: bool
+    # enc:v1: ciphertext of the proxy's ID number and name, when a proxy collected
+    proxy_id_number: str | None = None
+    proxy_name: str | None = None
+    authorisation_ref: str | None = None
+
+
+IssuanceEvent = Annotated[
+    CardIssued
+    | CardProductionStarted
+    | CardReissued
+    | CardReadyForPickup
+    | CardCollected
+    | SubjectErased,
+    Field(discriminator="type"),
+]
+ISSUANCE_EVENTS: TypeAdapter[IssuanceEvent] = TypeAdapter(IssuanceEvent)
+EVENT_TYPES = type_names(CardIssued, CardProductionStarted, CardReissued, CardReadyForPickup,
+                         CardCollected, SubjectErased)

@@ -1,0 +1,107 @@
+"""The event envelope of DESIGN section 5 and its hash chain."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field
+
+GENESIS_HASH = "0" * 64
+
+
+def canonical_json(value: Any) -> bytes:
+    """Sorted keys, no spaces, UTF-8: the one byte form that hashes and Kafka values use."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def chain_hash(prev_hash: str, body_without_hash: Mapping[str, Any]) -> str:
+    return hashlib.sha256(prev_hash.encode("ascii") + canonical_json(body_without_hash)).hexdigest()
+
+
+class PendingEvent(BaseModel):
+    """An event a decider produced, before the store gives it a version and a hash."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    event_id: UUID
+    type: str
+    schema_version: int = 1
+    citizen_ref: str
+    occurred_at: datetime
+    correlation_id: str
+    causation_id: str
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class EventEnvelope(BaseModel):
+    """A stored event: what goes to Kafka and what auditors verify."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    event_id: UUID
+    type: str
+    schema_version: int
+    stream_id: str
+    version: int
+    citizen_ref: str
+    occurred_at: datetime
+    correlation_id: str
+    causation_id: str
+    prev_hash: str
+    hash: str
+    data: dict[str, Any]
+
+    @classmethod
+    def seal(cls, pending: PendingEvent, stream_id: str, version: int, prev_hash: str) -> EventEnvelope:
+        body = pending.model_dump(mode="json") | {
+            "stream_id": stream_id,
+            "version": version,
+            "prev_hash": prev_hash,
+        }
+        return cls.model_validate(body | {"hash": chain_hash(prev_hash, body)})
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_bytes(self) -> bytes:
+        return canonical_json(self.to_json_dict())
+
+
+def hash_is_intact(body: Mapping[str, Any]) -> bool:
+    """True when the event's own hash matches its content and its prev_hash."""
+    rest = {k: v for k, v in body.items() if k != "hash"}
+    return body.get("hash") == chain_hash(str(body.get("prev_hash", "")), rest)
+
+
+class ChainBreak(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    stream_id: str
+    version: int
+    reason: str
+
+
+def verify_stream(stream_id: str, bodies: Iterable[Mapping[str, Any]]) -> list[ChainBreak]:
+    """Check one stream's events, in log order: gapless versions, linked and intact hashes."""
+    breaks: list[ChainBreak] = []
+    expected_prev = GENESIS_HASH
+    expected_version = 1
+    for body in bodies:
+        version = int(body.get("version", -1))
+        if version != expected_version:
+            breaks.append(ChainBreak(stream_id=stream_id, version=version,
+                                     reason=f"expected version {expected_version}"))
+        if body.get("prev_hash") != expected_prev:
+            breaks.append(ChainBreak(stream_id=stream_id, version=version,
+                                     reason="prev_hash does not link to the previous event"))
+        if not hash_is_intact(body):
+            breaks.append(ChainBreak(stream_id=stream_id, version=version,
+                                     reason="hash does not match the event's content"))
+        expected_prev = str(body.get("hash"))
+        expected_version = version + 1
+    return breaks

@@ -1,0 +1,191 @@
+"""Event stores: append with an expected version, read a stream, read everything in order.
+
+The PostgreSQL store writes the events and their outbox rows in the caller's transaction,
+so a state change and its publication commit together (DESIGN section 9).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import asyncpg
+
+from shared.envelope import GENESIS_HASH, EventEnvelope, PendingEvent
+from shared.outbox import OutboxMessage, enqueue
+
+
+class ConcurrencyError(Exception):
+    """Another writer appended to the stream since it was read."""
+
+    code = "concurrent_modification"
+
+    def __init__(self, stream_id: str, expected: int, actual: int | None = None) -> None:
+        super().__init__(f"stream {stream_id}: expected version {expected}, found {actual}")
+        self.stream_id = stream_id
+        self.expected = expected
+        self.actual = actual
+
+
+class EventStore(Protocol):
+    async def read_stream(self, stream_id: str) -> list[EventEnvelope]: ...
+
+    async def append(
+        self, stream_id: str, expected_version: int, events: Sequence[PendingEvent]
+    ) -> list[EventEnvelope]: ...
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[EventEnvelope]: ...
+
+
+def seal_all(
+    stream_id: str, expected_version: int, last_hash: str, events: Sequence[PendingEvent]
+) -> list[EventEnvelope]:
+    sealed: list[EventEnvelope] = []
+    prev = last_hash
+    for offset, pending in enumerate(events, start=1):
+        envelope = EventEnvelope.seal(pending, stream_id, expected_version + offset, prev)
+        sealed.append(envelope)
+        prev = envelope.hash
+    return sealed
+
+
+class InMemoryEventStore:
+    """The same contract as the PostgreSQL store, for deciders' and handlers' unit tests."""
+
+    def __init__(self) -> None:
+        self._streams: dict[str, list[EventEnvelope]] = {}
+        self._log: list[EventEnvelope] = []
+
+    async def read_stream(self, stream_id: str) -> list[EventEnvelope]:
+        return list(self._streams.get(stream_id, []))
+
+    async def append(
+        self, stream_id: str, expected_version: int, events: Sequence[PendingEvent]
+    ) -> list[EventEnvelope]:
+        stream = self._streams.setdefault(stream_id, [])
+        if len(stream) != expected_version:
+            raise ConcurrencyError(stream_id, expected_version, len(stream))
+        last_hash = stream[-1].hash if stream else GENESIS_HASH
+        sealed = seal_all(stream_id, expected_version, last_hash, events)
+        stream.extend(sealed)
+        self._log.extend(sealed)
+        return sealed
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[EventEnvelope]:
+        return self._log[after_position : after_position + limit]
+
+
+def schema_ddl(schema: str) -> str:
+    """The tables every service schema has: events, outbox, processed messages, replies."""
+    return f"""
+    CREATE SCHEMA IF NOT EXISTS {schema};
+    CREATE TABLE IF NOT EXISTS {schema}.events (
+        position     bigserial PRIMARY KEY,
+        stream_id    text        NOT NULL,
+        version      integer     NOT NULL CHECK (version > 0),
+        event_id     uuid        NOT NULL UNIQUE,
+        type         text        NOT NULL,
+        citizen_ref  text        NOT NULL,
+        occurred_at  timestamptz NOT NULL,
+        hash         text        NOT NULL,
+        body         text        NOT NULL,
+        UNIQUE (stream_id, version)
+    );
+    CREATE TABLE IF NOT EXISTS {schema}.outbox (
+        position   bigserial PRIMARY KEY,
+        topic      text        NOT NULL,
+        key        bytea,
+        value      bytea       NOT NULL,
+        headers    jsonb       NOT NULL DEFAULT '[]',
+        created_at timestamptz NOT NULL DEFAULT now(),
+        sent_at    timestamptz
+    );
+    CREATE INDEX IF NOT EXISTS outbox_unsent ON {schema}.outbox (position) WHERE sent_at IS NULL;
+    CREATE TABLE IF NOT EXISTS {schema}.processed (
+        consumer     text        NOT NULL,
+        message_id   text        NOT NULL,
+        processed_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (consumer, message_id)
+    );
+    CREATE TABLE IF NOT EXISTS {schema}.replies (
+        request_id text        PRIMARY KEY,
+        reply      text        NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now()
+    );
+    """
+
+
+async def migrate(pool: asyncpg.Pool, schema: str, extra_ddl: str = "") -> None:
+    async with pool.acquire() as conn:
+        # One service's replicas may start together; the lock keeps DDL from racing.
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", schema)
+            await conn.execute(schema_ddl(schema) + extra_ddl)
+
+
+class PostgresEventStore:
+    """A service's store bound to one connection; `(stream_id, version)` unique gives
+    optimistic concurrency. Appends join the caller's transaction and queue the outbox."""
+
+    def __init__(self, conn: asyncpg.Connection, schema: str, events_topic: str) -> None:
+        self.conn = conn
+        self.schema = schema
+        self.events_topic = events_topic
+
+    async def read_stream(self, stream_id: str) -> list[EventEnvelope]:
+        rows = await self.conn.fetch(
+            f"SELECT body FROM {self.schema}.events WHERE stream_id = $1 ORDER BY version",
+            stream_id,
+        )
+        return [EventEnvelope.model_validate_json(r["body"]) for r in rows]
+
+    async def append(
+        self, stream_id: str, expected_version: int, events: Sequence[PendingEvent]
+    ) -> list[EventEnvelope]:
+        if not events:
+            return []
+        last = await self.conn.fetchrow(
+            f"SELECT version, hash FROM {self.schema}.events"
+            " WHERE stream_id = $1 ORDER BY version DESC LIMIT 1",
+            stream_id,
+        )
+        actual = last["version"] if last else 0
+        if actual != expected_version:
+            raise ConcurrencyError(stream_id, expected_version, actual)
+        sealed = seal_all(
+            stream_id, expected_version, last["hash"] if last else GENESIS_HASH, events
+        )
+        try:
+            async with self.conn.transaction():  # a savepoint: losing a race leaves the caller's
+                await self.conn.executemany(     # transaction usable
+                    f"INSERT INTO {self.schema}.events"
+                    " (stream_id, version, event_id, type, citizen_ref, occurred_at, hash, body)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    [
+                        (e.stream_id, e.version, e.event_id, e.type, e.citizen_ref,
+                         e.occurred_at, e.hash, e.to_bytes().decode())
+                        for e in sealed
+                    ],
+                )
+        except asyncpg.UniqueViolationError as exc:
+            raise ConcurrencyError(stream_id, expected_version) from exc
+        await enqueue(self.conn, self.schema, [event_message(self.events_topic, e) for e in sealed])
+        return sealed
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[EventEnvelope]:
+        rows = await self.conn.fetch(
+            f"SELECT body FROM {self.schema}.events WHERE position > $1 ORDER BY position LIMIT $2",
+            after_position,
+            limit,
+        )
+        return [EventEnvelope.model_validate_json(r["body"]) for r in rows]
+
+
+def event_message(topic: str, event: EventEnvelope) -> OutboxMessage:
+    """An event as a Kafka message: keyed by citizen_ref so one citizen stays in one partition."""
+    return OutboxMessage(
+        topic=topic,
+        key=event.citizen_ref.encode(),
+        value=event.to_bytes(),
+        headers=(("event-type", event.type.encode()), ("event-id", str(event.event_id).encode())),
+    )

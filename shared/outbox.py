@@ -1,0 +1,139 @@
+"""Transactional outbox: messages are queued in the writer's transaction and a relay
+publishes them to Kafka in order, marking them sent only after Kafka acknowledged them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+import structlog
+from aiokafka import AIOKafkaProducer
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+def _channel(schema: str) -> str:
+    return f"{schema}_outbox"
+
+
+async def enqueue(conn: asyncpg.Connection, schema: str, messages: Sequence[OutboxMessage]) -> None:
+    """Queue messages in the caller's transaction; the relay is woken when it commits."""
+    if not messages:
+        return
+    await conn.executemany(
+        f"INSERT INTO {schema}.outbox (topic, key, value, headers) VALUES ($1, $2, $3, $4)",
+        [
+            (m.topic, m.key, m.value,
+             json.dumps([[k, v.decode("latin-1")] for k, v in m.headers]))
+            for m in messages
+        ],
+    )
+    await conn.execute(f"NOTIFY {_channel(schema)}")
+
+
+def make_producer(bootstrap: str) -> AIOKafkaProducer:
+    """Idempotent, fully acknowledged, ordered per partition even when retried."""
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        enable_idempotence=True,
+        acks="all",
+        linger_ms=2,
+        max_batch_size=256 * 1024,
+    )
+
+
+class OutboxRelay:
+    """Publishes a schema's outbox in position order.
+
+    An advisory lock makes one relay per schema active at a time, so per-key order holds
+    even with several replicas. A crash between Kafka's acknowledgement and the `sent_at`
+    update republishes the batch: consumers drop the duplicates by message id.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        producer: AIOKafkaProducer,
+        schema: str,
+        *,
+        batch_size: int = 500,
+        poll_interval: float = 0.1,
+    ) -> None:
+        self.pool = pool
+        self.producer = producer
+        self.schema = schema
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+
+    async def publish_pending(self, conn: asyncpg.Connection) -> int:
+        """Publish one batch; return how many messages were sent."""
+        rows = await conn.fetch(
+            f"SELECT position, topic, key, value, headers FROM {self.schema}.outbox"
+            " WHERE sent_at IS NULL ORDER BY position LIMIT $1",
+            self.batch_size,
+        )
+        if not rows:
+            return 0
+        futures = [
+            await self.producer.send(
+                r["topic"],
+                value=r["value"],
+                key=r["key"],
+                headers=[(k, v.encode("latin-1")) for k, v in json.loads(r["headers"])],
+            )
+            for r in rows
+        ]
+        await asyncio.gather(*futures)
+        await conn.execute(
+            f"UPDATE {self.schema}.outbox SET sent_at = now() WHERE position = ANY($1::bigint[])",
+            [r["position"] for r in rows],
+        )
+        return len(rows)
+
+    async def run(self) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.add_listener(_channel(self.schema), self._on_notify)
+            try:
+                while not self._stopping.is_set():
+                    locked = await conn.fetchval(
+                        "SELECT pg_try_advisory_lock(hashtext($1))", _channel(self.schema)
+                    )
+                    if locked:
+                        break
+                    await self._sleep()
+                while not self._stopping.is_set():
+                    sent = await self.publish_pending(conn)
+                    if sent:
+                        log.debug("outbox.published", schema=self.schema, count=sent)
+                    if sent < self.batch_size:
+                        await self._sleep()
+            finally:
+                await conn.remove_listener(_channel(self.schema), self._on_notify)
+                await conn.execute("SELECT pg_advisory_unlock_all()")
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    def _on_notify(self, *_: object) -> None:
+        self._wake.set()
+
+    async def _sleep(self) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+        except TimeoutError:
+            pass
+        self._wake.clear()

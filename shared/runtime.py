@@ -1,0 +1,150 @@
+"""Wiring every service shares: pool, producer, outbox relay, dead letters, the FastStream app.
+
+Nothing connects at import time: resources are created in the app's startup hook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import structlog
+from aiokafka import AIOKafkaProducer
+from faststream.asgi import AsgiFastStream, make_ping_asgi
+from faststream.kafka import KafkaBroker, KafkaMessage
+from faststream.middlewares import AckPolicy
+
+from shared.consumer import DeadLetters, Inbound
+from shared.eventstore import migrate
+from shared.logging import configure_logging
+from shared.outbox import OutboxRelay, make_producer
+from shared.settings import CardDeskSettings
+
+log = structlog.get_logger()
+
+MessageHandler = Callable[[Inbound], Awaitable[None]]
+
+
+class ServiceRuntime:
+    """One service process: its schema, its broker, its relay and its background tasks."""
+
+    def __init__(self, name: str, settings: CardDeskSettings, *, extra_ddl: str = "") -> None:
+        self.name = name
+        self.schema = name
+        self.settings = settings
+        self.extra_ddl = extra_ddl
+        self.broker = KafkaBroker(settings.kafka_bootstrap, client_id=f"carddesk-{name}")
+        self._pool: asyncpg.Pool | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._relay: OutboxRelay | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._on_ready: list[Callable[[], Awaitable[None]]] = []
+        self._background: list[Callable[[], Awaitable[None]]] = []
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        assert self._pool is not None, "the runtime has not started"
+        return self._pool
+
+    @property
+    def producer(self) -> AIOKafkaProducer:
+        assert self._producer is not None, "the runtime has not started"
+        return self._producer
+
+    @property
+    def dead_letters(self) -> DeadLetters:
+        return DeadLetters(self.producer)
+
+    @property
+    def events_topic(self) -> str:
+        return self.settings.event_topic(self.name)
+
+    def on_ready(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run after the pool and producer exist, before messages flow (build handlers here)."""
+        self._on_ready.append(hook)
+
+    def background(self, loop: Callable[[], Awaitable[None]]) -> None:
+        """A long-running loop (timers, schedulers), restarted with backoff if it fails."""
+        self._background.append(loop)
+
+    def subscribe(self, topic: str, handler: Callable[[], MessageHandler], *,
+                  group: str | None = None, title: str | None = None,
+                  description: str | None = None) -> None:
+        """Consume `topic` in this service's group, committing only after `handler` returned."""
+
+        @self.broker.subscriber(
+            topic,
+            group_id=group or f"carddesk-{self.name}",
+            auto_offset_reset="earliest",
+            ack_policy=AckPolicy.NACK_ON_ERROR,
+            title=title or f"{topic}:{self.name}",
+            description=description,
+        )
+        async def on_message(msg: KafkaMessage) -> None:
+            await handler()(Inbound.from_record(msg.raw_message))
+
+    async def start(self) -> None:
+        self._pool = await asyncpg.create_pool(self.settings.database_url, min_size=2, max_size=10)
+        await migrate(self._pool, self.schema, self.extra_ddl)
+        self._producer = make_producer(self.settings.kafka_bootstrap)
+        await self._producer.start()
+        self._relay = OutboxRelay(self._pool, self._producer, self.schema,
+                                  poll_interval=self.settings.outbox_poll_ms / 1000)
+        for hook in self._on_ready:
+            await hook()
+        self._tasks.append(asyncio.create_task(supervise("outbox.relay", self._relay.run)))
+        for loop in self._background:
+            self._tasks.append(asyncio.create_task(supervise(loop.__name__, loop)))
+        log.info("service.started", schema=self.schema)
+
+    async def stop(self) -> None:
+        if self._relay is not None:
+            self._relay.stop()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self._producer is not None:
+            await self._producer.stop()
+        if self._pool is not None:
+            await self._pool.close()
+        log.info("service.stopped")
+
+    def app(self) -> AsgiFastStream:
+        """The FastStream application: consumers, `/health` and the AsyncAPI docs."""
+        configure_logging(self.name, self.settings.log_level)
+        return AsgiFastStream(
+            self.broker,
+            asgi_routes=[("/health", make_ping_asgi(self.broker, timeout=5.0))],
+            asyncapi_path="/docs/asyncapi",
+            on_startup=[self.start],
+            after_shutdown=[self.stop],
+        )
+
+
+async def supervise(name: str, loop: Callable[[], Awaitable[Any]]) -> None:
+    """Keep a background loop alive: a crash is logged and the loop restarts with backoff."""
+    delay = 0.5
+    while True:
+        try:
+            await loop()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("background.crashed", loop=name)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def run_service(runtime: ServiceRuntime, default_health_port: int) -> None:
+    """Entry point body of `python -m services.<name>.main`."""
+    settings = runtime.settings
+    port = settings.health_port or default_health_port
+    app = runtime.app()
+    asyncio.run(app.run(run_extra_options={"host": settings.http_host, "port": port}))
