@@ -98,8 +98,19 @@ class CommandContext:
         return self.request_id
 
 
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A refusal whose events are still recorded (a failed portrait attempt counts towards a
+    lockout). Raising a DomainError instead undoes everything the handler wrote."""
+
+    code: str
+    message: str
+
+
 # A command handler runs inside the intake's transaction and returns the reply data.
-CommandHandler = Callable[[asyncpg.Connection, CommandContext, Any], Awaitable[dict[str, Any] | None]]
+CommandHandler = Callable[
+    [asyncpg.Connection, CommandContext, Any], Awaitable[dict[str, Any] | Refusal | None]
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,10 +195,13 @@ class CommandIntake:
             else:
                 try:
                     async with conn.transaction():  # savepoint: a refusal undoes partial writes
-                        data = await route.handler(conn, context, payload)
-                    reply = Reply(request_id=context.request_id, status="accepted",
-                                  code="accepted", message=route.accepted_message,
-                                  data=data or {})
+                        outcome = await route.handler(conn, context, payload)
+                    if isinstance(outcome, Refusal):
+                        reply = _rejected(context.request_id, outcome.code, outcome.message)
+                    else:
+                        reply = Reply(request_id=context.request_id, status="accepted",
+                                      code="accepted", message=route.accepted_message,
+                                      data=outcome or {})
                 except DomainError as exc:
                     reply = _rejected(context.request_id, exc.code, exc.message)
             log.info("command.replied", status=reply.status, code=reply.code)
