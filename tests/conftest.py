@@ -1,0 +1,45 @@
+"""Session-wide fixtures: settings, and Kafka + PostgreSQL brought up once per test session.
+
+If both already answer on the configured addresses (CI or a developer ran
+`cardctl stack up`), the session uses them and leaves them running. Otherwise it starts
+them with `cardctl.stack` and stops at the end exactly what it started.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from cardctl.stack import Stack, ensure_topics, run_sync
+from shared.settings import CardDeskSettings
+from shared.topics import all_topics
+
+
+@pytest.fixture(scope="session")
+def settings() -> CardDeskSettings:
+    return CardDeskSettings()
+
+
+@pytest.fixture(scope="session")
+def stack(settings: CardDeskSettings) -> Iterator[Stack]:
+    """Kafka and PostgreSQL answering, with every topic of the contract created."""
+    local = Stack(settings, report=lambda line: print(f"[stack] {line}"))
+    if local.infra_answers():
+        run_sync(lambda: ensure_topics(settings.kafka_bootstrap, all_topics(settings.partitions)))
+        yield local
+        return
+    # Services are not started here: integration tests drive the code in-process.
+    started = local.up(services=False)
+    try:
+        yield local
+    finally:
+        local.down(only=started)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test marked `integration` gets the stack without asking for it."""
+    for item in items:
+        wants_stack = item.get_closest_marker("integration") and isinstance(item, pytest.Function)
+        if wants_stack and "stack" not in item.fixturenames:
+            item.fixturenames.append("stack")

@@ -1,0 +1,68 @@
+"""The running stack matches the contract: topics, partitions, retention, and the database."""
+
+from __future__ import annotations
+
+import asyncpg  # type: ignore[import-untyped]
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient  # type: ignore[import-untyped]
+from aiokafka.admin.config_resource import (  # type: ignore[import-untyped]
+    ConfigResource,
+    ConfigResourceType,
+)
+
+from cardctl.stack import Stack
+from shared.settings import CardDeskSettings
+from shared.topics import all_topics
+
+pytestmark = pytest.mark.integration
+
+
+async def test_every_contract_topic_exists_with_the_configured_partition_count(
+    settings: CardDeskSettings,
+) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        expected = {t.name: t.partitions for t in all_topics(settings.partitions)}
+        described = await admin.describe_topics(list(expected))
+    finally:
+        await admin.close()
+    actual = {d["topic"]: len(d["partitions"]) for d in described if d["error_code"] == 0}
+    assert actual == expected
+
+
+async def test_event_topics_keep_their_data_forever(settings: CardDeskSettings) -> None:
+    forever = [t.name for t in all_topics(settings.partitions) if t.name.endswith(".events")]
+    assert len(forever) == 4
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        responses = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, name) for name in forever]
+        )
+    finally:
+        await admin.close()
+    found = {}
+    for response in responses:
+        for _code, _msg, _type, name, entries in response.resources:
+            found[name] = {entry[0]: entry[1] for entry in entries}
+    for name in forever:
+        assert found[name]["retention.ms"] == "-1", name
+        assert found[name]["retention.bytes"] == "-1", name
+
+
+async def test_the_application_role_owns_its_database(settings: CardDeskSettings) -> None:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        owner = await conn.fetchval(
+            "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()"
+        )
+        assert owner == await conn.fetchval("SELECT current_user")
+    finally:
+        await conn.close()
+
+
+def test_a_second_up_on_a_running_stack_starts_nothing(stack: Stack) -> None:
+    if not all(s.alive for s in stack.status() if s.name in ("postgres", "kafka")):
+        pytest.skip("Kafka and PostgreSQL were started outside this stack's state dir")
+    assert stack.up(services=False) == []
