@@ -40,6 +40,7 @@ def stack(settings: CardDeskSettings) -> Iterator[Stack]:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test marked `integration` gets the stack without asking for it."""
     for item in items:
-        wants_stack = item.get_closest_marker("integration") and isinstance(item, pytest.Function)
-        if wants_stack and "stack" not in item.fixturenames:
+        if not isinstance(item, pytest.Function) or not item.get_closest_marker("integration"):
+            continue
+        if "stack" not in item.fixturenames:
             item.fixturenames.append("stack")
