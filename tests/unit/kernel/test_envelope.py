@@ -5,7 +5,13 @@ from __future__ import annotations
 import json
 
 from shared.contracts.loss import LossCancelled
-from shared.envelope import GENESIS_HASH, EventEnvelope, canonical_json, hash_is_intact, verify_stream
+from shared.envelope import (
+    GENESIS_HASH,
+    EventEnvelope,
+    canonical_json,
+    hash_is_intact,
+    verify_stream,
+)
 from tests.support import make_events
 
 

@@ -1,0 +1,110 @@
+"""One contract, two stores: the in-memory fake must behave as the PostgreSQL store does."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+
+from shared.envelope import GENESIS_HASH, PendingEvent, verify_stream
+from shared.eventstore import ConcurrencyError, EventStore, InMemoryEventStore, PostgresEventStore
+
+pytestmark = pytest.mark.integration
+
+StoreFactory = Callable[[], AbstractAsyncContextManager[EventStore]]
+
+
+def pending(n: int, citizen: str = "ref") -> list[PendingEvent]:
+    return [
+        PendingEvent(event_id=uuid.uuid4(), type="Probe", citizen_ref=citizen,
+                     occurred_at=datetime.now(UTC), correlation_id="c", causation_id="c",
+                     data={"i": i})
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(params=["memory", "postgres"])
+def store_factory(request: pytest.FixtureRequest, pool: asyncpg.Pool, schema: str) -> StoreFactory:
+    if request.param == "memory":
+        memory = InMemoryEventStore()
+
+        @asynccontextmanager
+        async def memory_store() -> AsyncIterator[EventStore]:
+            yield memory
+
+        return memory_store
+
+    @asynccontextmanager
+    async def pg_store() -> AsyncIterator[EventStore]:
+        async with pool.acquire() as conn, conn.transaction():
+            yield PostgresEventStore(conn, schema, "probe.events")
+
+    return pg_store
+
+
+async def test_appended_events_are_read_back_in_version_order_with_a_valid_chain(
+    store_factory: StoreFactory,
+) -> None:
+    async with store_factory() as store:
+        await store.append("s-1", 0, pending(2))
+    async with store_factory() as store:
+        await store.append("s-1", 2, pending(1))
+        events = await store.read_stream("s-1")
+    assert [e.version for e in events] == [1, 2, 3]
+    assert events[0].prev_hash == GENESIS_HASH
+    assert verify_stream("s-1", [e.to_json_dict() for e in events]) == []
+
+
+async def test_appending_at_a_stale_expected_version_raises_the_concurrency_error(
+    store_factory: StoreFactory,
+) -> None:
+    async with store_factory() as store:
+        await store.append("s-2", 0, pending(1))
+    with pytest.raises(ConcurrencyError):
+        async with store_factory() as store:
+            await store.append("s-2", 0, pending(1))
+
+
+async def test_an_expected_version_ahead_of_the_stream_is_refused_so_versions_stay_gapless(
+    store_factory: StoreFactory,
+) -> None:
+    with pytest.raises(ConcurrencyError):
+        async with store_factory() as store:
+            await store.append("s-3", 4, pending(1))
+
+
+async def test_read_all_returns_every_stream_in_append_order(store_factory: StoreFactory) -> None:
+    async with store_factory() as store:
+        await store.append("a", 0, pending(1, "x"))
+        await store.append("b", 0, pending(1, "y"))
+        await store.append("a", 1, pending(1, "x"))
+        everything = await store.read_all()
+    assert [(e.stream_id, e.version) for e in everything] == [("a", 1), ("b", 1), ("a", 2)]
+
+
+async def test_two_concurrent_appends_at_the_same_version_one_wins_the_other_gets_the_error(
+    pool: asyncpg.Pool, schema: str,
+) -> None:
+    both_read = asyncio.Barrier(2)
+
+    async def writer() -> str:
+        async with pool.acquire() as conn, conn.transaction():
+            store = PostgresEventStore(conn, schema, "probe.events")
+            version = len(await store.read_stream("hot"))
+            await both_read.wait()
+            try:
+                await store.append("hot", version, pending(1))
+            except ConcurrencyError:
+                return "conflict"
+            return "won"
+
+    outcomes = await asyncio.gather(writer(), writer())
+    assert sorted(outcomes) == ["conflict", "won"]
+    async with pool.acquire() as conn:
+        assert await conn.fetchval(f"SELECT count(*) FROM {schema}.events") == 1
+        assert await conn.fetchval(f"SELECT count(*) FROM {schema}.outbox") == 1

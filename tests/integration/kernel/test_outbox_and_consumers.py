@@ -1,0 +1,229 @@
+"""DESIGN section 9 against the real Kafka and PostgreSQL: the outbox, idempotent consumers,
+the dead-letter path and per-citizen order."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from shared.consumer import EventConsumer, Inbound
+from shared.contracts.loss import LossCancelled
+from shared.envelope import EventEnvelope, PendingEvent
+from shared.events import EventMeta, to_pending
+from shared.eventstore import PostgresEventStore
+from shared.outbox import OutboxRelay, make_producer
+from shared.runtime import ServiceRuntime
+from shared.settings import CardDeskSettings
+from tests.support import create_topics, eventually, make_events, read_topic, unique
+
+pytestmark = pytest.mark.integration
+
+SEEN_DDL = """
+CREATE TABLE IF NOT EXISTS {schema}.seen (
+    seq bigserial PRIMARY KEY, citizen_ref text NOT NULL, version int NOT NULL, event_id text
+);
+"""
+
+
+async def record_seen(conn: asyncpg.Connection, schema: str, event: EventEnvelope) -> None:
+    await conn.execute(
+        f"INSERT INTO {schema}.seen (citizen_ref, version, event_id) VALUES ($1, $2, $3)",
+        event.citizen_ref, event.version, str(event.event_id),
+    )
+
+
+@pytest.fixture
+async def producer(settings: CardDeskSettings) -> AsyncIterator[AIOKafkaProducer]:
+    producer = make_producer(settings.kafka_bootstrap)
+    await producer.start()
+    yield producer
+    await producer.stop()
+
+
+async def store_events(pool: asyncpg.Pool, schema: str, topic: str, citizen: str, n: int) -> None:
+    async with pool.acquire() as conn, conn.transaction():
+        store = PostgresEventStore(conn, schema, topic)
+        version = len(await store.read_stream(f"s-{citizen}"))
+        meta = EventMeta(citizen, datetime.now(UTC), "corr", "cause")
+        await store.append(f"s-{citizen}", version, [
+            to_pending(LossCancelled(loss_id="x"), meta, uuid.uuid4()) for _ in range(n)
+        ])
+
+
+class FlakyProducer:
+    """A producer that dies once at a chosen point, as a killed relay would."""
+
+    def __init__(self, inner: AIOKafkaProducer) -> None:
+        self.inner = inner
+        self.failed = False
+
+    async def send(self, *args: object, **kwargs: object) -> object:
+        if not self.failed:
+            self.failed = True
+            raise ConnectionError("relay killed before Kafka acknowledged")
+        return await self.inner.send(*args, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_a_relay_killed_before_kafka_acknowledged_publishes_after_restart(
+    pool: asyncpg.Pool, schema: str, producer: AIOKafkaProducer, settings: CardDeskSettings,
+) -> None:
+    topic = f"{schema}.events"
+    await create_topics(settings.kafka_bootstrap, [topic])
+    await store_events(pool, schema, topic, "c1", 2)
+
+    crashed = OutboxRelay(pool, FlakyProducer(producer), schema)  # type: ignore[arg-type]
+    async with pool.acquire() as conn:
+        with pytest.raises(ConnectionError):
+            await crashed.publish_pending(conn)
+        assert await conn.fetchval(
+            f"SELECT count(*) FROM {schema}.outbox WHERE sent_at IS NULL") == 2
+
+        restarted = OutboxRelay(pool, producer, schema)
+        assert await restarted.publish_pending(conn) == 2
+        assert await conn.fetchval(
+            f"SELECT count(*) FROM {schema}.outbox WHERE sent_at IS NULL") == 0
+    records = await read_topic(settings.kafka_bootstrap, topic, until=lambda r: len(r) >= 2)
+    assert [json.loads(r.value)["version"] for r in records] == [1, 2]
+
+
+async def test_a_relay_killed_after_the_ack_republishes_and_the_consumer_applies_once(
+    pool: asyncpg.Pool, schema: str, producer: AIOKafkaProducer, settings: CardDeskSettings,
+) -> None:
+    topic = f"{schema}.events"
+    await create_topics(settings.kafka_bootstrap, [topic, f"{topic}.dlq"])
+    await pool.execute(SEEN_DDL.format(schema=schema))
+    await store_events(pool, schema, topic, "c2", 1)
+
+    async with pool.acquire() as conn:
+        relay = OutboxRelay(pool, producer, schema)
+        # Killed between Kafka's acknowledgement and the sent_at update: publish, roll back.
+        with pytest.raises(RuntimeError):
+            async with conn.transaction():
+                await relay.publish_pending(conn)
+                raise RuntimeError("killed before marking sent")
+        assert await relay.publish_pending(conn) == 1  # the restart publishes it again
+
+    records = await read_topic(settings.kafka_bootstrap, topic, until=lambda r: len(r) >= 2)
+    assert len(records) == 2 and records[0].value == records[1].value
+
+    consumer = EventConsumer(pool, schema, "probe", lambda c, e: record_seen(c, schema, e),
+                             None)  # type: ignore[arg-type]
+    for record in records:
+        await consumer.handle(Inbound.from_record(record))
+    assert await pool.fetchval(f"SELECT count(*) FROM {schema}.seen") == 1
+
+
+async def test_the_same_event_delivered_twice_changes_the_consumer_state_once(
+    pool: asyncpg.Pool, schema: str,
+) -> None:
+    await pool.execute(SEEN_DDL.format(schema=schema))
+    consumer = EventConsumer(pool, schema, "probe", lambda c, e: record_seen(c, schema, e),
+                             None)  # type: ignore[arg-type]
+    [event] = make_events("s-x", "x", [LossCancelled(loss_id="l")])
+    message = Inbound("probe.events", 0, 7, b"x", event.to_bytes())
+    await consumer.handle(message)
+    await consumer.handle(message)
+    assert await pool.fetchval(f"SELECT count(*) FROM {schema}.seen") == 1
+
+
+@pytest.fixture
+async def probe_service(
+    settings: CardDeskSettings, pool: asyncpg.Pool,
+) -> AsyncIterator[ServiceRuntime]:
+    """A service of its own (schema, topics, group) consuming `<name>.events` for real."""
+    name = unique("probe")
+    runtime = ServiceRuntime(name, settings, extra_ddl=SEEN_DDL.format(schema=name))
+    topic = f"{name}.events"
+    await create_topics(settings.kafka_bootstrap, [topic, f"{topic}.dlq"])
+    consumers: dict[str, EventConsumer] = {}
+
+    async def ready() -> None:
+        consumers["c"] = EventConsumer(
+            runtime.pool, name, "probe",
+            lambda c, e: record_seen(c, name, e), runtime.dead_letters,
+            known_types={"LossCancelled"},
+        )
+
+    runtime.on_ready(ready)
+    runtime.subscribe(topic, lambda: consumers["c"].handle)
+    await runtime.start()
+    await runtime.broker.start()
+    yield runtime
+    await runtime.broker.stop()
+    await runtime.stop()
+    await pool.execute(f"DROP SCHEMA {name} CASCADE")
+
+
+async def test_a_malformed_message_goes_to_the_dlq_with_its_reason_and_the_next_is_processed(
+    probe_service: ServiceRuntime, producer: AIOKafkaProducer, settings: CardDeskSettings,
+) -> None:
+    name = probe_service.name
+    topic = f"{name}.events"
+    [good] = make_events("s-ok", "ok", [LossCancelled(loss_id="l")])
+    [forged] = make_events("s-f", "f", [LossCancelled(loss_id="l")])
+    tampered = forged.to_bytes().replace(b'"loss_id":"l"', b'"loss_id":"m"')
+    [template] = make_events("s-u", "u", [LossCancelled(loss_id="l")])
+    unknown = EventEnvelope.seal(
+        PendingEvent.model_validate(
+            template.model_dump(exclude={"stream_id", "version", "prev_hash", "hash"})
+            | {"type": "Nonsense"}),
+        "s-u", 1, template.prev_hash)
+    await producer.send_and_wait(topic, b'{"not": "an envelope"', key=b"ok")
+    await producer.send_and_wait(topic, tampered, key=b"ok")
+    await producer.send_and_wait(topic, unknown.to_bytes(), key=b"ok")
+    await producer.send_and_wait(topic, good.to_bytes(), key=b"ok")
+
+    async def good_one_applied() -> bool:
+        rows = await probe_service.pool.fetch(f"SELECT citizen_ref FROM {name}.seen")
+        return [r["citizen_ref"] for r in rows] == ["ok"]
+
+    await eventually(good_one_applied)
+    dead = await read_topic(settings.kafka_bootstrap, f"{topic}.dlq", until=lambda r: len(r) >= 3)
+    codes = [dict(r.headers)["x-dlq-code"] for r in dead]
+    assert codes == [b"malformed_json", b"bad_hash", b"unknown_event_type"]
+    first = dict(dead[0].headers)
+    assert first["x-original-topic"] == topic.encode()
+    assert first["x-original-offset"].isdigit() and b"not JSON" in first["x-dlq-reason"]
+    assert dead[0].value == b'{"not": "an envelope"'
+
+
+async def test_per_citizen_order_holds_across_six_partitions_with_citizens_interleaved(
+    probe_service: ServiceRuntime, settings: CardDeskSettings,
+) -> None:
+    name = probe_service.name
+    citizens = [f"citizen-{i}" for i in range(40)]
+    per_citizen = 8
+    rng = random.Random(7)
+
+    for _ in range(per_citizen):
+        # Every citizen writes concurrently, in a different order each round.
+        round_order = rng.sample(citizens, len(citizens))
+        await asyncio.gather(*(
+            store_events(probe_service.pool, name, f"{name}.events", c, 1) for c in round_order
+        ))
+
+    total = len(citizens) * per_citizen
+
+    async def all_seen() -> bool:
+        return await probe_service.pool.fetchval(f"SELECT count(*) FROM {name}.seen") == total
+
+    await eventually(all_seen, timeout_s=60)
+    rows = await probe_service.pool.fetch(f"SELECT citizen_ref, version FROM {name}.seen ORDER BY seq")
+    seen: dict[str, list[int]] = {}
+    for row in rows:
+        seen.setdefault(row["citizen_ref"], []).append(row["version"])
+    assert seen == {c: list(range(1, per_citizen + 1)) for c in citizens}
+    partitions = {
+        r.partition
+        for r in await read_topic(settings.kafka_bootstrap, f"{name}.events",
+                                  until=lambda r: len(r) >= total)
+    }
+    assert len(partitions) == 6
