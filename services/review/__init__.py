@@ -1,0 +1,1 @@
+"""The review service: reissue applications and the bureau's decisions on them."""
