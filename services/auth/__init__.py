@@ -1,0 +1,1 @@
+"""The auth service: captchas, sessions, real-name and portrait verification, lockouts."""

@@ -1,0 +1,243 @@
+"""Auth's own tables besides the event store: captchas and the population registry adapter."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+import asyncpg
+
+from services.auth.domain import CaptchaRecord, require_valid_id_number
+from services.auth.settings import AuthSettings
+from shared.crypto import Vault, data_keys_ddl
+from shared.identity import citizen_ref, name_digest
+
+SCHEMA = "auth"
+
+CAPTCHAS_DDL = f"""
+CREATE TABLE IF NOT EXISTS {SCHEMA}.captchas (
+    captcha_id  text        PRIMARY KEY,
+    code_digest text        NOT NULL,
+    expires_at  timestamptz NOT NULL,
+    used_at     timestamptz
+);
+CREATE INDEX IF NOT EXISTS captchas_expires_at ON {SCHEMA}.captchas (expires_at);
+"""
+
+REGISTRY_DDL = f"""
+CREATE SCHEMA IF NOT EXISTS {SCHEMA};
+{data_keys_ddl(SCHEMA)}
+CREATE TABLE IF NOT EXISTS {SCHEMA}.registry (
+    citizen_ref       text        PRIMARY KEY,
+    name_digest       text        NOT NULL,
+    name_enc          text        NOT NULL,
+    face_template_enc text        NOT NULL,
+    enrolled_at       timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+# What `ServiceRuntime` runs after the event store's tables.
+AUTH_DDL = REGISTRY_DDL + CAPTCHAS_DDL
+
+
+# --- captchas -----------------------------------------------------------------------------
+
+
+def new_captcha_code(length: int) -> str:
+    return "".join(secrets.choice(string.digits) for _ in range(length))
+
+
+class CaptchaStore:
+    """Captchas keep only a keyed digest of their code; a code works once."""
+
+    def __init__(self, pepper: str) -> None:
+        self._pepper = pepper.encode()
+
+    def digest(self, captcha_id: str, code: str) -> str:
+        message = f"captcha:{captcha_id}:{code.strip()}".encode()
+        return hmac.new(self._pepper, message, hashlib.sha256).hexdigest()
+
+    async def issue(
+        self, conn: asyncpg.Connection, captcha_id: str, code: str, expires_at: datetime
+    ) -> None:
+        await conn.execute(
+            f"INSERT INTO {SCHEMA}.captchas (captcha_id, code_digest, expires_at)"
+            " VALUES ($1, $2, $3)",
+            captcha_id,
+            self.digest(captcha_id, code),
+            expires_at,
+        )
+
+    async def consume(
+        self, conn: asyncpg.Connection, captcha_id: str, now: datetime
+    ) -> CaptchaRecord | None:
+        """The captcha as it was before this attempt; marks it used whatever the attempt's
+        outcome, so a code cannot be guessed twice."""
+        row = await conn.fetchrow(
+            f"SELECT captcha_id, code_digest, expires_at, used_at FROM {SCHEMA}.captchas"
+            " WHERE captcha_id = $1 FOR UPDATE",
+            captcha_id,
+        )
+        if row is None:
+            return None
+        if row["used_at"] is None:
+            await conn.execute(
+                f"UPDATE {SCHEMA}.captchas SET used_at = $2 WHERE captcha_id = $1",
+                captcha_id,
+                now,
+            )
+        return CaptchaRecord(
+            captcha_id=row["captcha_id"],
+            code_digest=row["code_digest"],
+            expires_at=row["expires_at"],
+            used_at=row["used_at"],
+        )
+
+    async def purge(self, conn: asyncpg.Connection, expired_before: datetime) -> int:
+        """Delete captchas that expired before the given time; returns how many."""
+        deleted = await conn.fetch(
+            f"DELETE FROM {SCHEMA}.captchas WHERE expires_at < $1 RETURNING 1", expired_before
+        )
+        return len(deleted)
+
+
+# --- population registry ------------------------------------------------------------------
+
+
+class PopulationRegistry(Protocol):
+    """The population registry as auth sees it: names are matched, never read back."""
+
+    async def enroll(self, citizen_ref: str, name: str, face_template: Sequence[float]) -> None:
+        ...
+
+    async def name_matches(self, citizen_ref: str, name: str) -> bool:
+        """False for an unknown citizen and for a different name alike."""
+        ...
+
+    async def face_template(self, citizen_ref: str) -> list[float] | None:
+        """The enrolled template, or None for an unknown citizen. Raises
+        `shared.crypto.DataKeyDestroyedError` when the citizen was erased."""
+        ...
+
+
+class PostgresRegistry:
+    """`auth.registry` on one connection: the name as a keyed digest (to match) and, like the
+    face template, encrypted under the citizen's data key (erasable by crypto-shredding)."""
+
+    def __init__(self, conn: asyncpg.Connection, vault: Vault, pepper: str) -> None:
+        self.conn = conn
+        self.vault = vault
+        self.pepper = pepper
+
+    async def enroll(self, citizen_ref: str, name: str, face_template: Sequence[float]) -> None:
+        name_enc = await self.vault.encrypt(self.conn, citizen_ref, name)
+        template_enc = await self.vault.encrypt(
+            self.conn, citizen_ref, json.dumps([float(x) for x in face_template])
+        )
+        await self.conn.execute(
+            f"INSERT INTO {SCHEMA}.registry"
+            " (citizen_ref, name_digest, name_enc, face_template_enc) VALUES ($1, $2, $3, $4)"
+            " ON CONFLICT (citizen_ref) DO UPDATE SET name_digest = EXCLUDED.name_digest,"
+            " name_enc = EXCLUDED.name_enc, face_template_enc = EXCLUDED.face_template_enc,"
+            " enrolled_at = now()",
+            citizen_ref,
+            name_digest(self.pepper, name),
+            name_enc,
+            template_enc,
+        )
+
+    async def name_matches(self, citizen_ref: str, name: str) -> bool:
+        stored = await self.conn.fetchval(
+            f"SELECT name_digest FROM {SCHEMA}.registry WHERE citizen_ref = $1", citizen_ref
+        )
+        return _digest_matches(stored, name_digest(self.pepper, name))
+
+    async def face_template(self, citizen_ref: str) -> list[float] | None:
+        sealed = await self.conn.fetchval(
+            f"SELECT face_template_enc FROM {SCHEMA}.registry WHERE citizen_ref = $1",
+            citizen_ref,
+        )
+        if sealed is None:
+            return None
+        return _template(await self.vault.decrypt(self.conn, citizen_ref, sealed))
+
+
+@dataclass
+class _Entry:
+    name_digest: str
+    face_template: tuple[float, ...]
+
+
+class InMemoryRegistry:
+    """The registry contract without a database, for unit tests and local fakes."""
+
+    def __init__(self, pepper: str) -> None:
+        self.pepper = pepper
+        self._entries: dict[str, _Entry] = {}
+
+    async def enroll(self, citizen_ref: str, name: str, face_template: Sequence[float]) -> None:
+        self._entries[citizen_ref] = _Entry(
+            name_digest(self.pepper, name), tuple(float(x) for x in face_template)
+        )
+
+    async def name_matches(self, citizen_ref: str, name: str) -> bool:
+        entry = self._entries.get(citizen_ref)
+        return _digest_matches(entry.name_digest if entry else None,
+                               name_digest(self.pepper, name))
+
+    async def face_template(self, citizen_ref: str) -> list[float] | None:
+        entry = self._entries.get(citizen_ref)
+        return list(entry.face_template) if entry else None
+
+
+def _digest_matches(stored: str | None, presented: str) -> bool:
+    # Compare even when the citizen is unknown, so timing does not tell the two apart.
+    return hmac.compare_digest(stored or "0" * len(presented), presented) and stored is not None
+
+
+def _template(raw: str) -> list[float]:
+    values = json.loads(raw)
+    if not isinstance(values, list):
+        raise ValueError("a face template is a list of numbers")
+    return [float(v) for v in values]
+
+
+def postgres_registry(conn: asyncpg.Connection, settings: AuthSettings) -> PostgresRegistry:
+    return PostgresRegistry(
+        conn,
+        Vault(SCHEMA, settings.master_key.get_secret_value()),
+        settings.citizen_ref_pepper.get_secret_value(),
+    )
+
+
+async def ensure_registry_tables(conn: asyncpg.Connection) -> None:
+    """Create the registry's tables if the auth service has never run (`cardctl seed`)."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", SCHEMA)
+        await conn.execute(REGISTRY_DDL)
+
+
+async def enroll(
+    conn: asyncpg.Connection,
+    id_number: str,
+    name: str,
+    face_embedding: Sequence[float],
+    settings: AuthSettings | None = None,
+) -> str:
+    """Load one citizen into the registry and return their citizen_ref.
+
+    `cardctl seed` calls this directly: it stands in for the external population registry.
+    """
+    settings = settings or AuthSettings()
+    normalised = require_valid_id_number(id_number)
+    ref = citizen_ref(settings.citizen_ref_pepper.get_secret_value(), normalised)
+    await ensure_registry_tables(conn)
+    await postgres_registry(conn, settings).enroll(ref, name, face_embedding)
+    return ref

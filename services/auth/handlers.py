@@ -1,0 +1,180 @@
+"""Auth command handlers: verify inputs against tokens, captchas and the registry, then decide.
+
+Each runs inside the command intake's transaction (see `shared.commands`). A refusal that
+must keep what it wrote (a burnt captcha, a failed portrait attempt) returns `Refusal`;
+any other `DomainError` undoes the handler's writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+from uuid import UUID, uuid4
+
+import asyncpg
+import structlog
+
+from services.auth import domain
+from services.auth.adapters import SCHEMA, CaptchaStore, PopulationRegistry, new_captcha_code
+from services.auth.settings import AuthSettings
+from shared.application import handle_command
+from shared.commands import CommandContext, Refusal
+from shared.contracts.auth import (
+    AUTH_EVENTS,
+    AuthEvent,
+    AuthorizeElectronicCard,
+    IssueCaptcha,
+    StartSession,
+    VerifyPortrait,
+)
+from shared.crypto import DataKeyDestroyedError
+from shared.envelope import EventEnvelope
+from shared.errors import DomainError, SubjectErasedError
+from shared.events import EventDecoder, EventMeta
+from shared.eventstore import EventStore, PostgresEventStore
+from shared.identity import citizen_ref
+from shared.tokens import SessionClaims, TokenSigner, TokenVerifier
+
+log = structlog.get_logger()
+
+decode_event: EventDecoder[AuthEvent] = EventDecoder(AUTH_EVENTS)
+
+
+def decode_recorded(envelope: EventEnvelope) -> domain.Recorded:
+    return domain.Recorded(event=decode_event(envelope), at=envelope.occurred_at)
+
+
+def stream_id(ref: str) -> str:
+    return f"auth-{ref}"
+
+
+def portrait_policy(settings: AuthSettings) -> domain.PortraitPolicy:
+    return domain.PortraitPolicy(
+        similarity_threshold=settings.portrait_similarity_threshold,
+        liveness_threshold=settings.portrait_liveness_threshold,
+        max_failures=settings.portrait_max_failures,
+        failure_window=settings.portrait_failure_window,
+        lockout=settings.portrait_lockout,
+    )
+
+
+def bind_citizen(ref: str) -> None:
+    structlog.contextvars.bind_contextvars(citizen_ref=ref)
+
+
+class AuthHandlers:
+    """The application layer of auth: one method per command type."""
+
+    def __init__(
+        self,
+        settings: AuthSettings,
+        *,
+        registry_for: Callable[[asyncpg.Connection], PopulationRegistry],
+        store_for: Callable[[asyncpg.Connection], EventStore] | None = None,
+        new_id: Callable[[], UUID] = uuid4,
+        new_code: Callable[[int], str] = new_captcha_code,
+    ) -> None:
+        self.settings = settings
+        self.registry_for = registry_for
+        self.store_for = store_for or (
+            lambda conn: PostgresEventStore(conn, SCHEMA, settings.event_topic(SCHEMA))
+        )
+        self.new_id = new_id
+        self.new_code = new_code
+        self.pepper = settings.citizen_ref_pepper.get_secret_value()
+        self.captchas = CaptchaStore(self.pepper)
+        self.signer = TokenSigner(settings.session_signing_key.get_secret_value())
+        self.verifier = TokenVerifier(settings.session_public_key)
+        self.policy = portrait_policy(settings)
+
+    async def issue_captcha(
+        self, conn: asyncpg.Connection, ctx: CommandContext, _cmd: IssueCaptcha
+    ) -> dict[str, Any]:
+        captcha_id = str(self.new_id())
+        code = self.new_code(self.settings.captcha_code_length)
+        expires_at = ctx.received_at + self.settings.captcha_ttl
+        await self.captchas.issue(conn, captcha_id, code, expires_at)
+        log.info("auth.captcha_issued", captcha_id=captcha_id)
+        return {"captcha_id": captcha_id, "code": code}
+
+    async def start_session(
+        self, conn: asyncpg.Connection, ctx: CommandContext, cmd: StartSession
+    ) -> dict[str, Any] | Refusal:
+        now = ctx.received_at
+        # Burnt by this attempt whatever follows: refusals below must keep that write.
+        captcha = await self.captchas.consume(conn, cmd.captcha_id, now)
+        try:
+            id_number = domain.require_valid_id_number(cmd.id_number)
+            domain.check_captcha(captcha, self.captchas.digest(cmd.captcha_id, cmd.captcha_code),
+                                 now)
+            ref = citizen_ref(self.pepper, id_number)
+            bind_citizen(ref)
+            if not await self.registry_for(conn).name_matches(ref, cmd.name):
+                raise domain.IdentityMismatchError()
+            session_id = str(self.new_id())
+            expires_at = now + self.settings.session_ttl
+            await self._decide(conn, ctx, ref, domain.BeginSession(
+                session_id=session_id, channel=ctx.channel.channel_id, expires_at=expires_at))
+        except DomainError as exc:
+            log.info("auth.session_refused", code=exc.code)
+            return Refusal(exc.code, exc.message)
+        token = self.signer.sign(SessionClaims(
+            session_id=session_id, citizen_ref=ref, level="realname",
+            issued_at=now, expires_at=expires_at,
+        ))
+        log.info("auth.session_started", session_id=session_id)
+        return {"session_token": token, "citizen_ref": ref, "expires_at": expires_at.isoformat()}
+
+    async def authorize_electronic_card(
+        self, conn: asyncpg.Connection, ctx: CommandContext, cmd: AuthorizeElectronicCard
+    ) -> None:
+        claims = self.verifier.verify(cmd.session_token, now=ctx.received_at)
+        bind_citizen(claims.citizen_ref)
+        await self._decide(conn, ctx, claims.citizen_ref, domain.AuthorizeCard(
+            session_id=claims.session_id, channel=ctx.channel.channel_id))
+        log.info("auth.electronic_card_authorized", session_id=claims.session_id)
+
+    async def verify_portrait(
+        self, conn: asyncpg.Connection, ctx: CommandContext, cmd: VerifyPortrait
+    ) -> dict[str, Any] | Refusal:
+        now = ctx.received_at
+        claims = self.verifier.verify(cmd.session_token, now=now)
+        bind_citizen(claims.citizen_ref)
+        try:
+            template = await self.registry_for(conn).face_template(claims.citizen_ref)
+        except DataKeyDestroyedError as exc:
+            raise SubjectErasedError() from exc
+        if template is None:
+            raise domain.IdentityMismatchError("no portrait is enrolled for this citizen")
+        # The embedding stops here: only the score reaches the decider and the log.
+        similarity = domain.cosine_similarity(cmd.face_embedding, template)
+        events = await self._decide(conn, ctx, claims.citizen_ref, domain.AttemptPortrait(
+            session_id=claims.session_id, liveness_score=cmd.liveness_score,
+            similarity=similarity))
+        refusal = domain.refusal_for(events)
+        if refusal is not None:
+            log.info("auth.portrait_failed", code=refusal.code)
+            return Refusal(refusal.code, refusal.message)
+        upgraded = claims.model_copy(
+            update={"level": "portrait", "portrait_verified_at": now, "issued_at": now}
+        )
+        log.info("auth.portrait_verified", session_id=claims.session_id)
+        return {"session_token": self.signer.sign(upgraded)}
+
+    async def _decide(
+        self, conn: asyncpg.Connection, ctx: CommandContext, ref: str, command: domain.AuthCommand
+    ) -> list[AuthEvent]:
+        now: datetime = ctx.received_at
+        envelopes = await handle_command(
+            self.store_for(conn),
+            stream_id(ref),
+            decode=decode_recorded,
+            initial=domain.INITIAL,
+            evolve=domain.evolve,
+            decide=lambda state: domain.decide(command, state, now=now, policy=self.policy),
+            meta=EventMeta(citizen_ref=ref, occurred_at=now,
+                           correlation_id=ctx.correlation_id, causation_id=ctx.causation_id),
+            new_id=self.new_id,
+        )
+        return [decode_event(e) for e in envelopes]

@@ -1,0 +1,82 @@
+"""The auth process: routes `auth.commands` to its handlers. `python -m services.auth.main`."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import structlog
+
+from services.auth.adapters import AUTH_DDL, SCHEMA, CaptchaStore, postgres_registry
+from services.auth.handlers import AuthHandlers
+from services.auth.settings import AuthSettings
+from shared.commands import ChannelRegistry, CommandIntake, CommandRoute
+from shared.contracts.auth import (
+    AuthorizeElectronicCard,
+    IssueCaptcha,
+    StartSession,
+    VerifyPortrait,
+)
+from shared.runtime import MessageHandler, ServiceRuntime, run_service
+
+log = structlog.get_logger()
+
+COMMANDS_TOPIC = "auth.commands"
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def routes(handlers: AuthHandlers) -> dict[str, CommandRoute]:
+    return {
+        "IssueCaptcha": CommandRoute(IssueCaptcha, handlers.issue_captcha,
+                                     accepted_message="captcha issued"),
+        "StartSession": CommandRoute(StartSession, handlers.start_session,
+                                     accepted_message="session started"),
+        "AuthorizeElectronicCard": CommandRoute(
+            AuthorizeElectronicCard, handlers.authorize_electronic_card,
+            accepted_message="electronic card authorised"),
+        "VerifyPortrait": CommandRoute(VerifyPortrait, handlers.verify_portrait,
+                                       accepted_message="portrait verified"),
+    }
+
+
+def build(settings: AuthSettings | None = None) -> ServiceRuntime:
+    """The auth service, unstarted: `run_service` runs it, tests start it in-process."""
+    settings = settings or AuthSettings()
+    runtime = ServiceRuntime(SCHEMA, settings, extra_ddl=AUTH_DDL)
+    wiring: dict[str, CommandIntake] = {}
+
+    async def wire() -> None:
+        handlers = AuthHandlers(
+            settings, registry_for=lambda conn: postgres_registry(conn, settings))
+        wiring["intake"] = CommandIntake(
+            runtime.pool, SCHEMA, ChannelRegistry.from_file(settings.channels_file),
+            routes(handlers), runtime.dead_letters, utc_now,
+            max_attempts=settings.consumer_max_attempts,
+        )
+
+    def intake() -> MessageHandler:
+        return wiring["intake"].handle
+
+    async def purge_captchas() -> None:
+        """Expired captchas serve no purpose; keep the table small."""
+        captchas = CaptchaStore(settings.citizen_ref_pepper.get_secret_value())
+        while True:
+            async with runtime.pool.acquire() as conn:
+                purged = await captchas.purge(conn, utc_now() - settings.captcha_ttl)
+            if purged:
+                log.info("auth.captchas_purged", count=purged)
+            await asyncio.sleep(settings.captcha_ttl_seconds)
+
+    runtime.on_ready(wire)
+    runtime.subscribe(COMMANDS_TOPIC, intake, title="auth.commands:auth",
+                      description="IssueCaptcha, StartSession, AuthorizeElectronicCard, "
+                                  "VerifyPortrait from the channels")
+    runtime.background(purge_captchas)
+    return runtime
+
+
+if __name__ == "__main__":
+    run_service(build(), default_health_port=8081)

@@ -1,0 +1,39 @@
+"""Auth settings (`CARDDESK_*`): captcha and session lifetimes, portrait thresholds, lockout."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from pydantic import Field
+
+from shared.settings import CardDeskSettings
+
+
+class AuthSettings(CardDeskSettings):
+    """Per-region configuration of the auth service; every duration is in seconds."""
+
+    captcha_ttl_seconds: int = Field(default=300, gt=0)
+    captcha_code_length: int = Field(default=6, ge=4, le=16)
+    session_ttl_seconds: int = Field(default=1800, gt=0)
+    # Cosine similarity between the presented embedding and the enrolled template.
+    portrait_similarity_threshold: float = Field(default=0.85, ge=-1.0, le=1.0)
+    portrait_liveness_threshold: float = Field(default=0.8, ge=0.0, le=1.0)
+    portrait_max_failures: int = Field(default=3, ge=1)
+    portrait_failure_window_seconds: int = Field(default=24 * 3600, gt=0)
+    portrait_lockout_seconds: int = Field(default=24 * 3600, gt=0)
+
+    @property
+    def captcha_ttl(self) -> timedelta:
+        return timedelta(seconds=self.captcha_ttl_seconds)
+
+    @property
+    def session_ttl(self) -> timedelta:
+        return timedelta(seconds=self.session_ttl_seconds)
+
+    @property
+    def portrait_failure_window(self) -> timedelta:
+        return timedelta(seconds=self.portrait_failure_window_seconds)
+
+    @property
+    def portrait_lockout(self) -> timedelta:
+        return timedelta(seconds=self.portrait_lockout_seconds)
