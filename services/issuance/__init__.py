@@ -1,0 +1,1 @@
+"""Issuance: cards from the legacy import to production, reissue and pickup."""
