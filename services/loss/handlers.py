@@ -1,0 +1,233 @@
+"""The loss application layer: channel commands, the expiry timer, and what loss learns from
+issuance and review. Each runs in one transaction: read tables, decide, append, timers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any, TypeVar, assert_never
+from uuid import uuid4
+
+import asyncpg  # type: ignore[import-untyped]
+import structlog
+from pydantic import ValidationError
+
+from services.loss import domain
+from services.loss.adapters import Applications, Cards, DueTimer, ExpiryTimers
+from services.loss.settings import LossSettings
+from shared.application import handle_command
+from shared.commands import CommandContext
+from shared.consumer import Rejected, describe_validation_error
+from shared.contracts import loss as contract
+from shared.contracts.common import SubjectErased
+from shared.contracts.issuance import (
+    ISSUANCE_EVENTS,
+    CardCollected,
+    CardIssued,
+    CardProductionStarted,
+    CardReadyForPickup,
+    CardReissued,
+    IssuanceEvent,
+)
+from shared.contracts.review import (
+    REVIEW_EVENTS,
+    ApplicationWithdrawn,
+    ReissueApplied,
+    ReviewApproved,
+    ReviewEvent,
+    ReviewRejected,
+)
+from shared.envelope import EventEnvelope
+from shared.events import EventDecoder, EventMeta
+from shared.eventstore import PostgresEventStore
+from shared.tokens import TokenVerifier
+
+log = structlog.get_logger()
+
+Clock = Callable[[], datetime]
+E = TypeVar("E")
+
+_decode_issuance: EventDecoder[IssuanceEvent] = EventDecoder(ISSUANCE_EVENTS)
+_decode_review: EventDecoder[ReviewEvent] = EventDecoder(REVIEW_EVENTS)
+
+
+class LossHandlers:
+    def __init__(
+        self, settings: LossSettings, schema: str, events_topic: str, clock: Clock
+    ) -> None:
+        self.schema = schema
+        self.events_topic = events_topic
+        self.clock = clock
+        self.verifier = TokenVerifier(settings.session_public_key)
+        self.policy = domain.LossPolicy(
+            temporary_period=settings.loss_temporary_period,
+            portrait_max_age=settings.loss_portrait_max_age,
+            financial_freeze=settings.loss_financial_freeze,
+        )
+        self.batch_size = settings.loss_expiry_batch_size
+        self.scan_interval = settings.loss_expiry_scan_interval.total_seconds()
+        self.cards = Cards(schema)
+        self.applications = Applications(schema)
+        self.timers = ExpiryTimers(schema)
+
+    # ------------------------------------------------------------------------- commands
+
+    async def report_loss(
+        self, conn: asyncpg.Connection, ctx: CommandContext, payload: contract.ReportLoss
+    ) -> dict[str, Any]:
+        claims = self.verifier.verify(payload.session_token, now=ctx.received_at)
+        structlog.contextvars.bind_contextvars(citizen_ref=claims.citizen_ref)
+        command = domain.ReportLoss(
+            kind=payload.kind,
+            loss_id=str(uuid4()),
+            channel=ctx.channel.channel_id,
+            verification=domain.Verification(claims.level, claims.portrait_verified_at),
+        )
+        meta = EventMeta(claims.citizen_ref, ctx.received_at, ctx.correlation_id, ctx.causation_id)
+        events = await self._run(conn, command, meta, ctx.received_at)
+        reported = next(e for e in events if isinstance(e, contract.LossReported))
+        log.info("loss.reported", kind=reported.kind, loss_id=reported.loss_id,
+                 supersedes_temporary=reported.supersedes_temporary)
+        return {
+            "loss_id": reported.loss_id,
+            "kind": reported.kind,
+            "expires_at": reported.expires_at.isoformat() if reported.expires_at else None,
+            "financial_freeze": reported.financial_freeze,
+        }
+
+    async def cancel_loss(
+        self, conn: asyncpg.Connection, ctx: CommandContext, payload: contract.CancelLoss
+    ) -> dict[str, Any]:
+        claims = self.verifier.verify(payload.session_token, now=ctx.received_at)
+        structlog.contextvars.bind_contextvars(citizen_ref=claims.citizen_ref)
+        meta = EventMeta(claims.citizen_ref, ctx.received_at, ctx.correlation_id, ctx.causation_id)
+        events = await self._run(conn, domain.CancelLoss(), meta, ctx.received_at)
+        cancelled = next(e for e in events if isinstance(e, contract.LossCancelled))
+        log.info("loss.cancelled", loss_id=cancelled.loss_id)
+        return {"loss_id": cancelled.loss_id}
+
+    # ------------------------------------------------------------------------- expiry
+
+    async def expire_due(self, pool: asyncpg.Pool) -> int:
+        """Expire one batch of due timers; returns how many timers it took."""
+        now = self.clock()
+        async with pool.acquire() as conn, conn.transaction():
+            due = await self.timers.claim_due(conn, now, self.batch_size)
+            for timer in due:
+                try:
+                    async with conn.transaction():  # savepoint: one bad timer spoils no other
+                        await self._expire(conn, timer, now)
+                except Exception:
+                    log.exception("loss.expiry_failed", citizen_ref=timer.citizen_ref,
+                                  loss_id=timer.loss_id)
+        return len(due)
+
+    async def expiry_loop(self, pool: asyncpg.Pool) -> None:
+        """Durable: timers live in the database, so a restart loses none."""
+        while True:
+            if await self.expire_due(pool) < self.batch_size:
+                await asyncio.sleep(self.scan_interval)
+
+    async def _expire(self, conn: asyncpg.Connection, timer: DueTimer, now: datetime) -> None:
+        meta = EventMeta(timer.citizen_ref, now, timer.correlation_id, timer.causation_id)
+        events = await self._run(conn, domain.ExpireTemporaryLoss(timer.loss_id), meta, now)
+        await self.timers.disarm(conn, timer.citizen_ref, timer.loss_id)
+        if events:
+            log.info("loss.expired", citizen_ref=timer.citizen_ref, loss_id=timer.loss_id)
+        else:
+            log.info("loss.expiry_void", citizen_ref=timer.citizen_ref, loss_id=timer.loss_id)
+
+    # ------------------------------------------------------------------------- followers
+
+    async def on_issuance_event(self, conn: asyncpg.Connection, envelope: EventEnvelope) -> None:
+        event = _decoded(_decode_issuance, envelope)
+        citizen_ref = envelope.citizen_ref
+        match event:
+            case CardIssued(card_no=card_no):
+                await self.cards.hold(conn, citizen_ref, card_no)
+            case CardReissued(new_card_no=new_card_no, application_id=application_id):
+                await self.cards.hold(conn, citizen_ref, new_card_no)
+                await self.applications.set_status(conn, citizen_ref, application_id, "completed")
+                now = self.clock()
+                meta = EventMeta(citizen_ref, now, envelope.correlation_id, str(envelope.event_id))
+                closed = await self._run(conn, domain.CloseLoss(new_card_no), meta, now)
+                if closed:
+                    log.info("loss.closed")
+            case (CardProductionStarted() | CardReadyForPickup() | CardCollected()
+                  | SubjectErased()):
+                pass
+            case _:
+                assert_never(event)
+
+    async def on_review_event(self, conn: asyncpg.Connection, envelope: EventEnvelope) -> None:
+        event = _decoded(_decode_review, envelope)
+        citizen_ref = envelope.citizen_ref
+        match event:
+            case ReissueApplied(application_id=application_id):
+                await self.applications.applied(conn, citizen_ref, application_id)
+            case ReviewApproved(application_id=application_id):
+                await self.applications.set_status(conn, citizen_ref, application_id, "approved")
+            case ReviewRejected(application_id=application_id):
+                await self.applications.set_status(conn, citizen_ref, application_id, "rejected")
+            case ApplicationWithdrawn(application_id=application_id):
+                await self.applications.set_status(conn, citizen_ref, application_id, "none")
+            case SubjectErased():
+                pass
+            case _:
+                assert_never(event)
+
+    # ------------------------------------------------------------------------- the one path
+
+    async def _run(
+        self, conn: asyncpg.Connection, command: domain.LossCommand, meta: EventMeta,
+        now: datetime,
+    ) -> list[contract.LossEvent]:
+        """Load the citizen's case, decide, append, and keep the expiry timers in step."""
+        context = domain.DecisionContext(
+            now=now,
+            card_no=await self.cards.card_of(conn, meta.citizen_ref),
+            application_status=await self.applications.status_of(conn, meta.citizen_ref),
+            policy=self.policy,
+        )
+        store = PostgresEventStore(conn, self.schema, self.events_topic)
+        sealed = await handle_command(
+            store,
+            domain.stream_id(meta.citizen_ref),
+            decode=domain.decode,
+            initial=domain.INITIAL_STATE,
+            evolve=domain.evolve,
+            decide=lambda state: domain.decide(command, state, context),
+            meta=meta,
+        )
+        events = [domain.decode(e) for e in sealed]
+        await self._sync_timers(conn, sealed, events)
+        return events
+
+    async def _sync_timers(
+        self, conn: asyncpg.Connection, sealed: Sequence[EventEnvelope],
+        events: Sequence[contract.LossEvent],
+    ) -> None:
+        for envelope, event in zip(sealed, events, strict=True):
+            match event:
+                case contract.LossReported(kind="temporary", expires_at=datetime() as due_at):
+                    await self.timers.arm(conn, DueTimer(
+                        citizen_ref=envelope.citizen_ref, loss_id=event.loss_id, due_at=due_at,
+                        correlation_id=envelope.correlation_id,
+                        causation_id=str(envelope.event_id),
+                    ))
+                case (contract.LossReported() | contract.LossCancelled()
+                      | contract.TemporaryLossExpired() | contract.LossClosed()):
+                    # At most one loss is in force: anything else ends the temporary one's clock.
+                    await self.timers.disarm_all(conn, envelope.citizen_ref)
+                case SubjectErased():
+                    pass
+                case _:
+                    assert_never(event)
+
+
+def _decoded(decode: EventDecoder[E], envelope: EventEnvelope) -> E:
+    try:
+        return decode(envelope)
+    except ValidationError as exc:
+        raise Rejected("invalid_event_data", describe_validation_error(exc)) from exc

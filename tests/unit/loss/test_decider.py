@@ -1,0 +1,272 @@
+"""The loss decider: given past events, when a command arrives, then these events or a refusal."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+import pytest
+
+from services.loss import domain
+from services.loss.domain import (
+    AlreadyLostError,
+    ApplicationStatus,
+    CancelLoss,
+    CloseLoss,
+    DecisionContext,
+    ExpireTemporaryLoss,
+    LossCommand,
+    LossPolicy,
+    NoActiveLossError,
+    NoCardError,
+    PortraitRequiredError,
+    ReissueInProgressError,
+    ReportLoss,
+    Verification,
+)
+from shared.contracts.common import SubjectErased
+from shared.contracts.loss import (
+    LossCancelled,
+    LossClosed,
+    LossEvent,
+    LossReported,
+    TemporaryLossExpired,
+)
+from shared.errors import DomainError
+from shared.events import DomainEvent
+
+NOW = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
+PERIOD = timedelta(days=15)
+PORTRAIT_MAX_AGE = timedelta(minutes=10)
+CARD = "A12345678"
+POLICY = LossPolicy(temporary_period=PERIOD, portrait_max_age=PORTRAIT_MAX_AGE,
+                    financial_freeze=True)
+CONTEXT = DecisionContext(now=NOW, card_no=CARD, application_status="none", policy=POLICY)
+
+REALNAME = Verification("realname")
+FRESH_PORTRAIT = Verification("portrait", NOW - timedelta(minutes=2))
+
+
+def report(
+    kind: Literal["temporary", "formal"], verification: Verification = REALNAME,
+    loss_id: str = "L2",
+) -> ReportLoss:
+    return ReportLoss(kind=kind, loss_id=loss_id, channel="wechat-oa", verification=verification)
+
+
+def temporary_reported(loss_id: str = "L1", at: datetime = NOW - timedelta(days=1)) -> LossReported:
+    return LossReported(loss_id=loss_id, kind="temporary", card_no=CARD, expires_at=at + PERIOD,
+                        financial_freeze=True, channel="wechat-oa")
+
+
+def formal_reported(loss_id: str = "L1", *, supersedes: bool = False) -> LossReported:
+    return LossReported(loss_id=loss_id, kind="formal", card_no=CARD, expires_at=None,
+                        financial_freeze=True, channel="wechat-oa",
+                        supersedes_temporary=supersedes)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    history: Sequence[LossEvent]
+    command: LossCommand | None = None
+    context: DecisionContext = CONTEXT
+
+    def when(self, command: LossCommand, context: DecisionContext = CONTEXT) -> Scenario:
+        return replace(self, command=command, context=context)
+
+    def _decide(self) -> list[DomainEvent]:
+        assert self.command is not None, "when(...) first"
+        state = domain.INITIAL_STATE
+        for event in self.history:
+            state = domain.evolve(state, event)
+        return domain.decide(self.command, state, self.context)
+
+    def then(self, *expected: DomainEvent) -> None:
+        assert self._decide() == list(expected)
+
+    def then_refused(self, error: type[DomainError]) -> None:
+        with pytest.raises(error) as raised:
+            self._decide()
+        assert raised.value.code == error.code
+
+
+def given(*history: LossEvent) -> Scenario:
+    return Scenario(history)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def test_a_temporary_loss_freezes_the_card_until_the_period_ends() -> None:
+    given().when(report("temporary")).then(
+        LossReported(loss_id="L2", kind="temporary", card_no=CARD, expires_at=NOW + PERIOD,
+                     financial_freeze=True, channel="wechat-oa")
+    )
+
+
+def test_the_financial_freeze_follows_the_regions_policy() -> None:
+    no_freeze = replace(CONTEXT, policy=replace(POLICY, financial_freeze=False))
+    [event] = given().when(report("temporary"), no_freeze)._decide()
+    assert isinstance(event, LossReported)
+    assert event.financial_freeze is False
+
+
+def test_a_citizen_without_a_known_card_cannot_report_a_loss() -> None:
+    given().when(report("temporary"), replace(CONTEXT, card_no=None)).then_refused(NoCardError)
+
+
+def test_a_formal_loss_with_a_fresh_portrait_verification_has_no_expiry() -> None:
+    given().when(report("formal", FRESH_PORTRAIT)).then(
+        LossReported(loss_id="L2", kind="formal", card_no=CARD, expires_at=None,
+                     financial_freeze=True, channel="wechat-oa")
+    )
+
+
+def test_a_formal_loss_needs_a_portrait_verification() -> None:
+    given().when(report("formal", REALNAME)).then_refused(PortraitRequiredError)
+
+
+def test_a_formal_loss_is_refused_when_the_portrait_verification_is_too_old() -> None:
+    stale = Verification("portrait", NOW - PORTRAIT_MAX_AGE - timedelta(seconds=1))
+    given().when(report("formal", stale)).then_refused(PortraitRequiredError)
+
+
+def test_a_portrait_verification_exactly_at_the_limit_still_counts() -> None:
+    edge = Verification("portrait", NOW - PORTRAIT_MAX_AGE)
+    [event] = given().when(report("formal", edge))._decide()
+    assert isinstance(event, LossReported)
+    assert event.kind == "formal"
+
+
+def test_a_temporary_loss_made_formal_keeps_its_case_and_loses_its_expiry() -> None:
+    given(temporary_reported("L1")).when(report("formal", FRESH_PORTRAIT, loss_id="L9")).then(
+        formal_reported("L1", supersedes=True)
+    )
+
+
+def test_a_temporary_loss_is_not_made_formal_without_a_portrait_verification() -> None:
+    given(temporary_reported()).when(report("formal", REALNAME)).then_refused(
+        PortraitRequiredError
+    )
+
+
+def test_a_second_temporary_loss_is_refused_while_one_is_in_force() -> None:
+    given(temporary_reported()).when(report("temporary")).then_refused(AlreadyLostError)
+
+
+def test_a_second_formal_loss_is_refused() -> None:
+    given(formal_reported()).when(report("formal", FRESH_PORTRAIT)).then_refused(AlreadyLostError)
+
+
+def test_a_temporary_loss_is_refused_while_a_formal_one_is_in_force() -> None:
+    given(formal_reported()).when(report("temporary")).then_refused(AlreadyLostError)
+
+
+def test_a_new_loss_may_be_reported_after_the_last_one_was_cancelled() -> None:
+    [event] = given(temporary_reported("L1"), LossCancelled(loss_id="L1")).when(
+        report("temporary", loss_id="L3")
+    )._decide()
+    assert isinstance(event, LossReported)
+    assert event.loss_id == "L3"
+
+
+# ----------------------------------------------------------------------------- cancel
+
+
+def test_a_temporary_loss_can_be_cancelled_which_lifts_the_freeze() -> None:
+    given(temporary_reported("L1")).when(CancelLoss()).then(
+        LossCancelled(loss_id="L1", financial_freeze=False)
+    )
+
+
+def test_a_formal_loss_without_an_application_can_be_cancelled() -> None:
+    given(formal_reported("L1")).when(CancelLoss()).then(LossCancelled(loss_id="L1"))
+
+
+def test_cancelling_without_a_loss_in_force_is_refused() -> None:
+    given().when(CancelLoss()).then_refused(NoActiveLossError)
+
+
+def test_cancelling_an_expired_loss_is_refused() -> None:
+    given(temporary_reported("L1"), TemporaryLossExpired(loss_id="L1")).when(
+        CancelLoss()
+    ).then_refused(NoActiveLossError)
+
+
+@pytest.mark.parametrize("status", ["pending", "approved"])
+def test_cancelling_is_refused_while_a_reissue_application_is_in_progress(
+    status: ApplicationStatus,
+) -> None:
+    context = replace(CONTEXT, application_status=status)
+    given(formal_reported()).when(CancelLoss(), context).then_refused(ReissueInProgressError)
+
+
+@pytest.mark.parametrize("status", ["rejected", "none", "completed"])
+def test_cancelling_is_allowed_once_no_application_is_in_progress(
+    status: ApplicationStatus,
+) -> None:
+    context = replace(CONTEXT, application_status=status)
+    given(formal_reported("L1")).when(CancelLoss(), context).then(LossCancelled(loss_id="L1"))
+
+
+# ----------------------------------------------------------------------------- expiry
+
+
+def test_a_due_temporary_loss_expires_and_lifts_the_freeze() -> None:
+    due = temporary_reported("L1", at=NOW - PERIOD)
+    given(due).when(ExpireTemporaryLoss("L1")).then(
+        TemporaryLossExpired(loss_id="L1", financial_freeze=False)
+    )
+
+
+def test_a_timer_that_fires_early_expires_nothing() -> None:
+    given(temporary_reported("L1")).when(ExpireTemporaryLoss("L1")).then()
+
+
+def test_the_timer_of_a_temporary_loss_made_formal_is_void() -> None:
+    given(temporary_reported("L1", at=NOW - PERIOD), formal_reported("L1", supersedes=True)).when(
+        ExpireTemporaryLoss("L1")
+    ).then()
+
+
+def test_the_timer_of_a_cancelled_loss_is_void() -> None:
+    given(temporary_reported("L1", at=NOW - PERIOD), LossCancelled(loss_id="L1")).when(
+        ExpireTemporaryLoss("L1")
+    ).then()
+
+
+def test_the_timer_of_an_earlier_loss_does_not_expire_a_later_one() -> None:
+    given(
+        temporary_reported("L1", at=NOW - 2 * PERIOD),
+        LossCancelled(loss_id="L1"),
+        temporary_reported("L2", at=NOW - PERIOD),
+    ).when(ExpireTemporaryLoss("L1")).then()
+
+
+# ----------------------------------------------------------------------------- reissue
+
+
+def test_a_reissued_card_closes_the_loss_in_force() -> None:
+    given(formal_reported("L1")).when(CloseLoss("B87654321")).then(
+        LossClosed(loss_id="L1", new_card_no="B87654321")
+    )
+
+
+def test_a_reissued_card_without_a_loss_in_force_changes_nothing() -> None:
+    given().when(CloseLoss("B87654321")).then()
+
+
+def test_after_a_reissue_a_new_loss_may_be_reported() -> None:
+    [event] = given(formal_reported("L1"), LossClosed(loss_id="L1", new_card_no="B1")).when(
+        report("temporary", loss_id="L5"), replace(CONTEXT, card_no="B1")
+    )._decide()
+    assert isinstance(event, LossReported)
+    assert (event.loss_id, event.card_no) == ("L5", "B1")
+
+
+def test_an_erasure_leaves_the_case_as_it_was() -> None:
+    given(formal_reported(), SubjectErased(reason="request")).when(
+        report("temporary")
+    ).then_refused(AlreadyLostError)
