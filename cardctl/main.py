@@ -29,8 +29,9 @@ def _stack() -> Stack:
 
 def _print_status(stack: Stack) -> None:
     table = Table(title=f"Card Desk stack ({stack.state_dir})")
-    for column in ("component", "pid", "alive", "healthy", "log file"):
+    for column in ("component", "pid", "alive", "healthy"):
         table.add_column(column)
+    table.add_column("log file", overflow="fold")
     for row in stack.status():
         table.add_row(
             row.name,
