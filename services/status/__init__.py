@@ -1,0 +1,1 @@
+"""The status projection: card_status and card_timeline read models and the query API."""

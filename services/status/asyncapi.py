@@ -1,0 +1,123 @@
+"""The AsyncAPI document of the whole message contract (DESIGN sections 3-5).
+
+A documentation-only KafkaBroker declares every topic with its message models; it is never
+connected. Command topics are what services receive, event and reply topics what they send.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from functools import cache
+from typing import Any
+from uuid import UUID
+
+from faststream.kafka import KafkaBroker
+from faststream.specification import AsyncAPI, get_asyncapi_html
+from faststream.specification.base import Specification
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from shared.commands import Reply
+from shared.contracts import auth, issuance, loss, review
+from shared.settings import CardDeskSettings
+from shared.topics import REPLIES_TOPIC, command_topic, dlq_topic, event_topic
+
+COMMANDS: dict[str, Any] = {
+    "auth": auth.IssueCaptcha | auth.StartSession | auth.AuthorizeElectronicCard
+    | auth.VerifyPortrait,
+    "loss": loss.ReportLoss | loss.CancelLoss,
+    "review": review.SubmitReissueApplication | review.DecideReview,
+    "issuance": issuance.CollectCard | issuance.ImportCard,
+}
+EVENTS: dict[str, Any] = {
+    "auth": auth.AuthEvent,
+    "loss": loss.LossEvent,
+    "review": review.ReviewEvent,
+    "issuance": issuance.IssuanceEvent,
+}
+
+
+class CommandEnvelopeDoc(BaseModel):
+    """A command from a channel; headers `x-channel-id` and `x-signature` (HMAC-SHA256)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    request_id: UUID
+    channel: str
+    issued_at: datetime
+    type: str = Field(description="the payload model's name")
+
+
+class EventEnvelopeDoc(BaseModel):
+    """A domain event; the model's `type` is carried by the envelope, not inside `data`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    event_id: UUID
+    type: str
+    schema_version: int
+    stream_id: str
+    version: int
+    citizen_ref: str
+    occurred_at: datetime
+    correlation_id: str
+    causation_id: str
+    prev_hash: str = Field(description="hex SHA-256; 64 zeros for a stream's first event")
+    hash: str = Field(description="SHA-256(prev_hash || canonical JSON without hash)")
+
+
+def _documenting(model: type[BaseModel]) -> Callable[[Any], Awaitable[None]]:
+    """A handler that only carries `model` as its payload annotation."""
+
+    async def handler(body: Any) -> None:
+        return None
+
+    handler.__annotations__ = {"body": model, "return": None}
+    return handler
+
+
+def contract_broker(settings: CardDeskSettings) -> KafkaBroker:
+    broker = KafkaBroker(settings.kafka_bootstrap, client_id="carddesk-contract-docs")
+    for service, payloads in COMMANDS.items():
+        name = f"{service.capitalize()}Command"
+        command = create_model(name, __base__=CommandEnvelopeDoc, payload=(payloads, ...))
+        topic = command_topic(service)
+        broker.subscriber(topic, title=topic, description=f"Commands for the {service} service",
+                          group_id=f"carddesk-{service}")(_documenting(command))
+        broker.publisher(dlq_topic(topic), title=dlq_topic(topic), schema=bytes,
+                         description="rejected commands, raw, with x-dlq-code/x-dlq-reason")
+    for service, union in EVENTS.items():
+        name = f"{service.capitalize()}EventMessage"
+        event = create_model(name, __base__=EventEnvelopeDoc, data=(union, ...))
+        topic = event_topic(service)
+        broker.publisher(topic, title=topic, schema=event,
+                         description=f"Events of the {service} service, keyed by citizen_ref;"
+                         " retained forever")
+        broker.publisher(dlq_topic(topic), title=dlq_topic(topic), schema=bytes,
+                         description="unprocessable events, raw, with x-dlq-code/x-dlq-reason")
+    broker.publisher(REPLIES_TOPIC, title=REPLIES_TOPIC, schema=Reply,
+                     description="The outcome of every command, keyed by request_id")
+    return broker
+
+
+@cache
+def _specification(bootstrap: str) -> Specification:
+    settings = CardDeskSettings(kafka_bootstrap=bootstrap)
+    return AsyncAPI(
+        contract_broker(settings),
+        title="Card Desk message contract",
+        version="1.0.0",
+        description="Topics, commands, events and replies of DESIGN sections 3-5.",
+    ).to_specification()
+
+
+def specification(settings: CardDeskSettings) -> Specification:
+    return _specification(settings.kafka_bootstrap)
+
+
+def asyncapi_json(settings: CardDeskSettings) -> Any:
+    return specification(settings).to_jsonable()
+
+
+def asyncapi_html(settings: CardDeskSettings) -> str:
+    return get_asyncapi_html(specification(settings), try_it_out_path=None)

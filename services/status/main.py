@@ -1,0 +1,95 @@
+"""Wiring of the status service: four event consumers and the query API in one process.
+
+`python -m services.status.main` serves on `CARDDESK_HTTP_HOST:CARDDESK_HTTP_PORT`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import uvicorn
+from starlette.applications import Starlette
+
+from services.status.adapters import StatusWriter, status_ddl
+from services.status.api import QueryBackend, create_app
+from services.status.settings import StatusSettings
+from shared.consumer import EventConsumer
+from shared.contracts import KNOWN_EVENT_TYPES
+from shared.logging import configure_logging
+from shared.runtime import MessageHandler, ServiceRuntime
+
+
+class StatusService:
+    """The runtime (pool, producer, DLQ, broker) and the ASGI app that serves the queries."""
+
+    def __init__(self, settings: StatusSettings) -> None:
+        self.settings = settings
+        schema = settings.status_schema
+        self.runtime = ServiceRuntime("status", settings, extra_ddl=status_ddl(schema))
+        # The read models live in their own schema; tests use a throwaway one.
+        self.runtime.schema = schema
+        self.writer = StatusWriter(schema)
+        self.consumers: dict[str, EventConsumer] = {}
+        self.runtime.on_ready(self._build_consumers)
+        for contract_topic, topic in settings.consumed_topics().items():
+            self.runtime.subscribe(topic, self._handler(topic),
+                                   group=settings.status_consumer_group,
+                                   title=f"{topic}:status",
+                                   description=f"Projects {contract_topic} into card_status")
+        backend = QueryBackend(settings, lambda: self.runtime.pool, self.runtime.broker.ping)
+        self.app: Starlette = create_app(backend, lifespan=self._lifespan)
+
+    async def _build_consumers(self) -> None:
+        for contract_topic, topic in self.settings.consumed_topics().items():
+            self.consumers[topic] = EventConsumer(
+                self.runtime.pool,
+                self.settings.status_schema,
+                self.settings.status_consumer_group,
+                self.writer.handler_for(contract_topic),
+                self.runtime.dead_letters,
+                known_types=KNOWN_EVENT_TYPES[contract_topic],
+                max_attempts=self.settings.consumer_max_attempts,
+            )
+
+    def _handler(self, topic: str) -> Callable[[], MessageHandler]:
+        def current() -> MessageHandler:
+            return self.consumers[topic].handle
+
+        return current
+
+    async def start(self) -> None:
+        await self.runtime.start()
+        await self.runtime.broker.start()
+
+    async def stop(self) -> None:
+        await self.runtime.broker.stop()
+        await self.runtime.stop()
+
+    @asynccontextmanager
+    async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    async def serve(self) -> None:
+        config = uvicorn.Config(self.app, host=self.settings.http_host,
+                                port=self.settings.http_port, log_config=None)
+        await uvicorn.Server(config).serve()
+
+
+def build(settings: StatusSettings | None = None) -> StatusService:
+    return StatusService(settings or StatusSettings())
+
+
+def main() -> None:
+    service = build()
+    configure_logging("status", service.settings.log_level)
+    asyncio.run(service.serve())
+
+
+if __name__ == "__main__":
+    main()

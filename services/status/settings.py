@@ -1,0 +1,22 @@
+"""Status settings (`CARDDESK_*`): where the read models live and which topics feed them."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from shared.contracts import EVENT_TOPICS
+from shared.settings import CardDeskSettings
+
+
+class StatusSettings(CardDeskSettings):
+    """The projection's schema, consumer group and health-check budget."""
+
+    status_schema: str = Field(default="status", pattern=r"^[a-z_][a-z0-9_]*$")
+    status_consumer_group: str = "carddesk-status"
+    # Prepended to every consumed topic; empty in production, unique in isolated tests.
+    status_topic_prefix: str = ""
+    health_timeout_seconds: float = Field(default=3.0, gt=0)
+
+    def consumed_topics(self) -> dict[str, str]:
+        """The contract's event topic → the topic actually consumed."""
+        return {topic: f"{self.status_topic_prefix}{topic}" for topic in EVENT_TOPICS.values()}

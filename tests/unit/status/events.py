@@ -1,0 +1,130 @@
+"""Builders of sealed event envelopes for the status projection's tests."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+
+from services.status.projection import CardStatusRow, project
+from shared.contracts import auth, issuance, loss, review
+from shared.contracts.common import SubjectErased
+from shared.envelope import GENESIS_HASH, EventEnvelope
+from shared.events import DomainEvent, EventMeta, to_pending
+
+T0 = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
+OLD_CARD = "A01234567"
+NEW_CARD = "B76543210"
+BUREAU = "bureau-xuhui"
+STREAM_PREFIX = {"auth.events": "auth", "loss.events": "loss", "review.events": "review",
+                 "issuance.events": "card"}
+
+
+class Streams:
+    """Seals events per topic stream (gapless versions, chained hashes), a minute apart."""
+
+    def __init__(self, citizen_ref: str | None = None, start: datetime = T0) -> None:
+        self.citizen_ref = citizen_ref or f"cr-{uuid.uuid4().hex}"
+        self.clock = start
+        self._last: dict[str, tuple[int, str]] = {}
+
+    def emit(self, topic: str, event: DomainEvent, at: datetime | None = None) -> EventEnvelope:
+        self.clock = at or self.clock + timedelta(minutes=1)
+        stream_id = f"{STREAM_PREFIX[topic]}-{self.citizen_ref}"
+        version, prev = self._last.get(stream_id, (0, GENESIS_HASH))
+        meta = EventMeta(citizen_ref=self.citizen_ref, occurred_at=self.clock,
+                         correlation_id=str(uuid.uuid4()), causation_id=str(uuid.uuid4()))
+        envelope = EventEnvelope.seal(to_pending(event, meta, uuid.uuid4()), stream_id,
+                                      version + 1, prev)
+        self._last[stream_id] = (envelope.version, envelope.hash)
+        return envelope
+
+
+def fold(envelopes: Iterable[EventEnvelope]) -> CardStatusRow:
+    row: CardStatusRow | None = None
+    for envelope in envelopes:
+        row = project(row, envelope)
+    assert row is not None, "no events"
+    return row
+
+
+def whole_journey(s: Streams) -> dict[str, list[EventEnvelope]]:
+    """A citizen's full journey, rejected once, per topic in that topic's order."""
+    topics: dict[str, list[EventEnvelope]] = {
+        "issuance.events": [s.emit("issuance.events", issuance.CardIssued(card_no=OLD_CARD))],
+        "auth.events": [
+            s.emit("auth.events", auth.SessionStarted(session_id="s1", channel="wechat-oa",
+                                                      expires_at=T0 + timedelta(hours=1))),
+            s.emit("auth.events", auth.IdentityVerified(method="realname", session_id="s1")),
+            s.emit("auth.events", auth.ElectronicCardAuthorized(session_id="s1",
+                                                                channel="wechat-oa")),
+            s.emit("auth.events", auth.IdentityVerified(method="portrait", session_id="s1",
+                                                        similarity=0.93)),
+        ],
+        "loss.events": [
+            s.emit("loss.events", temporary_loss()),
+            s.emit("loss.events", formal_loss(supersedes=True)),
+        ],
+        "review.events": [
+            s.emit("review.events", applied("app-1")),
+            s.emit("review.events", review.ReviewRejected(application_id="app-1",
+                                                          reviewer_id="r1",
+                                                          reason="photo unclear")),
+            s.emit("review.events", applied("app-2", resubmission_of="app-1")),
+            s.emit("review.events", review.ReviewApproved(application_id="app-2",
+                                                          reviewer_id="r1",
+                                                          pickup_bureau=BUREAU,
+                                                          old_card_no=OLD_CARD)),
+        ],
+    }
+    topics["issuance.events"] += [
+        s.emit("issuance.events", issuance.CardProductionStarted(
+            application_id="app-2", pickup_bureau=BUREAU, ready_by=T0 + timedelta(days=7))),
+        s.emit("issuance.events", issuance.CardReissued(
+            application_id="app-2", new_card_no=NEW_CARD, old_card_no=OLD_CARD)),
+        s.emit("issuance.events", issuance.CardReadyForPickup(
+            application_id="app-2", pickup_bureau=BUREAU, card_no=NEW_CARD)),
+        s.emit("issuance.events", issuance.CardCollected(
+            application_id="app-2", bureau_id=BUREAU, card_no=NEW_CARD, by_proxy=False)),
+    ]
+    topics["loss.events"].append(
+        s.emit("loss.events", loss.LossClosed(loss_id="loss-1", new_card_no=NEW_CARD)))
+    return topics
+
+
+def temporary_loss(card_no: str | None = OLD_CARD, loss_id: str = "loss-1") -> loss.LossReported:
+    return loss.LossReported(loss_id=loss_id, kind="temporary", card_no=card_no,
+                             expires_at=T0 + timedelta(days=15), financial_freeze=True,
+                             channel="wechat-oa")
+
+
+def formal_loss(card_no: str | None = OLD_CARD, loss_id: str = "loss-1",
+                supersedes: bool = False) -> loss.LossReported:
+    return loss.LossReported(loss_id=loss_id, kind="formal", card_no=card_no, expires_at=None,
+                             financial_freeze=True, channel="wechat-oa",
+                             supersedes_temporary=supersedes)
+
+
+def applied(application_id: str, resubmission_of: str | None = None) -> review.ReissueApplied:
+    return review.ReissueApplied(
+        application_id=application_id, loss_id="loss-1", old_card_no=OLD_CARD,
+        address="enc:v1:AAAA", phone="enc:v1:BBBB", photo_ref="enc:v1:CCCC",
+        pickup_bureau=BUREAU, channel="wechat-oa", resubmission_of=resubmission_of,
+    )
+
+
+def erased() -> SubjectErased:
+    return SubjectErased(reason="citizen request")
+
+
+def interleave(topics: dict[str, list[EventEnvelope]], order: Sequence[str]) -> list[EventEnvelope]:
+    """Merge the topics by taking the next event of `order[i]` each step (per-topic order kept);
+    a topic named after it ran dry is skipped, leftovers are appended in `order`."""
+    queues = {topic: list(events) for topic, events in topics.items()}
+    merged: list[EventEnvelope] = []
+    for topic in order:
+        if queues.get(topic):
+            merged.append(queues[topic].pop(0))
+    for topic in topics:
+        merged.extend(queues[topic])
+    return merged
