@@ -1,0 +1,71 @@
+"""The review schema's own tables besides the event store: the loss cases it has heard of and
+which citizen each application belongs to (so a decision finds its stream)."""
+
+from __future__ import annotations
+
+import asyncpg  # type: ignore[import-untyped]
+
+from services.review.domain import LossView
+from shared.crypto import data_keys_ddl
+
+
+def review_ddl(schema: str) -> str:
+    return f"""
+    CREATE TABLE IF NOT EXISTS {schema}.losses (
+        citizen_ref text        PRIMARY KEY,
+        loss_id     text        NOT NULL,
+        kind        text        NOT NULL CHECK (kind IN ('temporary', 'formal')),
+        card_no     text,
+        in_force    boolean     NOT NULL,
+        updated_at  timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE TABLE IF NOT EXISTS {schema}.applications (
+        application_id text        PRIMARY KEY,
+        citizen_ref    text        NOT NULL,
+        created_at     timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE INDEX IF NOT EXISTS applications_by_citizen ON {schema}.applications (citizen_ref);
+    """ + data_keys_ddl(schema)
+
+
+class ReviewTables:
+    """Queries on one review schema, run on the caller's connection (and transaction)."""
+
+    def __init__(self, schema: str) -> None:
+        self.schema = schema
+
+    async def loss_of(self, conn: asyncpg.Connection, citizen_ref: str) -> LossView | None:
+        row = await conn.fetchrow(
+            f"SELECT loss_id, kind, card_no, in_force FROM {self.schema}.losses"
+            " WHERE citizen_ref = $1",
+            citizen_ref,
+        )
+        if row is None:
+            return None
+        return LossView(row["loss_id"], row["kind"], row["card_no"], row["in_force"])
+
+    async def save_loss(self, conn: asyncpg.Connection, citizen_ref: str, loss: LossView) -> None:
+        await conn.execute(
+            f"INSERT INTO {self.schema}.losses (citizen_ref, loss_id, kind, card_no, in_force)"
+            " VALUES ($1, $2, $3, $4, $5)"
+            " ON CONFLICT (citizen_ref) DO UPDATE SET loss_id = EXCLUDED.loss_id,"
+            " kind = EXCLUDED.kind, card_no = EXCLUDED.card_no, in_force = EXCLUDED.in_force,"
+            " updated_at = now()",
+            citizen_ref, loss.loss_id, loss.kind, loss.card_no, loss.in_force,
+        )
+
+    async def record_application(
+        self, conn: asyncpg.Connection, application_id: str, citizen_ref: str
+    ) -> None:
+        await conn.execute(
+            f"INSERT INTO {self.schema}.applications (application_id, citizen_ref)"
+            " VALUES ($1, $2)",
+            application_id, citizen_ref,
+        )
+
+    async def citizen_of(self, conn: asyncpg.Connection, application_id: str) -> str | None:
+        citizen_ref: str | None = await conn.fetchval(
+            f"SELECT citizen_ref FROM {self.schema}.applications WHERE application_id = $1",
+            application_id,
+        )
+        return citizen_ref

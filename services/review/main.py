@@ -1,0 +1,77 @@
+"""Wiring of the review service: `python -m services.review.main`."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from services.review.adapters import review_ddl
+from services.review.handlers import ReviewHandlers
+from services.review.settings import ReviewSettings
+from shared.commands import ChannelRegistry, CommandIntake, CommandRoute
+from shared.consumer import EventConsumer
+from shared.contracts import KNOWN_EVENT_TYPES
+from shared.contracts.review import DecideReview, SubmitReissueApplication
+from shared.crypto import Vault
+from shared.runtime import MessageHandler, ServiceRuntime, run_service
+from shared.tokens import TokenVerifier
+from shared.topics import command_topic
+
+SERVICE = "review"
+LOSS_CONSUMER = "review.loss-events"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def build(settings: ReviewSettings | None = None, *, group: str | None = None) -> ServiceRuntime:
+    """The review service, ready to start; `group` overrides the Kafka consumer group (tests)."""
+    settings = settings or ReviewSettings()
+    runtime = ServiceRuntime(SERVICE, settings, extra_ddl=review_ddl(SERVICE))
+    wired: dict[str, MessageHandler] = {}
+
+    async def wire() -> None:
+        handlers = ReviewHandlers(
+            schema=runtime.schema,
+            events_topic=runtime.events_topic,
+            verifier=TokenVerifier(settings.session_public_key),
+            vault=Vault(runtime.schema, settings.master_key.get_secret_value()),
+            rule=settings.auto_approval_rule(),
+        )
+        routes = {
+            "SubmitReissueApplication": CommandRoute(
+                SubmitReissueApplication, handlers.submit,
+                accepted_message="reissue application received",
+            ),
+            "DecideReview": CommandRoute(
+                DecideReview, handlers.decide, bureau_only=True,
+                accepted_message="review decision recorded",
+            ),
+        }
+        intake = CommandIntake(
+            runtime.pool, runtime.schema, ChannelRegistry.from_file(settings.channels_file),
+            routes, runtime.dead_letters, _now, max_attempts=settings.consumer_max_attempts,
+        )
+        loss_events = EventConsumer(
+            runtime.pool, runtime.schema, LOSS_CONSUMER, handlers.on_loss_event,
+            runtime.dead_letters,
+            known_types=KNOWN_EVENT_TYPES[settings.event_topic("loss")],
+            max_attempts=settings.consumer_max_attempts,
+        )
+        wired["commands"] = intake.handle
+        wired["loss.events"] = loss_events.handle
+
+    runtime.on_ready(wire)
+    runtime.subscribe(
+        command_topic(SERVICE), lambda: wired["commands"], group=group,
+        description="SubmitReissueApplication, DecideReview (bureau channels only)",
+    )
+    runtime.subscribe(
+        settings.event_topic("loss"), lambda: wired["loss.events"], group=group,
+        description="Loss cases: whether a formal loss is in force; cancellation withdraws",
+    )
+    return runtime
+
+
+if __name__ == "__main__":
+    run_service(build(), default_health_port=8083)

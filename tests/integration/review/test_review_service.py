@@ -1,0 +1,299 @@
+"""The review service in-process against the real Kafka and PostgreSQL: loss events in,
+signed channel commands in, replies and review events out."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+
+from cardctl.stack import ensure_topics
+from services.review.main import build
+from services.review.settings import ReviewSettings
+from shared.commands import ChannelRegistry, sign
+from shared.contracts.loss import LossCancelled, LossReported
+from shared.envelope import GENESIS_HASH, EventEnvelope
+from shared.events import DomainEvent, EventMeta, to_pending
+from shared.runtime import ServiceRuntime
+from shared.tokens import SessionClaims, TokenSigner
+from shared.topics import all_topics
+
+pytestmark = pytest.mark.integration
+
+WAIT_S = 30.0
+TOPICS = ("review.commands", "review.events", "loss.events", "channel.replies",
+          "review.commands.dlq", "loss.events.dlq")
+
+
+@dataclass
+class Tail:
+    """Everything published on a topic from the moment `start` returns."""
+
+    bootstrap: str
+    topic: str
+    records: list[ConsumerRecord] = field(default_factory=list)
+    _consumer: AIOKafkaConsumer | None = None
+    _task: asyncio.Task[None] | None = None
+
+    async def start(self, producer: AIOKafkaProducer) -> None:
+        partitions = [TopicPartition(self.topic, p)
+                      for p in sorted(await producer.partitions_for(self.topic))]
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None,
+                                    enable_auto_commit=False)
+        await consumer.start()
+        consumer.assign(partitions)
+        await consumer.seek_to_end(*partitions)
+        for tp in partitions:
+            await consumer.position(tp)
+        self._consumer = consumer
+        self._task = asyncio.create_task(self._collect())
+
+    async def _collect(self) -> None:
+        assert self._consumer is not None
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=200)
+            for records in batch.values():
+                self.records.extend(records)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+    async def first(self, match: Callable[[ConsumerRecord], bool]) -> ConsumerRecord:
+        deadline = asyncio.get_running_loop().time() + WAIT_S
+        while asyncio.get_running_loop().time() < deadline:
+            for record in self.records:
+                if match(record):
+                    return record
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"nothing matching on {self.topic} within {WAIT_S}s")
+
+
+async def start_group_at_end(
+    bootstrap: str, group: str, topics: list[str], producer: AIOKafkaProducer
+) -> None:
+    """Commit a fresh group's offsets at the topics' ends, so the service under test handles
+    only this run's messages instead of replaying (and re-replying to) the whole history."""
+    partitions = [TopicPartition(t, p) for t in topics for p in await producer.partitions_for(t)]
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign(partitions)
+        await consumer.seek_to_end(*partitions)
+        await consumer.commit({tp: await consumer.position(tp) for tp in partitions})
+    finally:
+        await consumer.stop()
+
+
+@dataclass
+class Harness:
+    settings: ReviewSettings
+    runtime: ServiceRuntime
+    producer: AIOKafkaProducer
+    channels: ChannelRegistry
+    replies: Tail
+    events: Tail
+    loss_streams: dict[str, EventEnvelope] = field(default_factory=dict)
+
+    async def publish_loss_event(self, citizen_ref: str, event: DomainEvent) -> EventEnvelope:
+        """Append to the citizen's loss stream as the loss service would, and publish it."""
+        meta = EventMeta(citizen_ref, datetime.now(UTC), str(uuid.uuid4()), str(uuid.uuid4()))
+        last = self.loss_streams.get(citizen_ref)
+        envelope = EventEnvelope.seal(
+            to_pending(event, meta, uuid.uuid4()), f"loss-{citizen_ref}",
+            last.version + 1 if last else 1, last.hash if last else GENESIS_HASH,
+        )
+        self.loss_streams[citizen_ref] = envelope
+        await self.producer.send_and_wait("loss.events", value=envelope.to_bytes(),
+                                          key=citizen_ref.encode())
+        return envelope
+
+    async def wait_for_loss(self, citizen_ref: str, *, in_force: bool) -> None:
+        deadline = asyncio.get_running_loop().time() + WAIT_S
+        while asyncio.get_running_loop().time() < deadline:
+            found = await self.runtime.pool.fetchval(
+                "SELECT in_force FROM review.losses WHERE citizen_ref = $1", citizen_ref)
+            if found is in_force:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"the loss of {citizen_ref[:8]} never became in_force={in_force}")
+
+    def token(self, citizen_ref: str) -> str:
+        now = datetime.now(UTC)
+        claims = SessionClaims(session_id=str(uuid.uuid4()), citizen_ref=citizen_ref,
+                               level="realname", issued_at=now,
+                               expires_at=now + timedelta(minutes=10))
+        return TokenSigner(self.settings.session_signing_key.get_secret_value()).sign(claims)
+
+    async def send(self, channel_id: str, command_type: str, payload: dict[str, Any]
+                   ) -> dict[str, Any]:
+        """Send a signed command and return its reply from channel.replies."""
+        channel = self.channels.get(channel_id)
+        assert channel is not None
+        request_id = str(uuid.uuid4())
+        value = json.dumps({"request_id": request_id, "channel": channel_id,
+                            "issued_at": datetime.now(UTC).isoformat(), "type": command_type,
+                            "payload": payload}).encode()
+        await self.producer.send_and_wait(
+            "review.commands", value=value, key=request_id.encode(),
+            headers=[("x-channel-id", channel_id.encode()),
+                     ("x-signature", sign(channel.secret, value).encode())],
+        )
+        record = await self.replies.first(lambda r: r.key == request_id.encode())
+        reply: dict[str, Any] = json.loads(record.value)
+        return reply
+
+    async def event(self, citizen_ref: str, event_type: str) -> ConsumerRecord:
+        return await self.events.first(
+            lambda r: r.key == citizen_ref.encode() and json.loads(r.value)["type"] == event_type
+        )
+
+
+@pytest.fixture(scope="module")
+async def review() -> AsyncIterator[Harness]:
+    settings = ReviewSettings()
+    wanted = [t for t in all_topics(settings.partitions) if t.name in TOPICS]
+    await ensure_topics(settings.kafka_bootstrap, wanted)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    await producer.start()
+    replies = Tail(settings.kafka_bootstrap, "channel.replies")
+    events = Tail(settings.kafka_bootstrap, "review.events")
+    await replies.start(producer)
+    await events.start(producer)
+    group = f"carddesk-review-test-{uuid.uuid4().hex[:10]}"
+    await start_group_at_end(settings.kafka_bootstrap, group,
+                             ["review.commands", "loss.events"], producer)
+    runtime = build(settings, group=group)
+    await runtime.start()
+    await runtime.broker.start()
+    try:
+        yield Harness(settings, runtime, producer,
+                      ChannelRegistry.from_file(settings.channels_file), replies, events)
+    finally:
+        await producer.stop()
+        await runtime.broker.stop()
+        await runtime.stop()
+        await replies.stop()
+        await events.stop()
+
+
+def new_citizen() -> str:
+    return secrets.token_hex(32)
+
+
+def formal_loss(loss_id: str) -> LossReported:
+    return LossReported(loss_id=loss_id, kind="formal", card_no=f"T{secrets.randbelow(10**8):08d}",
+                        expires_at=None, financial_freeze=True, channel="wechat-oa")
+
+
+def application(harness: Harness, citizen_ref: str) -> dict[str, Any]:
+    return {
+        "session_token": harness.token(citizen_ref),
+        "address": f"No. {secrets.token_hex(4)} Renmin Road, Building 7",
+        "phone": f"139{secrets.randbelow(10**8):08d}",
+        "photo_ref": f"photo-{secrets.token_hex(8)}",
+        "pickup_bureau": "bureau-east",
+    }
+
+
+async def applied_citizen(review: Harness) -> tuple[str, str, dict[str, Any]]:
+    """A citizen under a formal loss with an accepted application: (ref, application_id, data)."""
+    citizen_ref = new_citizen()
+    await review.publish_loss_event(citizen_ref, formal_loss(str(uuid.uuid4())))
+    await review.wait_for_loss(citizen_ref, in_force=True)
+    payload = application(review, citizen_ref)
+    reply = await review.send("wechat-oa", "SubmitReissueApplication", payload)
+    assert (reply["status"], reply["code"]) == ("accepted", "accepted")
+    return citizen_ref, reply["data"]["application_id"], payload
+
+
+async def test_a_submitted_application_is_published_with_its_personal_data_encrypted(
+    review: Harness,
+) -> None:
+    citizen_ref, application_id, payload = await applied_citizen(review)
+
+    record = await review.event(citizen_ref, "ReissueApplied")
+
+    data = json.loads(record.value)["data"]
+    assert data["application_id"] == application_id
+    assert data["pickup_bureau"] == "bureau-east"
+    for personal in ("address", "phone", "photo_ref"):
+        assert data[personal].startswith("enc:v1:")
+        assert payload[personal].encode() not in record.value
+
+
+async def test_a_decision_from_a_channel_that_is_not_a_bureau_is_refused_as_bureau_only(
+    review: Harness,
+) -> None:
+    _, application_id, _ = await applied_citizen(review)
+
+    reply = await review.send("wechat-oa", "DecideReview", {
+        "application_id": application_id, "reviewer_id": "rev-1", "decision": "approve"})
+
+    assert (reply["status"], reply["code"]) == ("rejected", "bureau_only")
+
+
+async def test_a_bureau_approval_publishes_review_approved_with_the_pickup_bureau_and_old_card(
+    review: Harness,
+) -> None:
+    citizen_ref, application_id, _ = await applied_citizen(review)
+    applied = json.loads((await review.event(citizen_ref, "ReissueApplied")).value)["data"]
+
+    reply = await review.send("bureau-counter", "DecideReview", {
+        "application_id": application_id, "reviewer_id": "rev-1", "decision": "approve"})
+
+    assert (reply["status"], reply["code"]) == ("accepted", "accepted")
+    approved = json.loads((await review.event(citizen_ref, "ReviewApproved")).value)
+    assert approved["data"] == {
+        "application_id": application_id, "reviewer_id": "rev-1", "automatic": False,
+        "pickup_bureau": "bureau-east", "old_card_no": applied["old_card_no"],
+    }
+    assert approved["correlation_id"] == reply["request_id"]
+
+
+async def test_an_application_without_a_formal_loss_is_refused_as_no_formal_loss(
+    review: Harness,
+) -> None:
+    citizen_ref = new_citizen()
+
+    reply = await review.send("wechat-oa", "SubmitReissueApplication",
+                              application(review, citizen_ref))
+
+    assert (reply["status"], reply["code"]) == ("rejected", "no_formal_loss")
+
+
+async def test_a_rejection_then_a_cancelled_loss_withdraws_the_application(
+    review: Harness,
+) -> None:
+    citizen_ref = new_citizen()
+    loss_id = str(uuid.uuid4())
+    await review.publish_loss_event(citizen_ref, formal_loss(loss_id))
+    await review.wait_for_loss(citizen_ref, in_force=True)
+    submitted = await review.send("wechat-oa", "SubmitReissueApplication",
+                                  application(review, citizen_ref))
+    application_id = submitted["data"]["application_id"]
+    rejected = await review.send("bureau-counter", "DecideReview", {
+        "application_id": application_id, "reviewer_id": "rev-1", "decision": "reject",
+        "reason": "photo unclear"})
+    assert rejected["code"] == "accepted"
+
+    cancelled = await review.publish_loss_event(citizen_ref, LossCancelled(loss_id=loss_id))
+
+    withdrawn = json.loads((await review.event(citizen_ref, "ApplicationWithdrawn")).value)
+    assert withdrawn["data"] == {"application_id": application_id, "reason": "loss_cancelled"}
+    assert withdrawn["causation_id"] == str(cancelled.event_id)
+    assert withdrawn["correlation_id"] == cancelled.correlation_id
+    again = await review.send("wechat-oa", "SubmitReissueApplication",
+                              application(review, citizen_ref))
+    assert again["code"] == "no_formal_loss"
