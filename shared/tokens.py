@@ -58,3 +58,11 @@ class TokenVerifier:
         if claims.expires_at <= now:
             raise SessionExpiredError()
         return claims
+
+
+def session_id_of(token: str) -> str | None:
+    """The session id a token names, unverified: only for choosing a Kafka key."""
+    try:
+        return SessionClaims.model_validate_json(_unb64(token.split(".")[0])).session_id
+    except (ValueError, binascii.Error, ValidationError):
+        return None

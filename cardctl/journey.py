@@ -1,0 +1,140 @@
+"""The citizen's journey of DESIGN section 1, driven as a channel drives it.
+
+Used by `cardctl demo`, the end-to-end tests and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from cardctl.channel import ChannelSimulator
+from cardctl.citizens import SyntheticCitizen
+from shared.tokens import session_id_of
+
+CITIZEN_CHANNEL = "wechat-oa"
+BUREAU_CHANNEL = "bureau-counter"
+
+# Refusals that only mean another service's view has not caught up with an event yet.
+NOT_YET = {
+    "ReportLoss": frozenset({"no_card"}),
+    "SubmitReissueApplication": frozenset({"no_formal_loss"}),
+    "DecideReview": frozenset({"unknown_application"}),
+    "CollectCard": frozenset({"unknown_application", "not_ready_for_pickup"}),
+}
+
+Step = Callable[[str, dict[str, Any]], Awaitable[None]]
+
+
+@dataclass
+class Session:
+    citizen: SyntheticCitizen
+    citizen_ref: str = ""
+    token: str = ""
+    application_id: str = ""
+    log: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def key(self) -> str | None:
+        return session_id_of(self.token) if self.token else None
+
+
+class Journey:
+    """Each step sends one command and records what came back."""
+
+    def __init__(self, sim: ChannelSimulator, status_url: str | None = None,
+                 *, retry_for_s: float = 60.0) -> None:
+        self.sim = sim
+        self.status_url = status_url
+        self.retry_for_s = retry_for_s
+
+    async def _send(self, s: Session, service: str, command: str, payload: dict[str, Any],
+                    channel: str = CITIZEN_CHANNEL) -> dict[str, Any]:
+        reply = await self.sim.expect_accepted(
+            service, command, payload, channel_id=channel, session_key=s.key,
+            retry_codes=NOT_YET.get(command, frozenset()), retry_for_s=self.retry_for_s,
+        )
+        s.log.append((command, reply.code))
+        return reply.data
+
+    async def log_in(self, s: Session) -> None:
+        captcha = await self._send(s, "auth", "IssueCaptcha", {})
+        data = await self._send(s, "auth", "StartSession", {
+            "id_number": s.citizen.id_number, "name": s.citizen.name,
+            "captcha_id": captcha["captcha_id"], "captcha_code": captcha["code"],
+        })
+        s.token, s.citizen_ref = data["session_token"], data["citizen_ref"]
+
+    async def authorize_e_card(self, s: Session) -> None:
+        await self._send(s, "auth", "AuthorizeElectronicCard", {"session_token": s.token})
+
+    async def verify_portrait(self, s: Session, liveness: float = 0.99) -> None:
+        data = await self._send(s, "auth", "VerifyPortrait", {
+            "session_token": s.token, "liveness_score": liveness,
+            "face_embedding": s.citizen.face_embedding,
+        })
+        s.token = data["session_token"]
+
+    async def report_loss(self, s: Session, kind: str) -> None:
+        await self._send(s, "loss", "ReportLoss", {"session_token": s.token, "kind": kind})
+
+    async def apply_for_reissue(self, s: Session, bureau: str = "bureau-001") -> None:
+        data = await self._send(s, "review", "SubmitReissueApplication", {
+            "session_token": s.token, "address": "synthetic address 1",
+            "phone": "13800000000", "photo_ref": "photo://synthetic/1", "pickup_bureau": bureau,
+        })
+        s.application_id = data["application_id"]
+
+    async def approve(self, s: Session, reviewer: str = "reviewer-7") -> None:
+        await self._send(s, "review", "DecideReview", {
+            "application_id": s.application_id, "reviewer_id": reviewer,
+            "decision": "approve", "reason": "documents in order",
+        }, channel=BUREAU_CHANNEL)
+
+    async def collect(self, s: Session, bureau: str = "bureau-001") -> None:
+        await self._send(s, "issuance", "CollectCard", {
+            "application_id": s.application_id, "bureau_id": bureau,
+            "presented_id_number": s.citizen.id_number,
+        }, channel=BUREAU_CHANNEL)
+
+    async def whole(self, s: Session, *, auto_approved: bool = False) -> None:
+        """Captcha to collected card: what `cardctl demo` shows."""
+        await self.log_in(s)
+        await self.authorize_e_card(s)
+        await self.verify_portrait(s)
+        await self.report_loss(s, "formal")
+        await self.apply_for_reissue(s)
+        if not auto_approved:
+            await self.approve(s)
+        await self.collect(s)
+
+    async def card(self, citizen_ref: str) -> dict[str, Any] | None:
+        assert self.status_url, "no status API configured"
+        async with httpx.AsyncClient(base_url=self.status_url, timeout=5.0) as client:
+            response = await client.get(f"/v1/citizens/{citizen_ref}/card")
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        return response.json()  # type: ignore[no-any-return]
+
+    async def timeline(self, citizen_ref: str) -> list[dict[str, Any]]:
+        assert self.status_url, "no status API configured"
+        async with httpx.AsyncClient(base_url=self.status_url, timeout=5.0) as client:
+            response = await client.get(f"/v1/citizens/{citizen_ref}/timeline")
+        response.raise_for_status()
+        return response.json()["entries"]  # type: ignore[no-any-return]
+
+    async def wait_for_status(self, citizen_ref: str, status: str,
+                              timeout_s: float = 60.0) -> dict[str, Any]:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        row: dict[str, Any] | None = None
+        while asyncio.get_running_loop().time() < deadline:
+            row = await self.card(citizen_ref)
+            if row is not None and row["status"] == status:
+                return row
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"status never became {status}; last row {row}")
