@@ -46,7 +46,9 @@ def refused(code: str, *commands: IssuanceCommand, given: Sequence[IssuanceEvent
     assert caught.value.code == code
 
 
-def start(app: str = APP, old: str | None = OLD, delay: timedelta = timedelta(0)) -> IssuanceCommand:
+def start(
+    app: str = APP, old: str | None = OLD, delay: timedelta = timedelta(0)
+) -> IssuanceCommand:
     return domain.StartProduction(application_id=app, pickup_bureau=BUREAU, old_card_no=old,
                                   ready_by=NOW + delay)
 
@@ -70,16 +72,21 @@ def proxy(ref: str | None = PROXY, authorisation: str = "letter-2025-001") -> Pr
                             id_number_enc="enc:v1:aWQ=", name_enc="enc:v1:bmFtZQ==")
 
 
-IMPORTED = [CardIssued(card_no=OLD)]
-PRODUCING = [*IMPORTED, CardProductionStarted(application_id=APP, pickup_bureau=BUREAU,
-                                              ready_by=NOW + timedelta(days=7))]
-READY = [
+IMPORTED: list[IssuanceEvent] = [CardIssued(card_no=OLD)]
+PRODUCING: list[IssuanceEvent] = [
+    *IMPORTED,
+    CardProductionStarted(application_id=APP, pickup_bureau=BUREAU,
+                          ready_by=NOW + timedelta(days=7)),
+]
+READY: list[IssuanceEvent] = [
     *PRODUCING,
     CardReissued(application_id=APP, new_card_no=NEW, old_card_no=OLD),
     CardReadyForPickup(application_id=APP, pickup_bureau=BUREAU, card_no=NEW),
 ]
-COLLECTED = [*READY, CardCollected(application_id=APP, bureau_id=BUREAU, card_no=NEW,
-                                   by_proxy=False)]
+COLLECTED: list[IssuanceEvent] = [
+    *READY,
+    CardCollected(application_id=APP, bureau_id=BUREAU, card_no=NEW, by_proxy=False),
+]
 
 
 # --- import --------------------------------------------------------------------------------
@@ -124,8 +131,8 @@ def test_finishing_production_reissues_the_card_and_makes_it_ready_at_the_bureau
 
 
 def test_with_no_production_time_approval_and_readiness_are_decided_together() -> None:
-    assert [type(e) for e in when(start(), finish(), given=IMPORTED)] == [
-        CardProductionStarted, CardReissued, CardReadyForPickup,
+    assert [e.type for e in when(start(), finish(), given=IMPORTED)] == [
+        "CardProductionStarted", "CardReissued", "CardReadyForPickup",
     ]
 
 
@@ -233,7 +240,7 @@ def test_collecting_for_an_application_the_card_does_not_know_is_refused() -> No
 
 
 def test_nothing_is_decided_for_an_erased_citizen() -> None:
-    erased = [*IMPORTED, SubjectErased(reason="citizen request")]
+    erased: list[IssuanceEvent] = [*IMPORTED, SubjectErased(reason="citizen request")]
     refused("subject_erased", start(), given=erased)
     refused("subject_erased", RecordImportedCard(OLD), given=erased)
 
