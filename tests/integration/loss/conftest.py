@@ -1,0 +1,212 @@
+"""The loss service running in-process against the real Kafka and PostgreSQL, isolated by its
+own schema and consumer group, plus helpers that act as a channel and as the other services."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import asyncpg  # type: ignore[import-untyped]
+import pytest
+from aiokafka import (  # type: ignore[import-untyped]
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    TopicPartition,
+)
+from aiokafka.admin import AIOKafkaAdminClient  # type: ignore[import-untyped]
+
+from cardctl.stack import ensure_topics
+from services.loss.main import build
+from services.loss.settings import LossSettings
+from shared.commands import ChannelRegistry, sign
+from shared.envelope import GENESIS_HASH, EventEnvelope
+from shared.events import DomainEvent, EventMeta, to_pending
+from shared.eventstore import event_message
+from shared.runtime import ServiceRuntime
+from shared.tokens import SessionClaims, TokenSigner
+from shared.topics import all_topics
+
+CHANNEL = "wechat-oa"
+CONSUMED = ("loss.commands", "issuance.events", "review.events")
+
+
+@pytest.fixture(scope="module")
+def loss_settings() -> LossSettings:
+    # A one-second temporary loss, so that expiry can be watched happening.
+    return LossSettings(loss_temporary_period=timedelta(seconds=1),
+                        loss_expiry_scan_interval=timedelta(milliseconds=200))
+
+
+async def partitions_of(bootstrap: str, topics: Sequence[str]) -> list[TopicPartition]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_topics(list(topics))
+    finally:
+        await admin.close()
+    return [TopicPartition(d["topic"], p["partition"]) for d in described
+            for p in d["partitions"]]
+
+
+class Tail:
+    """Every record of a topic from the moment it started, collected in the background."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.topic = topic
+        self._bootstrap = bootstrap
+        self.records: list[Any] = []
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+                                          enable_auto_commit=False)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        tps = await partitions_of(self._bootstrap, [self.topic])
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_end(*tps)
+        for tp in tps:  # resolve the end offsets now, before anything is produced
+            await self._consumer.position(tp)
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=200)
+            for records in batch.values():
+                self.records.extend(records)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await self._consumer.stop()
+
+    def json_values(self) -> list[dict[str, Any]]:
+        return [json.loads(r.value) for r in self.records]
+
+    async def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float = 30.0
+    ) -> dict[str, Any]:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while asyncio.get_running_loop().time() < deadline:
+            for value in self.json_values():
+                if predicate(value):
+                    return value
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{self.topic}: nothing matched within {timeout_s}s")
+
+
+async def _skip_history(bootstrap: str, group: str) -> None:
+    """A fresh group would read the topics from offset 0 and replay other runs' commands;
+    commit the current ends so the service sees only what this test module sends."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tps = await partitions_of(bootstrap, CONSUMED)
+        ends = await consumer.end_offsets(tps)
+        consumer.assign(tps)
+        await consumer.commit(ends)
+    finally:
+        await consumer.stop()
+
+
+class Harness:
+    """Acts as a channel and as the issuance and review services towards the loss service."""
+
+    def __init__(self, settings: LossSettings, runtime: ServiceRuntime, db: asyncpg.Pool,
+                 producer: AIOKafkaProducer, replies: Tail, loss_events: Tail) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.schema = runtime.schema
+        self.db = db
+        self.producer = producer
+        self.replies = replies
+        self.loss_events = loss_events
+        self.signer = TokenSigner(settings.session_signing_key.get_secret_value())
+        channel = ChannelRegistry.from_file(settings.channels_file).get(CHANNEL)
+        assert channel is not None
+        self.channel_secret = channel.secret
+        self._heads: dict[str, tuple[int, str]] = {}
+
+    @staticmethod
+    def new_citizen() -> str:
+        return secrets.token_hex(32)
+
+    def token(self, citizen_ref: str, level: Literal["realname", "portrait"] = "realname") -> str:
+        now = datetime.now(UTC)
+        return self.signer.sign(SessionClaims(
+            session_id=str(uuid.uuid4()), citizen_ref=citizen_ref, level=level,
+            portrait_verified_at=now if level == "portrait" else None,
+            issued_at=now, expires_at=now + timedelta(minutes=30),
+        ))
+
+    async def command(self, command_type: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """Send a signed command on loss.commands and return its reply."""
+        request_id = str(uuid.uuid4())
+        value = json.dumps({"request_id": request_id, "channel": CHANNEL,
+                            "issued_at": datetime.now(UTC).isoformat(), "type": command_type,
+                            "payload": payload}).encode()
+        await self.producer.send_and_wait(
+            "loss.commands", value=value, key=request_id.encode(),
+            headers=[("x-channel-id", CHANNEL.encode()),
+                     ("x-signature", sign(self.channel_secret, value).encode())],
+        )
+        return await self.replies.wait_for(lambda r: r["request_id"] == request_id)
+
+    def seal(self, stream_id: str, citizen_ref: str, event: DomainEvent) -> EventEnvelope:
+        """The next event of another service's stream, chained as its store would."""
+        version, prev_hash = self._heads.get(stream_id, (0, GENESIS_HASH))
+        meta = EventMeta(citizen_ref, datetime.now(UTC), str(uuid.uuid4()), str(uuid.uuid4()))
+        envelope = EventEnvelope.seal(to_pending(event, meta, uuid.uuid4()), stream_id,
+                                      version + 1, prev_hash)
+        self._heads[stream_id] = (envelope.version, envelope.hash)
+        return envelope
+
+    async def publish(self, topic: str, envelope: EventEnvelope) -> None:
+        message = event_message(topic, envelope)
+        await self.producer.send_and_wait(topic, value=message.value, key=message.key,
+                                          headers=list(message.headers))
+
+    async def eventually(self, query: str, *args: Any, expect: Any,
+                         timeout_s: float = 30.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        last: Any = None
+        while asyncio.get_running_loop().time() < deadline:
+            last = await self.db.fetchval(query.format(schema=self.schema), *args)
+            if last == expect:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"expected {expect!r}, last saw {last!r}")
+
+
+@pytest.fixture(scope="module")
+async def harness(loss_settings: LossSettings) -> AsyncIterator[Harness]:
+    suffix = uuid.uuid4().hex[:10]
+    schema, group = f"loss_test_{suffix}", f"carddesk-loss-test-{suffix}"
+    bootstrap = loss_settings.kafka_bootstrap
+    await ensure_topics(bootstrap, all_topics(loss_settings.partitions))
+    await _skip_history(bootstrap, group)
+    replies = Tail(bootstrap, "channel.replies")
+    loss_events = Tail(bootstrap, "loss.events")
+    await replies.start()
+    await loss_events.start()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    db = await asyncpg.create_pool(loss_settings.database_url, min_size=1, max_size=2)
+    runtime = build(loss_settings, schema=schema, consumer_group=group)
+    await runtime.start()
+    await runtime.broker.start()
+    try:
+        yield Harness(loss_settings, runtime, db, producer, replies, loss_events)
+    finally:
+        await runtime.broker.stop()
+        await runtime.stop()
+        await db.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await db.close()
+        await producer.stop()
+        await replies.stop()
+        await loss_events.stop()
