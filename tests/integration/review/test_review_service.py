@@ -302,3 +302,12 @@ async def test_a_rejection_then_a_cancelled_loss_withdraws_the_application(
     again = await review.send("wechat-oa", "SubmitReissueApplication",
                               application(review, citizen_ref))
     assert again["code"] == "no_formal_loss"
+
+
+async def test_a_decision_on_an_application_nobody_submitted_is_refused_as_unknown(
+    review: Harness,
+) -> None:
+    reply = await review.send("bureau-counter", "DecideReview", {
+        "application_id": str(uuid.uuid4()), "reviewer_id": "rev-1", "decision": "approve"})
+
+    assert (reply["status"], reply["code"]) == ("rejected", "unknown_application")
