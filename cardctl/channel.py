@@ -40,7 +40,7 @@ class ChannelSimulator:
         partitions = self._replies.partitions_for_topic(REPLIES_TOPIC)
         while not partitions:
             await asyncio.sleep(0.1)
-            await self._replies._client.force_metadata_update()  # noqa: SLF001
+            await self._replies._client.force_metadata_update()
             partitions = self._replies.partitions_for_topic(REPLIES_TOPIC)
         assigned = [TopicPartition(REPLIES_TOPIC, p) for p in sorted(partitions)]
         self._replies.assign(assigned)

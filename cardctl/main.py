@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import asyncio
+from pathlib import Path
+from typing import Annotated, Any
 
+import httpx
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from cardctl import operations
 from cardctl.stack import Stack, StackError, ensure_topics, run_sync
+from shared.identity import citizen_ref, is_valid_id_number
+from shared.masking import mask_card_no, mask_id_number, mask_name
 from shared.settings import CardDeskSettings
 from shared.topics import all_topics
 
@@ -100,6 +106,94 @@ def topics_list() -> None:
         config = ", ".join(f"{k}={v}" for k, v in topic.config.items())
         table.add_row(topic.name, str(topic.partitions), config or "-")
     console.print(table)
+
+
+@app.command("seed")
+def seed_command(
+    citizens: Annotated[int, typer.Option("--citizens", min=1, help="How many to create.")] = 10,
+    out: Annotated[Path, typer.Option("--out", help="JSON lines for a channel simulator.")] = Path(
+        "citizens.jsonl"),
+    seed_value: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
+) -> None:
+    """Create synthetic citizens: registry entries with a face template and initial cards."""
+    settings = CardDeskSettings()
+    asyncio.run(operations.seed(settings, citizens, out, seed_value=seed_value,
+                                report=lambda line: console.print(f"[dim]•[/] {line}")))
+
+
+@app.command("demo")
+def demo_command() -> None:
+    """Seed one citizen and take them from loss report to a collected new card."""
+    settings = CardDeskSettings()
+    out = settings.state_dir / "demo-citizen.jsonl"
+    say = lambda line: console.print(f"[dim]•[/] {line}")  # noqa: E731
+    [citizen] = asyncio.run(operations.seed(settings, 1, out, report=say))
+    console.print(f"demo citizen {mask_name(citizen.name)} {mask_id_number(citizen.id_number)}, "
+                  f"card {mask_card_no(citizen.card_no)}")
+    session, row, timeline = asyncio.run(operations.demo(settings, citizen, report=say))
+    _print_card(row)
+    _print_timeline(session.citizen_ref, timeline)
+    if row["status"] != "ACTIVE" or row["card_no_masked"] == mask_card_no(citizen.card_no):
+        console.print("[red]the demo did not end with a new active card[/]")
+        raise typer.Exit(1)
+
+
+def _resolve_ref(citizen: str, settings: CardDeskSettings) -> str:
+    """A citizen_ref as given, or computed from an ID number (never printed back)."""
+    if is_valid_id_number(citizen):
+        return citizen_ref(settings.citizen_ref_pepper.get_secret_value(), citizen)
+    return citizen
+
+
+def _get(settings: CardDeskSettings, path: str) -> dict[str, Any] | None:
+    try:
+        response = httpx.get(f"{operations.status_url(settings)}{path}", timeout=10.0)
+    except httpx.HTTPError as error:
+        console.print(f"[red]the status API does not answer:[/] {error}")
+        raise typer.Exit(1) from error
+    if response.status_code == 404:
+        return None
+    response.raise_for_status()
+    return response.json()  # type: ignore[no-any-return]
+
+
+def _print_card(row: dict[str, Any]) -> None:
+    table = Table("field", "value", title="card status")
+    for key, value in row.items():
+        table.add_row(key, "-" if value is None else str(value))
+    console.print(table)
+
+
+def _print_timeline(ref: str, entries: list[dict[str, Any]]) -> None:
+    table = Table("#", "time", "event", "description", title=f"timeline of {ref[:12]}…")
+    for entry in entries:
+        table.add_row(str(entry["seq"]), str(entry["occurred_at"]), entry["type"],
+                      entry["description"])
+    console.print(table)
+
+
+@app.command("status")
+def status_command(
+    citizen: Annotated[str, typer.Argument(help="citizen_ref, or an ID number")],
+) -> None:
+    """Show a citizen's card status (masked)."""
+    settings = CardDeskSettings()
+    row = _get(settings, f"/v1/citizens/{_resolve_ref(citizen, settings)}/card")
+    if row is None:
+        console.print("no card status for that citizen")
+        raise typer.Exit(1)
+    _print_card(row)
+
+
+@app.command("timeline")
+def timeline_command(
+    citizen: Annotated[str, typer.Argument(help="citizen_ref, or an ID number")],
+) -> None:
+    """Show every event of a citizen, in order, with masked descriptions."""
+    settings = CardDeskSettings()
+    ref = _resolve_ref(citizen, settings)
+    body = _get(settings, f"/v1/citizens/{ref}/timeline")
+    _print_timeline(ref, body["entries"] if body else [])
 
 
 if __name__ == "__main__":

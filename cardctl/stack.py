@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import os
 import pwd
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,10 +26,11 @@ from typing import TypeVar
 from urllib.parse import unquote, urlsplit
 
 import asyncpg  # type: ignore[import-untyped]
+import httpx
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
 
 from shared.settings import PROJECT_ROOT, CardDeskSettings
-from shared.topics import TopicSpec, all_topics
+from shared.topics import SERVICES, TopicSpec, all_topics
 
 T = TypeVar("T")
 
@@ -152,6 +155,21 @@ async def ensure_topics(bootstrap: str, topics: Sequence[TopicSpec]) -> list[str
         return [t.name for t in missing]
     finally:
         await admin.close()
+
+
+def service_ports(settings: CardDeskSettings) -> dict[str, int]:
+    """Where each service serves `/health`: status on CARDDESK_HTTP_PORT, the others after it."""
+    return {"status": settings.http_port,
+            **{name: settings.http_port + 1 + i for i, name in enumerate(SERVICES)}}
+
+
+async def http_health(host: str, port: int, timeout_s: float = 3.0) -> bool:
+    try:
+        async with httpx.AsyncClient(timeout=timeout_s) as client:
+            response = await client.get(f"http://{host}:{port}/health")
+    except httpx.HTTPError:
+        return False
+    return response.is_success
 
 
 # ----------------------------------------------------------------------------- processes
@@ -319,12 +337,21 @@ class Stack:
         )
 
     def service_specs(self) -> list[ProcessSpec]:
-        """The Card Desk services, started after the infrastructure is healthy.
-
-        Hook for the next step: one spec per service (`python -m services.<name>.main`),
-        each with a health check; `up`, `down` and `status` handle them like the rest.
-        """
-        return []
+        """The Card Desk services, started after the infrastructure is healthy: one process
+        each (`python -m services.<name>.main`), healthy when its `/health` answers."""
+        specs = []
+        for name, port in service_ports(self.settings).items():
+            module = f"services.{name}.main"
+            specs.append(ProcessSpec(
+                name=name,
+                argv=(sys.executable, "-m", module),
+                log_file=self.logs_dir / f"{name}.log",
+                marker=module,
+                health=functools.partial(http_health, self.settings.http_host, port),
+                env={"CARDDESK_HEALTH_PORT": str(port)},
+                cwd=PROJECT_ROOT,
+            ))
+        return specs
 
     def infra_specs(self) -> list[ProcessSpec]:
         return [self.postgres_spec(), self.kafka_spec()]

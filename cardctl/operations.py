@@ -1,0 +1,102 @@
+"""What `cardctl seed` and `cardctl demo` do, as plain async functions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from cardctl.channel import ChannelSimulator
+from cardctl.citizens import SyntheticCitizen, generate
+from cardctl.journey import BUREAU_CHANNEL, Journey, Session
+from services.auth.adapters import enroll
+from services.auth.settings import AuthSettings
+from shared.commands import ChannelRegistry
+from shared.settings import CardDeskSettings
+
+Report = Callable[[str], None]
+
+
+def status_url(settings: CardDeskSettings) -> str:
+    return f"http://{settings.http_host}:{settings.http_port}"
+
+
+async def seed(
+    settings: CardDeskSettings, count: int, out: Path, *, seed_value: int | None = None,
+    concurrency: int = 50, report: Report = print,
+) -> list[SyntheticCitizen]:
+    """Enrol `count` synthetic citizens in the registry, import their first cards through
+    `issuance.commands`, and write them to `out` as JSON lines for a channel simulator."""
+    citizens = generate(count, seed_value)
+    auth_settings = AuthSettings()
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        async with conn.transaction():
+            for citizen in citizens:
+                await enroll(conn, citizen.id_number, citizen.name, citizen.face_embedding,
+                             auth_settings)
+    finally:
+        await conn.close()
+    report(f"registry: {count} citizens enrolled with a face template")
+
+    gate = asyncio.Semaphore(concurrency)
+    async with ChannelSimulator(settings.kafka_bootstrap,
+                                ChannelRegistry.from_file(settings.channels_file)) as sim:
+
+        async def import_card(citizen: SyntheticCitizen) -> None:
+            async with gate:
+                await sim.expect_accepted(
+                    "issuance", "ImportCard",
+                    {"id_number": citizen.id_number, "card_no": citizen.card_no},
+                    channel_id=BUREAU_CHANNEL,
+                )
+
+        await asyncio.gather(*(import_card(c) for c in citizens))
+    report(f"issuance: {count} initial cards imported (CardIssued)")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as handle:
+        for citizen in citizens:
+            handle.write(json.dumps(citizen.as_json(), ensure_ascii=False) + "\n")
+    report(f"wrote {out}")
+    return citizens
+
+
+def load_citizens(path: Path) -> list[SyntheticCitizen]:
+    citizens = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            raw = json.loads(line)
+            citizens.append(SyntheticCitizen(raw["id_number"], raw["name"],
+                                             raw["face_embedding"], raw["card_no"]))
+    return citizens
+
+
+async def demo(settings: CardDeskSettings, citizen: SyntheticCitizen,
+               report: Report = print) -> tuple[Session, dict[str, Any], list[dict[str, Any]]]:
+    """One citizen from captcha to a collected new card, as a channel drives it."""
+    async with ChannelSimulator(settings.kafka_bootstrap,
+                                ChannelRegistry.from_file(settings.channels_file)) as sim:
+        journey = Journey(sim, status_url(settings))
+        session = Session(citizen)
+        steps: list[tuple[str, Callable[[], Any]]] = [
+            ("captcha + login (real name)", lambda: journey.log_in(session)),
+            ("authorise the electronic card", lambda: journey.authorize_e_card(session)),
+            ("portrait verification", lambda: journey.verify_portrait(session)),
+            ("formal loss report", lambda: journey.report_loss(session, "formal")),
+            ("reissue application", lambda: journey.apply_for_reissue(session)),
+            ("bureau review: approve", lambda: journey.approve(session)),
+        ]
+        for label, step in steps:
+            await step()
+            report(f"✔ {label}")
+        await journey.wait_for_status(session.citizen_ref, "READY_FOR_PICKUP")
+        report("✔ card produced, new number assigned, ready for pickup")
+        await journey.collect(session)
+        row = await journey.wait_for_status(session.citizen_ref, "ACTIVE")
+        report("✔ collected at the bureau with the ID card")
+        return session, row, await journey.timeline(session.citizen_ref)
