@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -18,7 +19,7 @@ from services.status.settings import StatusSettings
 from shared.consumer import EventConsumer
 from shared.contracts import KNOWN_EVENT_TYPES
 from shared.logging import configure_logging
-from shared.runtime import MessageHandler, ServiceRuntime
+from shared.runtime import MessageHandler, ServiceRuntime, supervise
 
 
 class StatusService:
@@ -32,6 +33,7 @@ class StatusService:
         self.runtime.schema = schema
         self.writer = StatusWriter(schema)
         self.consumers: dict[str, EventConsumer] = {}
+        self._broker_task: asyncio.Task[None] | None = None
         self.runtime.on_ready(self._build_consumers)
         for contract_topic, topic in settings.consumed_topics().items():
             self.runtime.subscribe(topic, self._handler(topic),
@@ -60,10 +62,18 @@ class StatusService:
         return current
 
     async def start(self) -> None:
+        """Pool, schema, producer and DLQ first; the consumers then join their group in the
+        background, so the read model is served (and /health says 503) while Kafka is slow."""
         await self.runtime.start()
-        await self.runtime.broker.start()
+        self._broker_task = asyncio.create_task(
+            supervise("status.broker", self.runtime.broker.start))
 
     async def stop(self) -> None:
+        if self._broker_task is not None:
+            self._broker_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._broker_task
+            self._broker_task = None
         await self.runtime.broker.stop()
         await self.runtime.stop()
 
