@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Literal, assert_never
+from typing import Annotated, Literal, assert_never, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -63,6 +63,15 @@ StatusEvent = Annotated[
     Field(discriminator="type"),
 ]
 decode_event: EventDecoder[StatusEvent] = EventDecoder(TypeAdapter(StatusEvent))
+PROJECTED_TYPES: frozenset[str] = frozenset(
+    m.model_fields["type"].default for m in get_args(get_args(StatusEvent)[0])
+)
+
+
+def decode_known(envelope: EventEnvelope) -> StatusEvent | None:
+    """The typed event, or None for a type a producer added after this projection was
+    written: contracts grow by new types, and those must not stop the projection."""
+    return decode_event(envelope) if envelope.type in PROJECTED_TYPES else None
 
 
 class CardStatus(StrEnum):
@@ -263,8 +272,10 @@ def derive(sub: SubStates) -> tuple[CardStatus, ECardStatus]:
 def project(row: CardStatusRow | None, envelope: EventEnvelope) -> CardStatusRow:
     """The row after one event. `updated_at`/`last_event_id` follow the latest event by
     `(occurred_at, event_id)`, so they too are independent of the arrival order."""
-    event = decode_event(envelope)
-    sub = evolve(row.sub_states if row else SubStates(), event)
+    event = decode_known(envelope)
+    sub = row.sub_states if row else SubStates()
+    if event is not None:
+        sub = evolve(sub, event)
     status, e_card = derive(sub)
     event_id = str(envelope.event_id)
     if row is None or (envelope.occurred_at, event_id) > (row.updated_at, row.last_event_id):

@@ -11,7 +11,7 @@ from typing import assert_never
 
 from pydantic import BaseModel, ConfigDict
 
-from services.status.projection import StatusEvent, decode_event
+from services.status.projection import StatusEvent, decode_known
 from shared.contracts.auth import (
     ElectronicCardAuthorized,
     IdentityLocked,
@@ -123,7 +123,8 @@ def timeline_entry(envelope: EventEnvelope, topic: str) -> TimelineEntry:
         event_id=str(envelope.event_id),
         type=envelope.type,
         occurred_at=envelope.occurred_at,
-        description=describe(decode_event(envelope)),
+        description=describe(event) if (event := decode_known(envelope)) else
+        f"{envelope.type} recorded",
         topic=topic,
         stream_id=envelope.stream_id,
         version=envelope.version,

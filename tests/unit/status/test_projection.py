@@ -279,3 +279,18 @@ def test_a_reissue_application_is_described_without_its_encrypted_fields() -> No
     assert "app-7" in text
     assert BUREAU in text
     assert "enc:v1" not in text
+
+
+def test_an_event_type_added_to_a_contract_later_is_recorded_without_changing_the_status() -> None:
+    s = Streams()
+    holder = given_a_card_holder(s)
+    newer = s.emit("auth.events", auth.SessionStarted(session_id="s9", channel="app",
+                                                      expires_at=T0))
+    unknown = EventEnvelope.model_validate(newer.to_json_dict() | {"type": "ChannelLinked",
+                                                                   "data": {"x": 1}})
+    before = fold(holder)
+    after = project(before, unknown)
+    assert after.sub_states == before.sub_states
+    assert after.status is CardStatus.ACTIVE
+    assert after.last_event_id == str(unknown.event_id)
+    assert timeline_entry(unknown, "auth.events").description == "ChannelLinked recorded"
