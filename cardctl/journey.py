@@ -6,7 +6,6 @@ Used by `cardctl demo`, the end-to-end tests and the benchmarks.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,9 +25,6 @@ NOT_YET = {
     "DecideReview": frozenset({"unknown_application"}),
     "CollectCard": frozenset({"unknown_application", "not_ready_for_pickup"}),
 }
-
-Step = Callable[[str, dict[str, Any]], Awaitable[None]]
-
 
 @dataclass
 class Session:
@@ -127,6 +123,18 @@ class Journey:
             response = await client.get(f"/v1/citizens/{citizen_ref}/timeline")
         response.raise_for_status()
         return response.json()["entries"]  # type: ignore[no-any-return]
+
+    async def wait_for_timeline(self, citizen_ref: str, *types: str,
+                                timeout_s: float = 60.0) -> list[dict[str, Any]]:
+        """The timeline, once it holds every one of `types` (other topics may lag behind)."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        entries: list[dict[str, Any]] = []
+        while asyncio.get_running_loop().time() < deadline:
+            entries = await self.timeline(citizen_ref)
+            if set(types) <= {e["type"] for e in entries}:
+                return entries
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"timeline never held {types}; it has {[e['type'] for e in entries]}")
 
     async def wait_for_status(self, citizen_ref: str, status: str,
                               timeout_s: float = 60.0) -> dict[str, Any]:

@@ -419,14 +419,25 @@ class Stack:
             )
             self.report(f"topics: {len(created)} created" if created else "topics: all present")
             if services:
-                for spec in self.service_specs():
-                    if self.running_pid(spec) is None:
-                        self._start(spec)
-                        started.append(spec.name)
-                for spec in self.service_specs():
-                    self._wait_healthy(spec)
+                started.extend(self.start_services())
         except BaseException:
             # Leave nothing half-started behind; what was already running stays.
+            self.down(only=started)
+            raise
+        return started
+
+    def start_services(self) -> list[str]:
+        """Start the services that are not running (they inherit this process's environment)
+        and wait until each is healthy; returns the names it started."""
+        started = []
+        try:
+            for spec in self.service_specs():
+                if self.running_pid(spec) is None:
+                    self._start(spec)
+                    started.append(spec.name)
+            for spec in self.service_specs():
+                self._wait_healthy(spec)
+        except BaseException:
             self.down(only=started)
             raise
         return started

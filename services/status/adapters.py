@@ -43,8 +43,8 @@ def status_ddl(schema: str) -> str:
         stream_id   text        NOT NULL,
         version     integer     NOT NULL
     );
-    CREATE INDEX IF NOT EXISTS card_timeline_by_citizen
-        ON {schema}.card_timeline (citizen_ref, occurred_at, event_id);
+    CREATE INDEX IF NOT EXISTS card_timeline_in_order
+        ON {schema}.card_timeline (citizen_ref, occurred_at, stream_id, version);
     """
 
 
@@ -130,12 +130,13 @@ async def fetch_card(pool: asyncpg.Pool, schema: str, citizen_ref: str) -> dict[
 
 
 async def fetch_timeline(pool: asyncpg.Pool, schema: str, citizen_ref: str) -> list[dict[str, Any]]:
-    """Every entry of one citizen in `(occurred_at, event_id)` order, numbered from 1."""
+    """Every entry of one citizen, numbered from 1, in `(occurred_at, stream_id, version)`
+    order: events one command appended together share a time and keep their stream order."""
     records = await pool.fetch(
-        "SELECT row_number() OVER (ORDER BY occurred_at, event_id) AS seq,"
+        "SELECT row_number() OVER (ORDER BY occurred_at, stream_id, version) AS seq,"
         " event_id, type, occurred_at, description"
         f" FROM {schema}.card_timeline WHERE citizen_ref = $1"
-        " ORDER BY occurred_at, event_id",
+        " ORDER BY occurred_at, stream_id, version",
         citizen_ref,
     )
     return [
