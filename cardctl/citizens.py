@@ -51,6 +51,6 @@ def generate(count: int, seed: int | None = None) -> list[SyntheticCitizen]:
             continue
         seen.add(number)
         name = rng.choice(_SURNAMES) + "".join(rng.choice(_GIVEN) for _ in range(rng.randint(1, 2)))
-        card_no = f"S{rng.randrange(10**9):09d}{len(citizens):06d}"
+        card_no = f"L{len(citizens):06d}{rng.randrange(10**9):09d}"
         citizens.append(SyntheticCitizen(number, name, face_embedding(rng), card_no))
     return citizens

@@ -26,6 +26,9 @@ def stack(settings: CardDeskSettings) -> Iterator[Stack]:
     """Kafka and PostgreSQL answering, with every topic of the contract created."""
     local = Stack(settings, report=lambda line: print(f"[stack] {line}"))
     if local.infra_answers():
+        # Tests run services in-process on the contract's topics; a running local service
+        # would process their commands too. The e2e package starts its own.
+        local.down(only=[spec.name for spec in local.service_specs()])
         run_sync(lambda: ensure_topics(settings.kafka_bootstrap, all_topics(settings.partitions)))
         yield local
         return
