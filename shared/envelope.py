@@ -86,22 +86,38 @@ class ChainBreak(BaseModel):
     reason: str
 
 
-def verify_stream(stream_id: str, bodies: Iterable[Mapping[str, Any]]) -> list[ChainBreak]:
-    """Check one stream's events, in log order: gapless versions, linked and intact hashes."""
-    breaks: list[ChainBreak] = []
-    expected_prev = GENESIS_HASH
-    expected_version = 1
-    for body in bodies:
+class StreamCursor:
+    """Where the check of one stream stands: the version and prev_hash its next event needs.
+
+    Feeding a stream's events one by one in log order finds what `verify_stream` finds,
+    without holding the stream in memory (auditors read the whole log)."""
+
+    __slots__ = ("expected_prev", "expected_version", "stream_id")
+
+    def __init__(self, stream_id: str) -> None:
+        self.stream_id = stream_id
+        self.expected_prev = GENESIS_HASH
+        self.expected_version = 1
+
+    def check(self, body: Mapping[str, Any]) -> list[ChainBreak]:
+        stream_id = self.stream_id
+        breaks: list[ChainBreak] = []
         version = int(body.get("version", -1))
-        if version != expected_version:
+        if version != self.expected_version:
             breaks.append(ChainBreak(stream_id=stream_id, version=version,
-                                     reason=f"expected version {expected_version}"))
-        if body.get("prev_hash") != expected_prev:
+                                     reason=f"expected version {self.expected_version}"))
+        if body.get("prev_hash") != self.expected_prev:
             breaks.append(ChainBreak(stream_id=stream_id, version=version,
                                      reason="prev_hash does not link to the previous event"))
         if not hash_is_intact(body):
             breaks.append(ChainBreak(stream_id=stream_id, version=version,
                                      reason="hash does not match the event's content"))
-        expected_prev = str(body.get("hash"))
-        expected_version = version + 1
-    return breaks
+        self.expected_prev = str(body.get("hash"))
+        self.expected_version = version + 1
+        return breaks
+
+
+def verify_stream(stream_id: str, bodies: Iterable[Mapping[str, Any]]) -> list[ChainBreak]:
+    """Check one stream's events, in log order: gapless versions, linked and intact hashes."""
+    cursor = StreamCursor(stream_id)
+    return [chain_break for body in bodies for chain_break in cursor.check(body)]
