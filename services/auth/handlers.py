@@ -28,6 +28,7 @@ from shared.contracts.auth import (
     StartSession,
     VerifyPortrait,
 )
+from shared.contracts.upcasters import UPCASTERS
 from shared.crypto import DataKeyDestroyedError
 from shared.envelope import EventEnvelope
 from shared.errors import DomainError, SubjectErasedError
@@ -38,7 +39,7 @@ from shared.tokens import SessionClaims, TokenSigner, TokenVerifier
 
 log = structlog.get_logger()
 
-decode_event: EventDecoder[AuthEvent] = EventDecoder(AUTH_EVENTS)
+decode_event: EventDecoder[AuthEvent] = EventDecoder(AUTH_EVENTS, UPCASTERS)
 
 
 def decode_recorded(envelope: EventEnvelope) -> domain.Recorded:

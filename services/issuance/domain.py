@@ -359,6 +359,7 @@ def _hand_over(command: HandOverCard, state: CardState) -> list[IssuanceEvent]:
             bureau_id=command.bureau_id,
             card_no=ready.card_no,
             by_proxy=proxy is not None,
+            collected_by="proxy" if proxy is not None else "holder",
             proxy_id_number=proxy.id_number_enc if proxy else None,
             proxy_name=proxy.name_enc if proxy else None,
             authorisation_ref=proxy.authorisation_ref.strip() if proxy else None,

@@ -18,6 +18,7 @@ from shared.commands import CommandContext
 from shared.consumer import Rejected, describe_validation_error
 from shared.contracts.issuance import ISSUANCE_EVENTS, CollectCard, ImportCard
 from shared.contracts.review import REVIEW_EVENTS, ReviewApproved, ReviewEvent
+from shared.contracts.upcasters import UPCASTERS
 from shared.crypto import DataKeyDestroyedError, Vault
 from shared.envelope import EventEnvelope
 from shared.errors import DomainError, SubjectErasedError
@@ -28,8 +29,8 @@ from shared.masking import mask_card_no
 
 log = structlog.get_logger()
 
-decode_issuance: EventDecoder[domain.IssuanceEvent] = EventDecoder(ISSUANCE_EVENTS)
-decode_review: EventDecoder[ReviewEvent] = EventDecoder(REVIEW_EVENTS)
+decode_issuance: EventDecoder[domain.IssuanceEvent] = EventDecoder(ISSUANCE_EVENTS, UPCASTERS)
+decode_review: EventDecoder[ReviewEvent] = EventDecoder(REVIEW_EVENTS, UPCASTERS)
 
 Clock = Callable[[], datetime]
 

@@ -15,6 +15,7 @@ from shared.contracts.loss import (
     LossReported,
     TemporaryLossExpired,
 )
+from shared.contracts.upcasters import UPCASTERS
 from shared.errors import DomainError
 from shared.events import DomainEvent, EventDecoder
 
@@ -252,4 +253,4 @@ def evolve(state: LossState, event: LossEvent) -> LossState:
             assert_never(event)
 
 
-decode: EventDecoder[LossEvent] = EventDecoder(LOSS_EVENTS)
+decode: EventDecoder[LossEvent] = EventDecoder(LOSS_EVENTS, UPCASTERS)

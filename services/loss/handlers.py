@@ -38,6 +38,7 @@ from shared.contracts.review import (
     ReviewEvent,
     ReviewRejected,
 )
+from shared.contracts.upcasters import UPCASTERS
 from shared.envelope import EventEnvelope
 from shared.events import EventDecoder, EventMeta
 from shared.eventstore import PostgresEventStore
@@ -48,8 +49,8 @@ log = structlog.get_logger()
 Clock = Callable[[], datetime]
 E = TypeVar("E")
 
-_decode_issuance: EventDecoder[IssuanceEvent] = EventDecoder(ISSUANCE_EVENTS)
-_decode_review: EventDecoder[ReviewEvent] = EventDecoder(REVIEW_EVENTS)
+_decode_issuance: EventDecoder[IssuanceEvent] = EventDecoder(ISSUANCE_EVENTS, UPCASTERS)
+_decode_review: EventDecoder[ReviewEvent] = EventDecoder(REVIEW_EVENTS, UPCASTERS)
 
 
 class LossHandlers:

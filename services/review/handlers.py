@@ -26,6 +26,7 @@ from shared.contracts.review import (
     ReviewRejected,
     SubmitReissueApplication,
 )
+from shared.contracts.upcasters import UPCASTERS
 from shared.crypto import DataKeyDestroyedError, Vault
 from shared.envelope import EventEnvelope
 from shared.errors import SubjectErasedError
@@ -35,8 +36,8 @@ from shared.tokens import TokenVerifier
 
 log = structlog.get_logger()
 
-decode_review_event: EventDecoder[ReviewEvent] = EventDecoder(REVIEW_EVENTS)
-decode_loss_event: EventDecoder[LossEvent] = EventDecoder(LOSS_EVENTS)
+decode_review_event: EventDecoder[ReviewEvent] = EventDecoder(REVIEW_EVENTS, UPCASTERS)
+decode_loss_event: EventDecoder[LossEvent] = EventDecoder(LOSS_EVENTS, UPCASTERS)
 
 
 class ReviewHandlers:

@@ -36,6 +36,7 @@ from shared.contracts.review import (
     ReviewApproved,
     ReviewRejected,
 )
+from shared.contracts.upcasters import UPCASTERS
 from shared.envelope import EventEnvelope
 from shared.events import EventDecoder
 from shared.masking import mask_card_no
@@ -62,7 +63,7 @@ StatusEvent = Annotated[
     | SubjectErased,
     Field(discriminator="type"),
 ]
-decode_event: EventDecoder[StatusEvent] = EventDecoder(TypeAdapter(StatusEvent))
+decode_event: EventDecoder[StatusEvent] = EventDecoder(TypeAdapter(StatusEvent), UPCASTERS)
 PROJECTED_TYPES: frozenset[str] = frozenset(
     m.model_fields["type"].default for m in get_args(get_args(StatusEvent)[0])
 )
@@ -276,15 +277,22 @@ def project(row: CardStatusRow | None, envelope: EventEnvelope) -> CardStatusRow
     sub = row.sub_states if row else SubStates()
     if event is not None:
         sub = evolve(sub, event)
-    status, e_card = derive(sub)
     event_id = str(envelope.event_id)
     if row is None or (envelope.occurred_at, event_id) > (row.updated_at, row.last_event_id):
         updated_at, last_event_id = envelope.occurred_at, event_id
     else:
         updated_at, last_event_id = row.updated_at, row.last_event_id
+    return status_row(envelope.citizen_ref, sub, updated_at, last_event_id)
+
+
+def status_row(citizen_ref: str, sub: SubStates, updated_at: datetime,
+               last_event_id: str) -> CardStatusRow:
+    """The row the sub-states give. A fold that keeps only the sub-states and the latest
+    `(occurred_at, event_id)` (the rebuild's) builds the same row as `project` event by event."""
+    status, e_card = derive(sub)
     loss, application = _current_loss(sub), sub.application
     return CardStatusRow(
-        citizen_ref=envelope.citizen_ref,
+        citizen_ref=citizen_ref,
         card_no_masked=sub.card.card_no_masked,
         status=status,
         e_card_status=e_card,

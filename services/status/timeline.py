@@ -108,13 +108,18 @@ def describe(event: StatusEvent) -> str:
             return f"{text}; {_card(old_card_no)} invalidated" if old_card_no else text
         case CardReadyForPickup(card_no=card_no, pickup_bureau=bureau):
             return f"{_card(card_no).capitalize()} ready for pickup at bureau {bureau}"
-        case CardCollected(card_no=card_no, bureau_id=bureau, by_proxy=by_proxy):
-            who = " by an authorised proxy" if by_proxy else ""
+        case CardCollected(card_no=card_no, bureau_id=bureau, collected_by=collected_by):
+            who = " by an authorised proxy" if collected_by == "proxy" else ""
             return f"{_card(card_no).capitalize()} collected at bureau {bureau}{who}"
         case SubjectErased():
             return "Personal data erased; record closed"
         case _:
             assert_never(event)
+
+
+def description(envelope: EventEnvelope, event: StatusEvent | None) -> str:
+    """The line of an event; a type added to a contract later is only named."""
+    return describe(event) if event is not None else f"{envelope.type} recorded"
 
 
 def timeline_entry(envelope: EventEnvelope, topic: str) -> TimelineEntry:
@@ -123,8 +128,7 @@ def timeline_entry(envelope: EventEnvelope, topic: str) -> TimelineEntry:
         event_id=str(envelope.event_id),
         type=envelope.type,
         occurred_at=envelope.occurred_at,
-        description=describe(event) if (event := decode_known(envelope)) else
-        f"{envelope.type} recorded",
+        description=description(envelope, decode_known(envelope)),
         topic=topic,
         stream_id=envelope.stream_id,
         version=envelope.version,

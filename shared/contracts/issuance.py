@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field, TypeAdapter
+from pydantic import Field, TypeAdapter, model_validator
 
 from shared.contracts.common import SubjectErased, type_names
 from shared.events import Command, DomainEvent
@@ -59,15 +59,26 @@ class CardReadyForPickup(DomainEvent):
 
 
 class CardCollected(DomainEvent):
+    """v2 adds `collected_by`; v1 events are upcast on read (shared/contracts/upcasters.py)."""
+
+    schema_version: ClassVar[int] = 2
+
     type: Literal["CardCollected"] = "CardCollected"
     application_id: str
     bureau_id: str
     card_no: str
-    by_proxy: bool
+    by_proxy: bool  # kept for v1 readers; always agrees with collected_by
+    collected_by: Literal["holder", "proxy"]
     # enc:v1: ciphertext of the proxy's ID number and name, when a proxy collected
     proxy_id_number: str | None = None
     proxy_name: str | None = None
     authorisation_ref: str | None = None
+
+    @model_validator(mode="after")
+    def _who_agrees_with_by_proxy(self) -> CardCollected:
+        if (self.collected_by == "proxy") != self.by_proxy:
+            raise ValueError("collected_by and by_proxy disagree")
+        return self
 
 
 IssuanceEvent = Annotated[

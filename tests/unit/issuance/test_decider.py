@@ -85,7 +85,8 @@ READY: list[IssuanceEvent] = [
 ]
 COLLECTED: list[IssuanceEvent] = [
     *READY,
-    CardCollected(application_id=APP, bureau_id=BUREAU, card_no=NEW, by_proxy=False),
+    CardCollected(application_id=APP, bureau_id=BUREAU, card_no=NEW, by_proxy=False,
+                  collected_by="holder"),
 ]
 
 
@@ -177,7 +178,8 @@ def test_an_approval_without_any_known_card_reissues_without_an_old_one() -> Non
 
 def test_the_holder_collects_the_ready_card_with_their_own_id() -> None:
     assert when(hand_over(), given=READY) == [
-        CardCollected(application_id=APP, bureau_id=BUREAU, card_no=NEW, by_proxy=False),
+        CardCollected(application_id=APP, bureau_id=BUREAU, card_no=NEW, by_proxy=False,
+                      collected_by="holder"),
     ]
 
 
@@ -189,7 +191,7 @@ def test_after_collection_the_citizen_holds_the_new_card() -> None:
 def test_a_proxy_with_an_authorisation_collects_and_their_particulars_stay_encrypted() -> None:
     [collected] = when(hand_over(proxy=proxy()), given=READY)
     assert collected == CardCollected(
-        application_id=APP, bureau_id=BUREAU, card_no=NEW, by_proxy=True,
+        application_id=APP, bureau_id=BUREAU, card_no=NEW, by_proxy=True, collected_by="proxy",
         proxy_id_number="enc:v1:aWQ=", proxy_name="enc:v1:bmFtZQ==",
         authorisation_ref="letter-2025-001",
     )

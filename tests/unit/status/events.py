@@ -85,7 +85,8 @@ def whole_journey(s: Streams) -> dict[str, list[EventEnvelope]]:
         s.emit("issuance.events", issuance.CardReadyForPickup(
             application_id="app-2", pickup_bureau=BUREAU, card_no=NEW_CARD)),
         s.emit("issuance.events", issuance.CardCollected(
-            application_id="app-2", bureau_id=BUREAU, card_no=NEW_CARD, by_proxy=False)),
+            application_id="app-2", bureau_id=BUREAU, card_no=NEW_CARD, by_proxy=False,
+            collected_by="holder")),
     ]
     topics["loss.events"].append(
         s.emit("loss.events", loss.LossClosed(loss_id="loss-1", new_card_no=NEW_CARD)))

@@ -120,7 +120,8 @@ def test_production_then_ready_then_collected_walks_the_card_back_to_active() ->
     ready = s.emit("issuance.events", issuance.CardReadyForPickup(
         application_id="app-1", pickup_bureau=BUREAU, card_no=NEW_CARD))
     collected = s.emit("issuance.events", issuance.CardCollected(
-        application_id="app-1", bureau_id=BUREAU, card_no=NEW_CARD, by_proxy=False))
+        application_id="app-1", bureau_id=BUREAU, card_no=NEW_CARD, by_proxy=False,
+        collected_by="holder"))
 
     in_production = fold([*events, started])
     assert (in_production.status, in_production.e_card_status) == (
