@@ -13,6 +13,8 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from shared.commands import ChannelRegistry, Reply, sign
+from shared.sealing import FieldSealer
+from shared.settings import CardDeskSettings
 from shared.topics import REPLIES_TOPIC, command_topic
 
 
@@ -25,9 +27,18 @@ class CommandRefusedError(Exception):
 class ChannelSimulator:
     """One producer and one `channel.replies` reader shared by every simulated channel."""
 
-    def __init__(self, bootstrap: str, channels: ChannelRegistry) -> None:
+    @classmethod
+    def for_settings(cls, settings: CardDeskSettings) -> ChannelSimulator:
+        """A simulator with the configured channels that seals personal fields."""
+        return cls(settings.kafka_bootstrap, ChannelRegistry.from_file(settings.channels_file),
+                   settings.command_sealing_public_key)
+
+    def __init__(self, bootstrap: str, channels: ChannelRegistry,
+                 sealing_public_key: str | None = None) -> None:
         self.bootstrap = bootstrap
         self.channels = channels
+        # With the services' public key, personal fields leave the channel sealed.
+        self.sealer = FieldSealer(sealing_public_key) if sealing_public_key else None
         self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=1)
         self._replies = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
                                          enable_auto_commit=False)
@@ -109,6 +120,8 @@ class ChannelSimulator:
     ) -> Reply:
         """Sign and send a command; the key is the session id, else the request id."""
         request_id = request_id or str(uuid.uuid4())
+        if self.sealer is not None:
+            payload = self.sealer.seal_payload(command_type, payload)
         value = self.envelope(channel_id, command_type, payload, request_id)
         return await self.send_raw(
             command_topic(service), value, channel_id=channel_id,

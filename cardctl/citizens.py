@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from dataclasses import dataclass
@@ -22,6 +23,23 @@ class SyntheticCitizen:
     name: str
     face_embedding: list[float]
     card_no: str
+
+    # The details re-recorded on a reissue application, derived so each citizen's differ.
+    @property
+    def _digest(self) -> str:
+        return hashlib.sha256(f"synthetic:{self.id_number}".encode()).hexdigest()
+
+    @property
+    def address(self) -> str:
+        return f"幸福路{int(self._digest[:4], 16) % 900 + 100}号{self._digest[4:10]}室"
+
+    @property
+    def phone(self) -> str:
+        return f"13{int(self._digest[10:20], 16) % 10**9:09d}"
+
+    @property
+    def photo_ref(self) -> str:
+        return f"photo://registry/{self._digest[20:36]}"
 
     def as_json(self) -> dict[str, object]:
         return {"id_number": self.id_number, "name": self.name,

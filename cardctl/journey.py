@@ -80,8 +80,8 @@ class Journey:
 
     async def apply_for_reissue(self, s: Session, bureau: str = "bureau-001") -> None:
         data = await self._send(s, "review", "SubmitReissueApplication", {
-            "session_token": s.token, "address": "synthetic address 1",
-            "phone": "13800000000", "photo_ref": "photo://synthetic/1", "pickup_bureau": bureau,
+            "session_token": s.token, "address": s.citizen.address,
+            "phone": s.citizen.phone, "photo_ref": s.citizen.photo_ref, "pickup_bureau": bureau,
         })
         s.application_id = data["application_id"]
 

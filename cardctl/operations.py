@@ -15,7 +15,6 @@ from cardctl.citizens import SyntheticCitizen, generate
 from cardctl.journey import BUREAU_CHANNEL, Journey, Session
 from services.auth.adapters import enroll
 from services.auth.settings import AuthSettings
-from shared.commands import ChannelRegistry
 from shared.settings import CardDeskSettings
 
 Report = Callable[[str], None]
@@ -44,8 +43,7 @@ async def seed(
     report(f"registry: {count} citizens enrolled with a face template")
 
     gate = asyncio.Semaphore(concurrency)
-    async with ChannelSimulator(settings.kafka_bootstrap,
-                                ChannelRegistry.from_file(settings.channels_file)) as sim:
+    async with ChannelSimulator.for_settings(settings) as sim:
 
         async def import_card(citizen: SyntheticCitizen) -> None:
             async with gate:
@@ -79,8 +77,7 @@ def load_citizens(path: Path) -> list[SyntheticCitizen]:
 async def demo(settings: CardDeskSettings, citizen: SyntheticCitizen,
                report: Report = print) -> tuple[Session, dict[str, Any], list[dict[str, Any]]]:
     """One citizen from captcha to a collected new card, as a channel drives it."""
-    async with ChannelSimulator(settings.kafka_bootstrap,
-                                ChannelRegistry.from_file(settings.channels_file)) as sim:
+    async with ChannelSimulator.for_settings(settings) as sim:
         journey = Journey(sim, status_url(settings))
         session = Session(citizen)
         steps: list[tuple[str, Callable[[], Any]]] = [

@@ -28,6 +28,10 @@ from urllib.parse import unquote, urlsplit
 import asyncpg  # type: ignore[import-untyped]
 import httpx
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
+from aiokafka.admin.config_resource import (  # type: ignore[import-untyped]
+    ConfigResource,
+    ConfigResourceType,
+)  # type: ignore[import-untyped]
 
 from shared.settings import PROJECT_ROOT, CardDeskSettings
 from shared.topics import SERVICES, TopicSpec, all_topics
@@ -135,11 +139,18 @@ async def kafka_answers(bootstrap: str, timeout_s: float = 5.0) -> bool:
 
 
 async def ensure_topics(bootstrap: str, topics: Sequence[TopicSpec]) -> list[str]:
-    """Create the topics that are missing; returns the names it created."""
+    """Create the topics that are missing and bring existing ones' configuration in line;
+    returns the names it created."""
     admin = await _open_admin(bootstrap, 15.0)
     try:
         existing = set(await admin.list_topics())
         missing = [t for t in topics if t.name not in existing]
+        present = [t for t in topics if t.name in existing and t.config]
+        if present:
+            await admin.alter_configs([
+                ConfigResource(ConfigResourceType.TOPIC, t.name, configs=dict(t.config))
+                for t in present
+            ])
         if missing:
             await admin.create_topics(
                 [
@@ -429,6 +440,8 @@ class Stack:
     def start_services(self) -> list[str]:
         """Start the services that are not running (they inherit this process's environment)
         and wait until each is healthy; returns the names it started."""
+        for directory in (self.logs_dir, self.run_dir):
+            directory.mkdir(parents=True, exist_ok=True)
         started = []
         try:
             for spec in self.service_specs():

@@ -24,6 +24,8 @@ from shared.consumer import DeadLetters, Inbound, describe_validation_error, wit
 from shared.errors import DomainError
 from shared.logging import bind_message_context
 from shared.outbox import OutboxMessage, enqueue
+from shared.sealing import FieldOpener, SealedFieldError
+from shared.settings import CardDeskSettings
 
 log = structlog.get_logger()
 
@@ -134,7 +136,10 @@ class CommandIntake:
         clock: Callable[[], datetime],
         *,
         max_attempts: int = 5,
+        opener: FieldOpener | None = None,
     ) -> None:
+        self.opener = opener or FieldOpener(
+            CardDeskSettings().command_sealing_key.get_secret_value())
         self.pool = pool
         self.schema = schema
         self.channels = channels
@@ -170,7 +175,11 @@ class CommandIntake:
             return await self._refuse(msg, request_id, "unknown_command_type",
                                       f"unknown command type {command.type!r}")
         try:
-            payload = route.payload_model.model_validate(command.payload)
+            opened = self.opener.open_payload(command.type, command.payload)
+        except SealedFieldError as exc:
+            return await self._refuse(msg, request_id, exc.code, str(exc))
+        try:
+            payload = route.payload_model.model_validate(opened)
         except ValidationError as exc:
             return await self._refuse(msg, request_id, "invalid_payload", describe_validation_error(exc))
         bind_message_context(command_type=command.type, correlation_id=request_id,

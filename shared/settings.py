@@ -30,6 +30,10 @@ class CardDeskSettings(BaseSettings):
     # Ed25519, base64 raw: only auth holds the private seed; every service has the public key.
     session_signing_key: SecretStr = SecretStr("kFePrAOdaWJbcyBJV6pDodw4NqVIYNuzzX+77ioPv1U=")
     session_public_key: str = "+xNIdtO9G3+tXicUQYJI2LTaAxlGTYyLu2bGe/fr8Hc="
+    # X25519, base64 raw: channels seal commands' personal fields to the public key, the
+    # services open them with the private one (shared/sealing.py).
+    command_sealing_key: SecretStr = SecretStr("Uy+Gs+y+C4lJVPwW4qfgWA9TTjSjvJPW2ILCLnHmdCQ=")
+    command_sealing_public_key: str = "HMaso7R6kCdiJXoHTq+J2ZoE47IoReIIj2QXBuuWZDQ="
     state_dir: Path = PROJECT_ROOT / ".local"
     log_level: str = "INFO"
     kafka_controller_port: int = 9093

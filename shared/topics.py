@@ -9,8 +9,14 @@ from types import MappingProxyType
 SERVICES: tuple[str, ...] = ("auth", "loss", "review", "issuance")
 REPLIES_TOPIC = "channel.replies"
 
-# Event topics are the audit log: kept forever, by time and by size.
+# Event topics are the audit log: kept forever, by time and by size. They hold personal
+# data only as ciphertext under per-citizen keys, so erasing a key erases the person.
 KEEP_FOREVER: Mapping[str, str] = MappingProxyType({"retention.ms": "-1", "retention.bytes": "-1"})
+# Commands may carry a channel's unsealed personal data and face embeddings: they are kept
+# only as long as a redelivery or an investigation needs them (7 days; DLQs 30 days).
+COMMANDS_RETENTION: Mapping[str, str] = MappingProxyType({"retention.ms": str(7 * 86_400_000)})
+COMMAND_DLQ_RETENTION: Mapping[str, str] = MappingProxyType(
+    {"retention.ms": str(30 * 86_400_000)})
 
 
 @dataclass(frozen=True)
@@ -42,10 +48,10 @@ def all_topics(partitions: int) -> list[TopicSpec]:
     topics: list[TopicSpec] = []
     for service in SERVICES:
         commands, events = command_topic(service), event_topic(service)
-        topics.append(TopicSpec(commands, partitions))
+        topics.append(TopicSpec(commands, partitions, COMMANDS_RETENTION))
         topics.append(TopicSpec(events, partitions, KEEP_FOREVER))
-        # A dead letter leaves only by an operator's decision, never by age.
-        topics.append(TopicSpec(dlq_topic(commands), partitions, KEEP_FOREVER))
+        topics.append(TopicSpec(dlq_topic(commands), partitions, COMMAND_DLQ_RETENTION))
+        # A dead-lettered event leaves only by an operator's decision, never by age.
         topics.append(TopicSpec(dlq_topic(events), partitions, KEEP_FOREVER))
-    topics.append(TopicSpec(REPLIES_TOPIC, partitions))
+    topics.append(TopicSpec(REPLIES_TOPIC, partitions, COMMANDS_RETENTION))
     return topics

@@ -18,7 +18,6 @@ from cardctl.citizens import SyntheticCitizen
 from cardctl.journey import Journey, Session
 from cardctl.operations import seed, status_url
 from cardctl.stack import Stack
-from shared.commands import ChannelRegistry
 from shared.settings import CardDeskSettings
 
 # Per-region settings for the journeys under test (DESIGN: configuration, never literals).
@@ -49,8 +48,7 @@ def services(stack: Stack) -> Iterator[list[str]]:
 
 @pytest.fixture
 async def sim(settings: CardDeskSettings, services: list[str]) -> AsyncIterator[ChannelSimulator]:
-    registry = ChannelRegistry.from_file(settings.channels_file)
-    async with ChannelSimulator(settings.kafka_bootstrap, registry) as simulator:
+    async with ChannelSimulator.for_settings(settings) as simulator:
         yield simulator
 
 

@@ -31,14 +31,12 @@ async def test_every_contract_topic_exists_with_the_configured_partition_count(
     assert actual == expected
 
 
-async def test_event_topics_keep_their_data_forever(settings: CardDeskSettings) -> None:
-    forever = [t.name for t in all_topics(settings.partitions) if t.name.endswith(".events")]
-    assert len(forever) == 4
+async def _topic_configs(settings: CardDeskSettings, names: list[str]) -> dict[str, dict[str, str]]:
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     await admin.start()
     try:
         responses = await admin.describe_configs(
-            [ConfigResource(ConfigResourceType.TOPIC, name) for name in forever]
+            [ConfigResource(ConfigResourceType.TOPIC, name) for name in names]
         )
     finally:
         await admin.close()
@@ -46,9 +44,26 @@ async def test_event_topics_keep_their_data_forever(settings: CardDeskSettings) 
     for response in responses:
         for _code, _msg, _type, name, entries in response.resources:
             found[name] = {entry[0]: entry[1] for entry in entries}
+    return found
+
+
+async def test_event_topics_keep_their_data_forever(settings: CardDeskSettings) -> None:
+    forever = [t.name for t in all_topics(settings.partitions) if t.name.endswith(".events")]
+    assert len(forever) == 4
+    found = await _topic_configs(settings, forever)
     for name in forever:
         assert found[name]["retention.ms"] == "-1", name
         assert found[name]["retention.bytes"] == "-1", name
+
+
+async def test_command_topics_keep_personal_data_for_days_not_forever(
+    settings: CardDeskSettings,
+) -> None:
+    commands = [t.name for t in all_topics(settings.partitions)
+                if t.name.endswith(".commands") or t.name == "channel.replies"]
+    found = await _topic_configs(settings, commands)
+    for name in commands:
+        assert found[name]["retention.ms"] == str(7 * 86_400_000), name
 
 
 async def test_the_application_role_owns_its_database(settings: CardDeskSettings) -> None:
