@@ -95,6 +95,13 @@ async def load_row(conn: asyncpg.Connection, schema: str, citizen_ref: str, *,
     return CardStatusRow.model_validate(values)
 
 
+def card_record(row: CardStatusRow) -> tuple[Any, ...]:
+    """A row's values as stored, in `(*CARD_COLUMNS, "sub_states")` order (also for COPY)."""
+    return (row.citizen_ref, row.card_no_masked, row.status.value, row.e_card_status.value,
+            row.loss_kind, row.loss_expires_at, row.application_id, row.application_status,
+            row.pickup_bureau, row.updated_at, row.last_event_id, row.sub_states.model_dump_json())
+
+
 async def save_row(conn: asyncpg.Connection, schema: str, row: CardStatusRow) -> None:
     columns = (*CARD_COLUMNS, "sub_states")
     placeholders = ", ".join(f"${i}" for i in range(1, len(CARD_COLUMNS) + 1))
@@ -103,9 +110,7 @@ async def save_row(conn: asyncpg.Connection, schema: str, row: CardStatusRow) ->
         f"INSERT INTO {schema}.card_status ({', '.join(columns)})"
         f" VALUES ({placeholders}, ${len(columns)}::jsonb)"
         f" ON CONFLICT (citizen_ref) DO UPDATE SET {updates}",
-        row.citizen_ref, row.card_no_masked, row.status.value, row.e_card_status.value,
-        row.loss_kind, row.loss_expires_at, row.application_id, row.application_status,
-        row.pickup_bureau, row.updated_at, row.last_event_id, row.sub_states.model_dump_json(),
+        *card_record(row),
     )
 
 
