@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import asyncpg  # type: ignore[import-untyped]
 import typer
 from aiokafka import AIOKafkaConsumer, TopicPartition  # type: ignore[import-untyped]
+from aiokafka.admin import AIOKafkaAdminClient  # type: ignore[import-untyped]
 from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -174,6 +175,20 @@ class LogReadError(RuntimeError):
     """The log could not be read to its end (Kafka stopped answering)."""
 
 
+async def partitions_of(bootstrap: str, topics: Sequence[str]) -> dict[str, list[int]]:
+    """The partitions of each of `topics` that exists; asks for every topic's metadata so
+    that no broker creates a missing one on the way."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_topics()
+    finally:
+        await admin.close()
+    wanted = set(topics)
+    return {t["topic"]: sorted(p["partition"] for p in t["partitions"])
+            for t in described if t["topic"] in wanted and t["error_code"] == 0}
+
+
 def progress_bar(console: Console) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeRemainingColumn(), console=console, transient=True)
@@ -185,18 +200,17 @@ async def read_log(
 ) -> list[str]:
     """Feed `sink` every message of `topics`, per partition in offset order, from the first
     offset to the end offsets seen at the start; returns the topics that do not exist."""
+    layout = await partitions_of(bootstrap, topics)
+    missing = [t for t in topics if t not in layout]
+    partitions = [TopicPartition(t, p) for t in topics for p in layout.get(t, ())]
+    if not partitions:
+        return missing
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
                                 enable_auto_commit=False, auto_offset_reset="earliest",
                                 max_partition_fetch_bytes=8 * 1024 * 1024,
                                 fetch_max_bytes=64 * 1024 * 1024)
     await consumer.start()
     try:
-        existing = await consumer.topics()
-        missing = [t for t in topics if t not in existing]
-        partitions = [TopicPartition(t, p) for t in topics if t in existing
-                      for p in sorted(consumer.partitions_for_topic(t) or ())]
-        if not partitions:
-            return missing
         consumer.assign(partitions)
         first = await consumer.beginning_offsets(partitions)
         end = await consumer.end_offsets(partitions)
