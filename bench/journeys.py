@@ -1,0 +1,253 @@
+"""Journeys on the real local stack: throughput, latency and memory.
+
+Starts (or restarts) the five services with automatic approval on and zero production
+time, seeds N citizens, and drives them through the whole journey as channels would:
+
+1. sustained phase: as many concurrent journeys as `--concurrency` for `--seconds`; a
+   citizen who collected a new card starts again (loses the new card). Reports journeys/s,
+   commands/s, events/s and command → reply latency.
+2. paced phase: commands at a fixed `--rate` (open loop); for every formal loss report it
+   also measures command → the status API showing LOST.
+
+    python -m bench.journeys [--citizens 2000] [--seconds 60] [--rate 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import httpx
+
+from bench.common import console, peak_rss_mb, percentiles, print_table, write_result
+from cardctl.channel import ChannelSimulator
+from cardctl.journey import Journey, Session
+from cardctl.operations import seed, status_url
+from cardctl.stack import Stack
+from shared.logging import configure_logging
+from shared.settings import CardDeskSettings
+from shared.topics import SERVICES
+
+BENCH_ENVIRONMENT = {
+    "CARDDESK_REVIEW_AUTO_APPROVE": "true",
+    "CARDDESK_ISSUANCE_PRODUCTION_SECONDS": "0",
+    "CARDDESK_LOG_LEVEL": "WARNING",
+}
+
+
+@dataclass
+class Meter:
+    """Counts and latencies; `Journey` calls go through `timed`."""
+
+    reply_latencies: list[float] = field(default_factory=list)
+    visible_latencies: list[float] = field(default_factory=list)
+    commands: int = 0
+    journeys: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    async def timed(self, call: Awaitable[Any]) -> Any:
+        started = time.monotonic()
+        result = await call
+        self.reply_latencies.append(time.monotonic() - started)
+        self.commands += 1
+        return result
+
+
+class MeteredSimulator(ChannelSimulator):
+    meter: Meter
+
+    async def send(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        return await self.meter.timed(super().send(*args, **kwargs))
+
+
+async def count_events(conn: asyncpg.Connection) -> int:
+    total = 0
+    for schema in SERVICES:
+        total += await conn.fetchval(f"SELECT count(*) FROM {schema}.events")
+    return int(total)
+
+
+async def again(journey: Journey, session: Session) -> None:
+    """A citizen's whole journey; the second time round the e-card is already authorised."""
+    if session.token:
+        await journey.log_in(session)
+        await journey.verify_portrait(session)
+        await journey.report_loss(session, "formal")
+        await journey.apply_for_reissue(session)
+        await journey.collect(session)
+    else:
+        await journey.whole(session, auto_approved=True)
+
+
+async def sustained(journey: Journey, meter: Meter, sessions: list[Session],
+                    concurrency: int, seconds: float) -> float:
+    deadline = time.monotonic() + seconds
+    queue: asyncio.Queue[Session] = asyncio.Queue()
+    for session in sessions:
+        queue.put_nowait(session)
+
+    async def worker() -> None:
+        while time.monotonic() < deadline:
+            session = await queue.get()
+            try:
+                await again(journey, session)
+                meter.journeys += 1
+            except Exception as error:  # a benchmark reports failures, it does not stop
+                meter.failures.append(f"{type(error).__name__}: {error}"[:200])
+            queue.put_nowait(session)
+
+    started = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.monotonic() - started
+
+
+async def paced(journey: Journey, meter: Meter, sessions: list[Session], rate: float,
+                seconds: float, status: str) -> float:
+    """Open loop at `rate` commands/s: each journey's steps are spaced so the sum is `rate`;
+    every formal loss report also waits for the status API to show LOST."""
+    per_journey = 6  # captcha, login, portrait, loss, application, collect
+    journeys_per_s = rate / per_journey
+    deadline = time.monotonic() + seconds
+    client = httpx.AsyncClient(base_url=status, timeout=10.0)
+
+    async def visible_after(session: Session, sent: float) -> None:
+        while True:
+            response = await client.get(f"/v1/citizens/{session.citizen_ref}/card")
+            if response.status_code == 200 and response.json()["status"] == "LOST":
+                meter.visible_latencies.append(time.monotonic() - sent)
+                return
+            await asyncio.sleep(0.005)
+
+    async def one(session: Session) -> None:
+        try:
+            await journey.log_in(session)
+            await journey.verify_portrait(session)
+            sent = time.monotonic()
+            await journey.report_loss(session, "formal")
+            await visible_after(session, sent)
+            await journey.apply_for_reissue(session)
+            await journey.collect(session)
+            meter.journeys += 1
+        except Exception as error:
+            meter.failures.append(f"{type(error).__name__}: {error}"[:200])
+
+    started = time.monotonic()
+    tasks = []
+    index = 0
+    while time.monotonic() < deadline and index < len(sessions):
+        tasks.append(asyncio.create_task(one(sessions[index])))
+        index += 1
+        await asyncio.sleep(1 / journeys_per_s)
+    await asyncio.gather(*tasks)
+    await client.aclose()
+    return time.monotonic() - started
+
+
+def restart_services(stack: Stack) -> dict[str, int]:
+    stack.down(only=[spec.name for spec in stack.service_specs()])
+    saved = {key: os.environ.get(key) for key in BENCH_ENVIRONMENT}
+    os.environ.update(BENCH_ENVIRONMENT)
+    try:
+        stack.start_services()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    pids = {}
+    for spec in stack.service_specs():
+        pid = stack.running_pid(spec)
+        if pid is not None:
+            pids[spec.name] = pid
+    return pids
+
+
+async def run(citizens: int, seconds: float, rate: float, concurrency: int) -> None:
+    settings = CardDeskSettings()
+    stack = Stack(settings, report=lambda line: console.print(f"[dim]•[/] {line}"))
+    stack.up(services=False)
+    pids = restart_services(stack)
+
+    console.print(f"seeding {citizens} citizens …")
+    people = await seed(settings, citizens, settings.state_dir / "bench-citizens.jsonl",
+                        report=lambda _: None)
+    half = len(people) // 2
+    meter = Meter()
+    simulator = MeteredSimulator.for_settings(settings)
+    simulator.meter = meter
+    async with simulator as sim:
+        journey = Journey(sim, status_url(settings), retry_for_s=120)
+        conn = await asyncpg.connect(settings.database_url)
+        events_before = await count_events(conn)
+        console.print(f"sustained phase: {concurrency} concurrent journeys for {seconds:.0f} s …")
+        elapsed = await sustained(journey, meter, [Session(c) for c in people[:half]],
+                                  concurrency, seconds)
+        events = await count_events(conn) - events_before
+        sustained_figures = {
+            "seconds": elapsed, "journeys": meter.journeys, "commands": meter.commands,
+            "events": events, "journeys_per_s": meter.journeys / elapsed,
+            "commands_per_s": meter.commands / elapsed, "events_per_s": events / elapsed,
+            "command_to_reply": percentiles(meter.reply_latencies),
+            "failures": len(meter.failures), "first_failures": meter.failures[:5],
+        }
+
+        paced_meter = Meter()
+        simulator.meter = paced_meter
+        console.print(f"paced phase: {rate:.0f} commands/s for up to {seconds:.0f} s …")
+        paced_elapsed = await paced(journey, paced_meter, [Session(c) for c in people[half:]],
+                                    rate, seconds, status_url(settings))
+        await conn.close()
+    paced_figures = {
+        "target_commands_per_s": rate, "seconds": paced_elapsed,
+        "achieved_commands_per_s": paced_meter.commands / paced_elapsed,
+        "command_to_reply": percentiles(paced_meter.reply_latencies),
+        "command_to_status_visible": percentiles(paced_meter.visible_latencies),
+        "visible_samples": len(paced_meter.visible_latencies),
+        "failures": len(paced_meter.failures), "first_failures": paced_meter.failures[:5],
+    }
+    rss = {name: peak_rss_mb(pid) for name, pid in pids.items()}
+    figures = {"citizens": citizens, "concurrency": concurrency, "sustained": sustained_figures,
+               "paced": paced_figures, "peak_rss_mb": rss}
+    s, p = sustained_figures, paced_figures
+    rows = [
+        ("sustained: seconds", f"{s['seconds']:.0f}"),
+        ("journeys/s", f"{s['journeys_per_s']:.1f}"),
+        ("commands/s", f"{s['commands_per_s']:.0f}"),
+        ("events/s", f"{s['events_per_s']:.0f}"),
+        ("command → reply p50/p95/p99 ms", _triple(s["command_to_reply"])),
+        ("failures", str(s["failures"])),
+        (f"paced at {rate:.0f}/s: achieved commands/s", f"{p['achieved_commands_per_s']:.0f}"),
+        ("command → reply p50/p95/p99 ms", _triple(p["command_to_reply"])),
+        ("command → status visible p50/p95/p99 ms", _triple(p["command_to_status_visible"])),
+        ("failures", str(p["failures"])),
+        *((f"peak RSS {name} (MB)", f"{mb:.0f}" if mb else "?") for name, mb in rss.items()),
+    ]
+    print_table(f"journeys on this machine ({citizens} citizens)", rows)
+    console.print(f"written {write_result('journeys', figures)}")
+
+
+def _triple(p: dict[str, float]) -> str:
+    return f"{p['p50_ms']:.0f} / {p['p95_ms']:.0f} / {p['p99_ms']:.0f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--citizens", type=int, default=2000)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--concurrency", type=int, default=200)
+    args = parser.parse_args()
+    configure_logging("bench", "WARNING")
+    asyncio.run(run(args.citizens, args.seconds, args.rate, args.concurrency))
+
+
+if __name__ == "__main__":
+    main()
