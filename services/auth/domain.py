@@ -141,6 +141,10 @@ class AuthState:
 INITIAL = AuthState()
 
 
+def is_erased(state: AuthState) -> bool:
+    return state.status is AuthStatus.ERASED
+
+
 def evolve(state: AuthState, recorded: Recorded) -> AuthState:
     event = recorded.event
     match event:

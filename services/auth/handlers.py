@@ -29,8 +29,9 @@ from shared.contracts.auth import (
     VerifyPortrait,
 )
 from shared.contracts.upcasters import UPCASTERS
-from shared.crypto import DataKeyDestroyedError
+from shared.crypto import DataKeyDestroyedError, Vault
 from shared.envelope import EventEnvelope
+from shared.erasure import ErasableStreams
 from shared.errors import DomainError, SubjectErasedError
 from shared.events import EventDecoder, EventMeta
 from shared.eventstore import EventStore, PostgresEventStore
@@ -88,6 +89,11 @@ class AuthHandlers:
         self.signer = TokenSigner(settings.session_signing_key.get_secret_value())
         self.verifier = TokenVerifier(settings.session_public_key)
         self.policy = portrait_policy(settings)
+        self.erasure = ErasableStreams(
+            vault=Vault(SCHEMA, settings.master_key.get_secret_value()),
+            store_for=self.store_for, stream_id=stream_id, decode=decode_recorded,
+            initial=domain.INITIAL, evolve=domain.evolve, is_erased=domain.is_erased,
+        )
 
     async def issue_captcha(
         self, conn: asyncpg.Connection, ctx: CommandContext, _cmd: IssueCaptcha

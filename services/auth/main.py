@@ -17,6 +17,7 @@ from shared.contracts.auth import (
     StartSession,
     VerifyPortrait,
 )
+from shared.erasure import erase_route
 from shared.runtime import MessageHandler, ServiceRuntime, run_service
 
 log = structlog.get_logger()
@@ -39,6 +40,7 @@ def routes(handlers: AuthHandlers) -> dict[str, CommandRoute]:
             accepted_message="electronic card authorised"),
         "VerifyPortrait": CommandRoute(VerifyPortrait, handlers.verify_portrait,
                                        accepted_message="portrait verified"),
+        "EraseSubject": erase_route(handlers.erasure),
     }
 
 
@@ -73,7 +75,7 @@ def build(settings: AuthSettings | None = None) -> ServiceRuntime:
     runtime.on_ready(wire)
     runtime.subscribe(COMMANDS_TOPIC, intake, title="auth.commands:auth",
                       description="IssueCaptcha, StartSession, AuthorizeElectronicCard, "
-                                  "VerifyPortrait from the channels")
+                                  "VerifyPortrait from the channels; EraseSubject (bureau)")
     runtime.background(purge_captchas)
     return runtime
 

@@ -138,6 +138,10 @@ CardState = NoCard | Active | InProduction | Ready | Erased
 INITIAL: CardState = NoCard()
 
 
+def is_erased(state: CardState) -> bool:
+    return isinstance(state, Erased)
+
+
 def _done(state: CardState) -> frozenset[str]:
     match state:
         case NoCard() | Erased():

@@ -21,6 +21,7 @@ from shared.contracts.review import REVIEW_EVENTS, ReviewApproved, ReviewEvent
 from shared.contracts.upcasters import UPCASTERS
 from shared.crypto import DataKeyDestroyedError, Vault
 from shared.envelope import EventEnvelope
+from shared.erasure import ErasableStreams
 from shared.errors import DomainError, SubjectErasedError
 from shared.events import EventDecoder, EventMeta
 from shared.eventstore import PostgresEventStore
@@ -44,6 +45,11 @@ class IssuanceHandlers:
         self.events_topic = settings.issuance_events_topic
         self.vault = vault
         self.clock = clock
+        self.erasure = ErasableStreams(
+            vault=vault, store_for=self._store, stream_id=domain.stream_id,
+            decode=decode_issuance, initial=domain.INITIAL, evolve=domain.evolve,
+            is_erased=domain.is_erased,
+        )
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -54,6 +60,9 @@ class IssuanceHandlers:
         pepper = self.settings.citizen_ref_pepper.get_secret_value()
         return domain.PresentedId(valid=True, citizen_ref=citizen_ref(pepper, id_number))
 
+    def _store(self, conn: asyncpg.Connection) -> PostgresEventStore:
+        return PostgresEventStore(conn, self.schema, self.events_topic)
+
     async def _decide(
         self,
         conn: asyncpg.Connection,
@@ -61,9 +70,8 @@ class IssuanceHandlers:
         commands: Sequence[domain.IssuanceCommand],
         meta: EventMeta,
     ) -> list[EventEnvelope]:
-        store = PostgresEventStore(conn, self.schema, self.events_topic)
         return await handle_command(
-            store,
+            self._store(conn),
             domain.stream_id(ref),
             decode=decode_issuance,
             initial=domain.INITIAL,
@@ -149,6 +157,9 @@ class IssuanceHandlers:
             event = decode_review(envelope)
         except ValidationError as exc:
             raise Rejected("malformed_event", describe_validation_error(exc)) from exc
+        if await self.erasure.erased(conn, envelope.citizen_ref):
+            log.info("issuance.ignored_for_erased_subject", event_type=envelope.type)
+            return
         if isinstance(event, ReviewApproved):
             try:
                 await self.start_production(conn, envelope, event)
@@ -216,6 +227,9 @@ class IssuanceHandlers:
                 fired += 1
 
     async def _finish(self, conn: asyncpg.Connection, timer: adapters.ProductionTimer) -> None:
+        if await self.erasure.erased(conn, timer.citizen_ref):
+            log.info("issuance.production_void_erased", application_id=timer.application_id)
+            return  # the card of an erased citizen is never finished; the timer goes
         command = domain.FinishProduction(timer.application_id, await self._new_card_no(conn))
         meta = EventMeta(timer.citizen_ref, self.clock(), timer.correlation_id,
                          timer.causation_id)

@@ -16,6 +16,7 @@ from shared.consumer import EventConsumer
 from shared.contracts import KNOWN_EVENT_TYPES
 from shared.contracts.issuance import CollectCard, ImportCard
 from shared.crypto import Vault
+from shared.erasure import erase_route
 from shared.runtime import ServiceRuntime, run_service
 
 
@@ -29,6 +30,7 @@ def routes(handlers: IssuanceHandlers) -> dict[str, CommandRoute]:
                                    accepted_message="card recorded"),
         "CollectCard": CommandRoute(CollectCard, handlers.collect_card, bureau_only=True,
                                     accepted_message="card handed over"),
+        "EraseSubject": erase_route(handlers.erasure),
     }
 
 
@@ -79,7 +81,7 @@ def build(settings: IssuanceSettings | None = None) -> ServiceRuntime:
     runtime.on_ready(service.ready)
     runtime.subscribe(settings.issuance_commands_topic, lambda: service.intake.handle,
                       group=settings.issuance_consumer_group,
-                      description="ImportCard and CollectCard from bureau channels")
+                      description="ImportCard, CollectCard and EraseSubject from bureau channels")
     runtime.subscribe(settings.issuance_review_events_topic,
                       lambda: service.review_follower.handle,
                       group=settings.issuance_consumer_group,

@@ -16,7 +16,7 @@ from shared.contracts.loss import (
     TemporaryLossExpired,
 )
 from shared.contracts.upcasters import UPCASTERS
-from shared.errors import DomainError
+from shared.errors import DomainError, SubjectErasedError
 from shared.events import DomainEvent, EventDecoder
 
 # ----------------------------------------------------------------------------- state
@@ -38,8 +38,17 @@ class FormalLoss:
     loss_id: str
 
 
-LossState = NoLoss | TemporaryLoss | FormalLoss
+@dataclass(frozen=True, slots=True)
+class Erased:
+    """The citizen was erased (SubjectErased): nothing more is decided for them."""
+
+
+LossState = NoLoss | TemporaryLoss | FormalLoss | Erased
 INITIAL_STATE: LossState = NoLoss()
+
+
+def is_erased(state: LossState) -> bool:
+    return isinstance(state, Erased)
 
 ApplicationStatus = Literal["none", "pending", "approved", "rejected", "completed"]
 # While an application is in one of these, the loss it rests on may not be lifted.
@@ -156,6 +165,9 @@ def decide(command: LossCommand, state: LossState, context: DecisionContext) -> 
 
 
 def _report(command: ReportLoss, state: LossState, context: DecisionContext) -> list[DomainEvent]:
+    # Erasure outranks every other refusal: nothing about the citizen is decided any more.
+    if isinstance(state, Erased):
+        raise SubjectErasedError()
     if context.card_no is None:
         raise NoCardError()
     match state:
@@ -199,6 +211,8 @@ def _reported(
 
 
 def _cancel(state: LossState, context: DecisionContext) -> list[DomainEvent]:
+    if isinstance(state, Erased):
+        raise SubjectErasedError()
     if context.card_no is None:
         raise NoCardError()
     match state:
@@ -219,7 +233,7 @@ def _expire(loss_id: str, state: LossState, context: DecisionContext) -> list[Do
             if active == loss_id and expires_at <= context.now:
                 return [TemporaryLossExpired(loss_id=loss_id, financial_freeze=False)]
             return []
-        case NoLoss() | FormalLoss():
+        case NoLoss() | FormalLoss() | Erased():
             return []
         case _:
             assert_never(state)
@@ -229,7 +243,7 @@ def _close(new_card_no: str, state: LossState) -> list[DomainEvent]:
     match state:
         case TemporaryLoss(loss_id=loss_id) | FormalLoss(loss_id=loss_id):
             return [LossClosed(loss_id=loss_id, new_card_no=new_card_no)]
-        case NoLoss():
+        case NoLoss() | Erased():
             return []
         case _:
             assert_never(state)
@@ -239,6 +253,8 @@ def _close(new_card_no: str, state: LossState) -> list[DomainEvent]:
 
 
 def evolve(state: LossState, event: LossEvent) -> LossState:
+    if isinstance(state, Erased):
+        return state
     match event:
         case LossReported(kind="temporary", expires_at=datetime() as expires_at):
             return TemporaryLoss(event.loss_id, expires_at)
@@ -248,7 +264,7 @@ def evolve(state: LossState, event: LossEvent) -> LossState:
         case LossCancelled() | TemporaryLossExpired() | LossClosed():
             return NoLoss()
         case SubjectErased():
-            return state
+            return Erased()
         case _:
             assert_never(event)
 

@@ -39,7 +39,9 @@ from shared.contracts.review import (
     ReviewRejected,
 )
 from shared.contracts.upcasters import UPCASTERS
+from shared.crypto import Vault
 from shared.envelope import EventEnvelope
+from shared.erasure import ErasableStreams
 from shared.events import EventDecoder, EventMeta
 from shared.eventstore import PostgresEventStore
 from shared.tokens import TokenVerifier
@@ -71,6 +73,13 @@ class LossHandlers:
         self.cards = Cards(schema)
         self.applications = Applications(schema)
         self.timers = ExpiryTimers(schema)
+        self.erasure = ErasableStreams(
+            vault=Vault(schema, settings.master_key.get_secret_value()),
+            store_for=lambda conn: PostgresEventStore(conn, schema, events_topic),
+            stream_id=domain.stream_id, decode=domain.decode, initial=domain.INITIAL_STATE,
+            evolve=domain.evolve, is_erased=domain.is_erased,
+            on_erased=self.timers.disarm_all,  # a pending expiry of an erased case is void
+        )
 
     # ------------------------------------------------------------------------- commands
 
@@ -144,6 +153,9 @@ class LossHandlers:
     async def on_issuance_event(self, conn: asyncpg.Connection, envelope: EventEnvelope) -> None:
         event = _decoded(_decode_issuance, envelope)
         citizen_ref = envelope.citizen_ref
+        if await self.erasure.erased(conn, citizen_ref):
+            log.info("loss.ignored_for_erased_subject", event_type=envelope.type)
+            return
         match event:
             case CardIssued(card_no=card_no):
                 await self.cards.hold(conn, citizen_ref, card_no)
@@ -164,6 +176,9 @@ class LossHandlers:
     async def on_review_event(self, conn: asyncpg.Connection, envelope: EventEnvelope) -> None:
         event = _decoded(_decode_review, envelope)
         citizen_ref = envelope.citizen_ref
+        if await self.erasure.erased(conn, citizen_ref):
+            log.info("loss.ignored_for_erased_subject", event_type=envelope.type)
+            return
         match event:
             case ReissueApplied(application_id=application_id):
                 await self.applications.applied(conn, citizen_ref, application_id)

@@ -14,6 +14,7 @@ from shared.commands import ChannelRegistry, CommandIntake, CommandRoute
 from shared.consumer import EventConsumer
 from shared.contracts import KNOWN_EVENT_TYPES
 from shared.contracts.loss import CancelLoss, ReportLoss
+from shared.erasure import erase_route
 from shared.runtime import MessageHandler, ServiceRuntime, run_service
 from shared.topics import command_topic
 
@@ -32,6 +33,7 @@ def routes(handlers: LossHandlers) -> dict[str, CommandRoute]:
                                    accepted_message="loss reported; the card is frozen"),
         "CancelLoss": CommandRoute(CancelLoss, handlers.cancel_loss,
                                    accepted_message="loss cancelled; the card works again"),
+        "EraseSubject": erase_route(handlers.erasure),
     }
 
 
@@ -88,7 +90,7 @@ def build(
     runtime.on_ready(wire)
     runtime.background(expiry_loop)
     runtime.subscribe(command_topic(SERVICE), on_commands, group=consumer_group,
-                      description="ReportLoss and CancelLoss from the channels")
+                      description="ReportLoss, CancelLoss; EraseSubject (bureau only)")
     runtime.subscribe(ISSUANCE_EVENTS, on_issuance, group=consumer_group,
                       description="which card each citizen holds; a reissue closes the loss")
     runtime.subscribe(REVIEW_EVENTS, on_review, group=consumer_group,

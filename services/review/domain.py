@@ -203,6 +203,10 @@ ReviewState = NoOpenApplication | Pending | Approved | Rejected | Erased
 INITIAL: ReviewState = NoOpenApplication()
 
 
+def is_erased(state: ReviewState) -> bool:
+    return isinstance(state, Erased)
+
+
 class InconsistentStreamError(Exception):
     """A decision on an application that is not the stream's open one: the log was tampered."""
 

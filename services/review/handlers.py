@@ -29,6 +29,7 @@ from shared.contracts.review import (
 from shared.contracts.upcasters import UPCASTERS
 from shared.crypto import DataKeyDestroyedError, Vault
 from shared.envelope import EventEnvelope
+from shared.erasure import ErasableStreams
 from shared.errors import SubjectErasedError
 from shared.events import EventDecoder, EventMeta
 from shared.eventstore import PostgresEventStore
@@ -56,6 +57,11 @@ class ReviewHandlers:
         self.vault = vault
         self.rule = rule
         self.tables = ReviewTables(schema)
+        self.erasure = ErasableStreams(
+            vault=vault, store_for=self._store, stream_id=domain.stream_id,
+            decode=decode_review_event, initial=domain.INITIAL, evolve=domain.evolve,
+            is_erased=domain.is_erased,
+        )
 
     def _store(self, conn: asyncpg.Connection) -> PostgresEventStore:
         return PostgresEventStore(conn, self.schema, self.events_topic)
@@ -129,6 +135,9 @@ class ReviewHandlers:
         except ValidationError as exc:
             raise Rejected("invalid_event", describe_validation_error(exc)) from exc
         citizen_ref = envelope.citizen_ref
+        if await self.erasure.erased(conn, citizen_ref):
+            log.info("review.ignored_for_erased_subject", event_type=envelope.type)
+            return
         current = await self.tables.loss_of(conn, citizen_ref)
         updated = domain.track_loss(current, event)
         if updated is not None and updated != current:

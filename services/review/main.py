@@ -12,6 +12,7 @@ from shared.consumer import EventConsumer
 from shared.contracts import KNOWN_EVENT_TYPES
 from shared.contracts.review import DecideReview, SubmitReissueApplication
 from shared.crypto import Vault
+from shared.erasure import erase_route
 from shared.runtime import MessageHandler, ServiceRuntime, run_service
 from shared.tokens import TokenVerifier
 from shared.topics import command_topic
@@ -47,6 +48,7 @@ def build(settings: ReviewSettings | None = None, *, group: str | None = None) -
                 DecideReview, handlers.decide, bureau_only=True,
                 accepted_message="review decision recorded",
             ),
+            "EraseSubject": erase_route(handlers.erasure),
         }
         intake = CommandIntake(
             runtime.pool, runtime.schema, ChannelRegistry.from_file(settings.channels_file),
@@ -64,7 +66,7 @@ def build(settings: ReviewSettings | None = None, *, group: str | None = None) -
     runtime.on_ready(wire)
     runtime.subscribe(
         command_topic(SERVICE), lambda: wired["commands"], group=group,
-        description="SubmitReissueApplication, DecideReview (bureau channels only)",
+        description="SubmitReissueApplication; DecideReview and EraseSubject (bureau only)",
     )
     runtime.subscribe(
         settings.event_topic("loss"), lambda: wired["loss.events"], group=group,

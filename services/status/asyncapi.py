@@ -18,16 +18,16 @@ from faststream.specification.base import Specification
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from shared.commands import Reply
-from shared.contracts import auth, issuance, loss, review
+from shared.contracts import auth, common, issuance, loss, review
 from shared.settings import CardDeskSettings
 from shared.topics import REPLIES_TOPIC, command_topic, dlq_topic, event_topic
 
 COMMANDS: dict[str, Any] = {
     "auth": auth.IssueCaptcha | auth.StartSession | auth.AuthorizeElectronicCard
-    | auth.VerifyPortrait,
-    "loss": loss.ReportLoss | loss.CancelLoss,
-    "review": review.SubmitReissueApplication | review.DecideReview,
-    "issuance": issuance.CollectCard | issuance.ImportCard,
+    | auth.VerifyPortrait | common.EraseSubject,
+    "loss": loss.ReportLoss | loss.CancelLoss | common.EraseSubject,
+    "review": review.SubmitReissueApplication | review.DecideReview | common.EraseSubject,
+    "issuance": issuance.CollectCard | issuance.ImportCard | common.EraseSubject,
 }
 EVENTS: dict[str, Any] = {
     "auth": auth.AuthEvent,

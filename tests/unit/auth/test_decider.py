@@ -29,6 +29,7 @@ from services.auth.domain import (
     cosine_similarity,
     decide,
     evolve,
+    is_erased,
     refusal_for,
     require_valid_id_number,
 )
@@ -42,6 +43,7 @@ from shared.contracts.auth import (
     SessionStarted,
 )
 from shared.contracts.common import SubjectErased
+from shared.erasure import decide_erasure
 from shared.errors import DomainError, SubjectErasedError
 from shared.identity import check_char
 
@@ -290,3 +292,15 @@ def test_cosine_similarity_compares_directions_not_lengths() -> None:
 def test_embeddings_of_different_lengths_or_zero_vectors_cannot_be_compared() -> None:
     assert cosine_similarity([1.0, 0.0], [1.0, 0.0, 0.0]) is None
     assert cosine_similarity([0.0, 0.0], [1.0, 0.0]) is None
+
+
+# --- erasure (shared.erasure decides with this service's fold) -----------------------------
+
+
+def test_erasing_records_subject_erased_once_and_a_second_erasure_records_nothing() -> None:
+    first = given((NOW - DAY, SessionStarted(session_id="s1", channel="x", expires_at=NOW)))
+    assert not is_erased(first.state)
+    assert decide_erasure(is_erased(first.state), "request") == [SubjectErased(reason="request")]
+    erased = given((NOW - DAY, SubjectErased(reason="request")))
+    assert is_erased(erased.state)
+    assert decide_erasure(is_erased(erased.state), "request") == []

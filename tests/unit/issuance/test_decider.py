@@ -25,6 +25,7 @@ from shared.contracts.issuance import (
     CardReadyForPickup,
     CardReissued,
 )
+from shared.erasure import decide_erasure
 from shared.errors import DomainError
 
 NOW = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
@@ -249,3 +250,17 @@ def test_nothing_is_decided_for_an_erased_citizen() -> None:
 
 def test_new_card_numbers_carry_the_prefix_and_region_code() -> None:
     assert domain.format_card_no("S", "440300", 42, 8) == "S44030000000042"
+
+
+def test_an_erased_citizens_ready_card_is_not_handed_over() -> None:
+    erased: list[IssuanceEvent] = [*READY, SubjectErased(reason="citizen request")]
+    refused("subject_erased", hand_over(), given=erased)
+    refused("subject_erased", hand_over(proxy=proxy()), given=erased)
+
+
+def test_erasing_a_card_stream_twice_records_subject_erased_once() -> None:
+    erased: list[IssuanceEvent] = [*READY, SubjectErased(reason="citizen request")]
+    before = fold(domain.INITIAL, domain.evolve, READY)
+    after = fold(domain.INITIAL, domain.evolve, erased)
+    assert decide_erasure(domain.is_erased(before), "r") == [SubjectErased(reason="r")]
+    assert decide_erasure(domain.is_erased(after), "r") == []

@@ -34,7 +34,7 @@ from shared.contracts.loss import (
     LossReported,
     TemporaryLossExpired,
 )
-from shared.errors import DomainError
+from shared.errors import DomainError, SubjectErasedError
 from shared.events import DomainEvent
 
 NOW = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
@@ -266,7 +266,35 @@ def test_after_a_reissue_a_new_loss_may_be_reported() -> None:
     assert (event.loss_id, event.card_no) == ("L5", "B1")
 
 
-def test_an_erasure_leaves_the_case_as_it_was() -> None:
-    given(formal_reported(), SubjectErased(reason="request")).when(
-        report("temporary")
-    ).then_refused(AlreadyLostError)
+# ----------------------------------------------------------------------------- erasure
+
+ERASED = SubjectErased(reason="request")
+
+
+def test_after_an_erasure_a_loss_report_is_refused_as_erased() -> None:
+    given(formal_reported(), ERASED).when(report("temporary")).then_refused(SubjectErasedError)
+
+
+def test_after_an_erasure_erased_outranks_an_unknown_card() -> None:
+    given(ERASED).when(report("formal", FRESH_PORTRAIT),
+                       replace(CONTEXT, card_no=None)).then_refused(SubjectErasedError)
+
+
+def test_after_an_erasure_a_cancellation_is_refused_as_erased() -> None:
+    given(temporary_reported(), ERASED).when(CancelLoss()).then_refused(SubjectErasedError)
+
+
+def test_after_an_erasure_a_due_expiry_timer_is_void() -> None:
+    given(temporary_reported("L1", at=NOW - PERIOD - timedelta(days=1)), ERASED).when(
+        ExpireTemporaryLoss("L1")).then()
+
+
+def test_after_an_erasure_a_reissued_card_closes_nothing() -> None:
+    given(formal_reported(), ERASED).when(CloseLoss("B87654321")).then()
+
+
+def test_events_after_an_erasure_do_not_reopen_the_case() -> None:
+    state = domain.INITIAL_STATE
+    for event in (ERASED, formal_reported()):
+        state = domain.evolve(state, event)
+    assert domain.is_erased(state)

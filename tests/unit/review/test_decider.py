@@ -26,6 +26,7 @@ from services.review.domain import (
     WithdrawApplication,
     decide,
     evolve,
+    is_erased,
     track_loss,
     withdrawal_for,
 )
@@ -39,6 +40,7 @@ from shared.contracts.review import (
     ReviewEvent,
     ReviewRejected,
 )
+from shared.erasure import decide_erasure
 from shared.errors import DomainError, SubjectErasedError
 
 LOSS = LossView(loss_id="loss-1", kind="formal", card_no="C0001", in_force=True)
@@ -314,3 +316,24 @@ def test_a_closed_loss_ends_without_a_withdrawal() -> None:
 
 def test_an_event_about_another_loss_case_changes_nothing() -> None:
     assert track_loss(LOSS, LossCancelled(loss_id="loss-0")) == LOSS
+
+
+# --- erasure --------------------------------------------------------------------------------
+
+
+def test_an_erased_citizens_pending_application_can_no_longer_be_decided() -> None:
+    erased = given(applied(), SubjectErased(reason="request"))
+    erased.when(approve()).then_refused(SubjectErasedError)
+    erased.when(reject()).then_refused(SubjectErasedError)
+
+
+def test_a_cancelled_loss_withdraws_nothing_for_an_erased_citizen() -> None:
+    given(applied(), SubjectErased(reason="request")).when(withdraw()).then()
+
+
+def test_erasing_a_review_stream_twice_records_subject_erased_once() -> None:
+    before = fold(INITIAL, evolve, [applied()])
+    history: list[ReviewEvent] = [applied(), SubjectErased(reason="request")]
+    after = fold(INITIAL, evolve, history)
+    assert decide_erasure(is_erased(before), "request") == [SubjectErased(reason="request")]
+    assert decide_erasure(is_erased(after), "request") == []
