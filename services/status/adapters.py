@@ -12,7 +12,7 @@ import asyncpg  # type: ignore[import-untyped]
 from pydantic import ValidationError
 
 from services.status.projection import CardStatusRow, SubStates, project
-from services.status.timeline import TimelineEntry, timeline_entry
+from services.status.timeline import TimelineEntry, as_seen_after_erasure, timeline_entry
 from shared.consumer import EventHandler, Rejected, describe_validation_error
 from shared.envelope import EventEnvelope
 
@@ -144,13 +144,19 @@ async def fetch_timeline(pool: asyncpg.Pool, schema: str, citizen_ref: str) -> l
         " ORDER BY occurred_at, stream_id, version",
         citizen_ref,
     )
+    erased = await pool.fetchval(
+        f"SELECT (sub_states->>'erased')::boolean FROM {schema}.card_status"
+        " WHERE citizen_ref = $1",
+        citizen_ref,
+    )
     return [
         {
             "seq": r["seq"],
             "event_id": r["event_id"],
             "type": r["type"],
             "occurred_at": r["occurred_at"].isoformat(),
-            "description": r["description"],
+            "description": as_seen_after_erasure(r["type"], r["description"]) if erased
+            else r["description"],
         }
         for r in records
     ]

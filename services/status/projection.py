@@ -75,6 +75,10 @@ def decode_known(envelope: EventEnvelope) -> StatusEvent | None:
     return decode_event(envelope) if envelope.type in PROJECTED_TYPES else None
 
 
+# What the API shows in place of a field of an erased citizen.
+ERASED = "[erased]"
+
+
 class CardStatus(StrEnum):
     ACTIVE = "ACTIVE"
     TEMP_LOST = "TEMP_LOST"
@@ -291,17 +295,18 @@ def status_row(citizen_ref: str, sub: SubStates, updated_at: datetime,
     `(occurred_at, event_id)` (the rebuild's) builds the same row as `project` event by event."""
     status, e_card = derive(sub)
     loss, application = _current_loss(sub), sub.application
+    pickup_bureau = ((application.pickup_bureau or None) if application
+                     else sub.card.pickup_bureau)
     return CardStatusRow(
         citizen_ref=citizen_ref,
-        card_no_masked=sub.card.card_no_masked,
+        card_no_masked=ERASED if sub.erased else sub.card.card_no_masked,
         status=status,
         e_card_status=e_card,
         loss_kind=loss.kind if loss else None,
         loss_expires_at=loss.expires_at if loss else None,
         application_id=application.application_id if application else None,
         application_status=application.status if application else None,
-        pickup_bureau=(application.pickup_bureau or None) if application
-        else sub.card.pickup_bureau,
+        pickup_bureau=ERASED if sub.erased else pickup_bureau,
         updated_at=updated_at,
         last_event_id=last_event_id,
         sub_states=sub,

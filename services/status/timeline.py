@@ -6,7 +6,9 @@ passed through `mask_text`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
+from types import MappingProxyType
 from typing import assert_never
 
 from pydantic import BaseModel, ConfigDict
@@ -115,6 +117,21 @@ def describe(event: StatusEvent) -> str:
             return "Personal data erased; record closed"
         case _:
             assert_never(event)
+
+
+# After an erasure, the lines of events that carried the citizen's encrypted data (or the
+# pickup details, shown as erased in the row) say so instead. Applied when the timeline is
+# read, so the stored rows stay a pure function of each event and a rebuild gives the same.
+ERASED_DESCRIPTIONS: Mapping[str, str] = MappingProxyType({
+    "ReissueApplied": "Reissue application submitted; its personal data was erased",
+    "CardReadyForPickup": "New card ready for pickup; the pickup details were erased",
+    "CardCollected": "New card collected; the personal data of the collection was erased",
+})
+
+
+def as_seen_after_erasure(event_type: str, stored: str) -> str:
+    """The line an erased citizen's timeline shows for an entry."""
+    return ERASED_DESCRIPTIONS.get(event_type, stored)
 
 
 def description(envelope: EventEnvelope, event: StatusEvent | None) -> str:

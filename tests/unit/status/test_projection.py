@@ -9,8 +9,8 @@ from typing import get_args
 
 import pytest
 
-from services.status.projection import CardStatus, ECardStatus, StatusEvent, project
-from services.status.timeline import describe, timeline_entry
+from services.status.projection import ERASED, CardStatus, ECardStatus, StatusEvent, project
+from services.status.timeline import as_seen_after_erasure, describe, timeline_entry
 from shared.contracts import auth, issuance, loss, review
 from shared.envelope import EventEnvelope
 from tests.unit.status.events import (
@@ -295,3 +295,46 @@ def test_an_event_type_added_to_a_contract_later_is_recorded_without_changing_th
     assert after.status is CardStatus.ACTIVE
     assert after.last_event_id == str(unknown.event_id)
     assert timeline_entry(unknown, "auth.events").description == "ChannelLinked recorded"
+
+
+# --- erasure --------------------------------------------------------------------------------
+
+
+def test_an_erased_citizens_row_shows_the_card_and_bureau_as_erased() -> None:
+    s = Streams()
+    row = fold([*given_an_approved_application(s), s.emit("review.events", erased())])
+    assert row.status is CardStatus.CANCELLED
+    assert (row.card_no_masked, row.pickup_bureau) == (ERASED, ERASED)
+    public = row.public()
+    assert BUREAU not in str(public)
+    assert OLD_CARD[-4:] not in str(public)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_an_erasure_on_every_topic_gives_the_same_row_in_any_interleaving(seed: int) -> None:
+    s = Streams()
+    topics = whole_journey(s)
+    for topic in topics:
+        topics[topic].append(s.emit(topic, erased()))
+    baseline = fold(interleave(topics, []))
+    picks = [t for t, events in topics.items() for _ in events]
+    random.Random(seed).shuffle(picks)
+    assert fold(interleave(topics, picks)) == baseline
+    assert baseline.status is CardStatus.CANCELLED
+
+
+def test_after_an_erasure_lines_of_events_with_personal_data_say_it_was_erased() -> None:
+    s = Streams()
+    reissue = s.emit("review.events", applied("app-1"))
+    collected = s.emit("issuance.events", issuance.CardCollected(
+        application_id="app-1", bureau_id=BUREAU, card_no=NEW_CARD, by_proxy=True,
+        collected_by="proxy", proxy_id_number="enc:v1:AAAA", proxy_name="enc:v1:BBBB",
+        authorisation_ref="letter-1"))
+    issued = s.emit("issuance.events", issuance.CardIssued(card_no=OLD_CARD))
+    for envelope in (reissue, collected):
+        stored = timeline_entry(envelope, "some.events").description
+        shown = as_seen_after_erasure(envelope.type, stored)
+        assert "erased" in shown
+        assert BUREAU not in shown
+    stored = timeline_entry(issued, "issuance.events").description
+    assert as_seen_after_erasure(issued.type, stored) == stored
