@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cardctl import operations
+from cardctl.erase import erase_command
 from cardctl.stack import Stack, StackError, ensure_topics, run_sync
 from shared.identity import citizen_ref, is_valid_id_number
 from shared.masking import mask_card_no, mask_id_number, mask_name
@@ -194,6 +195,9 @@ def timeline_command(
     ref = _resolve_ref(citizen, settings)
     body = _get(settings, f"/v1/citizens/{ref}/timeline")
     _print_timeline(ref, body["entries"] if body else [])
+
+
+app.command("erase")(erase_command)
 
 
 if __name__ == "__main__":
