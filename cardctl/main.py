@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cardctl import operations
+from cardctl.audit import audit_app
 from cardctl.erase import erase_command
 from cardctl.stack import Stack, StackError, ensure_topics, run_sync
 from shared.identity import citizen_ref, is_valid_id_number
@@ -198,6 +199,7 @@ def timeline_command(
 
 
 app.command("erase")(erase_command)
+app.add_typer(audit_app, name="audit")
 
 
 if __name__ == "__main__":
