@@ -1,0 +1,74 @@
+"""`cardctl projections`: rebuild the status read models from the event topics."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from services.status.rebuild import Progress as RebuildProgress
+from services.status.rebuild import RebuildReport, RebuildSettings, rebuild
+
+projections_app = typer.Typer(help="The status read models (card_status, card_timeline).",
+                              no_args_is_help=True)
+console = Console()
+
+
+def _print_report(report: RebuildReport) -> None:
+    table = Table("phase", "events", "seconds", "events/s", title="projection rebuild")
+    for phase in report.phases:
+        table.add_row(phase.name, f"{phase.events:,}", f"{phase.seconds:.2f}",
+                      f"{phase.rate:,.0f}")
+    table.add_row("[bold]total[/]", f"{report.events:,}", f"{report.seconds:.2f}",
+                  f"{report.rate:,.0f}")
+    console.print(table)
+    console.print(f"{report.applied:,} events applied for {report.citizens:,} citizens; "
+                  f"{report.duplicates:,} duplicates and {report.skipped:,} unprocessable "
+                  "messages skipped (as the live consumer does)")
+    if report.old_tables:
+        console.print(f"kept the replaced tables: {', '.join(report.old_tables)}")
+
+
+async def run_rebuild(settings: RebuildSettings, *, keep_old: bool) -> RebuildReport:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]:>10,.0f} events/s"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def show(step: RebuildProgress) -> None:
+            if step.phase not in tasks:
+                tasks[step.phase] = bar.add_task(step.phase, total=max(step.target, 1), rate=0.0)
+            rate = step.events / step.elapsed_s if step.elapsed_s > 0 else 0.0
+            bar.update(tasks[step.phase], completed=step.events,
+                       total=max(step.target, step.events, 1), rate=rate)
+
+        return await rebuild(settings, keep_old=keep_old, progress=show)
+
+
+@projections_app.command("rebuild")
+def rebuild_command(
+    keep_old: Annotated[bool, typer.Option(
+        "--keep-old", help="Keep the replaced tables as <table>_old_<time>.")] = False,
+) -> None:
+    """Replay every event topic from offset 0 into fresh tables and swap them in atomically,
+    while the status service keeps running."""
+    settings = RebuildSettings()
+    console.print(f"rebuilding {settings.status_schema}.card_status and card_timeline from "
+                  f"{', '.join(settings.consumed_topics().values())}")
+    try:
+        report = asyncio.run(run_rebuild(settings, keep_old=keep_old))
+    except Exception as error:  # any failure before the swap's commit changes nothing
+        console.print(f"[red]rebuild failed, the live tables are untouched:[/] {error}")
+        raise typer.Exit(1) from error
+    _print_report(report)

@@ -1,0 +1,307 @@
+"""The projection rebuild against the real Kafka and PostgreSQL, with the status service running
+in-process on an isolated schema and isolated topics: the swapped-in tables hold what the live
+ones held (and what a pure fold gives), and the running service carries on with them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]
+import httpx
+import pytest
+from aiokafka import AIOKafkaProducer  # type: ignore[import-untyped]
+from aiokafka.admin import AIOKafkaAdminClient  # type: ignore[import-untyped]
+
+from services.status.adapters import card_record
+from services.status.main import StatusService, build
+from services.status.projection import CardStatusRow, project
+from services.status.rebuild import (
+    CARD_STATUS_COLUMNS,
+    TIMELINE_COLUMNS,
+    RebuildError,
+    RebuildSettings,
+    rebuild,
+)
+from services.status.timeline import timeline_entry
+from shared.contracts import auth, issuance, loss, review
+from shared.envelope import GENESIS_HASH, EventEnvelope
+from shared.events import DomainEvent, EventMeta, to_pending
+from shared.outbox import make_producer
+from shared.settings import CardDeskSettings
+from tests.support import create_topics, eventually, unique
+
+pytestmark = pytest.mark.integration
+
+STREAM_PREFIX = {"auth.events": "auth", "loss.events": "loss", "review.events": "review",
+                 "issuance.events": "card"}
+
+
+class Citizen:
+    """Seals a fresh citizen's events per stream, as the owning services would."""
+
+    def __init__(self) -> None:
+        self.ref = f"cr-{uuid.uuid4().hex}"
+        self.clock = datetime.now(UTC)
+        self._last: dict[str, tuple[int, str]] = {}
+
+    def event(self, topic: str, event: DomainEvent) -> tuple[str, EventEnvelope]:
+        self.clock += timedelta(seconds=1)
+        stream_id = f"{STREAM_PREFIX[topic]}-{self.ref}"
+        version, prev = self._last.get(stream_id, (0, GENESIS_HASH))
+        meta = EventMeta(self.ref, self.clock, str(uuid.uuid4()), str(uuid.uuid4()))
+        envelope = EventEnvelope.seal(to_pending(event, meta, uuid.uuid4()), stream_id,
+                                      version + 1, prev)
+        self._last[stream_id] = (envelope.version, envelope.hash)
+        return topic, envelope
+
+    def journey(self, steps: int) -> list[tuple[str, EventEnvelope]]:
+        """The first `steps` events of a loss-to-pickup journey."""
+        app = f"app-{uuid.uuid4().hex[:8]}"
+        makers: list[Callable[[], tuple[str, EventEnvelope]]] = [
+            lambda: self.event("issuance.events", issuance.CardIssued(card_no="A01234567")),
+            lambda: self.event("auth.events", auth.ElectronicCardAuthorized(
+                session_id="s1", channel="wechat-oa")),
+            lambda: self.event("loss.events", loss.LossReported(
+                loss_id="l1", kind="formal", card_no="A01234567", expires_at=None,
+                financial_freeze=True, channel="wechat-oa")),
+            lambda: self.event("review.events", review.ReissueApplied(
+                application_id=app, loss_id="l1", old_card_no="A01234567",
+                address="enc:v1:AAAA", phone="enc:v1:BBBB", photo_ref="enc:v1:CCCC",
+                pickup_bureau="bureau-001", channel="wechat-oa")),
+            lambda: self.event("review.events", review.ReviewApproved(
+                application_id=app, reviewer_id="r1", pickup_bureau="bureau-001",
+                old_card_no="A01234567")),
+            lambda: self.event("issuance.events", issuance.CardReissued(
+                application_id=app, new_card_no="S440300000001", old_card_no="A01234567")),
+            lambda: self.event("issuance.events", issuance.CardReadyForPickup(
+                application_id=app, pickup_bureau="bureau-001", card_no="S440300000001")),
+        ]
+        return [make() for make in makers[:steps]]
+
+
+@dataclass
+class Isolated:
+    """The in-process status service on its own schema and topics, and what was sent."""
+
+    service: StatusService
+    http: httpx.AsyncClient
+    producer: AIOKafkaProducer
+    settings: RebuildSettings
+    sent: list[tuple[str, EventEnvelope]] = field(default_factory=list)
+
+    async def send(self, events: list[tuple[str, EventEnvelope]]) -> None:
+        for topic, envelope in events:
+            await self.producer.send_and_wait(self.settings.consumed_topics()[topic],
+                                              value=envelope.to_bytes(),
+                                              key=envelope.citizen_ref.encode())
+            self.sent.append((topic, envelope))
+
+    async def send_raw(self, topic: str, value: bytes, key: str) -> None:
+        await self.producer.send_and_wait(self.settings.consumed_topics()[topic], value=value,
+                                          key=key.encode())
+
+    async def all_applied(self) -> None:
+        """Wait until the timeline holds every event sent (over the query API)."""
+        wanted: dict[str, set[str]] = {}
+        for _, envelope in self.sent:
+            wanted.setdefault(envelope.citizen_ref, set()).add(str(envelope.event_id))
+
+        async def check() -> bool:
+            for ref, ids in wanted.items():
+                response = await self.http.get(f"/v1/citizens/{ref}/timeline")
+                if not ids <= {e["event_id"] for e in response.json()["entries"]}:
+                    return False
+            return True
+
+        await eventually(check, timeout_s=60)
+
+    def pure_fold(self) -> tuple[dict[str, tuple[Any, ...]], set[tuple[Any, ...]]]:
+        """The rows `project` and `timeline_entry` give for everything sent."""
+        rows: dict[str, CardStatusRow] = {}
+        timeline: set[tuple[Any, ...]] = set()
+        for topic, envelope in self.sent:
+            rows[envelope.citizen_ref] = project(rows.get(envelope.citizen_ref), envelope)
+            timeline.add(tuple(timeline_entry(envelope, topic).model_dump().values()))
+        return {ref: comparable(card_record(row)) for ref, row in rows.items()}, timeline
+
+
+def comparable(record: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A status row with its sub-states parsed (jsonb comes back normalised)."""
+    return (*record[:-1], json.loads(record[-1]))
+
+
+@dataclass
+class Tables:
+    status: dict[str, tuple[Any, ...]]
+    timeline: set[tuple[Any, ...]]
+    processed: set[str]
+    names: set[str]
+
+
+async def read_tables(settings: CardDeskSettings, schema: str, consumer: str) -> Tables:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        status = await conn.fetch(
+            f"SELECT {', '.join(CARD_STATUS_COLUMNS)} FROM {schema}.card_status")
+        timeline = await conn.fetch(
+            f"SELECT {', '.join(TIMELINE_COLUMNS)} FROM {schema}.card_timeline")
+        processed = await conn.fetch(
+            f"SELECT message_id FROM {schema}.processed WHERE consumer = $1", consumer)
+        names = await conn.fetch(
+            "SELECT relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = $1 AND c.relkind IN ('r', 'i')", schema)
+    finally:
+        await conn.close()
+    return Tables(
+        status={r["citizen_ref"]: comparable(tuple(r.values())) for r in status},
+        timeline={tuple(r.values()) for r in timeline},
+        processed={r["message_id"] for r in processed},
+        names={r["relname"] for r in names},
+    )
+
+
+@pytest.fixture
+async def isolated(settings: CardDeskSettings) -> AsyncIterator[Isolated]:
+    suffix = unique("rb")
+    rebuild_settings = RebuildSettings(
+        kafka_bootstrap=settings.kafka_bootstrap,
+        database_url=settings.database_url,
+        status_schema=suffix,
+        status_consumer_group=f"carddesk-status-{suffix}",
+        status_topic_prefix=f"{suffix}.",
+        rebuild_batch_rows=7,  # several COPY batches even for a few events
+        rebuild_swap_max_lag=0,
+    )
+    topics = list(rebuild_settings.consumed_topics().values())
+    all_topics = [*topics, *(f"{t}.dlq" for t in topics)]
+    await create_topics(settings.kafka_bootstrap, all_topics, partitions=settings.partitions)
+    service = build(rebuild_settings)
+    producer = make_producer(settings.kafka_bootstrap)
+    await producer.start()
+    try:
+        async with service.app.router.lifespan_context(service.app):
+            transport = httpx.ASGITransport(app=service.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://status") as http:
+                yield Isolated(service, http, producer, rebuild_settings)
+    finally:
+        await producer.stop()
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {suffix} CASCADE")
+        finally:
+            await conn.close()
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+        await admin.start()
+        try:
+            await admin.delete_topics(all_topics)
+        finally:
+            await admin.close()
+
+
+async def test_after_the_swap_the_rows_are_those_of_the_live_tables_and_of_a_pure_fold(
+    isolated: Isolated, settings: CardDeskSettings,
+) -> None:
+    citizens = [Citizen() for _ in range(6)]
+    for steps, citizen in enumerate(citizens, start=2):
+        await isolated.send(citizen.journey(steps))
+    # A redelivered event and a tampered one: the live consumer skips and dead-letters them.
+    topic, first = isolated.sent[0]
+    await isolated.send_raw(topic, first.to_bytes(), first.citizen_ref)
+    tampered = first.to_json_dict() | {"type": "CardReissued"}
+    await isolated.send_raw(topic, json.dumps(tampered).encode(), first.citizen_ref)
+    await isolated.all_applied()
+    schema, consumer = isolated.settings.status_schema, isolated.settings.status_consumer_group
+    before = await read_tables(settings, schema, consumer)
+
+    report = await rebuild(isolated.settings)
+
+    after = await read_tables(settings, schema, consumer)
+    status, timeline = isolated.pure_fold()
+    assert after.status == before.status == status
+    assert after.timeline == before.timeline == timeline
+    assert after.processed == before.processed == {str(e.event_id) for _, e in isolated.sent}
+    assert after.names == before.names  # the same tables and index names; none old, none next
+    assert (report.applied, report.duplicates, report.skipped) == (len(isolated.sent), 1, 1)
+    assert report.citizens == len(citizens)
+
+
+async def test_the_running_service_applies_new_events_to_the_new_tables(
+    isolated: Isolated, settings: CardDeskSettings,
+) -> None:
+    early, late = Citizen(), Citizen()
+    await isolated.send(early.journey(3))
+    await isolated.all_applied()
+
+    report = await rebuild(isolated.settings, keep_old=True)
+
+    [old_status] = [t for t in report.old_tables if ".card_status_old_" in t]
+    await isolated.send(early.journey(7)[3:] + late.journey(2))
+    await isolated.all_applied()
+    response = await isolated.http.get(f"/v1/citizens/{early.ref}/card")
+    assert response.json()["status"] == "READY_FOR_PICKUP"
+    tables = await read_tables(settings, isolated.settings.status_schema,
+                               isolated.settings.status_consumer_group)
+    status, timeline = isolated.pure_fold()
+    assert tables.status == status
+    assert tables.timeline == timeline
+    conn = await asyncpg.connect(settings.database_url)
+    try:  # the kept old table saw nothing after the swap
+        assert await conn.fetchval(f"SELECT count(*) FROM {old_status}") == 1
+    finally:
+        await conn.close()
+
+
+async def test_events_written_during_the_rebuild_end_up_in_the_swapped_tables(
+    isolated: Isolated, settings: CardDeskSettings,
+) -> None:
+    citizens = [Citizen() for _ in range(10)]
+    for citizen in citizens:
+        await isolated.send(citizen.journey(2))
+    more = [event for citizen in citizens for event in citizen.journey(7)[2:]]
+    half = len(more) // 2
+
+    async def keep_sending() -> None:
+        for index in range(0, half, 5):
+            await isolated.send(more[index:index + 5])
+            await asyncio.sleep(0.01)
+
+    async def applied_live_just_before_the_swap() -> None:
+        await isolated.send(more[half:half + 10])
+        await isolated.all_applied()
+
+    sender = asyncio.create_task(keep_sending())
+    await rebuild(isolated.settings, before_swap=applied_live_just_before_the_swap)
+    await sender
+    await isolated.send(more[half + 10:])
+    await isolated.all_applied()
+
+    tables = await read_tables(settings, isolated.settings.status_schema,
+                               isolated.settings.status_consumer_group)
+    status, timeline = isolated.pure_fold()
+    assert tables.status == status
+    assert tables.timeline == timeline
+    assert not any(name.endswith(("_next", "_next_pkey")) or "_old_" in name
+                   for name in tables.names)
+
+
+async def test_a_failed_rebuild_leaves_the_live_tables_as_they_were(
+    isolated: Isolated, settings: CardDeskSettings,
+) -> None:
+    citizen = Citizen()
+    await isolated.send(citizen.journey(3))
+    await isolated.all_applied()
+    schema, consumer = isolated.settings.status_schema, isolated.settings.status_consumer_group
+    before = await read_tables(settings, schema, consumer)
+    missing_topics = isolated.settings.model_copy(update={"status_topic_prefix": unique("no")})
+
+    with pytest.raises(RebuildError, match="does not exist"):
+        await rebuild(missing_topics)
+
+    after = await read_tables(settings, schema, consumer)
+    assert after == before

@@ -1,0 +1,161 @@
+"""The rebuild's fast paths give exactly what the live consumer's path gives: the same messages
+accepted and refused, the same status rows, the same timeline rows."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import uuid
+from datetime import timedelta
+
+import pytest
+
+from services.status.adapters import card_record
+from services.status.projection import CardStatusRow, project
+from services.status.rebuild import ProjectionFold, accept, canonical_bytes
+from services.status.timeline import timeline_entry
+from shared.consumer import Inbound, Rejected, parse_event
+from shared.contracts import KNOWN_EVENT_TYPES, loss, review
+from shared.envelope import EventEnvelope, canonical_json, chain_hash
+from tests.unit.status.events import T0, Streams, interleave, whole_journey
+
+CONSUMER = "carddesk-status"
+
+
+def message(topic: str, value: bytes, offset: int = 0) -> Inbound:
+    return Inbound(topic=topic, partition=0, offset=offset, key=b"k", value=value)
+
+
+def resealed(body: dict[str, object]) -> bytes:
+    """A body with a valid hash over whatever it now holds, in canonical form."""
+    rest = {k: v for k, v in body.items() if k != "hash"}
+    return canonical_json(rest | {"hash": chain_hash(str(rest["prev_hash"]), rest)})
+
+
+def outcome(value: bytes, topic: str = "review.events") -> str:
+    """'ok' or the Rejected code; anything else raised is named by its type."""
+    try:
+        envelope = parse_event(message(topic, value), KNOWN_EVENT_TYPES[topic])
+    except Rejected as exc:
+        return exc.code
+    except Exception as exc:
+        return type(exc).__name__
+    return f"ok {envelope.event_id}"
+
+
+def fast_outcome(value: bytes, topic: str = "review.events") -> str:
+    try:
+        envelope = accept(message(topic, value), KNOWN_EVENT_TYPES[topic])
+    except Rejected as exc:
+        return exc.code
+    except Exception as exc:
+        return type(exc).__name__
+    return f"ok {envelope.event_id}"
+
+
+def corpus() -> list[bytes]:
+    s = Streams()
+    good = s.emit("review.events", review.ReviewRejected(
+        application_id="app-1", reviewer_id="审核员-1", reason="照片不清晰 — retake"))
+    body = good.to_json_dict()
+    tampered = dict(body, data={**body["data"], "reason": "changed"})
+    unknown = dict(body, type="ReviewForgotten")
+    spaced = json.dumps(body, indent=1).encode()  # not canonical, yet the hash holds
+    escaped = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()  # \\u escapes
+    return [
+        good.to_bytes(),
+        spaced,
+        escaped,
+        b"\xef\xbb\xbf" + good.to_bytes(),  # a UTF-8 BOM
+        good.to_bytes().decode().encode("utf-16"),  # json.loads reads UTF-16 too
+        canonical_json(tampered),
+        resealed(unknown),
+        resealed(dict(body, version="seven")),
+        canonical_json(dict(body, prev_hash="é" * 64)),  # both raise on the hash
+        resealed({k: v for k, v in body.items() if k != "citizen_ref"}),
+        resealed(dict(body, data={**body["data"], "score": 0.1 + 0.2, "n": float("nan")})),
+        b'{"not": "an event"}',
+        b"[1, 2]",
+        b"not json",
+        b"\xff\xfe\x00",
+        b"",
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(corpus())))
+def test_the_fast_parser_accepts_and_refuses_exactly_what_parse_event_does(index: int) -> None:
+    value = corpus()[index]
+    assert fast_outcome(value) == outcome(value)
+
+
+def test_the_corpus_holds_both_accepted_and_refused_messages() -> None:
+    outcomes = [outcome(v) for v in corpus()]
+    assert sum(o.startswith("ok") for o in outcomes) >= 3
+    assert {"bad_hash", "unknown_event_type", "malformed_event", "malformed_json"} <= set(
+        outcomes)
+
+
+def test_canonical_bytes_equal_canonical_json_for_any_parsed_body() -> None:
+    values: list[object] = [
+        {"b": 1, "a": [1.5, -0.0, 1e300, 2 ** 70, None, True], "c": {"z": "雪", "y": "\u2028"}},
+        {"nan": math.nan, "inf": math.inf, "nested": [{"k": "\x00\n\"\\"}], "": ""},
+        *(json.loads(v) for v in corpus()[:3]),
+    ]
+    for value in values:
+        assert canonical_bytes(value) == canonical_json(value)
+
+
+def live_fold(envelopes: list[tuple[str, EventEnvelope]]) -> dict[str, tuple[object, ...]]:
+    rows: dict[str, CardStatusRow] = {}
+    for _, envelope in envelopes:
+        rows[envelope.citizen_ref] = project(rows.get(envelope.citizen_ref), envelope)
+    return {ref: card_record(row) for ref, row in rows.items()}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_fold_gives_the_rows_and_timeline_of_project_event_by_event(seed: int) -> None:
+    rng = random.Random(seed)
+    arrivals: list[tuple[str, EventEnvelope]] = []
+    for _ in range(4):
+        s = Streams(start=T0 + timedelta(minutes=rng.randint(0, 30)))
+        topics = whole_journey(s)
+        order = [rng.choice(list(topics)) for _ in range(40)]
+        by_id = {e.event_id: topic for topic, events in topics.items() for e in events}
+        arrivals += [(by_id[e.event_id], e) for e in interleave(topics, order)]
+    rng.shuffle(arrivals)  # citizens mixed; per-citizen, per-topic order is what counts
+    arrivals.sort(key=lambda a: (a[1].citizen_ref, a[0], a[1].version))
+    mixed: list[tuple[str, EventEnvelope]] = []
+    queues: dict[tuple[str, str], list[tuple[str, EventEnvelope]]] = {}
+    for arrival in arrivals:
+        queues.setdefault((arrival[1].citizen_ref, arrival[0]), []).append(arrival)
+    while queues:
+        key = rng.choice(sorted(queues))
+        mixed.append(queues[key].pop(0))
+        if not queues[key]:
+            del queues[key]
+
+    fold = ProjectionFold(CONSUMER)
+    for offset, (topic, envelope) in enumerate(mixed):
+        fold.add(topic, message(topic, envelope.to_bytes(), offset))
+    delta = fold.take(with_status=True)
+
+    assert {row[0]: row for row in delta.status} == live_fold(mixed)
+    assert delta.timeline == [
+        tuple(timeline_entry(e, topic).model_dump().values()) for topic, e in mixed]
+    assert delta.processed == [(CONSUMER, str(e.event_id)) for _, e in mixed]
+
+
+def test_a_redelivered_event_and_unprocessable_messages_are_skipped() -> None:
+    s = Streams()
+    first = s.emit("loss.events", loss.LossCancelled(loss_id="l1"))
+    bad = first.to_json_dict() | {"data": {"loss_id": 7}}
+    fold = ProjectionFold(CONSUMER)
+    fold.add("loss.events", message("loss.events", first.to_bytes()))
+    fold.add("loss.events", message("loss.events", first.to_bytes(), 1))
+    fold.add("loss.events", message("loss.events", b"{}", 2))
+    fold.add("loss.events", message("loss.events", resealed(bad | {"event_id": str(uuid.uuid4())}),
+                                    3))
+
+    assert (fold.applied, fold.duplicates, fold.skipped) == (1, 1, 2)
+    assert [row[1] for row in fold.take(with_status=False).timeline] == [str(first.event_id)]
