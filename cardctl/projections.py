@@ -50,8 +50,10 @@ async def run_rebuild(settings: RebuildSettings, *, keep_old: bool) -> RebuildRe
             if step.phase not in tasks:
                 tasks[step.phase] = bar.add_task(step.phase, total=max(step.target, 1), rate=0.0)
             rate = step.events / step.elapsed_s if step.elapsed_s > 0 else 0.0
-            bar.update(tasks[step.phase], completed=step.events,
-                       total=max(step.target, step.events, 1), rate=rate)
+            total = max(step.target, step.events, 1)
+            bar.update(tasks[step.phase], completed=step.events or (total if step.phase
+                                                                   != "load" else 0),
+                       total=total, rate=rate)
 
         return await rebuild(settings, keep_old=keep_old, progress=show)
 
@@ -61,8 +63,9 @@ def rebuild_command(
     keep_old: Annotated[bool, typer.Option(
         "--keep-old", help="Keep the replaced tables as <table>_old_<time>.")] = False,
 ) -> None:
-    """Replay every event topic from offset 0 into fresh tables and swap them in atomically,
-    while the status service keeps running."""
+    """Replay the event topics from offset 0 into fresh tables; swap them in atomically.
+
+    The status service keeps running and writing; the live tables change only at the swap."""
     settings = RebuildSettings()
     console.print(f"rebuilding {settings.status_schema}.card_status and card_timeline from "
                   f"{', '.join(settings.consumed_topics().values())}")
