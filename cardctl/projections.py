@@ -40,7 +40,8 @@ def _print_report(report: RebuildReport) -> None:
         console.print(f"kept the replaced tables: {', '.join(report.old_tables)}")
 
 
-async def run_rebuild(settings: RebuildSettings, *, keep_old: bool) -> RebuildReport:
+async def run_rebuild(settings: RebuildSettings, *, keep_old: bool,
+                      allow_shrink: bool = False) -> RebuildReport:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]:>10,.0f} events/s"), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:
@@ -55,13 +56,17 @@ async def run_rebuild(settings: RebuildSettings, *, keep_old: bool) -> RebuildRe
                                                                    != "load" else 0),
                        total=total, rate=rate)
 
-        return await rebuild(settings, keep_old=keep_old, progress=show)
+        return await rebuild(settings, keep_old=keep_old, progress=show,
+                             allow_shrink=allow_shrink)
 
 
 @projections_app.command("rebuild")
 def rebuild_command(
     keep_old: Annotated[bool, typer.Option(
         "--keep-old", help="Keep the replaced tables as <table>_old_<time>.")] = False,
+    allow_shrink: Annotated[bool, typer.Option(
+        "--allow-shrink", help="Swap even if live rows are missing from the rebuilt ones.",
+    )] = False,
 ) -> None:
     """Replay the event topics from offset 0 into fresh tables; swap them in atomically.
 
@@ -70,7 +75,8 @@ def rebuild_command(
     console.print(f"rebuilding {settings.status_schema}.card_status and card_timeline from "
                   f"{', '.join(settings.consumed_topics().values())}")
     try:
-        report = asyncio.run(run_rebuild(settings, keep_old=keep_old))
+        report = asyncio.run(run_rebuild(settings, keep_old=keep_old,
+                                          allow_shrink=allow_shrink))
     except Exception as error:  # any failure before the swap's commit changes nothing
         console.print(f"[red]rebuild failed, the live tables are untouched:[/] {error}")
         raise typer.Exit(1) from error

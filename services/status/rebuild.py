@@ -269,12 +269,16 @@ class TopicReader:
                                     client_id="carddesk-status-rebuild")
         await admin.start()
         try:
+            # Listed first: describing a missing topic may make the broker create it.
+            missing = set(self.contract_of) - set(await admin.list_topics())
+            if missing:
+                raise RebuildError(f"topics {', '.join(sorted(missing))} do not exist")
             described = await admin.describe_topics(list(self.contract_of))
         finally:
             await admin.close()
         for topic in described:
             if topic["error_code"] != 0 or not topic["partitions"]:
-                raise RebuildError(f"topic {topic['topic']} does not exist")
+                raise RebuildError(f"topic {topic['topic']} cannot be read")
             self.partitions.extend(TopicPartition(topic["topic"], p["partition"])
                                    for p in sorted(topic["partitions"],
                                                    key=lambda p: int(p["partition"])))
@@ -488,10 +492,12 @@ def _silent(_: Progress) -> None:
 
 async def rebuild(settings: RebuildSettings, *, keep_old: bool = False,
                   progress: Callable[[Progress], None] = _silent,
-                  before_swap: Callable[[], Awaitable[None]] | None = None) -> RebuildReport:
+                  before_swap: Callable[[], Awaitable[None]] | None = None,
+                  allow_shrink: bool = False) -> RebuildReport:
     """Load, catch up, swap. Raises `RebuildError` (or the underlying error) with the live
     tables untouched if anything before the swap's commit fails. `before_swap` runs between
-    the catch-up and the swap (tests write events there)."""
+    the catch-up and the swap (tests write events there). Citizens of the live table that
+    the topics do not explain stop the rebuild, unless `allow_shrink`."""
     schema = settings.status_schema
     started = time.monotonic()
     report = RebuildReport()
@@ -510,6 +516,8 @@ async def rebuild(settings: RebuildSettings, *, keep_old: bool = False,
                     await reader.start()
                     await _load(settings, pool, reader, fold, tables, report, progress)
                     await _catch_up(settings, pool, reader, fold, report, progress)
+                    if not allow_shrink:
+                        await _nothing_dropped(guard, schema)
                     if before_swap is not None:
                         await before_swap()
                     report.old_tables = await _swap(settings, guard, reader, fold, tables,
@@ -605,6 +613,17 @@ async def _catch_up(settings: RebuildSettings, pool: asyncpg.Pool, reader: Topic
         progress(Progress("catch-up", phase.events, phase.events, time.monotonic() - started))
     phase.seconds = time.monotonic() - started
     report.phases.append(phase)
+
+
+async def _nothing_dropped(conn: asyncpg.Connection, schema: str) -> None:
+    """The live consumer only ever adds rows, so the new table must cover the live one;
+    if not, the topics read are not those the live tables came from."""
+    missing = await conn.fetchval(
+        f"SELECT count(*) FROM {schema}.card_status live WHERE NOT EXISTS"
+        f" (SELECT 1 FROM {schema}.card_status{NEXT} n WHERE n.citizen_ref = live.citizen_ref)")
+    if missing:
+        raise RebuildError(f"{missing} citizens of the live card_status are not in the topics"
+                           " read; wrong topics? (allow_shrink replaces the tables anyway)")
 
 
 async def _swap(settings: RebuildSettings, conn: asyncpg.Connection, reader: TopicReader,
