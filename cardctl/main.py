@@ -14,6 +14,7 @@ from rich.table import Table
 from cardctl import operations
 from cardctl.audit import audit_app
 from cardctl.erase import erase_command
+from cardctl.projections import projections_app
 from cardctl.stack import Stack, StackError, ensure_topics, run_sync
 from shared.identity import citizen_ref, is_valid_id_number
 from shared.masking import mask_card_no, mask_id_number, mask_name
@@ -201,6 +202,8 @@ def timeline_command(
 app.command("erase")(erase_command)
 app.add_typer(audit_app, name="audit")
 
+
+app.add_typer(projections_app, name="projections")
 
 if __name__ == "__main__":
     app()
