@@ -73,18 +73,38 @@ class ServiceRuntime:
     def subscribe(self, topic: str, handler: Callable[[], MessageHandler], *,
                   group: str | None = None, title: str | None = None,
                   description: str | None = None) -> None:
-        """Consume `topic` in this service's group, committing only after `handler` returned."""
+        """Consume `topic` in this service's group, committing only after `handler` returned.
+
+        Records arrive in batches: each partition's records are handled in order, the
+        partitions concurrently (a citizen's messages share a partition, so their order
+        holds), and the batch's offsets are committed once every record was handled.
+        """
 
         @self.broker.subscriber(
             topic,
             group_id=group or f"carddesk-{self.name}",
             auto_offset_reset="earliest",
             ack_policy=AckPolicy.NACK_ON_ERROR,
+            batch=True,
+            max_records=self.settings.consumer_batch_size,
+            batch_timeout_ms=self.settings.consumer_batch_wait_ms,
             title=title or f"{topic}:{self.name}",
             description=description,
         )
-        async def on_message(msg: KafkaMessage) -> None:
-            await handler()(Inbound.from_record(msg.raw_message))
+        async def on_batch(msg: KafkaMessage) -> None:
+            records = msg.raw_message
+            if not isinstance(records, tuple):
+                records = (records,)
+            by_partition: dict[int, list[Any]] = {}
+            for record in records:
+                by_partition.setdefault(record.partition, []).append(record)
+            handle = handler()
+
+            async def in_order(partition_records: list[Any]) -> None:
+                for record in partition_records:
+                    await handle(Inbound.from_record(record))
+
+            await asyncio.gather(*(in_order(rs) for rs in by_partition.values()))
 
     async def start(self) -> None:
         self._pool = await asyncpg.create_pool(self.settings.database_url, min_size=2, max_size=10)

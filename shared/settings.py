@@ -42,6 +42,9 @@ class CardDeskSettings(BaseSettings):
     postgres_bin: Path = Path("/usr/lib/postgresql/15/bin")
     outbox_poll_ms: int = 100
     consumer_max_attempts: int = 5
+    # Records a consumer takes at once, and how long it waits for them (ms).
+    consumer_batch_size: int = 200
+    consumer_batch_wait_ms: int = 5
 
     def event_topic(self, service: str) -> str:
         return f"{service}.events"
