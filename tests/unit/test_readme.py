@@ -12,6 +12,7 @@ from services.auth.settings import AuthSettings
 from services.issuance.settings import IssuanceSettings
 from services.loss.settings import LossSettings
 from services.review.settings import ReviewSettings
+from services.status.rebuild import RebuildSettings
 from services.status.settings import StatusSettings
 from shared.settings import CardDeskSettings
 
@@ -19,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 SETTINGS: list[type[BaseSettings]] = [CardDeskSettings, AuthSettings, LossSettings,
-                                      ReviewSettings, IssuanceSettings, StatusSettings]
+                                      ReviewSettings, IssuanceSettings, StatusSettings,
+                                      RebuildSettings]
 
 
 @pytest.mark.parametrize("settings_class", SETTINGS, ids=lambda c: c.__name__)
