@@ -62,7 +62,7 @@ class Meter:
 class MeteredSimulator(ChannelSimulator):
     meter: Meter
 
-    async def send(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    async def send(self, *args: Any, **kwargs: Any) -> Any:
         return await self.meter.timed(super().send(*args, **kwargs))
 
 
@@ -215,7 +215,8 @@ async def run(citizens: int, seconds: float, rate: float, concurrency: int) -> N
     rss = {name: peak_rss_mb(pid) for name, pid in pids.items()}
     figures = {"citizens": citizens, "concurrency": concurrency, "sustained": sustained_figures,
                "paced": paced_figures, "peak_rss_mb": rss}
-    s, p = sustained_figures, paced_figures
+    s: dict[str, Any] = sustained_figures
+    p: dict[str, Any] = paced_figures
     rows = [
         ("sustained: seconds", f"{s['seconds']:.0f}"),
         ("journeys/s", f"{s['journeys_per_s']:.1f}"),

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -28,7 +28,7 @@ class ChannelSimulator:
     """One producer and one `channel.replies` reader shared by every simulated channel."""
 
     @classmethod
-    def for_settings(cls, settings: CardDeskSettings) -> ChannelSimulator:
+    def for_settings(cls, settings: CardDeskSettings) -> Self:
         """A simulator with the configured channels that seals personal fields."""
         return cls(settings.kafka_bootstrap, ChannelRegistry.from_file(settings.channels_file),
                    settings.command_sealing_public_key)

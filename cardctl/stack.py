@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import unquote, urlsplit
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 import httpx
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
-from aiokafka.admin.config_resource import (  # type: ignore[import-untyped]
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import (
     ConfigResource,
     ConfigResourceType,
-)  # type: ignore[import-untyped]
+)
 
 from shared.settings import PROJECT_ROOT, CardDeskSettings
 from shared.topics import SERVICES, TopicSpec, all_topics

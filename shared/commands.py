@@ -166,7 +166,8 @@ class CommandIntake:
         try:
             command = CommandEnvelope.model_validate_json(msg.value)
         except ValidationError as exc:
-            return await self._refuse(msg, request_id, "malformed_command", describe_validation_error(exc))
+            return await self._refuse(msg, request_id, "malformed_command",
+                                      describe_validation_error(exc))
         if command.channel != channel.channel_id:
             return await self._refuse(msg, request_id, "channel_mismatch",
                                       "the envelope's channel differs from x-channel-id")
@@ -181,7 +182,8 @@ class CommandIntake:
         try:
             payload = route.payload_model.model_validate(opened)
         except ValidationError as exc:
-            return await self._refuse(msg, request_id, "invalid_payload", describe_validation_error(exc))
+            return await self._refuse(msg, request_id, "invalid_payload",
+                                      describe_validation_error(exc))
         bind_message_context(command_type=command.type, correlation_id=request_id,
                              causation_id=request_id, channel=channel.channel_id)
         context = CommandContext(request_id, channel, command.issued_at, self.clock())

@@ -64,7 +64,7 @@ class Inbound:
         return raw.decode("utf-8", "replace") if raw is not None else None
 
 
-class Rejected(Exception):
+class Rejected(Exception):  # noqa: N818 - a verdict on a message, not a program error
     """A message that can never be processed; it goes to the DLQ with this code and reason."""
 
     def __init__(self, code: str, reason: str) -> None:

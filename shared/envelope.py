@@ -57,7 +57,9 @@ class EventEnvelope(BaseModel):
     data: dict[str, Any]
 
     @classmethod
-    def seal(cls, pending: PendingEvent, stream_id: str, version: int, prev_hash: str) -> EventEnvelope:
+    def seal(
+        cls, pending: PendingEvent, stream_id: str, version: int, prev_hash: str
+    ) -> EventEnvelope:
         body = pending.model_dump(mode="json") | {
             "stream_id": stream_id,
             "version": version,

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 import structlog
 
 from shared.application import handle_command, load

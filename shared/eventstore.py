@@ -116,11 +116,10 @@ def schema_ddl(schema: str) -> str:
 
 
 async def migrate(pool: asyncpg.Pool, schema: str, extra_ddl: str = "") -> None:
-    async with pool.acquire() as conn:
-        # One service's replicas may start together; the lock keeps DDL from racing.
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", schema)
-            await conn.execute(schema_ddl(schema) + extra_ddl)
+    # One service's replicas may start together; the lock keeps DDL from racing.
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", schema)
+        await conn.execute(schema_ddl(schema) + extra_ddl)
 
 
 class PostgresEventStore:

@@ -4,6 +4,7 @@ publishes them to Kafka in order, marking them sent only after Kafka acknowledge
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -132,8 +133,6 @@ class OutboxRelay:
         self._wake.set()
 
     async def _sleep(self) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), self.poll_interval)
-        except TimeoutError:
-            pass
         self._wake.clear()

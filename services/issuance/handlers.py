@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 import structlog
 from pydantic import ValidationError
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 
 from services.loss.domain import ApplicationStatus
 from shared.crypto import data_keys_ddl

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any, TypeVar, assert_never
 from uuid import uuid4
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 import structlog
 from pydantic import ValidationError
 

@@ -3,7 +3,7 @@ which citizen each application belongs to (so a decision finds its stream)."""
 
 from __future__ import annotations
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 
 from services.review.domain import LossView
 from shared.crypto import data_keys_ddl

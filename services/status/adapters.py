@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 from pydantic import ValidationError
 
 from services.status.projection import CardStatusRow, SubStates, project

@@ -9,9 +9,9 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-import jsonschema  # type: ignore[import-untyped]
+import jsonschema
 import pytest
-import yaml  # type: ignore[import-untyped]
+import yaml
 
 from shared.settings import CardDeskSettings
 from shared.topics import SERVICES

@@ -19,7 +19,8 @@ def test_the_standard_example_id_number_passes_the_checksum() -> None:
     assert is_valid_id_number(VALID.lower())
 
 
-@pytest.mark.parametrize("bad", ["110105194912310021", "11010519491231002", "1101051949123100XX", ""])
+@pytest.mark.parametrize(
+    "bad", ["110105194912310021", "11010519491231002", "1101051949123100XX", ""])
 def test_a_wrong_check_character_or_shape_fails(bad: str) -> None:
     assert not is_valid_id_number(bad)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from shared.sealing import PREFIX, FieldOpener, FieldSealer, SealedFieldError
@@ -24,7 +26,8 @@ def test_a_sealed_login_opens_to_the_same_payload_and_hides_the_personal_fields(
 
 
 def test_nested_proxy_fields_and_a_face_embedding_round_trip() -> None:
-    collect = {"application_id": "a", "bureau_id": "b", "presented_id_number": ID_NUMBER,
+    collect: dict[str, Any] = {
+        "application_id": "a", "bureau_id": "b", "presented_id_number": ID_NUMBER,
                "proxy": {"id_number": ID_NUMBER, "name": "李四", "authorisation_ref": "L-1"}}
     sealed = SEALER.seal_payload("CollectCard", collect)
     assert sealed["proxy"]["name"].startswith(PREFIX)
