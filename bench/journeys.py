@@ -93,13 +93,17 @@ async def sustained(journey: Journey, meter: Meter, sessions: list[Session],
         queue.put_nowait(session)
 
     async def worker() -> None:
-        while time.monotonic() < deadline:
-            session = await queue.get()
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                session = await asyncio.wait_for(queue.get(), left)
+            except TimeoutError:
+                return
             try:
                 await again(journey, session)
                 meter.journeys += 1
             except Exception as error:  # a benchmark reports failures, it does not stop
                 meter.failures.append(f"{type(error).__name__}: {error}"[:200])
+                continue  # a citizen left half-way is not sent round again
             queue.put_nowait(session)
 
     started = time.monotonic()
@@ -183,7 +187,10 @@ async def run(citizens: int, seconds: float, rate: float, concurrency: int) -> N
     simulator = MeteredSimulator.for_settings(settings)
     simulator.meter = meter
     async with simulator as sim:
-        journey = Journey(sim, status_url(settings), retry_for_s=120)
+        # A citizen's next round may start before loss and review have seen the last one end.
+        journey = Journey(sim, status_url(settings), retry_for_s=120,
+                          also_retry={"ReportLoss": frozenset({"already_lost"}),
+                                      "SubmitReissueApplication": frozenset({"already_approved"})})
         conn = await asyncpg.connect(settings.database_url)
         events_before = await count_events(conn)
         console.print(f"sustained phase: {concurrency} concurrent journeys for {seconds:.0f} s …")

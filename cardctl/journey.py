@@ -43,16 +43,21 @@ class Journey:
     """Each step sends one command and records what came back."""
 
     def __init__(self, sim: ChannelSimulator, status_url: str | None = None,
-                 *, retry_for_s: float = 60.0) -> None:
+                 *, retry_for_s: float = 60.0,
+                 also_retry: dict[str, frozenset[str]] | None = None) -> None:
         self.sim = sim
         self.status_url = status_url
         self.retry_for_s = retry_for_s
+        self.retry_codes = {command: NOT_YET.get(command, frozenset())
+                            | (also_retry or {}).get(command, frozenset())
+                            for command in {*NOT_YET, *(also_retry or {})}}
 
     async def _send(self, s: Session, service: str, command: str, payload: dict[str, Any],
                     channel: str = CITIZEN_CHANNEL) -> dict[str, Any]:
         reply = await self.sim.expect_accepted(
             service, command, payload, channel_id=channel, session_key=s.key,
-            retry_codes=NOT_YET.get(command, frozenset()), retry_for_s=self.retry_for_s,
+            retry_codes=self.retry_codes.get(command, frozenset()),
+            retry_for_s=self.retry_for_s,
         )
         s.log.append((command, reply.code))
         return reply.data

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 from uuid import UUID, uuid4
 
-from shared.envelope import EventEnvelope
+from shared.envelope import GENESIS_HASH, EventEnvelope
 from shared.events import DomainEvent, EventMeta, to_pending
 from shared.eventstore import ConcurrencyError, EventStore
 
@@ -51,10 +51,12 @@ async def handle_command(
     `max_attempts` propagates as `ConcurrencyError`, never as a silent merge.
     """
     for attempt in range(1, max_attempts + 1):
-        state, version = await load(store, stream_id, decode, initial, evolve)
+        envelopes = await store.read_stream(stream_id)
+        state = fold(initial, evolve, [decode(e) for e in envelopes])
         pending = [to_pending(event, meta, new_id()) for event in decide(state)]
+        last_hash = envelopes[-1].hash if envelopes else GENESIS_HASH
         try:
-            return await store.append(stream_id, version, pending)
+            return await store.append(stream_id, len(envelopes), pending, last_hash=last_hash)
         except ConcurrencyError:
             if attempt == max_attempts:
                 raise

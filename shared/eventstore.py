@@ -12,7 +12,7 @@ from typing import Protocol
 import asyncpg
 
 from shared.envelope import GENESIS_HASH, EventEnvelope, PendingEvent
-from shared.outbox import OutboxMessage, enqueue
+from shared.outbox import OutboxMessage, notify_channel, outbox_columns
 
 
 class ConcurrencyError(Exception):
@@ -31,7 +31,8 @@ class EventStore(Protocol):
     async def read_stream(self, stream_id: str) -> list[EventEnvelope]: ...
 
     async def append(
-        self, stream_id: str, expected_version: int, events: Sequence[PendingEvent]
+        self, stream_id: str, expected_version: int, events: Sequence[PendingEvent],
+        *, last_hash: str | None = None,
     ) -> list[EventEnvelope]: ...
 
     async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[EventEnvelope]: ...
@@ -60,7 +61,8 @@ class InMemoryEventStore:
         return list(self._streams.get(stream_id, []))
 
     async def append(
-        self, stream_id: str, expected_version: int, events: Sequence[PendingEvent]
+        self, stream_id: str, expected_version: int, events: Sequence[PendingEvent],
+        *, last_hash: str | None = None,
     ) -> list[EventEnvelope]:
         stream = self._streams.setdefault(stream_id, [])
         if len(stream) != expected_version:
@@ -139,37 +141,61 @@ class PostgresEventStore:
         return [EventEnvelope.model_validate_json(r["body"]) for r in rows]
 
     async def append(
-        self, stream_id: str, expected_version: int, events: Sequence[PendingEvent]
+        self, stream_id: str, expected_version: int, events: Sequence[PendingEvent],
+        *, last_hash: str | None = None,
     ) -> list[EventEnvelope]:
+        """Append at `expected_version`. A caller that has just read the stream passes its
+        last hash, and the append is then one round trip: the events and their outbox rows
+        in a single statement, which inserts nothing if another writer got there first."""
         if not events:
             return []
-        last = await self.conn.fetchrow(
-            f"SELECT version, hash FROM {self.schema}.events"
-            " WHERE stream_id = $1 ORDER BY version DESC LIMIT 1",
-            stream_id,
+        if last_hash is None:
+            last = await self.conn.fetchrow(
+                f"SELECT version, hash FROM {self.schema}.events"
+                " WHERE stream_id = $1 ORDER BY version DESC LIMIT 1",
+                stream_id,
+            )
+            actual = last["version"] if last else 0
+            if actual != expected_version:
+                raise ConcurrencyError(stream_id, expected_version, actual)
+            last_hash = last["hash"] if last else GENESIS_HASH
+        sealed = seal_all(stream_id, expected_version, last_hash, events)
+        messages = [event_message(self.events_topic, e) for e in sealed]
+        appended = await self.conn.fetchval(
+            self._append_sql,
+            [e.stream_id for e in sealed], [e.version for e in sealed],
+            [e.event_id for e in sealed], [e.type for e in sealed],
+            [e.citizen_ref for e in sealed], [e.occurred_at for e in sealed],
+            [e.hash for e in sealed], [e.to_bytes().decode() for e in sealed],
+            *outbox_columns(messages),
         )
-        actual = last["version"] if last else 0
-        if actual != expected_version:
-            raise ConcurrencyError(stream_id, expected_version, actual)
-        sealed = seal_all(
-            stream_id, expected_version, last["hash"] if last else GENESIS_HASH, events
-        )
-        try:
-            async with self.conn.transaction():  # a savepoint: losing a race leaves the caller's
-                await self.conn.executemany(     # transaction usable
-                    f"INSERT INTO {self.schema}.events"
-                    " (stream_id, version, event_id, type, citizen_ref, occurred_at, hash, body)"
-                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                    [
-                        (e.stream_id, e.version, e.event_id, e.type, e.citizen_ref,
-                         e.occurred_at, e.hash, e.to_bytes().decode())
-                        for e in sealed
-                    ],
-                )
-        except asyncpg.UniqueViolationError as exc:
-            raise ConcurrencyError(stream_id, expected_version) from exc
-        await enqueue(self.conn, self.schema, [event_message(self.events_topic, e) for e in sealed])
+        if appended != len(sealed):
+            # Versions are gapless, so a lost race conflicts on the first event and inserts
+            # nothing; anything else would be a broken invariant, never to be retried.
+            if appended:
+                raise RuntimeError(f"stream {stream_id}: partial append of {appended} events")
+            raise ConcurrencyError(stream_id, expected_version)
         return sealed
+
+    @property
+    def _append_sql(self) -> str:
+        s = self.schema
+        return f"""
+        WITH appended AS (
+            INSERT INTO {s}.events
+                (stream_id, version, event_id, type, citizen_ref, occurred_at, hash, body)
+            SELECT * FROM unnest($1::text[], $2::int[], $3::uuid[], $4::text[], $5::text[],
+                                 $6::timestamptz[], $7::text[], $8::text[])
+            ON CONFLICT (stream_id, version) DO NOTHING
+            RETURNING version
+        ), queued AS (
+            INSERT INTO {s}.outbox (topic, key, value, headers)
+            SELECT * FROM unnest($9::text[], $10::bytea[], $11::bytea[], $12::jsonb[])
+            WHERE (SELECT count(*) FROM appended) = cardinality($2::int[])
+            RETURNING 1
+        )
+        SELECT count(*) FROM appended, LATERAL pg_notify('{notify_channel(s)}', '') AS n
+        """
 
     async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[EventEnvelope]:
         rows = await self.conn.fetch(

@@ -24,23 +24,32 @@ class OutboxMessage:
     headers: tuple[tuple[str, bytes], ...] = ()
 
 
-def _channel(schema: str) -> str:
+def notify_channel(schema: str) -> str:
     return f"{schema}_outbox"
+
+
+def outbox_columns(
+    messages: Sequence[OutboxMessage],
+) -> tuple[list[str], list[bytes | None], list[bytes], list[str]]:
+    """The outbox rows as column arrays, for one `unnest` insert."""
+    return (
+        [m.topic for m in messages],
+        [m.key for m in messages],
+        [m.value for m in messages],
+        [json.dumps([[k, v.decode("latin-1")] for k, v in m.headers]) for m in messages],
+    )
 
 
 async def enqueue(conn: asyncpg.Connection, schema: str, messages: Sequence[OutboxMessage]) -> None:
     """Queue messages in the caller's transaction; the relay is woken when it commits."""
     if not messages:
         return
-    await conn.executemany(
-        f"INSERT INTO {schema}.outbox (topic, key, value, headers) VALUES ($1, $2, $3, $4)",
-        [
-            (m.topic, m.key, m.value,
-             json.dumps([[k, v.decode("latin-1")] for k, v in m.headers]))
-            for m in messages
-        ],
+    await conn.execute(
+        f"WITH queued AS (INSERT INTO {schema}.outbox (topic, key, value, headers)"
+        " SELECT * FROM unnest($1::text[], $2::bytea[], $3::bytea[], $4::jsonb[]))"
+        f" SELECT pg_notify('{notify_channel(schema)}', '')",
+        *outbox_columns(messages),
     )
-    await conn.execute(f"NOTIFY {_channel(schema)}")
 
 
 def make_producer(bootstrap: str) -> AIOKafkaProducer:
@@ -106,11 +115,11 @@ class OutboxRelay:
 
     async def run(self) -> None:
         async with self.pool.acquire() as conn:
-            await conn.add_listener(_channel(self.schema), self._on_notify)
+            await conn.add_listener(notify_channel(self.schema), self._on_notify)
             try:
                 while not self._stopping.is_set():
                     locked = await conn.fetchval(
-                        "SELECT pg_try_advisory_lock(hashtext($1))", _channel(self.schema)
+                        "SELECT pg_try_advisory_lock(hashtext($1))", notify_channel(self.schema)
                     )
                     if locked:
                         break
@@ -122,7 +131,7 @@ class OutboxRelay:
                     if sent < self.batch_size:
                         await self._sleep()
             finally:
-                await conn.remove_listener(_channel(self.schema), self._on_notify)
+                await conn.remove_listener(notify_channel(self.schema), self._on_notify)
                 await conn.execute("SELECT pg_advisory_unlock_all()")
 
     def stop(self) -> None:

@@ -108,3 +108,25 @@ async def test_two_concurrent_appends_at_the_same_version_one_wins_the_other_get
     async with pool.acquire() as conn:
         assert await conn.fetchval(f"SELECT count(*) FROM {schema}.events") == 1
         assert await conn.fetchval(f"SELECT count(*) FROM {schema}.outbox") == 1
+
+
+async def test_a_lost_race_in_the_one_round_trip_append_inserts_nothing_and_raises(
+    pool: asyncpg.Pool, schema: str,
+) -> None:
+    both_read = asyncio.Barrier(2)
+
+    async def writer() -> str:
+        async with pool.acquire() as conn, conn.transaction():
+            store = PostgresEventStore(conn, schema, "probe.events")
+            events = await store.read_stream("hot2")
+            await both_read.wait()
+            try:
+                await store.append("hot2", len(events), pending(2), last_hash=GENESIS_HASH)
+            except ConcurrencyError:
+                return "conflict"
+            return "won"
+
+    assert sorted(await asyncio.gather(writer(), writer())) == ["conflict", "won"]
+    async with pool.acquire() as conn:
+        assert await conn.fetchval(f"SELECT count(*) FROM {schema}.events") == 2
+        assert await conn.fetchval(f"SELECT count(*) FROM {schema}.outbox") == 2
