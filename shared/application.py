@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import TypeVar, cast
 from uuid import UUID, uuid4
 
 from shared.envelope import GENESIS_HASH, EventEnvelope
@@ -33,6 +34,65 @@ async def load(
     return fold(initial, evolve, [decode(e) for e in envelopes]), len(envelopes)
 
 
+class StateCache:
+    """Folded states of recently used streams, so a command reads one row instead of the
+    whole stream. An entry is used only while the stream's head still has the cached version
+    *and hash*: the hash chain names the exact history, so a state cached from a write that
+    was rolled back can never be mistaken for the committed one."""
+
+    def __init__(self, capacity: int = 20_000) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple[object, ...], tuple[int, str, object]] = OrderedDict()
+
+    def get(self, key: tuple[object, ...]) -> tuple[int, str, object] | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: tuple[object, ...], version: int, last_hash: str, state: object) -> None:
+        self._entries[key] = (version, last_hash, state)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+
+STATES = StateCache()
+
+
+def _key(store: EventStore, stream_id: str, evolve: object) -> tuple[object, ...]:
+    return (getattr(store, "schema", id(store)), stream_id, evolve)
+
+
+async def current_state(
+    store: EventStore,
+    stream_id: str,
+    decode: Callable[[EventEnvelope], E],
+    initial: S,
+    evolve: Callable[[S, E], S],
+    cache: StateCache = STATES,
+) -> tuple[S, int, str]:
+    """The stream's state, version and last hash: from the cache when the head matches,
+    else by folding only the events after the cached version (or all of them)."""
+    key = _key(store, stream_id, evolve)
+    version, last_hash = await store.head(stream_id)
+    cached = cache.get(key)
+    if cached is not None and cached[0] == version and cached[1] == last_hash:
+        return cast(S, cached[2]), version, last_hash
+    state, after, expected_prev = initial, 0, GENESIS_HASH
+    if cached is not None and cached[0] < version:
+        state, after, expected_prev = cast(S, cached[2]), cached[0], cached[1]
+    envelopes = await store.read_stream(stream_id, after_version=after)
+    if after and (not envelopes or envelopes[0].prev_hash != expected_prev):
+        # The cached history is not this stream's history: fold it all again.
+        state, envelopes = initial, await store.read_stream(stream_id)
+    state = fold(state, evolve, [decode(e) for e in envelopes])
+    if envelopes:
+        version, last_hash = envelopes[-1].version, envelopes[-1].hash
+    cache.put(key, version, last_hash, state)
+    return state, version, last_hash
+
+
 async def handle_command(
     store: EventStore,
     stream_id: str,
@@ -44,6 +104,7 @@ async def handle_command(
     meta: EventMeta,
     new_id: Callable[[], UUID] = uuid4,
     max_attempts: int = 5,
+    cache: StateCache = STATES,
 ) -> list[EventEnvelope]:
     """Decide against the latest state; a concurrent writer makes us re-read and decide again.
 
@@ -51,13 +112,17 @@ async def handle_command(
     `max_attempts` propagates as `ConcurrencyError`, never as a silent merge.
     """
     for attempt in range(1, max_attempts + 1):
-        envelopes = await store.read_stream(stream_id)
-        state = fold(initial, evolve, [decode(e) for e in envelopes])
+        state, version, last_hash = await current_state(store, stream_id, decode, initial,
+                                                        evolve, cache)
         pending = [to_pending(event, meta, new_id()) for event in decide(state)]
-        last_hash = envelopes[-1].hash if envelopes else GENESIS_HASH
         try:
-            return await store.append(stream_id, len(envelopes), pending, last_hash=last_hash)
+            appended = await store.append(stream_id, version, pending, last_hash=last_hash)
         except ConcurrencyError:
             if attempt == max_attempts:
                 raise
+            continue
+        if appended:
+            cache.put(_key(store, stream_id, evolve), appended[-1].version, appended[-1].hash,
+                      fold(state, evolve, [decode(e) for e in appended]))
+        return appended
     raise AssertionError("unreachable")

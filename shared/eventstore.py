@@ -28,7 +28,12 @@ class ConcurrencyError(Exception):
 
 
 class EventStore(Protocol):
-    async def read_stream(self, stream_id: str) -> list[EventEnvelope]: ...
+    async def read_stream(self, stream_id: str, after_version: int = 0) -> list[EventEnvelope]:
+        ...
+
+    async def head(self, stream_id: str) -> tuple[int, str]:
+        """The stream's last version and hash (0 and the genesis hash when it is empty)."""
+        ...
 
     async def append(
         self, stream_id: str, expected_version: int, events: Sequence[PendingEvent],
@@ -57,8 +62,12 @@ class InMemoryEventStore:
         self._streams: dict[str, list[EventEnvelope]] = {}
         self._log: list[EventEnvelope] = []
 
-    async def read_stream(self, stream_id: str) -> list[EventEnvelope]:
-        return list(self._streams.get(stream_id, []))
+    async def read_stream(self, stream_id: str, after_version: int = 0) -> list[EventEnvelope]:
+        return list(self._streams.get(stream_id, [])[after_version:])
+
+    async def head(self, stream_id: str) -> tuple[int, str]:
+        stream = self._streams.get(stream_id)
+        return (len(stream), stream[-1].hash) if stream else (0, GENESIS_HASH)
 
     async def append(
         self, stream_id: str, expected_version: int, events: Sequence[PendingEvent],
@@ -133,12 +142,22 @@ class PostgresEventStore:
         self.schema = schema
         self.events_topic = events_topic
 
-    async def read_stream(self, stream_id: str) -> list[EventEnvelope]:
+    async def read_stream(self, stream_id: str, after_version: int = 0) -> list[EventEnvelope]:
         rows = await self.conn.fetch(
-            f"SELECT body FROM {self.schema}.events WHERE stream_id = $1 ORDER BY version",
+            f"SELECT body FROM {self.schema}.events WHERE stream_id = $1 AND version > $2"
+            " ORDER BY version",
             stream_id,
+            after_version,
         )
         return [EventEnvelope.model_validate_json(r["body"]) for r in rows]
+
+    async def head(self, stream_id: str) -> tuple[int, str]:
+        row = await self.conn.fetchrow(
+            f"SELECT version, hash FROM {self.schema}.events"
+            " WHERE stream_id = $1 ORDER BY version DESC LIMIT 1",
+            stream_id,
+        )
+        return (row["version"], row["hash"]) if row else (0, GENESIS_HASH)
 
     async def append(
         self, stream_id: str, expected_version: int, events: Sequence[PendingEvent],
@@ -150,15 +169,9 @@ class PostgresEventStore:
         if not events:
             return []
         if last_hash is None:
-            last = await self.conn.fetchrow(
-                f"SELECT version, hash FROM {self.schema}.events"
-                " WHERE stream_id = $1 ORDER BY version DESC LIMIT 1",
-                stream_id,
-            )
-            actual = last["version"] if last else 0
+            actual, last_hash = await self.head(stream_id)
             if actual != expected_version:
                 raise ConcurrencyError(stream_id, expected_version, actual)
-            last_hash = last["hash"] if last else GENESIS_HASH
         sealed = seal_all(stream_id, expected_version, last_hash, events)
         messages = [event_message(self.events_topic, e) for e in sealed]
         appended = await self.conn.fetchval(

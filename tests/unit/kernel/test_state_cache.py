@@ -1,0 +1,71 @@
+"""The state cache: one row read per command, never a stale or foreign history."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from shared.application import StateCache, current_state, handle_command
+from shared.contracts.loss import LossCancelled
+from shared.envelope import EventEnvelope
+from shared.events import EventMeta
+from shared.eventstore import InMemoryEventStore
+
+META = EventMeta("ref", datetime(2026, 1, 1, tzinfo=UTC), "c", "c")
+
+
+def count(state: int, _event: EventEnvelope) -> int:
+    return state + 1
+
+
+def identity(envelope: EventEnvelope) -> EventEnvelope:
+    return envelope
+
+
+class CountingStore(InMemoryEventStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[int] = []
+
+    async def read_stream(self, stream_id: str, after_version: int = 0) -> list[EventEnvelope]:
+        self.reads.append(after_version)
+        return await super().read_stream(stream_id, after_version)
+
+
+async def append_one(store: InMemoryEventStore, cache: StateCache) -> None:
+    await handle_command(store, "s", decode=identity, initial=0, evolve=count,
+                         decide=lambda _: [LossCancelled(loss_id="l")], meta=META, cache=cache)
+
+
+async def test_a_stream_unchanged_since_the_last_command_is_not_read_again() -> None:
+    store, cache = CountingStore(), StateCache()
+    await append_one(store, cache)
+    await append_one(store, cache)
+    state, version, _ = await current_state(store, "s", identity, 0, count, cache)
+    assert (state, version) == (2, 2)
+    assert store.reads == [0]  # only the very first command read the (empty) stream
+
+
+async def test_events_written_by_another_process_are_folded_onto_the_cached_state() -> None:
+    store, cache = CountingStore(), StateCache()
+    await append_one(store, cache)
+    await append_one(store, StateCache())  # another process, another cache
+    state, version, _ = await current_state(store, "s", identity, 0, count, cache)
+    assert (state, version) == (2, 2)
+    assert store.reads[-1] == 1  # only what came after the cached version
+
+
+async def test_a_cached_state_whose_hash_differs_from_the_stream_is_never_used() -> None:
+    store, cache = CountingStore(), StateCache()
+    await append_one(store, cache)
+    # What a rolled-back write would leave: the right version, another history.
+    cache.put((id(store), "s", count), 1, "f" * 64, 999)
+    state, version, _ = await current_state(store, "s", identity, 0, count, cache)
+    assert (state, version) == (1, 1)
+
+
+async def test_a_cache_never_grows_past_its_capacity() -> None:
+    cache = StateCache(capacity=3)
+    for i in range(10):
+        cache.put(("k", i), 1, "h", i)
+    assert cache.get(("k", 9)) is not None
+    assert cache.get(("k", 0)) is None
