@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,6 +154,17 @@ def describe_validation_error(exc: ValidationError) -> str:
 EventHandler = Callable[[asyncpg.Connection, EventEnvelope], Awaitable[None]]
 
 
+def _bind_event(topic: str, envelope: EventEnvelope) -> None:
+    bind_message_context(
+        topic=topic,
+        event_type=envelope.type,
+        event_id=str(envelope.event_id),
+        citizen_ref=envelope.citizen_ref,
+        correlation_id=envelope.correlation_id,
+        causation_id=envelope.causation_id,
+    )
+
+
 class EventConsumer:
     """Applies each event once: the `processed` row and the effect share one transaction."""
 
@@ -181,17 +192,45 @@ class EventConsumer:
 
         async def process() -> None:
             envelope = parse_event(msg, self.known_types)
-            bind_message_context(
-                topic=msg.topic,
-                event_type=envelope.type,
-                event_id=str(envelope.event_id),
-                citizen_ref=envelope.citizen_ref,
-                correlation_id=envelope.correlation_id,
-                causation_id=envelope.causation_id,
-            )
+            _bind_event(msg.topic, envelope)
             await self.apply(envelope)
 
         await with_retries(msg, process, self.dead_letters, max_attempts=self.max_attempts)
+
+    async def handle_batch(self, messages: Sequence[Inbound]) -> None:
+        """One partition's records, in order, in one transaction: the processed rows in one
+        statement, then each new event's effect. If anything in it fails, the transaction is
+        rolled back and each record goes through `handle` alone (retries, DLQ) instead."""
+        valid: list[tuple[Inbound, EventEnvelope]] = []
+        for msg in messages:
+            try:
+                valid.append((msg, parse_event(msg, self.known_types)))
+            except Rejected as exc:
+                bind_message_context(topic=msg.topic, partition=msg.partition, offset=msg.offset)
+                await self.dead_letters.send(msg, exc.code, exc.reason)
+        if not valid:
+            return
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                fresh = set(await conn.fetchval(
+                    f"WITH new AS (INSERT INTO {self.schema}.processed (consumer, message_id)"
+                    " SELECT $1, id FROM unnest($2::text[]) AS id"
+                    " ON CONFLICT DO NOTHING RETURNING message_id)"
+                    " SELECT coalesce(array_agg(message_id), '{}') FROM new",
+                    self.name,
+                    [str(envelope.event_id) for _, envelope in valid],
+                ))
+                for msg, envelope in valid:
+                    event_id = str(envelope.event_id)
+                    if event_id not in fresh:
+                        continue
+                    fresh.discard(event_id)  # a redelivered copy later in the batch is skipped
+                    _bind_event(msg.topic, envelope)
+                    await self.handler(conn, envelope)
+        except Exception as exc:
+            log.info("batch.replayed_one_by_one", error=type(exc).__name__, size=len(valid))
+            for msg, _ in valid:
+                await self.handle(msg)
 
     async def apply(self, envelope: EventEnvelope) -> bool:
         """Apply one event unless already applied; True when it had an effect."""

@@ -99,8 +99,13 @@ class ServiceRuntime:
             for record in records:
                 by_partition.setdefault(record.partition, []).append(record)
             handle = handler()
+            # A consumer that can take a partition's records at once gets them so.
+            handle_batch = getattr(getattr(handle, "__self__", None), "handle_batch", None)
 
             async def in_order(partition_records: list[Any]) -> None:
+                if handle_batch is not None and len(partition_records) > 1:
+                    await handle_batch([Inbound.from_record(r) for r in partition_records])
+                    return
                 for record in partition_records:
                     await handle(Inbound.from_record(record))
 

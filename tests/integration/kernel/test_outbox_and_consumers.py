@@ -229,3 +229,54 @@ async def test_per_citizen_order_holds_across_six_partitions_with_citizens_inter
                                   until=lambda r: len(r) >= total)
     }
     assert len(partitions) == 6
+
+
+class RecordingDeadLetters:
+    """Stands in for the DLQ producer: what would have been dead-lettered, with the code."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, str]] = []
+
+    async def send(self, msg: Inbound, code: str, reason: str) -> None:
+        self.sent.append((msg.offset, code))
+
+
+async def test_a_batch_applies_each_new_event_once_and_parks_the_unreadable_ones(
+    pool: asyncpg.Pool, schema: str,
+) -> None:
+    await pool.execute(SEEN_DDL.format(schema=schema))
+    dead = RecordingDeadLetters()
+    consumer = EventConsumer(pool, schema, "probe", lambda c, e: record_seen(c, schema, e),
+                             dead, known_types={"LossCancelled"})  # type: ignore[arg-type]
+    events = make_events("s-b", "b", [LossCancelled(loss_id=f"l{i}") for i in range(3)])
+    values = [events[0].to_bytes(), events[1].to_bytes(), b"{broken", events[1].to_bytes(),
+              events[2].to_bytes()]
+    batch = [Inbound("probe.events", 0, offset, b"b", value) for offset, value in
+             enumerate(values)]
+    await consumer.handle_batch(batch[:2])  # the first two arrive, then the rest again
+    await consumer.handle_batch(batch)
+    rows = await pool.fetch(f"SELECT version FROM {schema}.seen ORDER BY seq")
+    assert [r["version"] for r in rows] == [1, 2, 3]
+    assert dead.sent == [(2, "malformed_json")]
+
+
+async def test_a_failing_effect_in_a_batch_undoes_the_batch_and_each_event_is_retried_alone(
+    pool: asyncpg.Pool, schema: str,
+) -> None:
+    await pool.execute(SEEN_DDL.format(schema=schema))
+    dead = RecordingDeadLetters()
+    events = make_events("s-f", "f", [LossCancelled(loss_id=f"l{i}") for i in range(3)])
+    poisoned = events[1].event_id
+
+    async def handler(conn: asyncpg.Connection, event: EventEnvelope) -> None:
+        await record_seen(conn, schema, event)
+        if event.event_id == poisoned:
+            raise ValueError("this event's effect cannot be applied")
+
+    consumer = EventConsumer(pool, schema, "probe", handler, dead,  # type: ignore[arg-type]
+                             max_attempts=2)
+    await consumer.handle_batch(
+        [Inbound("probe.events", 0, i, b"f", e.to_bytes()) for i, e in enumerate(events)])
+    rows = await pool.fetch(f"SELECT version FROM {schema}.seen ORDER BY seq")
+    assert [r["version"] for r in rows] == [1, 3]
+    assert dead.sent == [(1, "processing_failed")]
