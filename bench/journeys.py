@@ -24,6 +24,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+from aiokafka import AIOKafkaConsumer
 
 from bench.common import console, peak_rss_mb, percentiles, print_table, write_result
 from cardctl.channel import ChannelSimulator
@@ -71,6 +72,33 @@ async def count_events(conn: asyncpg.Connection) -> int:
     for schema in SERVICES:
         total += await conn.fetchval(f"SELECT count(*) FROM {schema}.events")
     return int(total)
+
+
+async def wait_until_drained(bootstrap: str, timeout_s: float = 180.0) -> float:
+    """Wait until every service's consumer group has caught up with its topics, so a phase
+    does not inherit the previous one's backlog; returns the seconds it took."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    await admin.start()
+    await consumer.start()
+    started = time.monotonic()
+    try:
+        groups = [f"carddesk-{name}" for name in (*SERVICES, "status")]
+        while time.monotonic() - started < timeout_s:
+            lag = 0
+            for group in groups:
+                committed = await admin.list_consumer_group_offsets(group)
+                ends = await consumer.end_offsets(list(committed))
+                lag += sum(max(0, ends[tp] - meta.offset) for tp, meta in committed.items())
+            if lag == 0:
+                break
+            await asyncio.sleep(0.5)
+    finally:
+        await consumer.stop()
+        await admin.close()
+    return time.monotonic() - started
 
 
 async def again(journey: Journey, session: Session) -> None:
@@ -205,6 +233,9 @@ async def run(citizens: int, seconds: float, rate: float, concurrency: int) -> N
             "failures": len(meter.failures), "first_failures": meter.failures[:5],
         }
 
+        drained_in = await wait_until_drained(settings.kafka_bootstrap)
+        sustained_figures["backlog_drained_after_s"] = drained_in
+        console.print(f"backlog drained after {drained_in:.1f} s")
         paced_meter = Meter()
         simulator.meter = paced_meter
         console.print(f"paced phase: {rate:.0f} commands/s for up to {seconds:.0f} s …")
@@ -231,6 +262,7 @@ async def run(citizens: int, seconds: float, rate: float, concurrency: int) -> N
         ("events/s", f"{s['events_per_s']:.0f}"),
         ("command → reply p50/p95/p99 ms", _triple(s["command_to_reply"])),
         ("failures", str(s["failures"])),
+        ("backlog drained after (s)", f"{s['backlog_drained_after_s']:.1f}"),
         (f"paced at {rate:.0f}/s: achieved commands/s", f"{p['achieved_commands_per_s']:.0f}"),
         ("command → reply p50/p95/p99 ms", _triple(p["command_to_reply"])),
         ("command → status visible p50/p95/p99 ms", _triple(p["command_to_status_visible"])),

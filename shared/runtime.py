@@ -112,7 +112,8 @@ class ServiceRuntime:
             await asyncio.gather(*(in_order(rs) for rs in by_partition.values()))
 
     async def start(self) -> None:
-        self._pool = await asyncpg.create_pool(self.settings.database_url, min_size=2, max_size=10)
+        self._pool = await asyncpg.create_pool(self.settings.database_url, min_size=2,
+                                               max_size=10, reset=keep_session)
         await migrate(self._pool, self.schema, self.extra_ddl)
         self._producer = make_producer(self.settings.kafka_bootstrap)
         await self._producer.start()
@@ -150,6 +151,12 @@ class ServiceRuntime:
             on_startup=[self.start],
             after_shutdown=[self.stop],
         )
+
+
+async def keep_session(_conn: asyncpg.Connection) -> None:
+    """Pool release without asyncpg's default reset query (unlock all, close, unlisten,
+    reset all): a round trip per release, and no code here leaves session state behind
+    (advisory locks are transaction-scoped; the relay releases its own lock and listener)."""
 
 
 async def supervise(name: str, loop: Callable[[], Awaitable[Any]]) -> None:
