@@ -96,4 +96,7 @@ async def demo(settings: CardDeskSettings, citizen: SyntheticCitizen,
         await journey.collect(session)
         row = await journey.wait_for_status(session.citizen_ref, "ACTIVE")
         report("✔ collected at the bureau with the ID card")
-        return session, row, await journey.timeline(session.citizen_ref)
+        # The status service follows four topics; wait until each has delivered its part.
+        timeline = await journey.wait_for_timeline(
+            session.citizen_ref, "LossReported", "CardReissued", "LossClosed", "CardCollected")
+        return session, await journey.card(session.citizen_ref) or row, timeline
