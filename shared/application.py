@@ -30,8 +30,8 @@ async def load(
     evolve: Callable[[S, E], S],
 ) -> tuple[S, int]:
     """The stream's current state and version."""
-    envelopes = await store.read_stream(stream_id)
-    return fold(initial, evolve, [decode(e) for e in envelopes]), len(envelopes)
+    state, version, _ = await current_state(store, stream_id, decode, initial, evolve)
+    return state, version
 
 
 class StateCache:

@@ -26,10 +26,10 @@ from shared.logging import bind_message_context
 from shared.outbox import OutboxMessage, enqueue
 from shared.sealing import FieldOpener, SealedFieldError
 from shared.settings import CardDeskSettings
+from shared.topics import REPLIES_TOPIC
 
 log = structlog.get_logger()
 
-REPLIES_TOPIC = "channel.replies"
 
 
 class Channel(BaseModel):

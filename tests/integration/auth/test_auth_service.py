@@ -18,10 +18,11 @@ from services.auth.adapters import SCHEMA, enroll
 from services.auth.handlers import stream_id
 from services.auth.main import COMMANDS_TOPIC, build
 from services.auth.settings import AuthSettings
-from shared.commands import REPLIES_TOPIC, ChannelRegistry, Reply, sign
+from shared.commands import ChannelRegistry, Reply, sign
 from shared.outbox import make_producer
 from shared.runtime import ServiceRuntime
 from shared.tokens import TokenVerifier
+from shared.topics import REPLIES_TOPIC
 from tests.integration.auth.citizens import (
     Citizen,
     new_citizen,

@@ -21,7 +21,7 @@ from services.issuance.adapters import ddl
 from services.issuance.handlers import IssuanceHandlers
 from services.issuance.main import build
 from services.issuance.settings import IssuanceSettings
-from shared.commands import REPLIES_TOPIC, ChannelRegistry, sign
+from shared.commands import ChannelRegistry, sign
 from shared.contracts.review import ReviewApproved, ReviewRejected
 from shared.crypto import Vault
 from shared.envelope import GENESIS_HASH, EventEnvelope
@@ -29,6 +29,7 @@ from shared.events import DomainEvent, EventMeta, to_pending
 from shared.eventstore import migrate
 from shared.identity import check_char, citizen_ref
 from shared.runtime import ServiceRuntime
+from shared.topics import REPLIES_TOPIC
 from tests.support import create_topics, eventually, unique
 
 pytestmark = pytest.mark.integration
