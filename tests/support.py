@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord
+import asyncpg
+import httpx
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka.admin import AIOKafkaAdminClient
 
 from cardctl.stack import ensure_topics
+from services.status.main import StatusService
+from services.status.main import build as build_status
+from services.status.settings import StatusSettings
 from shared.envelope import GENESIS_HASH, EventEnvelope
 from shared.events import DomainEvent, EventMeta, to_pending
+from shared.outbox import make_producer
+from shared.settings import CardDeskSettings
 from shared.topics import TopicSpec
 
 
@@ -73,3 +82,36 @@ async def eventually(check: Callable[[], object], timeout_s: float = 30.0) -> No
             return
         await asyncio.sleep(0.1)
     raise AssertionError(f"condition not met in {timeout_s}s; last value {last!r}")
+
+
+@asynccontextmanager
+async def isolated_status_service(
+    settings: CardDeskSettings, status_settings: StatusSettings,
+) -> AsyncIterator[tuple[StatusService, httpx.AsyncClient, AIOKafkaProducer]]:
+    """The status service in-process on its own schema, group and prefixed topics (created
+    here and deleted afterwards), with an HTTP client on its app and a producer for events."""
+    topics = list(status_settings.consumed_topics().values())
+    all_topics = [*topics, *(f"{t}.dlq" for t in topics)]
+    await create_topics(settings.kafka_bootstrap, all_topics, partitions=settings.partitions)
+    service = build_status(status_settings)
+    producer = make_producer(settings.kafka_bootstrap)
+    await producer.start()
+    try:
+        # The Starlette lifespan starts the runtime and the broker, as uvicorn would.
+        async with service.app.router.lifespan_context(service.app):
+            transport = httpx.ASGITransport(app=service.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://status") as http:
+                yield service, http, producer
+    finally:
+        await producer.stop()
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {status_settings.status_schema} CASCADE")
+        finally:
+            await conn.close()
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+        await admin.start()
+        try:
+            await admin.delete_topics(all_topics)
+        finally:
+            await admin.close()

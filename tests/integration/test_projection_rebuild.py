@@ -16,10 +16,9 @@ import asyncpg
 import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
 
 from services.status.adapters import card_record
-from services.status.main import StatusService, build
+from services.status.main import StatusService
 from services.status.projection import CardStatusRow, project
 from services.status.rebuild import (
     CARD_STATUS_COLUMNS,
@@ -32,9 +31,8 @@ from services.status.timeline import timeline_entry
 from shared.contracts import auth, issuance, loss, review
 from shared.envelope import GENESIS_HASH, EventEnvelope
 from shared.events import DomainEvent, EventMeta, to_pending
-from shared.outbox import make_producer
 from shared.settings import CardDeskSettings
-from tests.support import create_topics, eventually, unique
+from tests.support import eventually, isolated_status_service, unique
 
 pytestmark = pytest.mark.integration
 
@@ -178,30 +176,8 @@ async def isolated(settings: CardDeskSettings) -> AsyncIterator[Isolated]:
         rebuild_batch_rows=7,  # several COPY batches even for a few events
         rebuild_swap_max_lag=0,
     )
-    topics = list(rebuild_settings.consumed_topics().values())
-    all_topics = [*topics, *(f"{t}.dlq" for t in topics)]
-    await create_topics(settings.kafka_bootstrap, all_topics, partitions=settings.partitions)
-    service = build(rebuild_settings)
-    producer = make_producer(settings.kafka_bootstrap)
-    await producer.start()
-    try:
-        async with service.app.router.lifespan_context(service.app):
-            transport = httpx.ASGITransport(app=service.app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://status") as http:
-                yield Isolated(service, http, producer, rebuild_settings)
-    finally:
-        await producer.stop()
-        conn = await asyncpg.connect(settings.database_url)
-        try:
-            await conn.execute(f"DROP SCHEMA IF EXISTS {suffix} CASCADE")
-        finally:
-            await conn.close()
-        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-        await admin.start()
-        try:
-            await admin.delete_topics(all_topics)
-        finally:
-            await admin.close()
+    async with isolated_status_service(settings, rebuild_settings) as (service, http, producer):
+        yield Isolated(service, http, producer, rebuild_settings)
 
 
 async def test_after_the_swap_the_rows_are_those_of_the_live_tables_and_of_a_pure_fold(

@@ -10,21 +10,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
 
-from services.status.main import StatusService, build
+from services.status.main import StatusService
 from services.status.settings import StatusSettings
 from shared.contracts import EVENT_TOPICS, auth, issuance, loss
 from shared.envelope import GENESIS_HASH, EventEnvelope, chain_hash
 from shared.events import DomainEvent, EventMeta, to_pending
-from shared.outbox import make_producer
 from shared.settings import CardDeskSettings
 from shared.topics import all_topics
-from tests.support import create_topics, eventually, read_topic, unique
+from tests.support import eventually, isolated_status_service, read_topic, unique
 
 pytestmark = pytest.mark.integration
 
@@ -114,31 +111,8 @@ async def running(settings: CardDeskSettings) -> AsyncIterator[Running]:
         status_consumer_group=f"carddesk-status-{suffix}",
         status_topic_prefix=f"{suffix}.",
     )
-    topics = list(status_settings.consumed_topics().values())
-    await create_topics(settings.kafka_bootstrap, [*topics, *(f"{t}.dlq" for t in topics)],
-                        partitions=settings.partitions)
-    service = build(status_settings)
-    producer = make_producer(settings.kafka_bootstrap)
-    await producer.start()
-    try:
-        # The Starlette lifespan starts the runtime and the broker, as uvicorn would.
-        async with service.app.router.lifespan_context(service.app):
-            transport = httpx.ASGITransport(app=service.app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://status") as http:
-                yield Running(service, http, producer, status_settings)
-    finally:
-        await producer.stop()
-        conn = await asyncpg.connect(settings.database_url)
-        try:
-            await conn.execute(f"DROP SCHEMA IF EXISTS {suffix} CASCADE")
-        finally:
-            await conn.close()
-        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-        await admin.start()
-        try:
-            await admin.delete_topics([*topics, *(f"{t}.dlq" for t in topics)])
-        finally:
-            await admin.close()
+    async with isolated_status_service(settings, status_settings) as (service, http, producer):
+        yield Running(service, http, producer, status_settings)
 
 
 async def test_events_from_three_topics_make_a_formal_loss_visible_over_http(
