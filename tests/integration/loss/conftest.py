@@ -7,7 +7,7 @@ import asyncio
 import json
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -16,9 +16,7 @@ import pytest
 from aiokafka import (
     AIOKafkaConsumer,
     AIOKafkaProducer,
-    TopicPartition,
 )
-from aiokafka.admin import AIOKafkaAdminClient
 
 from cardctl.stack import ensure_topics
 from services.loss.main import build
@@ -30,6 +28,7 @@ from shared.eventstore import event_message
 from shared.runtime import ServiceRuntime
 from shared.tokens import SessionClaims, TokenSigner
 from shared.topics import all_topics
+from tests.support import TopicTail, partitions_of
 
 CHANNEL = "wechat-oa"
 CONSUMED = ("loss.commands", "issuance.events", "review.events")
@@ -42,47 +41,8 @@ def loss_settings() -> LossSettings:
                         loss_expiry_scan_interval=timedelta(milliseconds=200))
 
 
-async def partitions_of(bootstrap: str, topics: Sequence[str]) -> list[TopicPartition]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        described = await admin.describe_topics(list(topics))
-    finally:
-        await admin.close()
-    return [TopicPartition(d["topic"], p["partition"]) for d in described
-            for p in d["partitions"]]
-
-
-class Tail:
+class Tail(TopicTail):
     """Every record of a topic from the moment it started, collected in the background."""
-
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        self.topic = topic
-        self._bootstrap = bootstrap
-        self.records: list[Any] = []
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
-                                          enable_auto_commit=False)
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        await self._consumer.start()
-        tps = await partitions_of(self._bootstrap, [self.topic])
-        self._consumer.assign(tps)
-        await self._consumer.seek_to_end(*tps)
-        for tp in tps:  # resolve the end offsets now, before anything is produced
-            await self._consumer.position(tp)
-        self._task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        while True:
-            batch = await self._consumer.getmany(timeout_ms=200)
-            for records in batch.values():
-                self.records.extend(records)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        await self._consumer.stop()
 
     def json_values(self) -> list[dict[str, Any]]:
         return [json.loads(r.value) for r in self.records]

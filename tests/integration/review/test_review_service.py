@@ -30,6 +30,7 @@ from shared.events import DomainEvent, EventMeta, to_pending
 from shared.runtime import ServiceRuntime
 from shared.tokens import SessionClaims, TokenSigner
 from shared.topics import all_topics
+from tests.support import TopicTail
 
 pytestmark = pytest.mark.integration
 
@@ -38,41 +39,8 @@ TOPICS = ("review.commands", "review.events", "loss.events", "channel.replies",
           "review.commands.dlq", "loss.events.dlq")
 
 
-@dataclass
-class Tail:
+class Tail(TopicTail):
     """Everything published on a topic from the moment `start` returns."""
-
-    bootstrap: str
-    topic: str
-    records: list[ConsumerRecord] = field(default_factory=list)
-    _consumer: AIOKafkaConsumer | None = None
-    _task: asyncio.Task[None] | None = None
-
-    async def start(self, producer: AIOKafkaProducer) -> None:
-        partitions = [TopicPartition(self.topic, p)
-                      for p in sorted(await producer.partitions_for(self.topic))]
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None,
-                                    enable_auto_commit=False)
-        await consumer.start()
-        consumer.assign(partitions)
-        await consumer.seek_to_end(*partitions)
-        for tp in partitions:
-            await consumer.position(tp)
-        self._consumer = consumer
-        self._task = asyncio.create_task(self._collect())
-
-    async def _collect(self) -> None:
-        assert self._consumer is not None
-        while True:
-            batch = await self._consumer.getmany(timeout_ms=200)
-            for records in batch.values():
-                self.records.extend(records)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        if self._consumer is not None:
-            await self._consumer.stop()
 
     async def first(self, match: Callable[[ConsumerRecord], bool]) -> ConsumerRecord:
         deadline = asyncio.get_running_loop().time() + WAIT_S
@@ -174,8 +142,8 @@ async def review() -> AsyncIterator[Harness]:
     await producer.start()
     replies = Tail(settings.kafka_bootstrap, "channel.replies")
     events = Tail(settings.kafka_bootstrap, "review.events")
-    await replies.start(producer)
-    await events.start(producer)
+    await replies.start()
+    await events.start()
     group = f"carddesk-review-test-{uuid.uuid4().hex[:10]}"
     await start_group_at_end(settings.kafka_bootstrap, group,
                              ["review.commands", "loss.events"], producer)
