@@ -46,4 +46,4 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if not isinstance(item, pytest.Function) or not item.get_closest_marker("integration"):
             continue
         if "stack" not in item.fixturenames:
-            item.fixturenames.append("stack")
+            item.fixturenames.insert(0, "stack")  # before module fixtures that need it
