@@ -13,6 +13,7 @@ import uuid
 from datetime import UTC, datetime
 
 import asyncpg
+import uvloop
 
 from bench.common import console, print_table, write_result
 from shared.envelope import PendingEvent
@@ -113,4 +114,4 @@ if __name__ == "__main__":
     parser.add_argument("--writers", type=int, default=8)
     args = parser.parse_args()
     configure_logging("bench", "WARNING")
-    asyncio.run(main(args.seconds, args.writers))
+    uvloop.run(main(args.seconds, args.writers))

@@ -24,6 +24,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import uvloop
 from aiokafka import AIOKafkaConsumer
 
 from bench.common import console, peak_rss_mb, percentiles, print_table, write_result
@@ -288,7 +289,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=200)
     args = parser.parse_args()
     configure_logging("bench", "WARNING")
-    asyncio.run(run(args.citizens, args.seconds, args.rate, args.concurrency))
+    uvloop.run(run(args.citizens, args.seconds, args.rate, args.concurrency))
 
 
 if __name__ == "__main__":

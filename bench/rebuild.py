@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import uvloop
 
 from bench.common import console, print_table, write_result
 from cardctl.stack import ensure_topics
@@ -163,4 +164,4 @@ if __name__ == "__main__":
     parser.add_argument("--citizens", type=int, default=100_000)
     args = parser.parse_args()
     configure_logging("bench", "WARNING")
-    asyncio.run(main(args.citizens))
+    uvloop.run(main(args.citizens))

@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import asyncpg
 import typer
+import uvloop
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import ValidationError
@@ -483,8 +484,8 @@ def verify_command(topic_prefix: TopicPrefix = None, bootstrap: Bootstrap = None
     console = _console()
     with progress_bar(console) as progress:
         try:
-            report = asyncio.run(verify_log(bootstrap or settings.kafka_bootstrap,
-                                            topic_prefix or "", progress=progress))
+            report = uvloop.run(verify_log(bootstrap or settings.kafka_bootstrap,
+                                           topic_prefix or "", progress=progress))
         except LogReadError as error:
             console.print(f"could not read the log: {error}", markup=False)
             raise typer.Exit(2) from error
@@ -524,7 +525,7 @@ def replay_command(
     prefix = settings.status_topic_prefix if topic_prefix is None else topic_prefix
     with progress_bar(console) as progress:
         try:
-            report = asyncio.run(replay_log(
+            report = uvloop.run(replay_log(
                 bootstrap or settings.kafka_bootstrap, settings.database_url,
                 schema=schema or settings.status_schema, prefix=prefix, citizen=ref,
                 progress=progress))

@@ -12,6 +12,7 @@ import re
 from typing import Annotated
 
 import typer
+import uvloop
 from rich.console import Console
 from rich.table import Table
 
@@ -73,7 +74,7 @@ def erase_command(
     if not re.fullmatch(CITIZEN_REF_PATTERN, ref):
         console.print("[red]not a citizen_ref (64 hex digits) nor a valid ID number[/]")
         raise typer.Exit(2)
-    replies = asyncio.run(erase(settings, ref, reason.strip() or DEFAULT_REASON))
+    replies = uvloop.run(erase(settings, ref, reason.strip() or DEFAULT_REASON))
     table = Table("service", "outcome", "detail", title=f"erasure of {ref[:12]}…")
     for service, reply in replies.items():
         table.add_row(service, *_outcome(reply))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
 import typer
+import uvloop
 from rich.console import Console
 from rich.table import Table
 
@@ -120,8 +120,8 @@ def seed_command(
 ) -> None:
     """Create synthetic citizens: registry entries with a face template and initial cards."""
     settings = CardDeskSettings()
-    asyncio.run(operations.seed(settings, citizens, out, seed_value=seed_value,
-                                report=lambda line: console.print(f"[dim]•[/] {line}")))
+    uvloop.run(operations.seed(settings, citizens, out, seed_value=seed_value,
+                               report=lambda line: console.print(f"[dim]•[/] {line}")))
 
 
 @app.command("demo")
@@ -130,10 +130,10 @@ def demo_command() -> None:
     settings = CardDeskSettings()
     out = settings.state_dir / "demo-citizen.jsonl"
     say = lambda line: console.print(f"[dim]•[/] {line}")  # noqa: E731
-    [citizen] = asyncio.run(operations.seed(settings, 1, out, report=say))
+    [citizen] = uvloop.run(operations.seed(settings, 1, out, report=say))
     console.print(f"demo citizen {mask_name(citizen.name)} {mask_id_number(citizen.id_number)}, "
                   f"card {mask_card_no(citizen.card_no)}")
-    session, row, timeline = asyncio.run(operations.demo(settings, citizen, report=say))
+    session, row, timeline = uvloop.run(operations.demo(settings, citizen, report=say))
     _print_card(row)
     _print_timeline(session.citizen_ref, timeline)
     if row["status"] != "ACTIVE" or row["card_no_masked"] == mask_card_no(citizen.card_no):

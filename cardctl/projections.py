@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated
 
 import typer
+import uvloop
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -75,8 +75,8 @@ def rebuild_command(
     console.print(f"rebuilding {settings.status_schema}.card_status and card_timeline from "
                   f"{', '.join(settings.consumed_topics().values())}")
     try:
-        report = asyncio.run(run_rebuild(settings, keep_old=keep_old,
-                                          allow_shrink=allow_shrink))
+        report = uvloop.run(run_rebuild(settings, keep_old=keep_old,
+                                         allow_shrink=allow_shrink))
     except Exception as error:  # any failure before the swap's commit changes nothing
         console.print(f"[red]rebuild failed, the live tables are untouched:[/] {error}")
         raise typer.Exit(1) from error

@@ -12,6 +12,7 @@ from typing import Any
 
 import asyncpg
 import structlog
+import uvloop
 from aiokafka import AIOKafkaProducer
 from faststream.asgi import AsgiFastStream, make_ping_asgi
 from faststream.kafka import KafkaBroker, KafkaMessage
@@ -179,4 +180,4 @@ def run_service(runtime: ServiceRuntime, default_health_port: int) -> None:
     settings = runtime.settings
     port = settings.health_port or default_health_port
     app = runtime.app()
-    asyncio.run(app.run(run_extra_options={"host": settings.http_host, "port": port}))
+    uvloop.run(app.run(run_extra_options={"host": settings.http_host, "port": port}))

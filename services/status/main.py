@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import uvicorn
+import uvloop
 from starlette.applications import Starlette
 
 from services.status.adapters import StatusWriter, status_ddl
@@ -98,7 +99,7 @@ def build(settings: StatusSettings | None = None) -> StatusService:
 def main() -> None:
     service = build()
     configure_logging("status", service.settings.log_level)
-    asyncio.run(service.serve())
+    uvloop.run(service.serve())
 
 
 if __name__ == "__main__":
