@@ -110,7 +110,9 @@ def test_where_orjson_spells_a_value_differently_parse_event_decides() -> None:
     differs = [k for k, v in exotic.items() if _orjson_spelling(v) != canonical_json(v)]
     assert differs, "orjson now spells these as json does; the fallback is untested"
     body = corpus_body()
-    value = resealed(dict(body, data={**body["data"], **exotic}))
+    data = body["data"]
+    assert isinstance(data, dict)
+    value = resealed(dict(body, data={**data, **exotic}))
     assert fast_outcome(value) == outcome(value) == f"ok {body['event_id']}"
 
 
