@@ -159,8 +159,8 @@ class CommandIntake:
         if channel is None:
             return await self._refuse(msg, request_id, "unknown_channel",
                                       "the x-channel-id header names no known channel")
-        signature = msg.header("x-signature") or ""
-        if not hmac.compare_digest(signature, sign(channel.secret, msg.value)):
+        signature = msg.headers.get("x-signature", b"")  # bytes: it may be anything at all
+        if not hmac.compare_digest(signature, sign(channel.secret, msg.value).encode()):
             return await self._refuse(msg, request_id, "bad_signature",
                                       "x-signature does not match the message")
         try:

@@ -152,6 +152,8 @@ def describe_validation_error(exc: ValidationError) -> str:
 
 
 EventHandler = Callable[[asyncpg.Connection, EventEnvelope], Awaitable[None]]
+# Applies several events of one partition, in order, as `EventHandler` would one by one.
+BatchEventHandler = Callable[[asyncpg.Connection, Sequence[EventEnvelope]], Awaitable[None]]
 
 
 def _bind_event(topic: str, envelope: EventEnvelope) -> None:
@@ -178,8 +180,10 @@ class EventConsumer:
         *,
         known_types: Collection[str] | None = None,
         max_attempts: int = 5,
+        batch_handler: BatchEventHandler | None = None,
     ) -> None:
         self.pool = pool
+        self.batch_handler = batch_handler
         self.schema = schema
         self.name = name
         self.handler = handler
@@ -199,8 +203,9 @@ class EventConsumer:
 
     async def handle_batch(self, messages: Sequence[Inbound]) -> None:
         """One partition's records, in order, in one transaction: the processed rows in one
-        statement, then each new event's effect. If anything in it fails, the transaction is
-        rolled back and each record goes through `handle` alone (retries, DLQ) instead."""
+        statement, then the new events' effects (by `batch_handler` at once, if there is
+        one). If anything in it fails, the transaction is rolled back and each record goes
+        through `handle` alone (retries, DLQ) instead."""
         valid: list[tuple[Inbound, EventEnvelope]] = []
         for msg in messages:
             try:
@@ -220,11 +225,18 @@ class EventConsumer:
                     self.name,
                     [str(envelope.event_id) for _, envelope in valid],
                 ))
+                new: list[tuple[Inbound, EventEnvelope]] = []
                 for msg, envelope in valid:
                     event_id = str(envelope.event_id)
-                    if event_id not in fresh:
-                        continue
-                    fresh.discard(event_id)  # a redelivered copy later in the batch is skipped
+                    if event_id in fresh:
+                        fresh.discard(event_id)  # a redelivered copy later in it is skipped
+                        new.append((msg, envelope))
+                if self.batch_handler is not None:
+                    if new:
+                        bind_message_context(topic=new[0][0].topic, events=len(new))
+                        await self.batch_handler(conn, [envelope for _, envelope in new])
+                    return
+                for msg, envelope in new:
                     _bind_event(msg.topic, envelope)
                     await self.handler(conn, envelope)
         except Exception as exc:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
 import structlog
 import uvloop
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 from faststream.asgi import AsgiFastStream, make_ping_asgi
 from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.middlewares import AckPolicy
@@ -91,6 +92,8 @@ class ServiceRuntime:
             batch_timeout_ms=self.settings.consumer_batch_wait_ms,
             title=title or f"{topic}:{self.name}",
             description=description,
+            parser=parse_leniently,
+            decoder=leave_undecoded,
         )
         async def on_batch(msg: KafkaMessage) -> None:
             records = msg.raw_message
@@ -152,6 +155,25 @@ class ServiceRuntime:
             on_startup=[self.start],
             after_shutdown=[self.stop],
         )
+
+
+async def parse_leniently(records: tuple[ConsumerRecord[Any, Any], ...],
+                          original: Callable[[Any], Awaitable[Any]]) -> Any:
+    """FastStream's parser decodes every header as UTF-8: a record with one that is not would
+    fail before our code runs and be redelivered for ever. Such a batch is parsed again with
+    the bad bytes replaced (U+FFFD), so the record reaches our checks and its DLQ."""
+    try:
+        return await original(records)
+    except UnicodeDecodeError:
+        return await original(tuple(
+            dataclasses.replace(record, headers=[
+                (key, value.decode("utf-8", "replace").encode()) for key, value in record.headers
+            ]) for record in records))
+
+
+async def leave_undecoded(_message: Any) -> None:
+    """The handlers read the raw records; decoding every value as FastStream does by default
+    would be work thrown away."""
 
 
 async def keep_session(_conn: asyncpg.Connection) -> None:

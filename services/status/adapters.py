@@ -1,11 +1,12 @@
 """PostgreSQL side of the projection: the read-model tables, the writer and the queries.
 
-The writer loads the row `FOR UPDATE`, projects, and saves row + timeline entry; the
-`processed` row is written by `EventConsumer` in the same transaction.
+The writer loads the rows `FOR UPDATE`, projects, and saves rows + timeline entries; the
+`processed` rows are written by `EventConsumer` in the same transaction.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -13,7 +14,12 @@ from pydantic import ValidationError
 
 from services.status.projection import CardStatusRow, SubStates, project
 from services.status.timeline import TimelineEntry, as_seen_after_erasure, timeline_entry
-from shared.consumer import EventHandler, Rejected, describe_validation_error
+from shared.consumer import (
+    BatchEventHandler,
+    EventHandler,
+    Rejected,
+    describe_validation_error,
+)
 from shared.envelope import EventEnvelope
 
 
@@ -54,7 +60,7 @@ CARD_COLUMNS = ("citizen_ref", "card_no_masked", "status", "e_card_status", "los
 
 
 class StatusWriter:
-    """Applies one event to `card_status` and `card_timeline` inside the caller's transaction."""
+    """Applies events to `card_status` and `card_timeline` inside the caller's transaction."""
 
     def __init__(self, schema: str) -> None:
         self.schema = schema
@@ -63,36 +69,64 @@ class StatusWriter:
         """The `EventConsumer` handler of one topic; `topic` is the contract's name for it."""
 
         async def handle(conn: asyncpg.Connection, envelope: EventEnvelope) -> None:
-            await self.apply(conn, envelope, topic)
+            await self.apply_all(conn, [envelope], topic)
 
         return handle
 
-    async def apply(self, conn: asyncpg.Connection, envelope: EventEnvelope, topic: str) -> None:
+    def batch_handler_for(self, topic: str) -> BatchEventHandler:
+        """The same for a partition's batch: a few statements, however many events."""
+
+        async def handle(conn: asyncpg.Connection, envelopes: Sequence[EventEnvelope]) -> None:
+            await self.apply_all(conn, envelopes, topic)
+
+        return handle
+
+    async def apply_all(self, conn: asyncpg.Connection, envelopes: Sequence[EventEnvelope],
+                        topic: str) -> None:
+        """Lock the citizens, load their rows, fold the events in order, save rows and
+        timeline entries: four statements for the lot."""
+        refs = sorted({e.citizen_ref for e in envelopes})
         # Two topics may carry events of one citizen at once: serialise them on the citizen,
         # also when the row does not exist yet (FOR UPDATE alone cannot lock a missing row).
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))",
-                           f"{self.schema}.card_status", envelope.citizen_ref)
-        row = await load_row(conn, self.schema, envelope.citizen_ref, for_update=True)
+        # Every transaction takes its locks in key order, so two batches cannot deadlock.
+        await conn.execute(
+            "SELECT count(pg_advisory_xact_lock(hashtext($1), key)) FROM"
+            " (SELECT DISTINCT hashtext(ref) AS key FROM unnest($2::text[]) AS ref"
+            "  ORDER BY key) AS keys",
+            f"{self.schema}.card_status", refs)
+        rows = await load_rows(conn, self.schema, refs, for_update=True)
+        entries: list[TimelineEntry] = []
         try:
-            new_row = project(row, envelope)
-            entry = timeline_entry(envelope, topic)
+            for envelope in envelopes:
+                ref = envelope.citizen_ref
+                rows[ref] = project(rows.get(ref), envelope)
+                entries.append(timeline_entry(envelope, topic))
         except ValidationError as exc:
             raise Rejected("invalid_event_data", describe_validation_error(exc)) from exc
-        await save_row(conn, self.schema, new_row)
-        await add_entry(conn, self.schema, entry)
+        await save_rows(conn, self.schema, [rows[ref] for ref in refs])
+        await add_entries(conn, self.schema, entries)
 
 
-async def load_row(conn: asyncpg.Connection, schema: str, citizen_ref: str, *,
-                   for_update: bool = False) -> CardStatusRow | None:
-    lock = " FOR UPDATE" if for_update else ""
-    record = await conn.fetchrow(
-        f"SELECT * FROM {schema}.card_status WHERE citizen_ref = $1{lock}", citizen_ref
-    )
-    if record is None:
-        return None
+def _row_of(record: asyncpg.Record) -> CardStatusRow:
     values = dict(record)
     values["sub_states"] = SubStates.model_validate_json(values["sub_states"])
     return CardStatusRow.model_validate(values)
+
+
+async def load_row(conn: asyncpg.Connection, schema: str,
+                   citizen_ref: str) -> CardStatusRow | None:
+    record = await conn.fetchrow(
+        f"SELECT * FROM {schema}.card_status WHERE citizen_ref = $1", citizen_ref)
+    return None if record is None else _row_of(record)
+
+
+async def load_rows(conn: asyncpg.Connection, schema: str, citizen_refs: Sequence[str], *,
+                    for_update: bool = False) -> dict[str, CardStatusRow]:
+    lock = " FOR UPDATE" if for_update else ""
+    records = await conn.fetch(
+        f"SELECT * FROM {schema}.card_status WHERE citizen_ref = ANY($1::text[]){lock}",
+        citizen_refs)
+    return {record["citizen_ref"]: _row_of(record) for record in records}
 
 
 def card_record(row: CardStatusRow) -> tuple[Any, ...]:
@@ -102,25 +136,37 @@ def card_record(row: CardStatusRow) -> tuple[Any, ...]:
             row.pickup_bureau, row.updated_at, row.last_event_id, row.sub_states.model_dump_json())
 
 
-async def save_row(conn: asyncpg.Connection, schema: str, row: CardStatusRow) -> None:
+# The types of `(*CARD_COLUMNS, "sub_states")`; sub_states travels as text, stored as jsonb.
+_CARD_TYPES = ("text", "text", "text", "text", "text", "timestamptz", "text", "text", "text",
+               "timestamptz", "text", "text")
+
+
+async def save_rows(conn: asyncpg.Connection, schema: str, rows: Sequence[CardStatusRow]) -> None:
     columns = (*CARD_COLUMNS, "sub_states")
-    placeholders = ", ".join(f"${i}" for i in range(1, len(CARD_COLUMNS) + 1))
+    arrays = ", ".join(f"${i}::{t}[]" for i, t in enumerate(_CARD_TYPES, start=1))
+    selected = ", ".join(columns[:-1]) + ", sub_states::jsonb"
     updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns[1:])
+    records = [card_record(row) for row in rows]
     await conn.execute(
         f"INSERT INTO {schema}.card_status ({', '.join(columns)})"
-        f" VALUES ({placeholders}, ${len(columns)}::jsonb)"
+        f" SELECT {selected} FROM unnest({arrays}) AS u({', '.join(columns)})"
         f" ON CONFLICT (citizen_ref) DO UPDATE SET {updates}",
-        *card_record(row),
+        *([record[i] for record in records] for i in range(len(columns))),
     )
 
 
-async def add_entry(conn: asyncpg.Connection, schema: str, entry: TimelineEntry) -> None:
+async def add_entries(conn: asyncpg.Connection, schema: str,
+                      entries: Sequence[TimelineEntry]) -> None:
     await conn.execute(
         f"INSERT INTO {schema}.card_timeline"
         " (citizen_ref, event_id, type, occurred_at, description, topic, stream_id, version)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (event_id) DO NOTHING",
-        entry.citizen_ref, entry.event_id, entry.type, entry.occurred_at, entry.description,
-        entry.topic, entry.stream_id, entry.version,
+        " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[],"
+        " $5::text[], $6::text[], $7::text[], $8::int[])"
+        " ON CONFLICT (event_id) DO NOTHING",
+        [e.citizen_ref for e in entries], [e.event_id for e in entries],
+        [e.type for e in entries], [e.occurred_at for e in entries],
+        [e.description for e in entries], [e.topic for e in entries],
+        [e.stream_id for e in entries], [e.version for e in entries],
     )
 
 

@@ -54,6 +54,7 @@ class StatusService:
                 self.runtime.dead_letters,
                 known_types=KNOWN_EVENT_TYPES[contract_topic],
                 max_attempts=self.settings.consumer_max_attempts,
+                batch_handler=self.writer.batch_handler_for(contract_topic),
             )
 
     def _handler(self, topic: str) -> Callable[[], MessageHandler]:

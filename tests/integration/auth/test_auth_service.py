@@ -278,3 +278,15 @@ async def test_a_command_with_a_wrong_signature_is_refused_and_changes_nothing(
     await channel.send_raw(request_id, raw, signature=sign("not-the-secret", raw))
     reply = await channel.replies.reply(request_id)
     assert (reply.status, reply.code) == ("rejected", "bad_signature")
+
+
+async def test_a_header_that_is_not_utf8_is_refused_and_the_next_command_is_served(
+    channel: ChannelClient
+) -> None:
+    request_id, raw = channel.envelope("IssueCaptcha", {})
+    await channel.producer.send_and_wait(
+        COMMANDS_TOPIC, value=raw, key=request_id.encode(),
+        headers=[("x-channel-id", CHANNEL.encode()), ("x-signature", b"\xff\xfe\xfd")])
+    reply = await channel.replies.reply(request_id)
+    assert (reply.status, reply.code) == ("rejected", "bad_signature")
+    assert "code" in await channel.captcha()
