@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -20,10 +20,16 @@ import asyncpg
 import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from shared.consumer import DeadLetters, Inbound, describe_validation_error, with_retries
+from shared.consumer import (
+    DeadLetters,
+    Inbound,
+    Rejected,
+    describe_validation_error,
+    with_retries,
+)
 from shared.errors import DomainError
 from shared.logging import bind_message_context
-from shared.outbox import OutboxMessage, enqueue
+from shared.outbox import OutboxMessage, notify_channel, outbox_columns
 from shared.sealing import FieldOpener, SealedFieldError
 from shared.settings import CardDeskSettings
 from shared.topics import REPLIES_TOPIC
@@ -123,6 +129,17 @@ class CommandRoute:
     accepted_message: str = "accepted"
 
 
+@dataclass(frozen=True, slots=True)
+class CheckedCommand:
+    """A command that passed every check, ready to run."""
+
+    msg: Inbound
+    type: str
+    route: CommandRoute
+    context: CommandContext
+    payload: Any
+
+
 class CommandIntake:
     """The one pipeline every `<service>.commands` subscriber calls."""
 
@@ -150,82 +167,132 @@ class CommandIntake:
 
     async def handle(self, msg: Inbound) -> None:
         bind_message_context(topic=msg.topic, partition=msg.partition, offset=msg.offset)
-        await with_retries(msg, lambda: self._process(msg), self.dead_letters,
-                           max_attempts=self.max_attempts)
 
-    async def _process(self, msg: Inbound) -> None:
-        request_id = _request_id_of(msg)
+        async def process() -> None:
+            command = await self._checked(msg)
+            if command is not None:
+                await self._execute([command])
+
+        await with_retries(msg, process, self.dead_letters, max_attempts=self.max_attempts)
+
+    async def handle_batch(self, messages: Sequence[Inbound]) -> None:
+        """One partition's commands, in order, in one transaction (a savepoint each): the
+        stored replies read in one query, the new replies and every reply's outbox row
+        written in one statement, one commit. If the transaction fails as a whole, each
+        command goes through `_execute` alone, with retries, as `handle` would run it."""
+        commands: list[CheckedCommand] = []
+        for msg in messages:
+            bind_message_context(topic=msg.topic, partition=msg.partition, offset=msg.offset)
+
+            async def check(msg: Inbound = msg) -> None:
+                command = await self._checked(msg)
+                if command is not None:
+                    commands.append(command)
+
+            await with_retries(msg, check, self.dead_letters, max_attempts=self.max_attempts)
+        if not commands:
+            return
+        try:
+            await self._execute(commands)
+        except Exception as exc:
+            log.info("batch.replayed_one_by_one", error=type(exc).__name__, size=len(commands))
+            for command in commands:
+                bind_message_context(topic=command.msg.topic, partition=command.msg.partition,
+                                     offset=command.msg.offset)
+
+                async def alone(command: CheckedCommand = command) -> None:
+                    await self._execute([command])
+
+                await with_retries(command.msg, alone, self.dead_letters,
+                                   max_attempts=self.max_attempts)
+
+    async def _checked(self, msg: Inbound) -> CheckedCommand | None:
+        """The command ready to run, or None once it has been refused."""
+        try:
+            return self._check(msg)
+        except Rejected as exc:
+            await self._refuse(msg, _request_id_of(msg), exc.code, exc.reason)
+            return None
+
+    def _check(self, msg: Inbound) -> CheckedCommand:
+        """Who sent it, whether it is intact and well-formed: the command ready to run.
+        Raises `Rejected` with the code its refusal carries."""
         channel = self.channels.get(msg.header("x-channel-id") or "")
         if channel is None:
-            return await self._refuse(msg, request_id, "unknown_channel",
-                                      "the x-channel-id header names no known channel")
+            raise Rejected("unknown_channel", "the x-channel-id header names no known channel")
         signature = msg.headers.get("x-signature", b"")  # bytes: it may be anything at all
         if not hmac.compare_digest(signature, sign(channel.secret, msg.value).encode()):
-            return await self._refuse(msg, request_id, "bad_signature",
-                                      "x-signature does not match the message")
+            raise Rejected("bad_signature", "x-signature does not match the message")
         try:
             command = CommandEnvelope.model_validate_json(msg.value)
         except ValidationError as exc:
-            return await self._refuse(msg, request_id, "malformed_command",
-                                      describe_validation_error(exc))
+            raise Rejected("malformed_command", describe_validation_error(exc)) from exc
         if command.channel != channel.channel_id:
-            return await self._refuse(msg, request_id, "channel_mismatch",
-                                      "the envelope's channel differs from x-channel-id")
+            raise Rejected("channel_mismatch", "the envelope's channel differs from x-channel-id")
         route = self.routes.get(command.type)
         if route is None:
-            return await self._refuse(msg, request_id, "unknown_command_type",
-                                      f"unknown command type {command.type!r}")
+            raise Rejected("unknown_command_type", f"unknown command type {command.type!r}")
         try:
             opened = self.opener.open_payload(command.type, command.payload)
         except SealedFieldError as exc:
-            return await self._refuse(msg, request_id, exc.code, str(exc))
+            raise Rejected(exc.code, str(exc)) from exc
         try:
             payload = route.payload_model.model_validate(opened)
         except ValidationError as exc:
-            return await self._refuse(msg, request_id, "invalid_payload",
-                                      describe_validation_error(exc))
-        bind_message_context(command_type=command.type, correlation_id=request_id,
-                             causation_id=request_id, channel=channel.channel_id)
-        context = CommandContext(request_id, channel, command.issued_at, self.clock())
-        await self._execute(route, context, payload)
-        return None
+            raise Rejected("invalid_payload", describe_validation_error(exc)) from exc
+        # The request id as the channel spelled it, which its reply must carry back.
+        context = CommandContext(_request_id_of(msg), channel, command.issued_at, self.clock())
+        return CheckedCommand(msg, command.type, route, context, payload)
 
-    async def _execute(self, route: CommandRoute, context: CommandContext, payload: Any) -> None:
+    async def _execute(self, commands: Sequence[CheckedCommand]) -> None:
+        """Run commands in one transaction; a repeated request id gets its stored reply."""
         async with self.pool.acquire() as conn, conn.transaction():
-            stored = await conn.fetchval(
-                f"SELECT reply FROM {self.schema}.replies WHERE request_id = $1",
-                context.request_id,
-            )
-            if stored is not None:
-                log.info("command.repeated")
-                await self._send_reply(conn, Reply.model_validate_json(stored), store=False)
-                return
-            if route.bureau_only and not context.channel.bureau:
-                reply = _rejected(context.request_id, "bureau_only",
-                                  "only a bureau channel may send this command")
-            else:
-                try:
-                    async with conn.transaction():  # savepoint: a refusal undoes partial writes
-                        outcome = await route.handler(conn, context, payload)
-                    if isinstance(outcome, Refusal):
-                        reply = _rejected(context.request_id, outcome.code, outcome.message)
-                    else:
-                        reply = Reply(request_id=context.request_id, status="accepted",
-                                      code="accepted", message=route.accepted_message,
-                                      data=outcome or {})
-                except DomainError as exc:
-                    reply = _rejected(context.request_id, exc.code, exc.message)
-            log.info("command.replied", status=reply.status, code=reply.code)
-            await self._send_reply(conn, reply, store=True)
-
-    async def _send_reply(self, conn: asyncpg.Connection, reply: Reply, *, store: bool) -> None:
-        if store:
+            stored: dict[str, str] = dict(await conn.fetch(
+                f"SELECT request_id, reply FROM {self.schema}.replies"
+                " WHERE request_id = ANY($1::text[])",
+                [c.context.request_id for c in commands]))
+            new: list[Reply] = []
+            replies: list[Reply] = []
+            for command in commands:
+                context = command.context
+                bind_message_context(topic=command.msg.topic, partition=command.msg.partition,
+                                     offset=command.msg.offset, command_type=command.type,
+                                     correlation_id=context.request_id,
+                                     causation_id=context.request_id,
+                                     channel=context.channel.channel_id)
+                if context.request_id in stored:
+                    log.info("command.repeated")
+                    replies.append(Reply.model_validate_json(stored[context.request_id]))
+                    continue
+                reply = await self._decide(conn, command)
+                log.info("command.replied", status=reply.status, code=reply.code)
+                stored[context.request_id] = reply.model_dump_json()  # a copy later repeats it
+                new.append(reply)
+                replies.append(reply)
             await conn.execute(
-                f"INSERT INTO {self.schema}.replies (request_id, reply) VALUES ($1, $2)",
-                reply.request_id,
-                reply.model_dump_json(),
+                f"WITH stored AS (INSERT INTO {self.schema}.replies (request_id, reply)"
+                "  SELECT * FROM unnest($1::text[], $2::text[])),"
+                f" queued AS (INSERT INTO {self.schema}.outbox (topic, key, value, headers)"
+                "  SELECT * FROM unnest($3::text[], $4::bytea[], $5::bytea[], $6::jsonb[]))"
+                f" SELECT pg_notify('{notify_channel(self.schema)}', '')",
+                [r.request_id for r in new], [stored[r.request_id] for r in new],
+                *outbox_columns([reply_message(r) for r in replies]),
             )
-        await enqueue(conn, self.schema, [reply_message(reply)])
+
+    async def _decide(self, conn: asyncpg.Connection, command: CheckedCommand) -> Reply:
+        context, route = command.context, command.route
+        if route.bureau_only and not context.channel.bureau:
+            return _rejected(context.request_id, "bureau_only",
+                             "only a bureau channel may send this command")
+        try:
+            async with conn.transaction():  # savepoint: a refusal undoes partial writes
+                outcome = await route.handler(conn, context, command.payload)
+        except DomainError as exc:
+            return _rejected(context.request_id, exc.code, exc.message)
+        if isinstance(outcome, Refusal):
+            return _rejected(context.request_id, outcome.code, outcome.message)
+        return Reply(request_id=context.request_id, status="accepted", code="accepted",
+                     message=route.accepted_message, data=outcome or {})
 
     async def _refuse(self, msg: Inbound, request_id: str, code: str, reason: str) -> None:
         """Unauthenticated or unreadable: reply, park the raw message on the DLQ, store nothing."""

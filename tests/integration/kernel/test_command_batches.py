@@ -1,0 +1,136 @@
+"""A partition's commands run in one transaction, and each still gets exactly the reply and the
+effects it would get alone (DESIGN section 9: idempotent replies, nothing half-applied)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import pytest
+from pydantic import BaseModel
+
+from shared.commands import (
+    Channel,
+    ChannelRegistry,
+    CommandContext,
+    CommandIntake,
+    CommandRoute,
+    Reply,
+    sign,
+)
+from shared.consumer import Inbound
+from shared.errors import DomainError
+from shared.topics import REPLIES_TOPIC
+
+pytestmark = pytest.mark.integration
+
+CHANNEL = Channel(channel_id="probe-channel", secret="probe-secret")
+WRITES_DDL = "CREATE TABLE {schema}.writes (seq bigserial PRIMARY KEY, note text NOT NULL)"
+
+
+class Note(BaseModel):
+    note: str
+
+
+class ProbeRefusalError(DomainError):
+    code = "refused_by_probe"
+
+
+class RecordingProducer:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+
+    async def send_and_wait(self, topic: str, value: bytes, **_: Any) -> None:
+        self.sent.append((topic, value))
+
+
+class RecordingDeadLetters:
+    def __init__(self) -> None:
+        self.producer = RecordingProducer()
+        self.sent: list[tuple[int, str]] = []
+
+    async def send(self, msg: Inbound, code: str, reason: str) -> None:
+        self.sent.append((msg.offset, code))
+
+
+def intake(pool: asyncpg.Pool, schema: str, dead: RecordingDeadLetters) -> CommandIntake:
+    async def write(conn: asyncpg.Connection, _: CommandContext, payload: Note) -> dict[str, Any]:
+        await conn.execute(f"INSERT INTO {schema}.writes (note) VALUES ($1)", payload.note)
+        if payload.note.startswith("refuse"):
+            raise ProbeRefusalError("refused after a write, which must be undone")
+        if payload.note.startswith("explode"):
+            raise ValueError("a bug, not a refusal")
+        return {"note": payload.note}
+
+    return CommandIntake(pool, schema, ChannelRegistry({CHANNEL.channel_id: CHANNEL}),
+                         {"Write": CommandRoute(Note, write)}, dead,  # type: ignore[arg-type]
+                         lambda: datetime.now(UTC), max_attempts=2)
+
+
+def command(offset: int, note: str, request_id: str | None = None, *,
+            secret: str = CHANNEL.secret) -> Inbound:
+    request_id = request_id or str(uuid.uuid4())
+    value = json.dumps({"request_id": request_id, "channel": CHANNEL.channel_id,
+                        "issued_at": "2026-11-28T10:00:00+00:00", "type": "Write",
+                        "payload": {"note": note}}).encode()
+    return Inbound("probe.commands", 0, offset, request_id.encode(), value,
+                   {"x-channel-id": CHANNEL.channel_id.encode(),
+                    "x-signature": sign(secret, value).encode()})
+
+
+async def queued_replies(pool: asyncpg.Pool, schema: str) -> list[Reply]:
+    rows = await pool.fetch(f"SELECT value FROM {schema}.outbox WHERE topic = $1"
+                            " ORDER BY position", REPLIES_TOPIC)
+    return [Reply.model_validate_json(r["value"]) for r in rows]
+
+
+async def notes(pool: asyncpg.Pool, schema: str) -> list[str]:
+    return [r["note"] for r in await pool.fetch(f"SELECT note FROM {schema}.writes ORDER BY seq")]
+
+
+async def test_a_batch_replies_to_each_command_as_if_it_had_come_alone(
+    pool: asyncpg.Pool, schema: str,
+) -> None:
+    await pool.execute(WRITES_DDL.format(schema=schema))
+    dead = RecordingDeadLetters()
+    first = command(0, "one")
+    batch = [first, command(1, "refuse me"), command(2, "forged", secret="wrong"),
+             command(3, "one again", first.key.decode() if first.key else None),
+             command(4, "two")]
+    # The repeat carries a different body under the same request id: the stored reply wins.
+    await intake(pool, schema, dead).handle_batch(batch)
+
+    replies = await queued_replies(pool, schema)
+    assert [(r.status, r.code) for r in replies] == [
+        ("accepted", "accepted"), ("rejected", "refused_by_probe"),
+        ("accepted", "accepted"), ("accepted", "accepted")]
+    assert replies[0] == replies[2]  # the repeated request got the identical reply
+    assert replies[3].data == {"note": "two"}
+    assert await notes(pool, schema) == ["one", "two"]  # the refusal's write was undone
+    assert dead.sent == [(2, "bad_signature")]
+    [(topic, refusal)] = dead.producer.sent
+    assert topic == REPLIES_TOPIC and Reply.model_validate_json(refusal).code == "bad_signature"
+    stored = await pool.fetchval(f"SELECT count(*) FROM {schema}.replies")
+    assert stored == 3
+
+    # Redelivered after a crash before the offset commit: the same replies, nothing new.
+    await intake(pool, schema, dead).handle_batch(batch)
+    assert (await queued_replies(pool, schema))[4:] == replies
+    assert await notes(pool, schema) == ["one", "two"]
+
+
+async def test_a_command_that_fails_undoes_the_batch_and_each_is_run_alone(
+    pool: asyncpg.Pool, schema: str,
+) -> None:
+    await pool.execute(WRITES_DDL.format(schema=schema))
+    dead = RecordingDeadLetters()
+    await intake(pool, schema, dead).handle_batch(
+        [command(0, "before"), command(1, "explode"), command(2, "after")])
+
+    assert await notes(pool, schema) == ["before", "after"]
+    assert [r.data for r in await queued_replies(pool, schema)] == [
+        {"note": "before"}, {"note": "after"}]
+    assert dead.sent == [(1, "processing_failed")]
