@@ -93,12 +93,9 @@ class ServiceRuntime:
             title=title or f"{topic}:{self.name}",
             description=description,
             parser=parse_leniently,
-            decoder=leave_undecoded,
+            decoder=raw_records,
         )
-        async def on_batch(msg: KafkaMessage) -> None:
-            records = msg.raw_message
-            if not isinstance(records, tuple):
-                records = (records,)
+        async def on_batch(records: Any) -> None:
             by_partition: dict[int, list[Any]] = {}
             for record in records:
                 by_partition.setdefault(record.partition, []).append(record)
@@ -171,9 +168,12 @@ async def parse_leniently(records: tuple[ConsumerRecord[Any, Any], ...],
             ]) for record in records))
 
 
-async def leave_undecoded(_message: Any) -> None:
-    """The handlers read the raw records; decoding every value as FastStream does by default
-    would be work thrown away."""
+async def raw_records(message: KafkaMessage) -> tuple[ConsumerRecord[Any, Any], ...]:
+    """What the handlers get: the batch's records as the client read them. Decoding every
+    value as FastStream does by default would be work thrown away, and a handler parameter
+    of type `KafkaMessage` is resolved in a worker thread, once per batch."""
+    records = message.raw_message
+    return records if isinstance(records, tuple) else (records,)
 
 
 async def keep_session(_conn: asyncpg.Connection) -> None:
