@@ -6,10 +6,12 @@ time, seeds N citizens, and drives them through the whole journey as channels wo
 1. sustained phase: as many concurrent journeys as `--concurrency` for `--seconds`; a
    citizen who collected a new card starts again (loses the new card). Reports journeys/s,
    commands/s, events/s and command → reply latency.
-2. paced phase: commands at a fixed `--rate` (open loop); for every fifth formal loss
+2. paced phases, one per `--rate`: commands at that rate (open loop: journeys start on a
+   clock, each with a citizen not in one) for `--seconds`; for every fifth formal loss
    report it also measures command → the status API showing LOST (polled every 10 ms).
+   The target rate (1,000/s) shows what saturation does; a lower one, the latency below it.
 
-    python -m bench.journeys [--citizens 2000] [--seconds 60] [--rate 1000]
+    python -m bench.journeys [--citizens 2000] [--seconds 60] [--rate 1000 250]
 """
 
 from __future__ import annotations
@@ -141,12 +143,16 @@ async def sustained(journey: Journey, meter: Meter, sessions: list[Session],
 
 
 async def paced(journey: Journey, meter: Meter, sessions: list[Session], rate: float,
-                seconds: float, status: str) -> float:
-    """Open loop at `rate` commands/s: each journey's steps are spaced so the sum is `rate`;
-    every fifth formal loss report also waits for the status API to show LOST."""
+                seconds: float, status: str) -> tuple[float, int]:
+    """Open loop at `rate` commands/s for `seconds`: a journey starts every 1/(rate/6) s
+    with a citizen who is not in one (citizens go round again, as in the sustained phase);
+    every fifth formal loss report also waits for the status API to show LOST. Returns the
+    seconds it took and how many starts were late because every citizen was busy."""
     per_journey = 6  # captcha, login, portrait, loss, application, collect
-    journeys_per_s = rate / per_journey
-    deadline = time.monotonic() + seconds
+    interval = per_journey / rate
+    idle: asyncio.Queue[Session] = asyncio.Queue()
+    for session in sessions:
+        idle.put_nowait(session)
     client = httpx.AsyncClient(base_url=status, timeout=10.0)
 
     async def visible_after(session: Session, sent: float) -> None:
@@ -168,20 +174,27 @@ async def paced(journey: Journey, meter: Meter, sessions: list[Session], rate: f
             await journey.apply_for_reissue(session)
             await journey.collect(session)
             meter.journeys += 1
-        except Exception as error:
+            idle.put_nowait(session)
+        except Exception as error:  # a citizen left half-way is not sent round again
             meter.failures.append(f"{type(error).__name__}: {error}"[:200])
 
     started = time.monotonic()
     tasks = []
+    late = 0
     index = 0
-    while time.monotonic() < deadline and index < len(sessions):
+    next_start = started
+    while next_start < started + seconds:
+        if idle.empty():
+            late += 1
+        session = await idle.get()
         # Every fifth journey measures visibility: polling the API for all would load it.
-        tasks.append(asyncio.create_task(one(sessions[index], index % 5 == 0)))
+        tasks.append(asyncio.create_task(one(session, index % 5 == 0)))
         index += 1
-        await asyncio.sleep(1 / journeys_per_s)
+        next_start += interval
+        await asyncio.sleep(max(0.0, next_start - time.monotonic()))
     await asyncio.gather(*tasks)
     await client.aclose()
-    return time.monotonic() - started
+    return time.monotonic() - started, late
 
 
 def restart_services(stack: Stack) -> dict[str, int]:
@@ -204,7 +217,7 @@ def restart_services(stack: Stack) -> dict[str, int]:
     return pids
 
 
-async def run(citizens: int, seconds: float, rate: float, concurrency: int) -> None:
+async def run(citizens: int, seconds: float, rates: list[float], concurrency: int) -> None:
     settings = CardDeskSettings()
     stack = Stack(settings, report=lambda line: console.print(f"[dim]•[/] {line}"))
     stack.up(services=False)
@@ -222,11 +235,18 @@ async def run(citizens: int, seconds: float, rate: float, concurrency: int) -> N
         journey = Journey(sim, status_url(settings), retry_for_s=120,
                           also_retry={"ReportLoss": frozenset({"already_lost"}),
                                       "SubmitReissueApplication": frozenset({"already_approved"})})
+        sessions = [Session(c) for c in people[:half]]
+        # Unmeasured: the restarted services join their consumer groups (seconds, during
+        # which the first commands wait) and warm their pools and caches.
+        console.print("warming up for 10 s …")
+        simulator.meter = Meter()
+        await sustained(journey, simulator.meter, sessions[:20], 20, 10.0)
+        await wait_until_drained(settings.kafka_bootstrap)
+        simulator.meter = meter
         conn = await asyncpg.connect(settings.database_url)
         events_before = await count_events(conn)
         console.print(f"sustained phase: {concurrency} concurrent journeys for {seconds:.0f} s …")
-        elapsed = await sustained(journey, meter, [Session(c) for c in people[:half]],
-                                  concurrency, seconds)
+        elapsed = await sustained(journey, meter, sessions, concurrency, seconds)
         events = await count_events(conn) - events_before
         sustained_figures = {
             "seconds": elapsed, "journeys": meter.journeys, "commands": meter.commands,
@@ -239,25 +259,31 @@ async def run(citizens: int, seconds: float, rate: float, concurrency: int) -> N
         drained_in = await wait_until_drained(settings.kafka_bootstrap)
         sustained_figures["backlog_drained_after_s"] = drained_in
         console.print(f"backlog drained after {drained_in:.1f} s")
-        paced_meter = Meter()
-        simulator.meter = paced_meter
-        console.print(f"paced phase: {rate:.0f} commands/s for up to {seconds:.0f} s …")
-        paced_elapsed = await paced(journey, paced_meter, [Session(c) for c in people[half:]],
-                                    rate, seconds, status_url(settings))
+        paced_figures: list[dict[str, Any]] = []
+        for rate in rates:
+            paced_meter = Meter()
+            simulator.meter = paced_meter
+            console.print(f"paced phase: {rate:.0f} commands/s for {seconds:.0f} s …")
+            paced_elapsed, late = await paced(journey, paced_meter,
+                                              [Session(c) for c in people[half:]],
+                                              rate, seconds, status_url(settings))
+            paced_figures.append({
+                "target_commands_per_s": rate, "seconds": paced_elapsed,
+                "achieved_commands_per_s": paced_meter.commands / paced_elapsed,
+                "late_starts": late,
+                "command_to_reply": percentiles(paced_meter.reply_latencies),
+                "command_to_status_visible": percentiles(paced_meter.visible_latencies),
+                "visible_samples": len(paced_meter.visible_latencies),
+                "failures": len(paced_meter.failures),
+                "first_failures": paced_meter.failures[:5],
+            })
+            drained = await wait_until_drained(settings.kafka_bootstrap)
+            console.print(f"backlog drained after {drained:.1f} s")
         await conn.close()
-    paced_figures = {
-        "target_commands_per_s": rate, "seconds": paced_elapsed,
-        "achieved_commands_per_s": paced_meter.commands / paced_elapsed,
-        "command_to_reply": percentiles(paced_meter.reply_latencies),
-        "command_to_status_visible": percentiles(paced_meter.visible_latencies),
-        "visible_samples": len(paced_meter.visible_latencies),
-        "failures": len(paced_meter.failures), "first_failures": paced_meter.failures[:5],
-    }
     rss = {name: peak_rss_mb(pid) for name, pid in pids.items()}
     figures = {"citizens": citizens, "concurrency": concurrency, "sustained": sustained_figures,
                "paced": paced_figures, "peak_rss_mb": rss}
     s: dict[str, Any] = sustained_figures
-    p: dict[str, Any] = paced_figures
     rows = [
         ("sustained: seconds", f"{s['seconds']:.0f}"),
         ("journeys/s", f"{s['journeys_per_s']:.1f}"),
@@ -266,12 +292,18 @@ async def run(citizens: int, seconds: float, rate: float, concurrency: int) -> N
         ("command → reply p50/p95/p99 ms", _triple(s["command_to_reply"])),
         ("failures", str(s["failures"])),
         ("backlog drained after (s)", f"{s['backlog_drained_after_s']:.1f}"),
-        (f"paced at {rate:.0f}/s: achieved commands/s", f"{p['achieved_commands_per_s']:.0f}"),
-        ("command → reply p50/p95/p99 ms", _triple(p["command_to_reply"])),
-        ("command → status visible p50/p95/p99 ms", _triple(p["command_to_status_visible"])),
-        ("failures", str(p["failures"])),
-        *((f"peak RSS {name} (MB)", f"{mb:.0f}" if mb else "?") for name, mb in rss.items()),
     ]
+    for p in paced_figures:
+        rate = p["target_commands_per_s"]
+        rows += [
+            (f"paced at {rate:.0f}/s: achieved commands/s", f"{p['achieved_commands_per_s']:.0f}"),
+            ("  starts late (every citizen busy)", str(p["late_starts"])),
+            ("  command → reply p50/p95/p99 ms", _triple(p["command_to_reply"])),
+            ("  command → status visible p50/p95/p99 ms",
+             _triple(p["command_to_status_visible"])),
+            ("  failures", str(p["failures"])),
+        ]
+    rows += [(f"peak RSS {name} (MB)", f"{mb:.0f}" if mb else "?") for name, mb in rss.items()]
     print_table(f"journeys on this machine ({citizens} citizens)", rows)
     console.print(f"written {write_result('journeys', figures)}")
 
@@ -285,7 +317,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--citizens", type=int, default=2000)
     parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--rate", type=float, nargs="+", default=[1000.0, 250.0],
+                        help="one paced phase per rate, in commands/s")
     parser.add_argument("--concurrency", type=int, default=200)
     args = parser.parse_args()
     configure_logging("bench", "WARNING")
