@@ -157,14 +157,15 @@ class IssuanceHandlers:
             event = decode_review(envelope)
         except ValidationError as exc:
             raise Rejected("malformed_event", describe_validation_error(exc)) from exc
+        if not isinstance(event, ReviewApproved):
+            return  # only an approval starts anything here
         if await self.erasure.erased(conn, envelope.citizen_ref):
             log.info("issuance.ignored_for_erased_subject", event_type=envelope.type)
             return
-        if isinstance(event, ReviewApproved):
-            try:
-                await self.start_production(conn, envelope, event)
-            except DomainError as exc:
-                raise Rejected(exc.code, exc.message) from exc
+        try:
+            await self.start_production(conn, envelope, event)
+        except DomainError as exc:
+            raise Rejected(exc.code, exc.message) from exc
 
     async def start_production(
         self, conn: asyncpg.Connection, envelope: EventEnvelope, approved: ReviewApproved

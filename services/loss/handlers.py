@@ -153,6 +153,8 @@ class LossHandlers:
     async def on_issuance_event(self, conn: asyncpg.Connection, envelope: EventEnvelope) -> None:
         event = _decoded(_decode_issuance, envelope)
         citizen_ref = envelope.citizen_ref
+        if not isinstance(event, CardIssued | CardReissued):
+            return  # the other card events change nothing here; skip the erasure lookup too
         if await self.erasure.erased(conn, citizen_ref):
             log.info("loss.ignored_for_erased_subject", event_type=envelope.type)
             return
