@@ -1,13 +1,16 @@
 """Transactional outbox: messages are queued in the writer's transaction and a relay
-publishes them to Kafka in order, marking them sent only after Kafka acknowledged them."""
+publishes them to Kafka in order, marking them sent only after Kafka acknowledged them.
+Sent rows are purged once they are older than the retention; unsent rows never are."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import asyncpg
 import structlog
@@ -79,12 +82,19 @@ class OutboxRelay:
         *,
         batch_size: int = 500,
         poll_interval: float = 0.1,
+        retention: timedelta = timedelta(hours=24),
+        purge_interval: float = 60.0,
+        purge_batch: int = 10_000,
     ) -> None:
         self.pool = pool
         self.producer = producer
         self.schema = schema
         self.batch_size = batch_size
         self.poll_interval = poll_interval
+        self.retention = retention
+        self.purge_interval = purge_interval
+        self.purge_batch = purge_batch
+        self._purged_at = float("-inf")
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
 
@@ -113,6 +123,29 @@ class OutboxRelay:
         )
         return len(rows)
 
+    async def purge_sent(self, conn: asyncpg.Connection) -> int:
+        """Delete rows sent longer ago than the retention, a bounded batch at a time from the
+        oldest; return how many went. The relay publishes in position order, so the rows to
+        purge are a prefix: a batch that meets a younger (or unsent) row is the last, and a
+        purge with nothing to do reads one batch of the primary key, not the table."""
+        self._purged_at = time.monotonic()
+        purged = 0
+        while True:
+            deleted: int = await conn.fetchval(
+                f"WITH head AS (SELECT position, sent_at FROM {self.schema}.outbox"
+                "  ORDER BY position LIMIT $2),"
+                f" gone AS (DELETE FROM {self.schema}.outbox AS o USING head"
+                "  WHERE o.position = head.position AND head.sent_at < now() - $1::interval"
+                "  RETURNING 1)"
+                " SELECT count(*) FROM gone",
+                self.retention, self.purge_batch)
+            purged += deleted
+            if deleted < self.purge_batch:
+                break
+        if purged:
+            log.info("outbox.purged", schema=self.schema, count=purged)
+        return purged
+
     async def run(self) -> None:
         async with self.pool.acquire() as conn:
             await conn.add_listener(notify_channel(self.schema), self._on_notify)
@@ -128,6 +161,8 @@ class OutboxRelay:
                     sent = await self.publish_pending(conn)
                     if sent:
                         log.debug("outbox.published", schema=self.schema, count=sent)
+                    if time.monotonic() - self._purged_at >= self.purge_interval:
+                        await self.purge_sent(conn)
                     if sent < self.batch_size:
                         await self._sleep()
             finally:

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -118,8 +119,10 @@ class ServiceRuntime:
         await migrate(self._pool, self.schema, self.extra_ddl)
         self._producer = make_producer(self.settings.kafka_bootstrap)
         await self._producer.start()
-        self._relay = OutboxRelay(self._pool, self._producer, self.schema,
-                                  poll_interval=self.settings.outbox_poll_ms / 1000)
+        self._relay = OutboxRelay(
+            self._pool, self._producer, self.schema,
+            poll_interval=self.settings.outbox_poll_ms / 1000,
+            retention=timedelta(hours=self.settings.outbox_retention_hours))
         for hook in self._on_ready:
             await hook()
         self._tasks.append(asyncio.create_task(supervise("outbox.relay", self._relay.run)))

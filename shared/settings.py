@@ -41,6 +41,8 @@ class CardDeskSettings(BaseSettings):
     kafka_heap: str = "512m"
     postgres_bin: Path = Path("/usr/lib/postgresql/15/bin")
     outbox_poll_ms: int = 100
+    # Sent outbox rows are kept this long (for an operator looking into a delivery), then purged.
+    outbox_retention_hours: float = 24.0
     consumer_max_attempts: int = 5
     # Records a consumer takes at once, and how long it waits for them (ms).
     consumer_batch_size: int = 200

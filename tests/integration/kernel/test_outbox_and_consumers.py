@@ -8,7 +8,7 @@ import json
 import random
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
@@ -92,6 +92,25 @@ async def test_a_relay_killed_before_kafka_acknowledged_publishes_after_restart(
             f"SELECT count(*) FROM {schema}.outbox WHERE sent_at IS NULL") == 0
     records = await read_topic(settings.kafka_bootstrap, topic, until=lambda r: len(r) >= 2)
     assert [json.loads(r.value)["version"] for r in records] == [1, 2]
+
+
+async def test_the_relay_purges_rows_sent_before_the_retention_and_nothing_else(
+    pool: asyncpg.Pool, schema: str, producer: AIOKafkaProducer,
+) -> None:
+    for citizen, events in (("old", 3), ("recent", 1), ("stuck", 1)):
+        await store_events(pool, schema, f"{schema}.events", citizen, events)
+    await pool.execute(f"UPDATE {schema}.outbox SET sent_at = now() - interval '2 days'"
+                       " WHERE key = $1", b"old")
+    await pool.execute(f"UPDATE {schema}.outbox SET sent_at = now() WHERE key = $1", b"recent")
+    await pool.execute(f"UPDATE {schema}.outbox SET created_at = now() - interval '2 days'"
+                       " WHERE key = $1", b"stuck")  # old, but never sent: it must stay
+
+    relay = OutboxRelay(pool, producer, schema, retention=timedelta(hours=24), purge_batch=2)
+    async with pool.acquire() as conn:
+        assert await relay.purge_sent(conn) == 3
+        assert await relay.purge_sent(conn) == 0
+    left = await pool.fetch(f"SELECT key FROM {schema}.outbox ORDER BY position")
+    assert [r["key"] for r in left] == [b"recent", b"stuck"]
 
 
 async def test_a_relay_killed_after_the_ack_republishes_and_the_consumer_applies_once(
