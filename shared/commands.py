@@ -245,30 +245,39 @@ class CommandIntake:
         return CheckedCommand(msg, command.type, route, context, payload)
 
     async def _execute(self, commands: Sequence[CheckedCommand]) -> None:
-        """Run commands in one transaction; a repeated request id gets its stored reply."""
+        """Run commands in one transaction; a repeated request id gets its stored reply.
+
+        The first pass takes no savepoints (two round trips per command saved). A command
+        refused by a `DomainError` must leave no writes, so such a pass is undone as a whole
+        and run again with a savepoint per command; nothing of the first pass was visible."""
+        try:
+            outcomes = await self._run(commands, savepoints=False)
+        except _UndoAll:
+            outcomes = await self._run(commands, savepoints=True)
+        for command, reply, repeated in outcomes:
+            _bind_command(command)
+            log.info("command.repeated" if repeated else "command.replied",
+                     status=reply.status, code=reply.code)
+
+    async def _run(self, commands: Sequence[CheckedCommand], *,
+                   savepoints: bool) -> list[tuple[CheckedCommand, Reply, bool]]:
+        outcomes: list[tuple[CheckedCommand, Reply, bool]] = []
         async with self.pool.acquire() as conn, conn.transaction():
             stored: dict[str, str] = dict(await conn.fetch(
                 f"SELECT request_id, reply FROM {self.schema}.replies"
                 " WHERE request_id = ANY($1::text[])",
                 [c.context.request_id for c in commands]))
             new: list[Reply] = []
-            replies: list[Reply] = []
             for command in commands:
-                context = command.context
-                bind_message_context(topic=command.msg.topic, partition=command.msg.partition,
-                                     offset=command.msg.offset, command_type=command.type,
-                                     correlation_id=context.request_id,
-                                     causation_id=context.request_id,
-                                     channel=context.channel.channel_id)
-                if context.request_id in stored:
-                    log.info("command.repeated")
-                    replies.append(Reply.model_validate_json(stored[context.request_id]))
+                request_id = command.context.request_id
+                _bind_command(command)
+                if request_id in stored:
+                    outcomes.append((command, Reply.model_validate_json(stored[request_id]), True))
                     continue
-                reply = await self._decide(conn, command)
-                log.info("command.replied", status=reply.status, code=reply.code)
-                stored[context.request_id] = reply.model_dump_json()  # a copy later repeats it
+                reply = await self._decide(conn, command, savepoints=savepoints)
+                stored[request_id] = reply.model_dump_json()  # a copy later repeats it
                 new.append(reply)
-                replies.append(reply)
+                outcomes.append((command, reply, False))
             await conn.execute(
                 f"WITH stored AS (INSERT INTO {self.schema}.replies (request_id, reply)"
                 "  SELECT * FROM unnest($1::text[], $2::text[])),"
@@ -276,18 +285,25 @@ class CommandIntake:
                 "  SELECT * FROM unnest($3::text[], $4::bytea[], $5::bytea[], $6::jsonb[]))"
                 f" SELECT pg_notify('{notify_channel(self.schema)}', '')",
                 [r.request_id for r in new], [stored[r.request_id] for r in new],
-                *outbox_columns([reply_message(r) for r in replies]),
+                *outbox_columns([reply_message(reply) for _, reply, _ in outcomes]),
             )
+        return outcomes
 
-    async def _decide(self, conn: asyncpg.Connection, command: CheckedCommand) -> Reply:
+    async def _decide(self, conn: asyncpg.Connection, command: CheckedCommand, *,
+                      savepoints: bool) -> Reply:
         context, route = command.context, command.route
         if route.bureau_only and not context.channel.bureau:
             return _rejected(context.request_id, "bureau_only",
                              "only a bureau channel may send this command")
         try:
-            async with conn.transaction():  # savepoint: a refusal undoes partial writes
+            if savepoints:
+                async with conn.transaction():  # a refusal undoes its partial writes
+                    outcome = await route.handler(conn, context, command.payload)
+            else:
                 outcome = await route.handler(conn, context, command.payload)
         except DomainError as exc:
+            if not savepoints:
+                raise _UndoAll from exc
             return _rejected(context.request_id, exc.code, exc.message)
         if isinstance(outcome, Refusal):
             return _rejected(context.request_id, outcome.code, outcome.message)
@@ -301,6 +317,18 @@ class CommandIntake:
             REPLIES_TOPIC, value=reply.to_bytes(), key=request_id.encode()
         )
         await self.dead_letters.send(msg, code, reason)
+
+
+class _UndoAll(Exception):  # noqa: N818 - control flow inside `_execute`, never escapes it
+    """A pass without savepoints met a refusal: undo the pass, run again with them."""
+
+
+def _bind_command(command: CheckedCommand) -> None:
+    context = command.context
+    bind_message_context(topic=command.msg.topic, partition=command.msg.partition,
+                         offset=command.msg.offset, command_type=command.type,
+                         correlation_id=context.request_id, causation_id=context.request_id,
+                         channel=context.channel.channel_id)
 
 
 def reply_message(reply: Reply) -> OutboxMessage:

@@ -84,7 +84,7 @@ class StatusWriter:
     async def apply_all(self, conn: asyncpg.Connection, envelopes: Sequence[EventEnvelope],
                         topic: str) -> None:
         """Lock the citizens, load their rows, fold the events in order, save rows and
-        timeline entries: four statements for the lot."""
+        timeline entries: three statements for the lot."""
         refs = sorted({e.citizen_ref for e in envelopes})
         # Two topics may carry events of one citizen at once: serialise them on the citizen,
         # also when the row does not exist yet (FOR UPDATE alone cannot lock a missing row).
@@ -103,8 +103,7 @@ class StatusWriter:
                 entries.append(timeline_entry(envelope, topic))
         except ValidationError as exc:
             raise Rejected("invalid_event_data", describe_validation_error(exc)) from exc
-        await save_rows(conn, self.schema, [rows[ref] for ref in refs])
-        await add_entries(conn, self.schema, entries)
+        await save(conn, self.schema, [rows[ref] for ref in refs], entries)
 
 
 def _row_of(record: asyncpg.Record) -> CardStatusRow:
@@ -141,28 +140,26 @@ _CARD_TYPES = ("text", "text", "text", "text", "text", "timestamptz", "text", "t
                "timestamptz", "text", "text")
 
 
-async def save_rows(conn: asyncpg.Connection, schema: str, rows: Sequence[CardStatusRow]) -> None:
+async def save(conn: asyncpg.Connection, schema: str, rows: Sequence[CardStatusRow],
+               entries: Sequence[TimelineEntry]) -> None:
+    """Rows replace what is there, timeline entries are added once: one statement."""
     columns = (*CARD_COLUMNS, "sub_states")
     arrays = ", ".join(f"${i}::{t}[]" for i, t in enumerate(_CARD_TYPES, start=1))
     selected = ", ".join(columns[:-1]) + ", sub_states::jsonb"
     updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns[1:])
+    n = len(columns)
     records = [card_record(row) for row in rows]
     await conn.execute(
-        f"INSERT INTO {schema}.card_status ({', '.join(columns)})"
-        f" SELECT {selected} FROM unnest({arrays}) AS u({', '.join(columns)})"
-        f" ON CONFLICT (citizen_ref) DO UPDATE SET {updates}",
-        *([record[i] for record in records] for i in range(len(columns))),
-    )
-
-
-async def add_entries(conn: asyncpg.Connection, schema: str,
-                      entries: Sequence[TimelineEntry]) -> None:
-    await conn.execute(
-        f"INSERT INTO {schema}.card_timeline"
+        f"WITH saved AS (INSERT INTO {schema}.card_status ({', '.join(columns)})"
+        f"  SELECT {selected} FROM unnest({arrays}) AS u({', '.join(columns)})"
+        f"  ON CONFLICT (citizen_ref) DO UPDATE SET {updates})"
+        f" INSERT INTO {schema}.card_timeline"
         " (citizen_ref, event_id, type, occurred_at, description, topic, stream_id, version)"
-        " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[],"
-        " $5::text[], $6::text[], $7::text[], $8::int[])"
+        f" SELECT * FROM unnest(${n + 1}::text[], ${n + 2}::text[], ${n + 3}::text[],"
+        f" ${n + 4}::timestamptz[], ${n + 5}::text[], ${n + 6}::text[], ${n + 7}::text[],"
+        f" ${n + 8}::int[])"
         " ON CONFLICT (event_id) DO NOTHING",
+        *([record[i] for record in records] for i in range(n)),
         [e.citizen_ref for e in entries], [e.event_id for e in entries],
         [e.type for e in entries], [e.occurred_at for e in entries],
         [e.description for e in entries], [e.topic for e in entries],
