@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import os
+from collections.abc import Sequence
 
 import asyncpg
 from cryptography.exceptions import InvalidTag
@@ -60,10 +61,19 @@ class Vault:
         return AESGCM(self._master.decrypt(wrapped[:12], wrapped[12:], citizen_ref.encode()))
 
     async def encrypt(self, conn: asyncpg.Connection, citizen_ref: str, plaintext: str) -> str:
+        [sealed] = await self.encrypt_all(conn, citizen_ref, [plaintext])
+        return sealed
+
+    async def encrypt_all(self, conn: asyncpg.Connection, citizen_ref: str,
+                          plaintexts: Sequence[str]) -> list[str]:
+        """Several fields of one citizen under one key lookup, each with its own nonce."""
         key = await self._key(conn, citizen_ref, create=True)
-        nonce = os.urandom(12)
-        sealed = nonce + key.encrypt(nonce, plaintext.encode(), citizen_ref.encode())
-        return PREFIX + base64.b64encode(sealed).decode()
+        sealed = []
+        for plaintext in plaintexts:
+            nonce = os.urandom(12)
+            ciphertext = nonce + key.encrypt(nonce, plaintext.encode(), citizen_ref.encode())
+            sealed.append(PREFIX + base64.b64encode(ciphertext).decode())
+        return sealed
 
     async def decrypt(self, conn: asyncpg.Connection, citizen_ref: str, ciphertext: str) -> str:
         if not ciphertext.startswith(PREFIX):

@@ -128,12 +128,13 @@ class IssuanceHandlers:
         proxy = None
         if payload.proxy is not None:
             try:  # under the holder's key: erasing the holder erases their proxy's record too
+                id_number_enc, name_enc = await self.vault.encrypt_all(conn, ref, [
+                    normalise_id_number(payload.proxy.id_number), payload.proxy.name.strip()])
                 proxy = domain.ProxyCredentials(
                     presented=self.present(payload.proxy.id_number),
                     authorisation_ref=payload.proxy.authorisation_ref,
-                    id_number_enc=await self.vault.encrypt(
-                        conn, ref, normalise_id_number(payload.proxy.id_number)),
-                    name_enc=await self.vault.encrypt(conn, ref, payload.proxy.name.strip()),
+                    id_number_enc=id_number_enc,
+                    name_enc=name_enc,
                 )
             except DataKeyDestroyedError as exc:
                 raise SubjectErasedError from exc

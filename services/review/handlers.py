@@ -89,10 +89,8 @@ class ReviewHandlers:
         structlog.contextvars.bind_contextvars(citizen_ref=citizen_ref)
         application_id = str(uuid4())
         try:
-            address, phone, photo_ref = [
-                await self.vault.encrypt(conn, citizen_ref, value)
-                for value in (payload.address, payload.phone, payload.photo_ref)
-            ]
+            address, phone, photo_ref = await self.vault.encrypt_all(
+                conn, citizen_ref, [payload.address, payload.phone, payload.photo_ref])
         except DataKeyDestroyedError as exc:
             raise SubjectErasedError() from exc
         command = domain.SubmitApplication(
