@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TypeVar, cast
 from uuid import UUID, uuid4
 
 from shared.envelope import GENESIS_HASH, EventEnvelope
+from shared.errors import DomainError
 from shared.events import DomainEvent, EventMeta, to_pending
 from shared.eventstore import ConcurrencyError, EventStore
 
@@ -108,9 +110,25 @@ async def handle_command(
 ) -> list[EventEnvelope]:
     """Decide against the latest state; a concurrent writer makes us re-read and decide again.
 
+    A cached state is tried first without reading the stream's head: the append only
+    succeeds if that state's last event is committed and nothing follows it, which proves
+    the state was the latest. Any other outcome of an unproven state (a refusal, nothing to
+    append, a lost race) is decided again on the state the head names.
+
     Domain errors raised by `decide` propagate unchanged; a conflict that persists past
     `max_attempts` propagates as `ConcurrencyError`, never as a silent merge.
     """
+    key = _key(store, stream_id, evolve)
+    cached = cache.get(key)
+    if cached is not None:
+        version, last_hash, state = cached[0], cached[1], cast(S, cached[2])
+        with contextlib.suppress(DomainError, ConcurrencyError):
+            pending = [to_pending(event, meta, new_id()) for event in decide(state)]
+            if pending:
+                appended = await store.append(stream_id, version, pending, last_hash=last_hash)
+                cache.put(key, appended[-1].version, appended[-1].hash,
+                          fold(state, evolve, [decode(e) for e in appended]))
+                return appended
     for attempt in range(1, max_attempts + 1):
         state, version, last_hash = await current_state(store, stream_id, decode, initial,
                                                         evolve, cache)
@@ -122,7 +140,7 @@ async def handle_command(
                 raise
             continue
         if appended:
-            cache.put(_key(store, stream_id, evolve), appended[-1].version, appended[-1].hash,
+            cache.put(key, appended[-1].version, appended[-1].hash,
                       fold(state, evolve, [decode(e) for e in appended]))
         return appended
     raise AssertionError("unreachable")

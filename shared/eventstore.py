@@ -163,9 +163,11 @@ class PostgresEventStore:
         self, stream_id: str, expected_version: int, events: Sequence[PendingEvent],
         *, last_hash: str | None = None,
     ) -> list[EventEnvelope]:
-        """Append at `expected_version`. A caller that has just read the stream passes its
+        """Append at `expected_version`. A caller that knows the stream's head passes its
         last hash, and the append is then one round trip: the events and their outbox rows
-        in a single statement, which inserts nothing if another writer got there first."""
+        in a single statement, which inserts nothing if another writer got there first or
+        if no committed event `expected_version` with that hash exists (so a head known from
+        a write that was rolled back can never leave a gap or a broken chain)."""
         if not events:
             return []
         if last_hash is None:
@@ -180,7 +182,7 @@ class PostgresEventStore:
             [e.event_id for e in sealed], [e.type for e in sealed],
             [e.citizen_ref for e in sealed], [e.occurred_at for e in sealed],
             [e.hash for e in sealed], [e.to_bytes().decode() for e in sealed],
-            *outbox_columns(messages),
+            *outbox_columns(messages), expected_version, last_hash,
         )
         if appended != len(sealed):
             # Versions are gapless, so a lost race conflicts on the first event and inserts
@@ -199,6 +201,8 @@ class PostgresEventStore:
                 (stream_id, version, event_id, type, citizen_ref, occurred_at, hash, body)
             SELECT * FROM unnest($1::text[], $2::int[], $3::uuid[], $4::text[], $5::text[],
                                  $6::timestamptz[], $7::text[], $8::text[])
+            WHERE $13::int = 0 OR EXISTS (SELECT 1 FROM {s}.events
+                WHERE stream_id = ($1::text[])[1] AND version = $13 AND hash = $14::text)
             ON CONFLICT (stream_id, version) DO NOTHING
             RETURNING version
         ), queued AS (

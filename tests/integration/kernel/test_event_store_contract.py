@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -11,7 +12,10 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
-from shared.envelope import GENESIS_HASH, PendingEvent, verify_stream
+from shared.application import StateCache, handle_command
+from shared.contracts.loss import LossCancelled
+from shared.envelope import GENESIS_HASH, EventEnvelope, PendingEvent, verify_stream
+from shared.events import EventMeta
 from shared.eventstore import ConcurrencyError, EventStore, InMemoryEventStore, PostgresEventStore
 
 pytestmark = pytest.mark.integration
@@ -130,3 +134,58 @@ async def test_a_lost_race_in_the_one_round_trip_append_inserts_nothing_and_rais
     async with pool.acquire() as conn:
         assert await conn.fetchval(f"SELECT count(*) FROM {schema}.events") == 2
         assert await conn.fetchval(f"SELECT count(*) FROM {schema}.outbox") == 2
+
+
+async def test_an_append_onto_a_head_that_was_rolled_back_inserts_nothing(
+    pool: asyncpg.Pool, schema: str,
+) -> None:
+    async with pool.acquire() as conn, conn.transaction():
+        store = PostgresEventStore(conn, schema, "probe.events")
+        [first] = await store.append("rb", 0, pending(1), last_hash=GENESIS_HASH)
+    rolled_back = "f" * 64  # the hash a write that never committed gave version 2
+    async with pool.acquire() as conn:
+        store = PostgresEventStore(conn, schema, "probe.events")
+        for version, last_hash in ((2, rolled_back), (1, rolled_back), (1, GENESIS_HASH)):
+            with pytest.raises(ConcurrencyError):
+                await store.append("rb", version, pending(1), last_hash=last_hash)
+        assert [e.version for e in await store.read_stream("rb")] == [1]
+        assert await conn.fetchval(f"SELECT count(*) FROM {schema}.outbox") == 1
+        [second] = await store.append("rb", 1, pending(1), last_hash=first.hash)
+        assert second.prev_hash == first.hash
+
+
+async def test_a_command_decided_on_a_cached_state_of_a_rolled_back_write_is_decided_again(
+    pool: asyncpg.Pool, schema: str,
+) -> None:
+    cache = StateCache()
+    meta = EventMeta("ref", datetime.now(UTC), "c", "c")
+
+    async def append_one() -> list[EventEnvelope]:
+        async with pool.acquire() as conn, conn.transaction():
+            return await handle_command(
+                PostgresEventStore(conn, schema, "probe.events"), "cached", decode=_identity,
+                initial=0, evolve=_count, decide=lambda _: [LossCancelled(loss_id="l")],
+                meta=meta, cache=cache)
+
+    await append_one()
+    # A second write that was rolled back left its state in the cache: version 2.
+    with contextlib.suppress(RuntimeError):
+        async with pool.acquire() as conn, conn.transaction():
+            await handle_command(
+                PostgresEventStore(conn, schema, "probe.events"), "cached", decode=_identity,
+                initial=0, evolve=_count, decide=lambda _: [LossCancelled(loss_id="l")],
+                meta=meta, cache=cache)
+            raise RuntimeError("rolled back")
+    [appended] = await append_one()
+    assert appended.version == 2
+    async with pool.acquire() as conn:
+        events = await PostgresEventStore(conn, schema, "probe.events").read_stream("cached")
+    assert verify_stream("cached", [e.to_json_dict() for e in events]) == []
+
+
+def _identity(envelope: EventEnvelope) -> EventEnvelope:
+    return envelope
+
+
+def _count(state: int, _event: EventEnvelope) -> int:
+    return state + 1

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from shared.application import StateCache, current_state, handle_command
 from shared.contracts.loss import LossCancelled
 from shared.envelope import EventEnvelope
+from shared.errors import DomainError
 from shared.events import EventMeta
 from shared.eventstore import InMemoryEventStore
 
@@ -69,3 +70,18 @@ async def test_a_cache_never_grows_past_its_capacity() -> None:
         cache.put(("k", i), 1, "h", i)
     assert cache.get(("k", 9)) is not None
     assert cache.get(("k", 0)) is None
+
+
+async def test_a_refusal_decided_on_an_unproven_cached_state_is_decided_again() -> None:
+    store, cache = CountingStore(), StateCache()
+    await append_one(store, cache)
+    cache.put((id(store), "s", count), 1, "f" * 64, 999)  # left by a write rolled back
+
+    def decide(state: int) -> list[LossCancelled]:
+        if state == 999:
+            raise DomainError("only the stale state refuses this")
+        return [LossCancelled(loss_id="l")]
+
+    [appended] = await handle_command(store, "s", decode=identity, initial=0, evolve=count,
+                                      decide=decide, meta=META, cache=cache)
+    assert appended.version == 2
