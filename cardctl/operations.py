@@ -96,7 +96,9 @@ async def demo(settings: CardDeskSettings, citizen: SyntheticCitizen,
         await journey.collect(session)
         row = await journey.wait_for_status(session.citizen_ref, "ACTIVE")
         report("✔ collected at the bureau with the ID card")
-        # The status service follows four topics; wait until each has delivered its part.
+        # The status service follows four topics; wait until each has delivered its last
+        # event of the journey (a topic's events arrive in order, so the rest came before).
         timeline = await journey.wait_for_timeline(
-            session.citizen_ref, "LossReported", "CardReissued", "LossClosed", "CardCollected")
+            session.citizen_ref, "IdentityVerified", "IdentityVerified", "LossClosed",
+            "ReviewApproved", "CardCollected")
         return session, await journey.card(session.citizen_ref) or row, timeline
