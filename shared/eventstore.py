@@ -74,10 +74,10 @@ class InMemoryEventStore:
         *, last_hash: str | None = None,
     ) -> list[EventEnvelope]:
         stream = self._streams.setdefault(stream_id, [])
-        if len(stream) != expected_version:
+        actual_hash = stream[-1].hash if stream else GENESIS_HASH
+        if len(stream) != expected_version or last_hash not in (None, actual_hash):
             raise ConcurrencyError(stream_id, expected_version, len(stream))
-        last_hash = stream[-1].hash if stream else GENESIS_HASH
-        sealed = seal_all(stream_id, expected_version, last_hash, events)
+        sealed = seal_all(stream_id, expected_version, actual_hash, events)
         stream.extend(sealed)
         self._log.extend(sealed)
         return sealed
