@@ -29,7 +29,7 @@ from shared.consumer import (
 )
 from shared.errors import DomainError
 from shared.logging import bind_message_context
-from shared.outbox import OutboxMessage, notify_channel, outbox_columns
+from shared.outbox import OutboxMessage, notify_channel, outbox_columns, outbox_insert
 from shared.sealing import FieldOpener, SealedFieldError
 from shared.settings import CardDeskSettings
 from shared.topics import REPLIES_TOPIC
@@ -281,8 +281,7 @@ class CommandIntake:
             await conn.execute(
                 f"WITH stored AS (INSERT INTO {self.schema}.replies (request_id, reply)"
                 "  SELECT * FROM unnest($1::text[], $2::text[])),"
-                f" queued AS (INSERT INTO {self.schema}.outbox (topic, key, value, headers)"
-                "  SELECT * FROM unnest($3::text[], $4::bytea[], $5::bytea[], $6::jsonb[]))"
+                f" queued AS ({outbox_insert(self.schema, 3)})"
                 f" SELECT pg_notify('{notify_channel(self.schema)}', '')",
                 [r.request_id for r in new], [stored[r.request_id] for r in new],
                 *outbox_columns([reply_message(reply) for _, reply, _ in outcomes]),

@@ -12,7 +12,7 @@ from typing import Protocol
 import asyncpg
 
 from shared.envelope import GENESIS_HASH, EventEnvelope, PendingEvent
-from shared.outbox import OutboxMessage, notify_channel, outbox_columns
+from shared.outbox import OutboxMessage, notify_channel, outbox_columns, outbox_insert
 
 
 class ConcurrencyError(Exception):
@@ -206,8 +206,7 @@ class PostgresEventStore:
             ON CONFLICT (stream_id, version) DO NOTHING
             RETURNING version
         ), queued AS (
-            INSERT INTO {s}.outbox (topic, key, value, headers)
-            SELECT * FROM unnest($9::text[], $10::bytea[], $11::bytea[], $12::jsonb[])
+            {outbox_insert(s, 9)}
             WHERE (SELECT count(*) FROM appended) = cardinality($2::int[])
             RETURNING 1
         )

@@ -43,16 +43,12 @@ def outbox_columns(
     )
 
 
-async def enqueue(conn: asyncpg.Connection, schema: str, messages: Sequence[OutboxMessage]) -> None:
-    """Queue messages in the caller's transaction; the relay is woken when it commits."""
-    if not messages:
-        return
-    await conn.execute(
-        f"WITH queued AS (INSERT INTO {schema}.outbox (topic, key, value, headers)"
-        " SELECT * FROM unnest($1::text[], $2::bytea[], $3::bytea[], $4::jsonb[]))"
-        f" SELECT pg_notify('{notify_channel(schema)}', '')",
-        *outbox_columns(messages),
-    )
+def outbox_insert(schema: str, first: int) -> str:
+    """`INSERT … SELECT` of the rows `outbox_columns` gives, passed as parameters
+    `$first`…`$first+3`; statements that queue messages embed it (a WHERE may follow)."""
+    return (f"INSERT INTO {schema}.outbox (topic, key, value, headers)"
+            f" SELECT * FROM unnest(${first}::text[], ${first + 1}::bytea[],"
+            f" ${first + 2}::bytea[], ${first + 3}::jsonb[])")
 
 
 def make_producer(bootstrap: str) -> AIOKafkaProducer:
