@@ -176,10 +176,10 @@ class CommandIntake:
         await with_retries(msg, process, self.dead_letters, max_attempts=self.max_attempts)
 
     async def handle_batch(self, messages: Sequence[Inbound]) -> None:
-        """One partition's commands, in order, in one transaction (a savepoint each): the
-        stored replies read in one query, the new replies and every reply's outbox row
-        written in one statement, one commit. If the transaction fails as a whole, each
-        command goes through `_execute` alone, with retries, as `handle` would run it."""
+        """One partition's commands, in order, in one transaction: the stored replies read
+        in one query, the new replies and every reply's outbox row written in one statement,
+        one commit. If the transaction fails as a whole, each command goes through `handle`
+        alone (its own transaction, retries, DLQ) instead."""
         commands: list[CheckedCommand] = []
         for msg in messages:
             bind_message_context(topic=msg.topic, partition=msg.partition, offset=msg.offset)
@@ -197,14 +197,7 @@ class CommandIntake:
         except Exception as exc:
             log.info("batch.replayed_one_by_one", error=type(exc).__name__, size=len(commands))
             for command in commands:
-                bind_message_context(topic=command.msg.topic, partition=command.msg.partition,
-                                     offset=command.msg.offset)
-
-                async def alone(command: CheckedCommand = command) -> None:
-                    await self._execute([command])
-
-                await with_retries(command.msg, alone, self.dead_letters,
-                                   max_attempts=self.max_attempts)
+                await self.handle(command.msg)
 
     async def _checked(self, msg: Inbound) -> CheckedCommand | None:
         """The command ready to run, or None once it has been refused."""
