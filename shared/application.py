@@ -126,8 +126,7 @@ async def handle_command(
             pending = [to_pending(event, meta, new_id()) for event in decide(state)]
             if pending:
                 appended = await store.append(stream_id, version, pending, last_hash=last_hash)
-                cache.put(key, appended[-1].version, appended[-1].hash,
-                          fold(state, evolve, [decode(e) for e in appended]))
+                _remember(cache, key, state, evolve, decode, appended)
                 return appended
     for attempt in range(1, max_attempts + 1):
         state, version, last_hash = await current_state(store, stream_id, decode, initial,
@@ -140,7 +139,13 @@ async def handle_command(
                 raise
             continue
         if appended:
-            cache.put(key, appended[-1].version, appended[-1].hash,
-                      fold(state, evolve, [decode(e) for e in appended]))
+            _remember(cache, key, state, evolve, decode, appended)
         return appended
     raise AssertionError("unreachable")
+
+
+def _remember(cache: StateCache, key: tuple[object, ...], state: S, evolve: Callable[[S, E], S],
+              decode: Callable[[EventEnvelope], E], appended: Sequence[EventEnvelope]) -> None:
+    """Cache the state after an append, under the new head's version and hash."""
+    cache.put(key, appended[-1].version, appended[-1].hash,
+              fold(state, evolve, [decode(e) for e in appended]))
