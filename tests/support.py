@@ -17,6 +17,7 @@ from cardctl.stack import ensure_topics
 from services.status.main import StatusService
 from services.status.main import build as build_status
 from services.status.settings import StatusSettings
+from shared.consumer import Inbound
 from shared.envelope import GENESIS_HASH, EventEnvelope
 from shared.events import DomainEvent, EventMeta, to_pending
 from shared.outbox import make_producer
@@ -159,3 +160,24 @@ class TopicTail:
         if self._task is not None:
             self._task.cancel()
         await self._consumer.stop()
+
+
+class RecordingProducer:
+    """Stands in for the producer a refusal's reply goes through: what would have been sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+
+    async def send_and_wait(self, topic: str, value: bytes, **_: object) -> None:
+        self.sent.append((topic, value))
+
+
+class RecordingDeadLetters:
+    """Stands in for the DLQ producer: what would have been dead-lettered, with the code."""
+
+    def __init__(self) -> None:
+        self.producer = RecordingProducer()
+        self.sent: list[tuple[int, str]] = []
+
+    async def send(self, msg: Inbound, code: str, reason: str) -> None:
+        self.sent.append((msg.offset, code))

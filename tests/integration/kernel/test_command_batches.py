@@ -24,6 +24,7 @@ from shared.commands import (
 from shared.consumer import Inbound
 from shared.errors import DomainError
 from shared.topics import REPLIES_TOPIC
+from tests.support import RecordingDeadLetters
 
 pytestmark = pytest.mark.integration
 
@@ -37,23 +38,6 @@ class Note(BaseModel):
 
 class ProbeRefusalError(DomainError):
     code = "refused_by_probe"
-
-
-class RecordingProducer:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes]] = []
-
-    async def send_and_wait(self, topic: str, value: bytes, **_: Any) -> None:
-        self.sent.append((topic, value))
-
-
-class RecordingDeadLetters:
-    def __init__(self) -> None:
-        self.producer = RecordingProducer()
-        self.sent: list[tuple[int, str]] = []
-
-    async def send(self, msg: Inbound, code: str, reason: str) -> None:
-        self.sent.append((msg.offset, code))
 
 
 def intake(pool: asyncpg.Pool, schema: str, dead: RecordingDeadLetters) -> CommandIntake:

@@ -22,7 +22,14 @@ from shared.eventstore import PostgresEventStore
 from shared.outbox import OutboxRelay, make_producer
 from shared.runtime import ServiceRuntime
 from shared.settings import CardDeskSettings
-from tests.support import create_topics, eventually, make_events, read_topic, unique
+from tests.support import (
+    RecordingDeadLetters,
+    create_topics,
+    eventually,
+    make_events,
+    read_topic,
+    unique,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -248,16 +255,6 @@ async def test_per_citizen_order_holds_across_six_partitions_with_citizens_inter
                                   until=lambda r: len(r) >= total)
     }
     assert len(partitions) == 6
-
-
-class RecordingDeadLetters:
-    """Stands in for the DLQ producer: what would have been dead-lettered, with the code."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[int, str]] = []
-
-    async def send(self, msg: Inbound, code: str, reason: str) -> None:
-        self.sent.append((msg.offset, code))
 
 
 async def test_a_batch_applies_each_new_event_once_and_parks_the_unreadable_ones(
