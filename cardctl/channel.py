@@ -12,7 +12,8 @@ from typing import Any, Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from shared.commands import ChannelRegistry, Reply, sign
+from shared.channels import ChannelRegistry, sign
+from shared.commands import Reply
 from shared.sealing import FieldSealer
 from shared.settings import CardDeskSettings
 from shared.topics import REPLIES_TOPIC, command_topic

@@ -6,13 +6,11 @@ transaction as the command's events, so a reply never announces an effect that w
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Literal
 from uuid import UUID
 
@@ -20,6 +18,7 @@ import asyncpg
 import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from shared.channels import Channel, ChannelRegistry, sign
 from shared.consumer import (
     DeadLetters,
     Inbound,
@@ -35,34 +34,6 @@ from shared.settings import CardDeskSettings
 from shared.topics import REPLIES_TOPIC
 
 log = structlog.get_logger()
-
-
-
-class Channel(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    channel_id: str
-    secret: str
-    bureau: bool = False
-
-
-class ChannelRegistry:
-    """Channel secrets from the `CARDDESK_CHANNELS_FILE` JSON file."""
-
-    def __init__(self, channels: Mapping[str, Channel]) -> None:
-        self._channels = dict(channels)
-
-    @classmethod
-    def from_file(cls, path: Path) -> ChannelRegistry:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        return cls({cid: Channel(channel_id=cid, **spec) for cid, spec in raw.items()})
-
-    def get(self, channel_id: str) -> Channel | None:
-        return self._channels.get(channel_id)
-
-
-def sign(secret: str, value: bytes) -> str:
-    return hmac.new(secret.encode(), value, hashlib.sha256).hexdigest()
 
 
 class CommandEnvelope(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -15,7 +16,14 @@ class CardDeskSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CARDDESK_", extra="ignore", frozen=True)
 
+    # `production` refuses every secret and file shipped in the repository; the local stack,
+    # the demo and the tests run in `development`.
+    env: Literal["development", "production"] = "production"
     kafka_bootstrap: str = "127.0.0.1:9092"
+    # SASL/SCRAM-SHA-512 credentials of this process (unset: read from the local stack's
+    # `<state_dir>/kafka/credentials.json` where a tool does so, else no authentication).
+    kafka_user: str | None = None
+    kafka_password: SecretStr | None = None
     database_url: str = "postgresql://carddesk@127.0.0.1:5432/carddesk"
     http_port: int = 8080
     http_host: str = "127.0.0.1"

@@ -10,7 +10,8 @@ import structlog
 from services.auth.adapters import AUTH_DDL, SCHEMA, CaptchaStore, postgres_registry
 from services.auth.handlers import AuthHandlers
 from services.auth.settings import AuthSettings
-from shared.commands import ChannelRegistry, CommandIntake, CommandRoute
+from shared.channels import ChannelRegistry
+from shared.commands import CommandIntake, CommandRoute
 from shared.contracts.auth import (
     AuthorizeElectronicCard,
     IssueCaptcha,

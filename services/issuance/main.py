@@ -11,7 +11,8 @@ from datetime import UTC, datetime
 from services.issuance import adapters
 from services.issuance.handlers import IssuanceHandlers
 from services.issuance.settings import IssuanceSettings
-from shared.commands import ChannelRegistry, CommandIntake, CommandRoute
+from shared.channels import ChannelRegistry
+from shared.commands import CommandIntake, CommandRoute
 from shared.consumer import EventConsumer
 from shared.contracts import KNOWN_EVENT_TYPES
 from shared.contracts.issuance import CollectCard, ImportCard

@@ -10,7 +10,8 @@ from datetime import UTC, datetime
 from services.loss.adapters import loss_ddl
 from services.loss.handlers import LossHandlers
 from services.loss.settings import LossSettings
-from shared.commands import ChannelRegistry, CommandIntake, CommandRoute
+from shared.channels import ChannelRegistry
+from shared.commands import CommandIntake, CommandRoute
 from shared.consumer import EventConsumer
 from shared.contracts import KNOWN_EVENT_TYPES
 from shared.contracts.loss import CancelLoss, ReportLoss

@@ -7,7 +7,8 @@ from datetime import UTC, datetime
 from services.review.adapters import review_ddl
 from services.review.handlers import ReviewHandlers
 from services.review.settings import ReviewSettings
-from shared.commands import ChannelRegistry, CommandIntake, CommandRoute
+from shared.channels import ChannelRegistry
+from shared.commands import CommandIntake, CommandRoute
 from shared.consumer import EventConsumer
 from shared.contracts import KNOWN_EVENT_TYPES
 from shared.contracts.review import DecideReview, SubmitReissueApplication

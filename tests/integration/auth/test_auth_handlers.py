@@ -15,7 +15,8 @@ import pytest
 from services.auth.adapters import SCHEMA, enroll, postgres_registry
 from services.auth.handlers import AuthHandlers, stream_id
 from services.auth.settings import AuthSettings
-from shared.commands import Channel, CommandContext, Refusal
+from shared.channels import Channel
+from shared.commands import CommandContext, Refusal
 from shared.contracts.auth import (
     AuthorizeElectronicCard,
     IssueCaptcha,

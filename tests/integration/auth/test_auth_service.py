@@ -18,7 +18,8 @@ from services.auth.adapters import SCHEMA, enroll
 from services.auth.handlers import stream_id
 from services.auth.main import COMMANDS_TOPIC, build
 from services.auth.settings import AuthSettings
-from shared.commands import ChannelRegistry, Reply, sign
+from shared.channels import ChannelRegistry, sign
+from shared.commands import Reply
 from shared.outbox import make_producer
 from shared.runtime import ServiceRuntime
 from shared.tokens import TokenVerifier

@@ -21,7 +21,7 @@ from services.issuance.adapters import ddl
 from services.issuance.handlers import IssuanceHandlers
 from services.issuance.main import build
 from services.issuance.settings import IssuanceSettings
-from shared.commands import ChannelRegistry, sign
+from shared.channels import ChannelRegistry, sign
 from shared.contracts.review import ReviewApproved, ReviewRejected
 from shared.crypto import Vault
 from shared.envelope import GENESIS_HASH, EventEnvelope

@@ -21,7 +21,7 @@ from aiokafka import (
 from cardctl.stack import ensure_topics
 from services.loss.main import build
 from services.loss.settings import LossSettings
-from shared.commands import ChannelRegistry, sign
+from shared.channels import ChannelRegistry, sign
 from shared.envelope import GENESIS_HASH, EventEnvelope
 from shared.events import DomainEvent, EventMeta, to_pending
 from shared.eventstore import event_message

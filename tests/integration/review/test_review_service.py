@@ -23,7 +23,7 @@ from aiokafka import (
 from cardctl.stack import ensure_topics
 from services.review.main import build
 from services.review.settings import ReviewSettings
-from shared.commands import ChannelRegistry, sign
+from shared.channels import ChannelRegistry, sign
 from shared.contracts.loss import LossCancelled, LossReported
 from shared.envelope import GENESIS_HASH, EventEnvelope
 from shared.events import DomainEvent, EventMeta, to_pending
