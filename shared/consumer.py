@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from shared.envelope import EventEnvelope, hash_is_intact
 from shared.eventstore import ConcurrencyError
+from shared.locks import citizen_namespace, lock_citizens
 from shared.logging import bind_message_context
 
 log = structlog.get_logger()
@@ -168,7 +169,9 @@ def _bind_event(topic: str, envelope: EventEnvelope) -> None:
 
 
 class EventConsumer:
-    """Applies each event once: the `processed` row and the effect share one transaction."""
+    """Applies each event once: the `processed` row and the effect share one transaction,
+    which holds the citizens' locks (`shared.locks`) so no command of the service decides
+    on them half-way through."""
 
     def __init__(
         self,
@@ -226,6 +229,8 @@ class EventConsumer:
                     [str(envelope.event_id) for _, envelope in valid],
                 ))
                 new: list[tuple[Inbound, EventEnvelope]] = []
+                await lock_citizens(conn, citizen_namespace(self.schema),
+                                    [envelope.citizen_ref for _, envelope in valid])
                 for msg, envelope in valid:
                     event_id = str(envelope.event_id)
                     if event_id in fresh:
@@ -256,5 +261,6 @@ class EventConsumer:
             if not first_time:
                 log.debug("event.duplicate_skipped")
                 return False
+            await lock_citizens(conn, citizen_namespace(self.schema), [envelope.citizen_ref])
             await self.handler(conn, envelope)
             return True

@@ -26,6 +26,7 @@ from shared.errors import DomainError, SubjectErasedError
 from shared.events import EventDecoder, EventMeta
 from shared.eventstore import PostgresEventStore
 from shared.identity import citizen_ref, is_valid_id_number, normalise_id_number
+from shared.locks import citizen_namespace, lock_citizens
 from shared.masking import mask_card_no
 
 log = structlog.get_logger()
@@ -125,6 +126,8 @@ class IssuanceHandlers:
         if ref is None:
             raise domain.UnknownApplicationError
         structlog.contextvars.bind_contextvars(citizen_ref=ref)
+        # The review.events follower holds the same lock while it starts production.
+        await lock_citizens(conn, citizen_namespace(self.schema), [ref])
         proxy = None
         if payload.proxy is not None:
             try:  # under the holder's key: erasing the holder erases their proxy's record too

@@ -44,6 +44,7 @@ from shared.envelope import EventEnvelope
 from shared.erasure import ErasableStreams
 from shared.events import EventDecoder, EventMeta
 from shared.eventstore import PostgresEventStore
+from shared.locks import citizen_namespace, lock_citizens
 from shared.tokens import TokenVerifier
 
 log = structlog.get_logger()
@@ -201,7 +202,11 @@ class LossHandlers:
         self, conn: asyncpg.Connection, command: domain.LossCommand, meta: EventMeta,
         now: datetime,
     ) -> list[contract.LossEvent]:
-        """Load the citizen's case, decide, append, and keep the expiry timers in step."""
+        """Load the citizen's case, decide, append, and keep the expiry timers in step.
+
+        The citizen's lock comes first: a follower applying issuance or review facts for
+        them either committed before (and its facts are read here) or waits for this."""
+        await lock_citizens(conn, citizen_namespace(self.schema), [meta.citizen_ref])
         context = domain.DecisionContext(
             now=now,
             card_no=await self.cards.card_of(conn, meta.citizen_ref),

@@ -33,6 +33,7 @@ from shared.erasure import ErasableStreams
 from shared.errors import SubjectErasedError
 from shared.events import EventDecoder, EventMeta
 from shared.eventstore import PostgresEventStore
+from shared.locks import citizen_namespace, lock_citizens
 from shared.tokens import TokenVerifier
 
 log = structlog.get_logger()
@@ -66,6 +67,10 @@ class ReviewHandlers:
     def _store(self, conn: asyncpg.Connection) -> PostgresEventStore:
         return PostgresEventStore(conn, self.schema, self.events_topic)
 
+    async def _lock(self, conn: asyncpg.Connection, citizen_ref: str) -> None:
+        """Before reading the loss facts: the loss.events follower holds the same lock."""
+        await lock_citizens(conn, citizen_namespace(self.schema), [citizen_ref])
+
     async def _run(
         self, conn: asyncpg.Connection, citizen_ref: str, command: domain.ReviewCommand,
         meta: EventMeta,
@@ -87,6 +92,7 @@ class ReviewHandlers:
         claims = self.verifier.verify(payload.session_token, now=ctx.received_at)
         citizen_ref = claims.citizen_ref
         structlog.contextvars.bind_contextvars(citizen_ref=citizen_ref)
+        await self._lock(conn, citizen_ref)
         application_id = str(uuid4())
         try:
             address, phone, photo_ref = await self.vault.encrypt_all(
@@ -116,6 +122,7 @@ class ReviewHandlers:
         if citizen_ref is None:
             raise domain.UnknownApplicationError()
         structlog.contextvars.bind_contextvars(citizen_ref=citizen_ref)
+        await self._lock(conn, citizen_ref)
         command = domain.DecideApplication(
             application_id=payload.application_id,
             reviewer_id=payload.reviewer_id,

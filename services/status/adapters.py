@@ -21,6 +21,7 @@ from shared.consumer import (
     describe_validation_error,
 )
 from shared.envelope import EventEnvelope
+from shared.locks import lock_citizens
 
 
 def status_ddl(schema: str) -> str:
@@ -89,11 +90,7 @@ class StatusWriter:
         # Two topics may carry events of one citizen at once: serialise them on the citizen,
         # also when the row does not exist yet (FOR UPDATE alone cannot lock a missing row).
         # Every transaction takes its locks in key order, so two batches cannot deadlock.
-        await conn.execute(
-            "SELECT count(pg_advisory_xact_lock(hashtext($1), key)) FROM"
-            " (SELECT DISTINCT hashtext(ref) AS key FROM unnest($2::text[]) AS ref"
-            "  ORDER BY key) AS keys",
-            f"{self.schema}.card_status", refs)
+        await lock_citizens(conn, f"{self.schema}.card_status", refs)
         rows = await load_rows(conn, self.schema, refs, for_update=True)
         entries: list[TimelineEntry] = []
         try:
