@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -37,6 +38,10 @@ async def race_reissue_against_a_new_report(harness: Harness) -> Outcome:
     return citizen_ref, old_card, new_card, reply
 
 
+def loss_closed_of(citizen_ref: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda e: e["citizen_ref"] == citizen_ref and e["type"] == "LossClosed"
+
+
 async def test_a_loss_reported_while_the_card_is_being_reissued_never_names_the_old_card(
     harness: Harness,
 ) -> None:
@@ -44,8 +49,7 @@ async def test_a_loss_reported_while_the_card_is_being_reissued_never_names_the_
                                       for _ in range(RACES)))
 
     for citizen_ref, old_card, new_card, reply in outcomes:
-        await harness.loss_events.wait_for(
-            lambda e, ref=citizen_ref: e["citizen_ref"] == ref and e["type"] == "LossClosed")
+        await harness.loss_events.wait_for(loss_closed_of(citizen_ref))
         reports = [e for e in harness.loss_events.json_values()
                    if e["citizen_ref"] == citizen_ref and e["type"] == "LossReported"]
         assert reports[0]["data"]["card_no"] == old_card  # the first, honest report
