@@ -18,6 +18,7 @@ import asyncpg
 import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from shared.barrier import FollowerBarrier
 from shared.channels import Channel, ChannelRegistry, sign
 from shared.consumer import (
     DeadLetters,
@@ -125,6 +126,7 @@ class CommandIntake:
         *,
         max_attempts: int = 5,
         opener: FieldOpener | None = None,
+        barrier: FollowerBarrier | None = None,
     ) -> None:
         self.opener = opener or FieldOpener(
             CardDeskSettings().command_sealing_key.get_secret_value())
@@ -135,6 +137,7 @@ class CommandIntake:
         self.dead_letters = dead_letters
         self.clock = clock
         self.max_attempts = max_attempts
+        self.barrier = barrier
 
     async def handle(self, msg: Inbound) -> None:
         bind_message_context(topic=msg.topic, partition=msg.partition, offset=msg.offset)
@@ -214,17 +217,18 @@ class CommandIntake:
         The first pass takes no savepoints (two round trips per command saved). A command
         refused by a `DomainError` must leave no writes, so such a pass is undone as a whole
         and run again with a savepoint per command; nothing of the first pass was visible."""
+        consistent = self.barrier is None or await self.barrier.caught_up()
         try:
-            outcomes = await self._run(commands, savepoints=False)
+            outcomes = await self._run(commands, savepoints=False, consistent=consistent)
         except _UndoAll:
-            outcomes = await self._run(commands, savepoints=True)
+            outcomes = await self._run(commands, savepoints=True, consistent=consistent)
         for command, reply, repeated in outcomes:
             _bind_command(command)
             log.info("command.repeated" if repeated else "command.replied",
                      status=reply.status, code=reply.code)
 
-    async def _run(self, commands: Sequence[CheckedCommand], *,
-                   savepoints: bool) -> list[tuple[CheckedCommand, Reply, bool]]:
+    async def _run(self, commands: Sequence[CheckedCommand], *, savepoints: bool,
+                   consistent: bool) -> list[tuple[CheckedCommand, Reply, bool]]:
         outcomes: list[tuple[CheckedCommand, Reply, bool]] = []
         async with self.pool.acquire() as conn, conn.transaction():
             stored: dict[str, str] = dict(await conn.fetch(
@@ -237,6 +241,12 @@ class CommandIntake:
                 _bind_command(command)
                 if request_id in stored:
                     outcomes.append((command, Reply.model_validate_json(stored[request_id]), True))
+                    continue
+                if not consistent:  # not stored: a repeat of the request is decided afresh
+                    outcomes.append((command, _rejected(
+                        request_id, "not_yet_consistent",
+                        "this service has not yet applied every event it follows; retry"),
+                        False))
                     continue
                 reply = await self._decide(conn, command, savepoints=savepoints)
                 stored[request_id] = reply.model_dump_json()  # a copy later repeats it

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -20,6 +20,7 @@ from faststream.asgi import AsgiFastStream, make_ping_asgi
 from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.middlewares import AckPolicy
 
+from shared.barrier import FollowerBarrier
 from shared.consumer import DeadLetters, Inbound
 from shared.eventstore import migrate
 from shared.logging import configure_logging
@@ -46,6 +47,7 @@ class ServiceRuntime:
         self._tasks: list[asyncio.Task[None]] = []
         self._on_ready: list[Callable[[], Awaitable[None]]] = []
         self._background: list[Callable[[], Awaitable[None]]] = []
+        self._barriers: list[FollowerBarrier] = []
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -64,6 +66,19 @@ class ServiceRuntime:
     @property
     def events_topic(self) -> str:
         return self.settings.event_topic(self.name)
+
+    @property
+    def group(self) -> str:
+        """The service's consumer group, unless a subscription names another."""
+        return f"carddesk-{self.name}"
+
+    def barrier(self, topics: Sequence[str], *, group: str | None = None) -> FollowerBarrier:
+        """What the service's commands wait on: its followers of `topics` caught up
+        (shared/barrier.py); started and stopped with the runtime."""
+        barrier = FollowerBarrier(self.settings, group or self.group, topics,
+                                  timeout_s=self.settings.consistency_wait_ms / 1000)
+        self._barriers.append(barrier)
+        return barrier
 
     def on_ready(self, hook: Callable[[], Awaitable[None]]) -> None:
         """Run after the pool and producer exist, before messages flow (build handlers here)."""
@@ -85,7 +100,7 @@ class ServiceRuntime:
 
         @self.broker.subscriber(
             topic,
-            group_id=group or f"carddesk-{self.name}",
+            group_id=group or self.group,
             auto_offset_reset="earliest",
             ack_policy=AckPolicy.NACK_ON_ERROR,
             batch=True,
@@ -123,6 +138,8 @@ class ServiceRuntime:
             self._pool, self._producer, self.schema,
             poll_interval=self.settings.outbox_poll_ms / 1000,
             retention=timedelta(hours=self.settings.outbox_retention_hours))
+        for barrier in self._barriers:
+            await barrier.start()
         for hook in self._on_ready:
             await hook()
         self._tasks.append(asyncio.create_task(supervise("outbox.relay", self._relay.run)))
@@ -139,6 +156,9 @@ class ServiceRuntime:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+        for barrier in self._barriers:
+            with contextlib.suppress(Exception):
+                await barrier.stop()
         if self._producer is not None:
             await self._producer.stop()
         if self._pool is not None:

@@ -52,6 +52,9 @@ class CardDeskSettings(BaseSettings):
     # Sent outbox rows are kept this long (for an operator looking into a delivery), then purged.
     outbox_retention_hours: float = 24.0
     consumer_max_attempts: int = 5
+    # How long a command waits for the service's followers to apply every event published
+    # before it; past that it is refused `not_yet_consistent` (shared/barrier.py).
+    consistency_wait_ms: int = 3000
     # Records a consumer takes at once, and how long it waits for them (ms).
     consumer_batch_size: int = 200
     consumer_batch_wait_ms: int = 5

@@ -21,6 +21,7 @@ from shared.consumer import Inbound
 from shared.envelope import GENESIS_HASH, EventEnvelope
 from shared.events import DomainEvent, EventMeta, to_pending
 from shared.outbox import make_producer
+from shared.runtime import ServiceRuntime
 from shared.settings import CardDeskSettings
 from shared.topics import TopicSpec
 
@@ -181,3 +182,16 @@ class RecordingDeadLetters:
 
     async def send(self, msg: Inbound, code: str, reason: str) -> None:
         self.sent.append((msg.offset, code))
+
+
+@asynccontextmanager
+async def follower_paused(runtime: ServiceRuntime, topic: str) -> AsyncIterator[None]:
+    """The service's subscriber of `topic` stopped for the block, as a lagging or stopped
+    follower would be; started again after it."""
+    subscriber = next(s for s in runtime.broker.subscribers
+                      if topic in getattr(s, "topic_names", ()))
+    await subscriber.stop()
+    try:
+        yield
+    finally:
+        await subscriber.start()

@@ -40,6 +40,8 @@ class IssuanceService:
 
     def __init__(self, runtime: ServiceRuntime, settings: IssuanceSettings) -> None:
         self.runtime = runtime
+        self.barrier = runtime.barrier([settings.issuance_review_events_topic],
+                                       group=settings.issuance_consumer_group)
         self.settings = settings
         vault = Vault(settings.issuance_schema, settings.master_key.get_secret_value())
         self.handlers = IssuanceHandlers(settings, vault, clock)
@@ -61,7 +63,7 @@ class IssuanceService:
         self._intake = CommandIntake(
             rt.pool, rt.schema, ChannelRegistry.from_file(s.channels_file),
             routes(self.handlers), rt.dead_letters, clock,
-            max_attempts=s.consumer_max_attempts,
+            max_attempts=s.consumer_max_attempts, barrier=self.barrier,
         )
         self._review = EventConsumer(
             rt.pool, rt.schema, "review.events", self.handlers.on_review_event,

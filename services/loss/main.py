@@ -57,13 +57,14 @@ def build(
     runtime = ServiceRuntime(SERVICE, settings, extra_ddl=loss_ddl(schema))
     runtime.schema = schema
     handlers = LossHandlers(settings, schema, runtime.events_topic, now)
+    barrier = runtime.barrier([ISSUANCE_EVENTS, REVIEW_EVENTS], group=consumer_group)
     wired = _Wired()
 
     async def wire() -> None:
         wired.intake = CommandIntake(
             runtime.pool, schema, ChannelRegistry.from_file(settings.channels_file),
             routes(handlers), runtime.dead_letters, now,
-            max_attempts=settings.consumer_max_attempts,
+            max_attempts=settings.consumer_max_attempts, barrier=barrier,
         )
         wired.issuance = EventConsumer(
             runtime.pool, schema, f"{SERVICE}:{ISSUANCE_EVENTS}", handlers.on_issuance_event,

@@ -31,6 +31,7 @@ def build(settings: ReviewSettings | None = None, *, group: str | None = None) -
     settings = settings or ReviewSettings()
     runtime = ServiceRuntime(SERVICE, settings, extra_ddl=review_ddl(SERVICE))
     wired: dict[str, MessageHandler] = {}
+    barrier = runtime.barrier([settings.event_topic("loss")], group=group)
 
     async def wire() -> None:
         handlers = ReviewHandlers(
@@ -54,6 +55,7 @@ def build(settings: ReviewSettings | None = None, *, group: str | None = None) -
         intake = CommandIntake(
             runtime.pool, runtime.schema, ChannelRegistry.from_file(settings.channels_file),
             routes, runtime.dead_letters, _now, max_attempts=settings.consumer_max_attempts,
+            barrier=barrier,
         )
         loss_events = EventConsumer(
             runtime.pool, runtime.schema, LOSS_CONSUMER, handlers.on_loss_event,

@@ -30,7 +30,7 @@ from shared.eventstore import migrate
 from shared.identity import check_char, citizen_ref
 from shared.runtime import ServiceRuntime
 from shared.topics import REPLIES_TOPIC
-from tests.support import create_topics, eventually, unique
+from tests.support import create_topics, eventually, follower_paused, unique
 
 pytestmark = pytest.mark.integration
 
@@ -423,3 +423,29 @@ async def test_with_a_production_time_the_card_is_ready_only_when_the_timer_fire
         assert await pool.fetchval(f"SELECT count(*) FROM {schema}.production_timers") == 0
     finally:
         await pool.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+async def test_a_collection_waits_for_the_approval_the_review_follower_has_not_applied(
+    harness: Harness,
+) -> None:
+    id_number = random_id_number()
+    ref = harness.ref(id_number)
+    old = await harness.imported(id_number)
+    application_id = str(uuid.uuid4())
+    collect = {"application_id": application_id, "bureau_id": BUREAU,
+               "presented_id_number": id_number}
+
+    async with follower_paused(harness.runtime, harness.settings.issuance_review_events_topic):
+        await harness.review_event(ref, ReviewApproved(
+            application_id=application_id, reviewer_id="reviewer-7", pickup_bureau=BUREAU,
+            old_card_no=old))
+        while_paused = await harness.command("CollectCard", collect)
+    await harness.events_of(ref, 4)  # production started, reissued, ready for pickup
+    after = await harness.command("CollectCard", collect)
+
+    assert (while_paused["status"], while_paused["code"]) == ("rejected", "not_yet_consistent")
+    # Resuming the follower rebalances the group, which may redeliver the first command:
+    # decided afresh then, it is the one that collects the card, and this one repeats it.
+    assert (after["status"], after["code"]) in {("accepted", "accepted"),
+                                                ("rejected", "already_collected")}, after
+    assert (await harness.stream_types(ref)).count("CardCollected") == 1

@@ -48,11 +48,13 @@ class Tail(TopicTail):
         return [json.loads(r.value) for r in self.records]
 
     async def wait_for(
-        self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float = 30.0
+        self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float = 30.0, *,
+        after: int = 0,
     ) -> dict[str, Any]:
+        """The first matching value among the records from index `after` on."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         while asyncio.get_running_loop().time() < deadline:
-            for value in self.json_values():
+            for value in self.json_values()[after:]:
                 if predicate(value):
                     return value
             await asyncio.sleep(0.05)
@@ -104,9 +106,11 @@ class Harness:
             issued_at=now, expires_at=now + timedelta(minutes=30),
         ))
 
-    async def command(self, command_type: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """Send a signed command on loss.commands and return its reply."""
-        request_id = str(uuid.uuid4())
+    async def command(self, command_type: str, payload: dict[str, Any], *,
+                      request_id: str | None = None) -> dict[str, Any]:
+        """Send a signed command on loss.commands and return the reply to this sending."""
+        request_id = request_id or str(uuid.uuid4())
+        seen = len(self.replies.records)
         value = json.dumps({"request_id": request_id, "channel": CHANNEL,
                             "issued_at": datetime.now(UTC).isoformat(), "type": command_type,
                             "payload": payload}).encode()
@@ -115,7 +119,7 @@ class Harness:
             headers=[("x-channel-id", CHANNEL.encode()),
                      ("x-signature", sign(self.channel_secret, value).encode())],
         )
-        return await self.replies.wait_for(lambda r: r["request_id"] == request_id)
+        return await self.replies.wait_for(lambda r: r["request_id"] == request_id, after=seen)
 
     def seal(self, stream_id: str, citizen_ref: str, event: DomainEvent) -> EventEnvelope:
         """The next event of another service's stream, chained as its store would."""

@@ -13,6 +13,7 @@ import pytest
 from shared.contracts.issuance import CardReissued
 from tests.integration.loss.conftest import Harness
 from tests.integration.loss.test_loss_service import citizen_with_card, report_formal_loss
+from tests.support import follower_paused
 
 pytestmark = pytest.mark.integration
 
@@ -59,3 +60,28 @@ async def test_a_loss_reported_while_the_card_is_being_reissued_never_names_the_
         else:
             assert reply["code"] == "already_lost", reply
             assert later == []
+
+
+async def test_a_loss_is_not_decided_while_the_issuance_follower_is_behind(
+    harness: Harness,
+) -> None:
+    citizen_ref, old_card = await citizen_with_card(harness)
+    await report_formal_loss(harness, citizen_ref)
+    new_card = f"N{uuid.uuid4().int % 10**9:09d}"
+    payload = {"session_token": harness.token(citizen_ref, "portrait"), "kind": "formal"}
+    request_id = str(uuid.uuid4())
+
+    async with follower_paused(harness.runtime, "issuance.events"):
+        # Issuance replaced the card (and the citizen holds the new one); loss has not seen it.
+        await harness.publish("issuance.events", harness.seal(
+            f"card-{citizen_ref}", citizen_ref, CardReissued(
+                application_id=str(uuid.uuid4()), new_card_no=new_card, old_card_no=old_card)))
+        while_paused = await harness.command("ReportLoss", payload, request_id=request_id)
+    retried = await harness.command("ReportLoss", payload, request_id=request_id)
+
+    assert (while_paused["status"], while_paused["code"]) == ("rejected", "not_yet_consistent")
+    assert retried["status"] == "accepted", retried
+    reported = await harness.loss_events.wait_for(
+        lambda e: e["citizen_ref"] == citizen_ref and e["type"] == "LossReported"
+        and e["data"]["loss_id"] == retried["data"]["loss_id"])
+    assert reported["data"]["card_no"] == new_card

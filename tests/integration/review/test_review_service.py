@@ -30,7 +30,7 @@ from shared.events import DomainEvent, EventMeta, to_pending
 from shared.runtime import ServiceRuntime
 from shared.tokens import SessionClaims, TokenSigner
 from shared.topics import all_topics
-from tests.support import TopicTail
+from tests.support import TopicTail, follower_paused
 
 pytestmark = pytest.mark.integration
 
@@ -42,10 +42,12 @@ TOPICS = ("review.commands", "review.events", "loss.events", "channel.replies",
 class Tail(TopicTail):
     """Everything published on a topic from the moment `start` returns."""
 
-    async def first(self, match: Callable[[ConsumerRecord], bool]) -> ConsumerRecord:
+    async def first(self, match: Callable[[ConsumerRecord], bool], *,
+                    after: int = 0) -> ConsumerRecord:
+        """The first matching record among those from index `after` on."""
         deadline = asyncio.get_running_loop().time() + WAIT_S
         while asyncio.get_running_loop().time() < deadline:
-            for record in self.records:
+            for record in self.records[after:]:
                 if match(record):
                     return record
             await asyncio.sleep(0.05)
@@ -109,12 +111,13 @@ class Harness:
                                expires_at=now + timedelta(minutes=10))
         return TokenSigner(self.settings.session_signing_key.get_secret_value()).sign(claims)
 
-    async def send(self, channel_id: str, command_type: str, payload: dict[str, Any]
-                   ) -> dict[str, Any]:
-        """Send a signed command and return its reply from channel.replies."""
+    async def send(self, channel_id: str, command_type: str, payload: dict[str, Any], *,
+                   request_id: str | None = None) -> dict[str, Any]:
+        """Send a signed command and return the reply to this sending of it."""
         channel = self.channels.get(channel_id)
         assert channel is not None
-        request_id = str(uuid.uuid4())
+        request_id = request_id or str(uuid.uuid4())
+        seen = len(self.replies.records)
         value = json.dumps({"request_id": request_id, "channel": channel_id,
                             "issued_at": datetime.now(UTC).isoformat(), "type": command_type,
                             "payload": payload}).encode()
@@ -123,7 +126,7 @@ class Harness:
             headers=[("x-channel-id", channel_id.encode()),
                      ("x-signature", sign(channel.secret, value).encode())],
         )
-        record = await self.replies.first(lambda r: r.key == request_id.encode())
+        record = await self.replies.first(lambda r: r.key == request_id.encode(), after=seen)
         reply: dict[str, Any] = json.loads(record.value)
         return reply
 
@@ -279,3 +282,24 @@ async def test_a_decision_on_an_application_nobody_submitted_is_refused_as_unkno
         "application_id": str(uuid.uuid4()), "reviewer_id": "rev-1", "decision": "approve"})
 
     assert (reply["status"], reply["code"]) == ("rejected", "unknown_application")
+
+
+async def test_an_application_is_not_accepted_while_the_loss_follower_is_behind(
+    review: Harness,
+) -> None:
+    citizen_ref = new_citizen()
+    await review.publish_loss_event(citizen_ref, formal_loss("L-stale"))
+    await review.wait_for_loss(citizen_ref, in_force=True)
+    payload = application(review, citizen_ref)
+    request_id = str(uuid.uuid4())
+
+    async with follower_paused(review.runtime, "loss.events"):
+        # The loss service lifted the loss; review has not applied that yet.
+        await review.publish_loss_event(citizen_ref, LossCancelled(loss_id="L-stale"))
+        while_paused = await review.send("wechat-oa", "SubmitReissueApplication", payload,
+                                         request_id=request_id)
+    retried = await review.send("wechat-oa", "SubmitReissueApplication", payload,
+                                request_id=request_id)
+
+    assert (while_paused["status"], while_paused["code"]) == ("rejected", "not_yet_consistent")
+    assert (retried["status"], retried["code"]) == ("rejected", "no_formal_loss")

@@ -1,0 +1,95 @@
+"""Decisions on facts at least as new as the command: before a command batch runs, the
+service's followers must have applied every event published to the topics they follow up to
+that moment. A follower that is paused, lagging or cut off makes the wait run out, and the
+commands are refused as `not_yet_consistent` (retryable) instead of decided on a stale copy."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import structlog
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from shared.kafka import client_options
+from shared.settings import CardDeskSettings
+
+log = structlog.get_logger()
+
+
+class FollowerBarrier:
+    """Compares the end offsets of the followed topics with what the service's consumer group
+    has committed, which it does only after the effects were committed in PostgreSQL."""
+
+    def __init__(self, settings: CardDeskSettings, group: str, topics: Sequence[str], *,
+                 timeout_s: float, poll_s: float = 0.02) -> None:
+        self.settings = settings
+        self.group = group
+        self.topics = tuple(topics)
+        self.timeout_s = timeout_s
+        self.poll_s = poll_s
+        self._offsets: AIOKafkaConsumer | None = None
+        self._admin: AIOKafkaAdminClient | None = None
+        self._partitions: list[TopicPartition] = []
+
+    async def start(self) -> None:
+        options = client_options(self.settings)
+        self._offsets = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
+                                         group_id=None, **options)
+        await self._offsets.start()
+        self._admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap,
+                                          **options)
+        await self._admin.start()
+
+    async def stop(self) -> None:
+        if self._offsets is not None:
+            await self._offsets.stop()
+        if self._admin is not None:
+            await self._admin.close()
+
+    async def caught_up(self) -> bool:
+        """Wait (at most `timeout_s`) until the followers have committed past every event
+        published before this call; False when the wait runs out or Kafka cannot tell."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        try:
+            targets = await asyncio.wait_for(self._ends(), self.timeout_s)
+            while True:
+                behind = await self._behind(targets)
+                if not behind:
+                    return True
+                if loop.time() >= deadline:
+                    log.warning("barrier.followers_behind", group=self.group,
+                                behind={f"{tp.topic}/{tp.partition}": lag
+                                        for tp, lag in behind.items()})
+                    return False
+                await asyncio.sleep(self.poll_s)
+        except Exception as exc:  # cannot tell: then the copy is not known to be current
+            log.warning("barrier.unknown", group=self.group, error=type(exc).__name__)
+            return False
+
+    async def _ends(self) -> dict[TopicPartition, int]:
+        assert self._offsets is not None and self._admin is not None, "not started"
+        if not self._partitions:
+            described = await self._admin.describe_topics(list(self.topics))
+            self._partitions = [TopicPartition(topic["topic"], p["partition"])
+                                for topic in described for p in topic["partitions"]]
+            if len(self._partitions) == 0:
+                raise LookupError(f"no partitions known for {self.topics}")
+        ends: dict[TopicPartition, int] = await self._offsets.end_offsets(self._partitions)
+        return {tp: end for tp, end in ends.items() if end > 0}
+
+    async def _behind(self, targets: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+        assert self._admin is not None, "the barrier has not started"
+        if not targets:
+            return {}
+        committed = await self._admin.list_consumer_group_offsets(
+            self.group, partitions=list(targets))
+        behind: dict[TopicPartition, int] = {}
+        for tp, end in targets.items():
+            done = committed.get(tp)
+            offset = done.offset if done is not None else -1
+            if offset < end:
+                behind[tp] = end - max(offset, 0)
+        return behind
