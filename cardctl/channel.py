@@ -136,13 +136,15 @@ class ChannelSimulator:
         retry_codes: frozenset[str] = frozenset(), retry_for_s: float = 30.0,
     ) -> Reply:
         """Send until accepted. `retry_codes` are refusals that only mean another service has
-        not caught up yet (its events are still on their way); each try is a new request."""
+        not caught up yet (its events are still on their way); each try is a new request.
+        `not_yet_consistent` (the service's own followers are behind) is always retried."""
         deadline = asyncio.get_running_loop().time() + retry_for_s
         while True:
             reply = await self.send(service, command_type, payload, channel_id=channel_id,
                                     session_key=session_key)
             if reply.status == "accepted":
                 return reply
-            if reply.code not in retry_codes or asyncio.get_running_loop().time() > deadline:
+            retryable = reply.code in retry_codes or reply.code == "not_yet_consistent"
+            if not retryable or asyncio.get_running_loop().time() > deadline:
                 raise CommandRefusedError(reply)
             await asyncio.sleep(0.2)
