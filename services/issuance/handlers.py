@@ -150,6 +150,7 @@ class IssuanceHandlers:
             holder_ref=ref,
             presented=self.present(payload.presented_id_number),
             proxy=proxy,
+            bureaus=ctx.channel.bureaus,
         )
         meta = EventMeta(ref, ctx.received_at, ctx.correlation_id, ctx.causation_id)
         stored = await self._decide(conn, ref, [command], meta)
