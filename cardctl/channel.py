@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from shared.channels import ChannelRegistry, sign
 from shared.commands import Reply
-from shared.sealing import FieldSealer
+from shared.sealing import FieldSealer, SealContext
 from shared.settings import CardDeskSettings
 from shared.topics import REPLIES_TOPIC, command_topic
 
@@ -122,7 +122,8 @@ class ChannelSimulator:
         """Sign and send a command; the key is the session id, else the request id."""
         request_id = request_id or str(uuid.uuid4())
         if self.sealer is not None:
-            payload = self.sealer.seal_payload(command_type, payload)
+            payload = self.sealer.seal_payload(
+                SealContext(channel_id, command_type, request_id), payload)
         value = self.envelope(channel_id, command_type, payload, request_id)
         return await self.send_raw(
             command_topic(service), value, channel_id=channel_id,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -31,7 +31,12 @@ class Channel(BaseModel):
 
     def serves(self, bureau_id: str) -> bool:
         """Whether this bureau channel may act for `bureau_id` (no list: every bureau)."""
-        return not self.bureaus or bureau_id in self.bureaus
+        return bureau_served(self.bureaus, bureau_id)
+
+
+def bureau_served(bureaus: Collection[str], bureau_id: str) -> bool:
+    """`Channel.serves` on the channel's list alone, for deciders that get only the list."""
+    return not bureaus or bureau_id in bureaus
 
 
 class ChannelRegistry:

@@ -30,7 +30,7 @@ from shared.consumer import (
 from shared.errors import DomainError
 from shared.logging import bind_message_context
 from shared.outbox import OutboxMessage, notify_channel, outbox_columns, outbox_insert
-from shared.sealing import FieldOpener, SealedFieldError
+from shared.sealing import FieldOpener, SealContext, SealedFieldError
 from shared.settings import CardDeskSettings
 from shared.topics import REPLIES_TOPIC
 
@@ -128,8 +128,7 @@ class CommandIntake:
         opener: FieldOpener | None = None,
         barrier: FollowerBarrier | None = None,
     ) -> None:
-        self.opener = opener or FieldOpener(
-            CardDeskSettings().command_sealing_key.get_secret_value())
+        self.opener = opener or FieldOpener.from_settings(CardDeskSettings())
         self.pool = pool
         self.schema = schema
         self.channels = channels
@@ -200,7 +199,9 @@ class CommandIntake:
         if route is None:
             raise Rejected("unknown_command_type", f"unknown command type {command.type!r}")
         try:
-            opened = self.opener.open_payload(command.type, command.payload)
+            opened = self.opener.open_payload(
+                SealContext(channel.channel_id, command.type, str(command.request_id)),
+                command.payload)
         except SealedFieldError as exc:
             raise Rejected(exc.code, str(exc)) from exc
         try:

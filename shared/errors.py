@@ -24,6 +24,11 @@ class SessionExpiredError(DomainError):
     default_message = "the session has expired; log in again"
 
 
+class BureauNotServedError(DomainError):
+    code = "bureau_not_served"
+    default_message = "this bureau channel does not serve the application's bureau"
+
+
 class SubjectErasedError(DomainError):
     code = "subject_erased"
     default_message = "this citizen's data has been erased"

@@ -1,18 +1,31 @@
-"""Citizen identity: the GB 11643-1999 ID number checksum and the pseudonymous citizen_ref."""
+"""Citizen identity: the GB 11643-1999 ID number checksum, the pseudonymous citizen_ref, and
+the normal forms ID numbers and names are compared and hashed in.
+
+An ID number is ASCII digits and `X`/`x` only: full-width or other Unicode digits would pass
+a Unicode-aware checksum yet hash to another citizen_ref. Names are compared in Unicode NFC,
+so a decomposed spelling of the same name matches.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import re
+import unicodedata
 
 _WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
 _CHECK_CHARS = "10X98765432"
-_SHAPE = re.compile(r"^\d{17}[\dX]$")
+_SHAPE = re.compile(r"[0-9]{17}[0-9X]", re.ASCII)
+_ASCII_BLANKS = " \t\r\n"
 
 
 def normalise_id_number(id_number: str) -> str:
-    return id_number.strip().upper()
+    return id_number.strip(_ASCII_BLANKS).upper()
+
+
+def normalise_name(name: str) -> str:
+    """A name as compared and hashed: Unicode NFC, without surrounding blanks."""
+    return unicodedata.normalize("NFC", name).strip()
 
 
 def check_char(first17: str) -> str:
@@ -23,7 +36,7 @@ def check_char(first17: str) -> str:
 
 def is_valid_id_number(id_number: str) -> bool:
     value = normalise_id_number(id_number)
-    return bool(_SHAPE.match(value)) and check_char(value[:17]) == value[17]
+    return _SHAPE.fullmatch(value) is not None and check_char(value[:17]) == value[17]
 
 
 def citizen_ref(pepper: str, id_number: str) -> str:
@@ -34,4 +47,5 @@ def citizen_ref(pepper: str, id_number: str) -> str:
 
 def name_digest(pepper: str, name: str) -> str:
     """Keyed hash of a name, so the registry can match names without keeping them readable."""
-    return hmac.new(pepper.encode(), b"name:" + name.strip().encode(), hashlib.sha256).hexdigest()
+    value = normalise_name(name).encode()
+    return hmac.new(pepper.encode(), b"name:" + value, hashlib.sha256).hexdigest()

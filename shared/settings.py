@@ -42,6 +42,9 @@ class CardDeskSettings(BaseSettings):
     # services open them with the private one (shared/sealing.py).
     command_sealing_key: SecretStr = SecretStr("Uy+Gs+y+C4lJVPwW4qfgWA9TTjSjvJPW2ILCLnHmdCQ=")
     command_sealing_public_key: str = "HMaso7R6kCdiJXoHTq+J2ZoE47IoReIIj2QXBuuWZDQ="
+    # Refuse commands whose personal fields arrive in plain form (`unsealed_personal_data`).
+    # Unset: on in production, off in development (where DESIGN's plain shapes still work).
+    require_sealed_fields: bool | None = None
     state_dir: Path = PROJECT_ROOT / ".local"
     log_level: str = "INFO"
     kafka_controller_port: int = 9093
@@ -58,6 +61,12 @@ class CardDeskSettings(BaseSettings):
     # Records a consumer takes at once, and how long it waits for them (ms).
     consumer_batch_size: int = 200
     consumer_batch_wait_ms: int = 5
+
+    @property
+    def sealed_fields_required(self) -> bool:
+        if self.require_sealed_fields is not None:
+            return self.require_sealed_fields
+        return self.env == "production"
 
     def event_topic(self, service: str) -> str:
         return f"{service}.events"

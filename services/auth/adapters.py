@@ -1,4 +1,5 @@
-"""Auth's own tables besides the event store: captchas and the population registry adapter."""
+"""Auth's own tables besides the event store: captchas, failed logins and the population
+registry adapter."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from typing import Protocol
 
 import asyncpg
 
-from services.auth.domain import CaptchaRecord, require_valid_id_number
+from services.auth.domain import CaptchaRecord, LoginFailures, require_valid_id_number
 from services.auth.settings import AuthSettings
 from shared.crypto import Vault, data_keys_ddl
-from shared.identity import citizen_ref, name_digest
+from shared.identity import citizen_ref, name_digest, normalise_name
 
 SCHEMA = "auth"
 
@@ -43,8 +44,21 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.registry (
 );
 """
 
+# One row per failed login and per scope: the citizen (by citizen_ref, never the ID number)
+# and the channel. Rows older than the window count for nothing and are purged.
+LOGIN_FAILURES_DDL = f"""
+CREATE TABLE IF NOT EXISTS {SCHEMA}.login_failures (
+    scope     text        NOT NULL CHECK (scope IN ('citizen', 'channel')),
+    subject   text        NOT NULL,
+    failed_at timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS login_failures_by_subject
+    ON {SCHEMA}.login_failures (scope, subject, failed_at);
+CREATE INDEX IF NOT EXISTS login_failures_by_time ON {SCHEMA}.login_failures (failed_at);
+"""
+
 # What `ServiceRuntime` runs after the event store's tables.
-AUTH_DDL = REGISTRY_DDL + CAPTCHAS_DDL
+AUTH_DDL = REGISTRY_DDL + CAPTCHAS_DDL + LOGIN_FAILURES_DDL
 
 
 # --- captchas -----------------------------------------------------------------------------
@@ -108,6 +122,49 @@ class CaptchaStore:
         return len(deleted)
 
 
+# --- failed logins ------------------------------------------------------------------------
+
+
+class LoginFailureLog:
+    """Failed logins per citizen and per channel, in auth's schema (so they survive a restart)."""
+
+    async def count(self, conn: asyncpg.Connection, citizen_ref: str | None, channel: str,
+                    since: datetime) -> LoginFailures:
+        """Failures after `since`: the citizen's (none without a citizen_ref) and the channel's."""
+        row = await conn.fetchrow(
+            "SELECT count(*) FILTER (WHERE scope = 'citizen') AS citizen,"
+            " count(*) FILTER (WHERE scope = 'channel') AS channel"
+            f" FROM {SCHEMA}.login_failures WHERE failed_at > $3"
+            " AND ((scope = 'citizen' AND subject = $1) OR (scope = 'channel' AND subject = $2))",
+            citizen_ref, channel, since,
+        )
+        assert row is not None  # an aggregate always returns its row
+        return LoginFailures(citizen=row["citizen"], channel=row["channel"])
+
+    async def record(self, conn: asyncpg.Connection, citizen_ref: str | None, channel: str,
+                     at: datetime) -> None:
+        await conn.execute(
+            f"INSERT INTO {SCHEMA}.login_failures (scope, subject, failed_at)"
+            " SELECT * FROM (VALUES ('channel', $2::text, $3::timestamptz),"
+            " ('citizen', $1::text, $3::timestamptz)) AS f (scope, subject, failed_at)"
+            " WHERE subject IS NOT NULL",
+            citizen_ref, channel, at,
+        )
+
+    async def clear_citizen(self, conn: asyncpg.Connection, citizen_ref: str) -> None:
+        """A successful login forgives the citizen's earlier failures (not the channel's)."""
+        await conn.execute(
+            f"DELETE FROM {SCHEMA}.login_failures WHERE scope = 'citizen' AND subject = $1",
+            citizen_ref,
+        )
+
+    async def purge(self, conn: asyncpg.Connection, before: datetime) -> int:
+        """Delete failures from before `before` (outside every window); returns how many."""
+        deleted = await conn.fetch(
+            f"DELETE FROM {SCHEMA}.login_failures WHERE failed_at < $1 RETURNING 1", before)
+        return len(deleted)
+
+
 # --- population registry ------------------------------------------------------------------
 
 
@@ -137,7 +194,7 @@ class PostgresRegistry:
         self.pepper = pepper
 
     async def enroll(self, citizen_ref: str, name: str, face_template: Sequence[float]) -> None:
-        name_enc = await self.vault.encrypt(self.conn, citizen_ref, name)
+        name_enc = await self.vault.encrypt(self.conn, citizen_ref, normalise_name(name))
         template_enc = await self.vault.encrypt(
             self.conn, citizen_ref, json.dumps([float(x) for x in face_template])
         )

@@ -54,6 +54,11 @@ class IdentityMismatchError(DomainError):
     default_message = "the ID number and name do not match the population registry"
 
 
+class TooManyAttemptsError(DomainError):
+    code = "too_many_attempts"
+    default_message = "too many failed logins; try again later"
+
+
 class PortraitLockedError(DomainError):
     code = "portrait_locked"
     default_message = "portrait verification is locked after repeated failures; try again later"
@@ -77,6 +82,32 @@ def require_valid_id_number(raw: str) -> str:
     if not is_valid_id_number(raw):
         raise InvalidIdNumberError()
     return normalise_id_number(raw)
+
+
+@dataclass(frozen=True, slots=True)
+class LoginPolicy:
+    """How many failed logins a window allows, per ID number and per channel."""
+
+    max_failures_per_citizen: int
+    max_failures_per_channel: int
+    window: timedelta
+
+
+@dataclass(frozen=True, slots=True)
+class LoginFailures:
+    """Failed logins within the window before this attempt: of the presented ID number's
+    citizen (0 when it names none) and of the sending channel."""
+
+    citizen: int
+    channel: int
+
+
+def check_login_throttle(failures: LoginFailures, policy: LoginPolicy) -> None:
+    """Refuse a login once either count has reached its limit; one code for both, so the
+    refusal does not tell which."""
+    if (failures.citizen >= policy.max_failures_per_citizen
+            or failures.channel >= policy.max_failures_per_channel):
+        raise TooManyAttemptsError()
 
 
 @dataclass(frozen=True, slots=True)

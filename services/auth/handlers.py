@@ -16,7 +16,13 @@ import asyncpg
 import structlog
 
 from services.auth import domain
-from services.auth.adapters import SCHEMA, CaptchaStore, PopulationRegistry, new_captcha_code
+from services.auth.adapters import (
+    SCHEMA,
+    CaptchaStore,
+    LoginFailureLog,
+    PopulationRegistry,
+    new_captcha_code,
+)
 from services.auth.settings import AuthSettings
 from shared.application import handle_command
 from shared.commands import CommandContext, Refusal
@@ -35,7 +41,7 @@ from shared.erasure import ErasableStreams
 from shared.errors import DomainError, SubjectErasedError
 from shared.events import EventDecoder, EventMeta
 from shared.eventstore import EventStore, PostgresEventStore
-from shared.identity import citizen_ref
+from shared.identity import citizen_ref, is_valid_id_number
 from shared.tokens import SessionClaims, TokenSigner, TokenVerifier
 
 log = structlog.get_logger()
@@ -58,6 +64,14 @@ def portrait_policy(settings: AuthSettings) -> domain.PortraitPolicy:
         max_failures=settings.portrait_max_failures,
         failure_window=settings.portrait_failure_window,
         lockout=settings.portrait_lockout,
+    )
+
+
+def login_policy(settings: AuthSettings) -> domain.LoginPolicy:
+    return domain.LoginPolicy(
+        max_failures_per_citizen=settings.login_max_failures_per_citizen,
+        max_failures_per_channel=settings.login_max_failures_per_channel,
+        window=settings.login_failure_window,
     )
 
 
@@ -89,6 +103,8 @@ class AuthHandlers:
         self.signer = TokenSigner(settings.session_signing_key.get_secret_value())
         self.verifier = TokenVerifier(settings.session_public_key)
         self.policy = portrait_policy(settings)
+        self.login_policy = login_policy(settings)
+        self.login_failures = LoginFailureLog()
         self.erasure = ErasableStreams(
             vault=Vault(SCHEMA, settings.master_key.get_secret_value()),
             store_for=self.store_for, stream_id=stream_id, decode=decode_recorded,
@@ -111,6 +127,16 @@ class AuthHandlers:
         now = ctx.received_at
         # Burnt by this attempt whatever follows: refusals below must keep that write.
         captcha = await self.captchas.consume(conn, cmd.captcha_id, now)
+        # Failures count by citizen_ref (never the ID number) and by channel.
+        presented = (citizen_ref(self.pepper, cmd.id_number)
+                     if is_valid_id_number(cmd.id_number) else None)
+        failures = await self.login_failures.count(
+            conn, presented, ctx.channel.channel_id, now - self.login_policy.window)
+        try:
+            domain.check_login_throttle(failures, self.login_policy)
+        except domain.TooManyAttemptsError as exc:  # not itself a failure: the window runs out
+            log.info("auth.session_refused", code=exc.code)
+            return Refusal(exc.code, exc.message)
         try:
             id_number = domain.require_valid_id_number(cmd.id_number)
             domain.check_captcha(captcha, self.captchas.digest(cmd.captcha_id, cmd.captcha_code),
@@ -124,8 +150,11 @@ class AuthHandlers:
             await self._decide(conn, ctx, ref, domain.BeginSession(
                 session_id=session_id, channel=ctx.channel.channel_id, expires_at=expires_at))
         except DomainError as exc:
+            await self.login_failures.record(conn, presented, ctx.channel.channel_id, now)
             log.info("auth.session_refused", code=exc.code)
             return Refusal(exc.code, exc.message)
+        if failures.citizen:
+            await self.login_failures.clear_citizen(conn, ref)
         token = self.signer.sign(SessionClaims(
             session_id=session_id, citizen_ref=ref, level="realname",
             issued_at=now, expires_at=expires_at,

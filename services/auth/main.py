@@ -7,7 +7,13 @@ from datetime import UTC, datetime
 
 import structlog
 
-from services.auth.adapters import AUTH_DDL, SCHEMA, CaptchaStore, postgres_registry
+from services.auth.adapters import (
+    AUTH_DDL,
+    SCHEMA,
+    CaptchaStore,
+    LoginFailureLog,
+    postgres_registry,
+)
 from services.auth.handlers import AuthHandlers
 from services.auth.settings import AuthSettings
 from shared.channels import ChannelRegistry
@@ -64,14 +70,20 @@ def build(settings: AuthSettings | None = None) -> ServiceRuntime:
         return wiring["intake"].handle
 
     async def purge_captchas() -> None:
-        """Expired captchas serve no purpose; keep the table small."""
+        """Expired captchas and failed logins outside the window serve no purpose; keep the
+        tables small."""
         captchas = CaptchaStore(settings.citizen_ref_pepper.get_secret_value())
+        failures = LoginFailureLog()
         while True:
             async with runtime.pool.acquire() as conn:
                 purged = await captchas.purge(conn, utc_now() - settings.captcha_ttl)
+                forgotten = await failures.purge(conn, utc_now() - settings.login_failure_window)
             if purged:
                 log.info("auth.captchas_purged", count=purged)
-            await asyncio.sleep(settings.captcha_ttl_seconds)
+            if forgotten:
+                log.info("auth.login_failures_purged", count=forgotten)
+            await asyncio.sleep(min(settings.captcha_ttl_seconds,
+                                    settings.login_failure_window_seconds))
 
     runtime.on_ready(wire)
     runtime.subscribe(COMMANDS_TOPIC, intake, title="auth.commands:auth",

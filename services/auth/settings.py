@@ -1,4 +1,5 @@
-"""Auth settings (`CARDDESK_*`): captcha and session lifetimes, portrait thresholds, lockout."""
+"""Auth settings (`CARDDESK_*`): captcha and session lifetimes, login throttling, portrait
+thresholds, lockout."""
 
 from __future__ import annotations
 
@@ -21,6 +22,11 @@ class AuthSettings(CardDeskSettings):
     portrait_max_failures: int = Field(default=3, ge=1)
     portrait_failure_window_seconds: int = Field(default=24 * 3600, gt=0)
     portrait_lockout_seconds: int = Field(default=24 * 3600, gt=0)
+    # Failed StartSession attempts allowed within the window, per ID number (by citizen_ref)
+    # and per channel; beyond them a login is refused `too_many_attempts`.
+    login_max_failures_per_citizen: int = Field(default=5, ge=1)
+    login_max_failures_per_channel: int = Field(default=1000, ge=1)
+    login_failure_window_seconds: int = Field(default=900, gt=0)
 
     @property
     def captcha_ttl(self) -> timedelta:
@@ -33,6 +39,10 @@ class AuthSettings(CardDeskSettings):
     @property
     def portrait_failure_window(self) -> timedelta:
         return timedelta(seconds=self.portrait_failure_window_seconds)
+
+    @property
+    def login_failure_window(self) -> timedelta:
+        return timedelta(seconds=self.login_failure_window_seconds)
 
     @property
     def portrait_lockout(self) -> timedelta:

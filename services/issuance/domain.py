@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import assert_never
 
+from shared.channels import bureau_served
 from shared.contracts.common import SubjectErased
 from shared.contracts.issuance import (
     CardCollected,
@@ -19,7 +20,7 @@ from shared.contracts.issuance import (
     CardReadyForPickup,
     CardReissued,
 )
-from shared.errors import DomainError, SubjectErasedError
+from shared.errors import BureauNotServedError, DomainError, SubjectErasedError
 
 IssuanceEvent = (
     CardIssued
@@ -240,6 +241,8 @@ class HandOverCard:
     holder_ref: str
     presented: PresentedId
     proxy: ProxyCredentials | None = None
+    # The bureaus the handing-over channel serves (`Channel.bureaus`; empty: every bureau).
+    bureaus: tuple[str, ...] = ()
 
 
 IssuanceCommand = RecordImportedCard | StartProduction | FinishProduction | HandOverCard
@@ -334,7 +337,18 @@ def _finish_production(command: FinishProduction, state: CardState) -> list[Issu
 
 
 def _hand_over(command: HandOverCard, state: CardState) -> list[IssuanceEvent]:
+    # A channel acts only at the bureaus it serves, and learns nothing of another's cards.
+    if not bureau_served(command.bureaus, command.bureau_id):
+        raise BureauNotServedError
     app = command.application_id
+    match state:
+        case InProduction(application_id=known) | Ready(application_id=known) if known == app:
+            if not bureau_served(command.bureaus, state.pickup_bureau):
+                raise BureauNotServedError
+        case NoCard() | Active() | InProduction() | Ready() | Erased():
+            pass
+        case _:
+            assert_never(state)
     if app in _done(state):
         raise AlreadyCollectedError
     match state:

@@ -25,7 +25,12 @@ from shared.erasure import ErasableStreams
 from shared.errors import DomainError, SubjectErasedError
 from shared.events import EventDecoder, EventMeta
 from shared.eventstore import PostgresEventStore
-from shared.identity import citizen_ref, is_valid_id_number, normalise_id_number
+from shared.identity import (
+    citizen_ref,
+    is_valid_id_number,
+    normalise_id_number,
+    normalise_name,
+)
 from shared.locks import citizen_namespace, lock_citizens
 from shared.masking import mask_card_no
 
@@ -132,7 +137,8 @@ class IssuanceHandlers:
         if payload.proxy is not None:
             try:  # under the holder's key: erasing the holder erases their proxy's record too
                 id_number_enc, name_enc = await self.vault.encrypt_all(conn, ref, [
-                    normalise_id_number(payload.proxy.id_number), payload.proxy.name.strip()])
+                    normalise_id_number(payload.proxy.id_number),
+                    normalise_name(payload.proxy.name)])
                 proxy = domain.ProxyCredentials(
                     presented=self.present(payload.proxy.id_number),
                     authorisation_ref=payload.proxy.authorisation_ref,
@@ -147,6 +153,7 @@ class IssuanceHandlers:
             holder_ref=ref,
             presented=self.present(payload.presented_id_number),
             proxy=proxy,
+            bureaus=ctx.channel.bureaus,
         )
         meta = EventMeta(ref, ctx.received_at, ctx.correlation_id, ctx.causation_id)
         stored = await self._decide(conn, ref, [command], meta)

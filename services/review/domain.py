@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, assert_never
 
+from shared.channels import bureau_served
 from shared.contracts.common import SubjectErased
 from shared.contracts.loss import (
     LossCancelled,
@@ -25,7 +26,7 @@ from shared.contracts.review import (
     ReviewEvent,
     ReviewRejected,
 )
-from shared.errors import DomainError, SubjectErasedError
+from shared.errors import BureauNotServedError, DomainError, SubjectErasedError
 
 # The stable reason recorded when a cancelled loss takes its application with it.
 WITHDRAWN_LOSS_CANCELLED = "loss_cancelled"
@@ -128,6 +129,8 @@ class DecideApplication:
     reviewer_id: str
     decision: Literal["approve", "reject"]
     reason: str
+    # The bureaus the deciding channel serves (`Channel.bureaus`; empty: every bureau).
+    bureaus: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,6 +321,16 @@ def _submit(
 def _decide(command: DecideApplication, state: ReviewState) -> list[ReviewEvent]:
     if isinstance(state, Erased):
         raise SubjectErasedError()
+    # Before anything else about the application, so another bureau learns nothing of it.
+    match state:
+        case Pending(application=known) | Approved(application=known) | Rejected(application=known):
+            if (known.application_id == command.application_id
+                    and not bureau_served(command.bureaus, known.pickup_bureau)):
+                raise BureauNotServedError()
+        case NoOpenApplication():
+            pass
+        case _:
+            assert_never(state)
     if not isinstance(state, Pending) or state.application.application_id != command.application_id:
         if command.application_id in _history(state).application_ids:
             raise AlreadyDecidedError()

@@ -128,6 +128,7 @@ class ReviewHandlers:
             reviewer_id=payload.reviewer_id,
             decision=payload.decision,
             reason=payload.reason,
+            bureaus=ctx.channel.bureaus,
         )
         events = await self._run(conn, citizen_ref, command, _command_meta(citizen_ref, ctx))
         _log_decisions(events)

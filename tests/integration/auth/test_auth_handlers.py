@@ -24,6 +24,7 @@ from shared.contracts.auth import (
     VerifyPortrait,
 )
 from shared.errors import DomainError
+from shared.identity import citizen_ref
 from shared.tokens import TokenVerifier
 from tests.integration.auth.citizens import (
     Citizen,
@@ -58,9 +59,9 @@ async def citizen(pool: asyncpg.Pool, auth_settings: AuthSettings) -> Citizen:
 
 
 async def run(pool: asyncpg.Pool, handler: Callable[..., Awaitable[Outcome]], command: Any,
-              at: datetime) -> Outcome:
+              at: datetime, *, channel: Channel = CHANNEL) -> Outcome:
     """As the command intake runs a handler: a transaction, a savepoint, errors as refusals."""
-    context = CommandContext(str(uuid.uuid4()), CHANNEL, at, at)
+    context = CommandContext(str(uuid.uuid4()), channel, at, at)
     async with pool.acquire() as conn, conn.transaction():
         try:
             async with conn.transaction():
@@ -85,11 +86,13 @@ async def captcha(pool: asyncpg.Pool, handlers: AuthHandlers, at: datetime) -> d
 
 async def login(pool: asyncpg.Pool, handlers: AuthHandlers, citizen: Citizen, at: datetime,
                 *, name: str | None = None, id_number: str | None = None,
-                issued: dict[str, Any] | None = None, code: str | None = None) -> Outcome:
+                issued: dict[str, Any] | None = None, code: str | None = None,
+                channel: Channel = CHANNEL) -> Outcome:
     issued = issued or await captcha(pool, handlers, at)
     return await run(pool, handlers.start_session, StartSession(
         id_number=id_number or citizen.id_number, name=name or citizen.name,
-        captcha_id=issued["captcha_id"], captcha_code=code or issued["code"]), at)
+        captcha_id=issued["captcha_id"], captcha_code=code or issued["code"]), at,
+        channel=channel)
 
 
 async def stream_types(pool: asyncpg.Pool, ref: str) -> list[str]:
@@ -302,3 +305,120 @@ async def test_three_failures_lock_the_portrait_for_the_lockout_then_it_opens_ag
     portrait_events = [t for t in await stream_types(pool, ref)
                        if t not in ("SessionStarted", "IdentityVerified")]
     assert portrait_events == ["IdentityVerificationFailed"] * 3 + ["IdentityLocked"]
+
+
+# --- hostile spellings of an ID number or a name ------------------------------------------
+
+FULL_WIDTH_DIGITS = str.maketrans("0123456789", "０１２３４５６７８９")
+
+
+async def test_a_full_width_id_number_is_refused_though_its_checksum_holds(
+    pool: asyncpg.Pool, handlers: AuthHandlers, citizen: Citizen, now: datetime
+) -> None:
+    full_width = citizen.id_number[:17].translate(FULL_WIDTH_DIGITS) + citizen.id_number[17]
+    outcome = await login(pool, handlers, citizen, now, id_number=full_width)
+    assert refused_with(outcome) == "invalid_id_number"
+
+
+async def test_a_decomposed_name_logs_in_the_citizen_enrolled_with_its_composed_form(
+    pool: asyncpg.Pool, handlers: AuthHandlers, auth_settings: AuthSettings, now: datetime
+) -> None:
+    person = new_citizen()
+    composed = person.name + "Zoë"
+    async with pool.acquire() as conn:
+        ref = await enroll(conn, person.id_number, composed, person.face, auth_settings)
+    decomposed = person.name + "Zoe\u0308"
+    data = accepted(await login(pool, handlers, person, now, name=decomposed))
+    assert data["citizen_ref"] == ref
+    assert refused_with(await login(pool, handlers, person, now, name=person.name + "Zoe")) \
+        == "identity_mismatch"
+
+
+# --- login throttling ---------------------------------------------------------------------
+
+
+def throttled_handlers(*, per_citizen: int = 3, per_channel: int = 1000) -> AuthHandlers:
+    settings = AuthSettings(login_max_failures_per_citizen=per_citizen,
+                            login_max_failures_per_channel=per_channel,
+                            login_failure_window_seconds=600)
+    return AuthHandlers(settings, registry_for=lambda conn: postgres_registry(conn, settings))
+
+
+def own_channel() -> Channel:
+    """A channel of the test's own, so other tests' failures do not count towards its limit."""
+    return Channel(channel_id=f"test-{uuid.uuid4().hex[:8]}", secret="not-used-here")
+
+
+async def test_failed_logins_for_one_id_number_are_throttled_at_the_limit_until_the_window_ends(
+    pool: asyncpg.Pool, citizen: Citizen, now: datetime
+) -> None:
+    handlers, channel = throttled_handlers(per_citizen=3), own_channel()
+    wrong = [await login(pool, handlers, citizen, now, name=citizen.name + "甲", channel=channel)
+             for _ in range(3)]
+    assert [refused_with(o) for o in wrong] == ["identity_mismatch"] * 3
+    # The right name no longer helps, from any channel, until the window has passed.
+    assert refused_with(await login(pool, handlers, citizen, now, channel=channel)) \
+        == "too_many_attempts"
+    assert refused_with(await login(pool, handlers, citizen, now + timedelta(seconds=599),
+                                    channel=own_channel())) == "too_many_attempts"
+    # Another citizen on the same channel is not affected.
+    other = new_citizen()
+    async with pool.acquire() as conn:
+        await enroll(conn, other.id_number, other.name, other.face)
+    accepted(await login(pool, handlers, other, now, channel=channel))
+    # Refused attempts were not failures: the window counts from the third failure.
+    accepted(await login(pool, handlers, citizen, now + timedelta(seconds=600), channel=channel))
+
+
+async def test_the_counts_live_in_the_auth_schema_by_citizen_ref_and_survive_a_restart(
+    pool: asyncpg.Pool, citizen: Citizen, auth_settings: AuthSettings, now: datetime
+) -> None:
+    channel = own_channel()
+    before_restart = throttled_handlers(per_citizen=2)
+    for _ in range(2):
+        await login(pool, before_restart, citizen, now, name=citizen.name + "甲", channel=channel)
+    after_restart = throttled_handlers(per_citizen=2)  # a new process: nothing in memory
+    assert refused_with(await login(pool, after_restart, citizen, now, channel=channel)) \
+        == "too_many_attempts"
+    rows = await pool.fetch(f"SELECT scope, subject FROM {SCHEMA}.login_failures"
+                            " WHERE subject = ANY($1::text[])",
+                            [citizen_ref_of(citizen, auth_settings), channel.channel_id])
+    assert sorted((r["scope"], r["subject"]) for r in rows) == sorted(
+        [("citizen", citizen_ref_of(citizen, auth_settings))] * 2
+        + [("channel", channel.channel_id)] * 2)
+    dump = str(await pool.fetch(f"SELECT * FROM {SCHEMA}.login_failures"))
+    assert citizen.id_number not in dump and citizen.id_number[:17] not in dump
+
+
+async def test_a_successful_login_forgives_the_citizens_earlier_failures(
+    pool: asyncpg.Pool, citizen: Citizen, now: datetime
+) -> None:
+    handlers, channel = throttled_handlers(per_citizen=3), own_channel()
+    for _ in range(2):
+        await login(pool, handlers, citizen, now, name=citizen.name + "甲", channel=channel)
+    accepted(await login(pool, handlers, citizen, now, channel=channel))
+    for _ in range(2):
+        await login(pool, handlers, citizen, now, name=citizen.name + "甲", channel=channel)
+    accepted(await login(pool, handlers, citizen, now, channel=channel))
+
+
+async def test_failed_logins_on_one_channel_are_throttled_for_that_channel_only(
+    pool: asyncpg.Pool, citizen: Citizen, now: datetime
+) -> None:
+    handlers, noisy, quiet = throttled_handlers(per_channel=4), own_channel(), own_channel()
+    # Malformed ID numbers name no citizen but still count against the channel, as do
+    # wrong codes.
+    for _ in range(3):
+        assert refused_with(await login(
+            pool, handlers, citizen, now, channel=noisy,
+            id_number=with_wrong_check_char(citizen.id_number))) == "invalid_id_number"
+    assert refused_with(await login(pool, handlers, new_citizen(), now, channel=noisy,
+                                    code="x")) == "captcha_mismatch"
+    assert refused_with(await login(pool, handlers, citizen, now, channel=noisy)) \
+        == "too_many_attempts"
+    accepted(await login(pool, handlers, citizen, now, channel=quiet))
+    accepted(await login(pool, handlers, citizen, now + timedelta(seconds=600), channel=noisy))
+
+
+def citizen_ref_of(citizen: Citizen, settings: AuthSettings) -> str:
+    return citizen_ref(settings.citizen_ref_pepper.get_secret_value(), citizen.id_number)

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from services.auth import domain
 from services.auth.domain import (
     INITIAL,
     AttemptPortrait,
@@ -304,3 +305,32 @@ def test_erasing_records_subject_erased_once_and_a_second_erasure_records_nothin
     erased = given((NOW - DAY, SubjectErased(reason="request")))
     assert is_erased(erased.state)
     assert decide_erasure(is_erased(erased.state), "request") == []
+
+
+# --- login throttling ---------------------------------------------------------------------
+
+LOGIN_POLICY = domain.LoginPolicy(max_failures_per_citizen=3, max_failures_per_channel=10,
+                                  window=timedelta(minutes=15))
+
+
+def test_a_login_below_both_limits_may_proceed() -> None:
+    domain.check_login_throttle(domain.LoginFailures(citizen=2, channel=9), LOGIN_POLICY)
+
+
+@pytest.mark.parametrize("failures", [domain.LoginFailures(citizen=3, channel=0),
+                                      domain.LoginFailures(citizen=0, channel=10),
+                                      domain.LoginFailures(citizen=7, channel=70)])
+def test_a_login_at_either_limit_is_refused_as_too_many_attempts(
+    failures: domain.LoginFailures,
+) -> None:
+    with pytest.raises(domain.TooManyAttemptsError) as refused:
+        domain.check_login_throttle(failures, LOGIN_POLICY)
+    assert refused.value.code == "too_many_attempts"
+
+
+def test_a_full_width_id_number_is_invalid_even_though_its_checksum_holds() -> None:
+    valid = "11010519491231002X"
+    full_width = valid[:17].translate(str.maketrans("0123456789", "０１２３４５６７８９")) + "X"
+    with pytest.raises(InvalidIdNumberError):
+        require_valid_id_number(full_width)
+    assert require_valid_id_number(valid.lower()) == valid

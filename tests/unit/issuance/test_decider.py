@@ -63,9 +63,10 @@ def shown(ref: str | None) -> PresentedId:
 
 
 def hand_over(presented: str | None = HOLDER, bureau: str = BUREAU, app: str = APP,
-              proxy: ProxyCredentials | None = None) -> IssuanceCommand:
+              proxy: ProxyCredentials | None = None,
+              served: tuple[str, ...] = ()) -> IssuanceCommand:
     return HandOverCard(application_id=app, bureau_id=bureau, holder_ref=HOLDER,
-                        presented=shown(presented), proxy=proxy)
+                        presented=shown(presented), proxy=proxy, bureaus=served)
 
 
 def proxy(ref: str | None = PROXY, authorisation: str = "letter-2025-001") -> ProxyCredentials:
@@ -224,6 +225,23 @@ def test_a_presented_id_number_with_a_bad_checksum_is_refused() -> None:
 
 def test_collecting_at_another_bureau_is_refused() -> None:
     refused("wrong_bureau", hand_over(bureau="bureau-nanshan"), given=READY)
+
+
+def test_a_channel_serving_the_bureau_hands_the_card_over() -> None:
+    assert [type(e) for e in when(hand_over(served=(BUREAU, "bureau-nanshan")), given=READY)] \
+        == [CardCollected]
+
+
+def test_a_channel_restricted_to_another_bureau_cannot_hand_the_card_over() -> None:
+    # Naming its own bureau (where the card is not) or the card's (which it does not serve).
+    refused("bureau_not_served", hand_over(served=("bureau-nanshan",)), given=READY)
+    refused("bureau_not_served",
+            hand_over(bureau="bureau-nanshan", served=("bureau-nanshan",)), given=READY)
+
+
+def test_another_bureau_learns_nothing_of_a_card_still_in_production() -> None:
+    refused("bureau_not_served",
+            hand_over(bureau="bureau-nanshan", served=("bureau-nanshan",)), given=PRODUCING)
 
 
 def test_collecting_a_card_still_in_production_is_refused() -> None:

@@ -7,7 +7,14 @@ import json
 import pytest
 import structlog
 
-from shared.identity import check_char, citizen_ref, is_valid_id_number
+from shared.identity import (
+    check_char,
+    citizen_ref,
+    is_valid_id_number,
+    name_digest,
+    normalise_id_number,
+    normalise_name,
+)
 from shared.logging import configure_logging
 from shared.masking import mask_card_no, mask_id_number, mask_name, mask_text
 
@@ -54,3 +61,40 @@ def test_log_lines_never_carry_a_raw_id_number_name_or_address(
     assert record["id_number"] == "110105********002X"
     assert record["name"] == "张*"
     assert record["service"] == "test"
+
+
+# --- normal forms: ASCII ID numbers, NFC names --------------------------------------------
+
+FULL_WIDTH = VALID.translate(str.maketrans("0123456789X", "０１２３４５６７８９Ｘ"))
+
+
+@pytest.mark.parametrize("hostile", [
+    FULL_WIDTH,  # full-width digits and X: a Unicode-aware checksum accepts them
+    VALID[:17].translate(str.maketrans("0123456789", "０１２３４５６７８９")) + "X",
+    "١١٠١٠٥١٩٤٩١٢٣١٠٠٢X",  # Arabic-Indic digits
+    "\u3000" + VALID,  # an ideographic space is not a blank we strip
+    VALID + "\n1",
+])
+def test_an_id_number_of_non_ascii_digits_fails_even_when_its_checksum_holds(
+    hostile: str,
+) -> None:
+    assert not is_valid_id_number(hostile)
+
+
+def test_the_full_width_form_would_have_hashed_to_another_citizen() -> None:
+    # Why the shape check matters: the two spellings would name two citizens.
+    assert citizen_ref("p", FULL_WIDTH) != citizen_ref("p", VALID)
+
+
+def test_blanks_around_an_id_number_and_a_lower_case_x_still_pass() -> None:
+    assert is_valid_id_number(f" {VALID.lower()}\t")
+    assert normalise_id_number(f" {VALID.lower()}\t") == VALID
+
+
+def test_a_decomposed_name_normalises_and_hashes_like_its_composed_form() -> None:
+    composed, decomposed = "Zoë Lü", "Zoe\u0308 Lu\u0308"
+    assert composed != decomposed
+    assert normalise_name(decomposed) == composed
+    assert name_digest("p", decomposed) == name_digest("p", composed)
+    assert name_digest("p", " 张三 ") == name_digest("p", "张三")
+    assert name_digest("p", "Zoe Lu") != name_digest("p", composed)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,7 +41,7 @@ from shared.contracts.review import (
     ReviewRejected,
 )
 from shared.erasure import decide_erasure
-from shared.errors import DomainError, SubjectErasedError
+from shared.errors import BureauNotServedError, DomainError, SubjectErasedError
 
 LOSS = LossView(loss_id="loss-1", kind="formal", card_no="C0001", in_force=True)
 AUTO = AutoApprovalRule(enabled=True, max_rejections=0, bureaus=frozenset(),
@@ -89,14 +89,16 @@ def applied(application_id: str = "app-1", resubmission_of: str | None = None,
                           resubmission_of=resubmission_of)
 
 
-def approve(application_id: str = "app-1") -> DecideApplication:
+def approve(application_id: str = "app-1", *,
+            bureaus: tuple[str, ...] = ()) -> DecideApplication:
     return DecideApplication(application_id=application_id, reviewer_id="rev-7",
-                             decision="approve", reason="")
+                             decision="approve", reason="", bureaus=bureaus)
 
 
-def reject(application_id: str = "app-1", reason: str = "photo unclear") -> DecideApplication:
+def reject(application_id: str = "app-1", reason: str = "photo unclear", *,
+           bureaus: tuple[str, ...] = ()) -> DecideApplication:
     return DecideApplication(application_id=application_id, reviewer_id="rev-7",
-                             decision="reject", reason=reason)
+                             decision="reject", reason=reason, bureaus=bureaus)
 
 
 def approved(application_id: str = "app-1", *, automatic: bool = False,
@@ -337,3 +339,27 @@ def test_erasing_a_review_stream_twice_records_subject_erased_once() -> None:
     after = fold(INITIAL, evolve, history)
     assert decide_erasure(is_erased(before), "request") == [SubjectErased(reason="request")]
     assert decide_erasure(is_erased(after), "request") == []
+
+
+# --- a bureau channel bound to the bureaus it serves ---------------------------------------
+
+
+def test_a_channel_serving_the_pickup_bureau_decides_as_any_bureau_channel_would() -> None:
+    given(applied()).when(approve(bureaus=("bureau-1", "bureau-9"))).then(approved())
+    given(applied()).when(reject(bureaus=("bureau-1",))).then(rejected())
+
+
+@pytest.mark.parametrize("decision", [approve, reject])
+def test_a_channel_restricted_to_another_bureau_can_neither_approve_nor_reject(
+    decision: Callable[..., DecideApplication],
+) -> None:
+    given(applied(bureau="bureau-1")).when(
+        decision(bureaus=("bureau-2",))).then_refused(BureauNotServedError)
+
+
+def test_another_bureau_learns_nothing_of_an_application_already_decided() -> None:
+    # Not `already_decided`: whether the application exists there is none of its business.
+    given(applied(), approved()).when(reject(bureaus=("bureau-2",))).then_refused(
+        BureauNotServedError)
+    given(applied(), rejected()).when(approve(bureaus=("bureau-2",))).then_refused(
+        BureauNotServedError)
