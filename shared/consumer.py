@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
+from shared.chain import FollowedChains
 from shared.envelope import EventEnvelope, hash_is_intact
 from shared.eventstore import ConcurrencyError
 from shared.locks import citizen_namespace, lock_citizens
@@ -193,6 +194,7 @@ class EventConsumer:
         self.dead_letters = dead_letters
         self.known_types = known_types
         self.max_attempts = max_attempts
+        self.chains = FollowedChains(schema)
 
     async def handle(self, msg: Inbound) -> None:
         bind_message_context(topic=msg.topic, partition=msg.partition, offset=msg.offset)
@@ -200,6 +202,7 @@ class EventConsumer:
         async def process() -> None:
             envelope = parse_event(msg, self.known_types)
             _bind_event(msg.topic, envelope)
+            await self._take_chains([(msg, envelope)], raise_on_break=True)
             await self.apply(envelope)
 
         await with_retries(msg, process, self.dead_letters, max_attempts=self.max_attempts)
@@ -216,6 +219,7 @@ class EventConsumer:
             except Rejected as exc:
                 bind_message_context(topic=msg.topic, partition=msg.partition, offset=msg.offset)
                 await self.dead_letters.send(msg, exc.code, exc.reason)
+        valid = await self._take_chains(valid, raise_on_break=False)
         if not valid:
             return
         try:
@@ -248,6 +252,28 @@ class EventConsumer:
             log.info("batch.replayed_one_by_one", error=type(exc).__name__, size=len(valid))
             for msg, _ in valid:
                 await self.handle(msg)
+
+    async def _take_chains(self, parsed: list[tuple[Inbound, EventEnvelope]], *,
+                           raise_on_break: bool) -> list[tuple[Inbound, EventEnvelope]]:
+        """The events that continue their streams (recorded in their own transaction, so an
+        event whose effect fails later still anchors the next); the others are dead-lettered,
+        or raise `Rejected` for the caller's retry loop to dead-letter."""
+        if not parsed:
+            return parsed
+        async with self.pool.acquire() as conn, conn.transaction():
+            breaks = {id(b.envelope): b for b in await self.chains.take(
+                conn, [envelope for _, envelope in parsed])}
+        kept: list[tuple[Inbound, EventEnvelope]] = []
+        for msg, envelope in parsed:
+            broken = breaks.get(id(envelope))
+            if broken is None:
+                kept.append((msg, envelope))
+            elif raise_on_break:
+                raise Rejected("broken_chain", str(broken))
+            else:
+                bind_message_context(topic=msg.topic, partition=msg.partition, offset=msg.offset)
+                await self.dead_letters.send(msg, "broken_chain", str(broken))
+        return kept
 
     async def apply(self, envelope: EventEnvelope) -> bool:
         """Apply one event unless already applied; True when it had an effect."""

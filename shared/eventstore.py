@@ -118,6 +118,13 @@ def schema_ddl(schema: str) -> str:
         processed_at timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (consumer, message_id)
     );
+    -- Every event a follower has taken as authentic, so the next one must chain onto it.
+    CREATE TABLE IF NOT EXISTS {schema}.followed_chain (
+        stream_id text    NOT NULL,
+        version   integer NOT NULL,
+        hash      text    NOT NULL,
+        PRIMARY KEY (stream_id, version)
+    );
     CREATE TABLE IF NOT EXISTS {schema}.replies (
         request_id text        PRIMARY KEY,
         reply      text        NOT NULL,

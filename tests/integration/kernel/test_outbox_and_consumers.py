@@ -296,3 +296,30 @@ async def test_a_failing_effect_in_a_batch_undoes_the_batch_and_each_event_is_re
     rows = await pool.fetch(f"SELECT version FROM {schema}.seen ORDER BY seq")
     assert [r["version"] for r in rows] == [1, 3]
     assert dead.sent == [(1, "processing_failed")]
+
+
+async def test_an_event_that_does_not_continue_its_stream_is_dead_lettered_however_intact(
+    pool: asyncpg.Pool, schema: str,
+) -> None:
+    await pool.execute(SEEN_DDL.format(schema=schema))
+    dead = RecordingDeadLetters()
+    consumer = EventConsumer(pool, schema, "probe", lambda c, e: record_seen(c, schema, e),
+                             dead, known_types={"LossCancelled"})  # type: ignore[arg-type]
+    first, second, third = make_events(
+        "s-c", "c", [LossCancelled(loss_id=f"l{i}") for i in range(3)])
+    # Each forgery's own hash is right; its place in the chain is not.
+    skips_ahead = make_events("s-c", "c", [LossCancelled(loss_id="x")], start_version=3,
+                              prev_hash=first.hash)[0]
+    takes_a_version = make_events("s-c", "c", [LossCancelled(loss_id="y")], start_version=2,
+                                  prev_hash=first.hash)[0]
+    restarts = make_events("s-c", "c", [LossCancelled(loss_id="z")])[0]
+    values = [first, second, skips_ahead, takes_a_version, restarts, second, third]
+
+    await consumer.handle_batch([Inbound("probe.events", 0, offset, b"c", e.to_bytes())
+                                 for offset, e in enumerate(values[:3])])
+    for offset, envelope in enumerate(values[3:], start=3):  # one by one, as after a failure
+        await consumer.handle(Inbound("probe.events", 0, offset, b"c", envelope.to_bytes()))
+
+    rows = await pool.fetch(f"SELECT version FROM {schema}.seen ORDER BY seq")
+    assert [r["version"] for r in rows] == [1, 2, 3]
+    assert dead.sent == [(2, "broken_chain"), (3, "broken_chain"), (4, "broken_chain")]
