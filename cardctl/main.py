@@ -15,11 +15,10 @@ from cardctl import operations
 from cardctl.audit import audit_app
 from cardctl.erase import erase_command
 from cardctl.projections import projections_app
-from cardctl.stack import Stack, StackError, ensure_topics, run_sync
+from cardctl.stack import Stack, StackError, contract_topics, ensure_topics, run_sync
 from shared.identity import citizen_ref, is_valid_id_number
 from shared.masking import mask_card_no, mask_id_number, mask_name
 from shared.settings import CardDeskSettings
-from shared.topics import all_topics
 
 app = typer.Typer(help="Operate Card Desk: the local stack, topics and more.", no_args_is_help=True)
 stack_app = typer.Typer(
@@ -96,7 +95,7 @@ def stack_status() -> None:
 def topics_create() -> None:
     """Create the missing topics on CARDDESK_KAFKA_BOOTSTRAP (used by docker compose)."""
     settings = CardDeskSettings()
-    topics = all_topics(settings.partitions)
+    topics = contract_topics(settings)
     created = run_sync(lambda: ensure_topics(settings.kafka_bootstrap, topics))
     console.print(f"{len(created)} created, {len(topics) - len(created)} already present")
 
@@ -105,7 +104,7 @@ def topics_create() -> None:
 def topics_list() -> None:
     """Show the topics of the contract and their configuration."""
     table = Table("topic", "partitions", "config")
-    for topic in all_topics(CardDeskSettings().partitions):
+    for topic in contract_topics(CardDeskSettings()):
         config = ", ".join(f"{k}={v}" for k, v in topic.config.items())
         table.add_row(topic.name, str(topic.partitions), config or "-")
     console.print(table)

@@ -87,7 +87,7 @@ class InMemoryEventStore:
 
 
 def schema_ddl(schema: str) -> str:
-    """The tables every service schema has: events, outbox, processed messages, replies."""
+    """The tables every service schema has: events, outbox, processed messages, stored replies."""
     return f"""
     CREATE SCHEMA IF NOT EXISTS {schema};
     CREATE TABLE IF NOT EXISTS {schema}.events (
@@ -118,11 +118,17 @@ def schema_ddl(schema: str) -> str:
         processed_at timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (consumer, message_id)
     );
-    CREATE TABLE IF NOT EXISTS {schema}.replies (
-        request_id text        PRIMARY KEY,
-        reply      text        NOT NULL,
-        created_at timestamptz NOT NULL DEFAULT now()
+    -- Replies keyed by request id alone, before channels had their own: superseded.
+    DROP TABLE IF EXISTS {schema}.replies;
+    -- The reply each (channel, request_id) got, sealed; purged after the freshness window.
+    CREATE TABLE IF NOT EXISTS {schema}.stored_replies (
+        channel    text        NOT NULL,
+        request_id text        NOT NULL,
+        reply      bytea       NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (channel, request_id)
     );
+    CREATE INDEX IF NOT EXISTS stored_replies_age ON {schema}.stored_replies (created_at);
     """
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from shared.settings import CardDeskSettings
 
@@ -21,6 +22,13 @@ class AuthSettings(CardDeskSettings):
     portrait_max_failures: int = Field(default=3, ge=1)
     portrait_failure_window_seconds: int = Field(default=24 * 3600, gt=0)
     portrait_lockout_seconds: int = Field(default=24 * 3600, gt=0)
+
+    @model_validator(mode="after")
+    def _sessions_fit_the_lifetime_cap(self) -> Self:
+        if self.session_ttl_seconds > self.session_max_lifetime_seconds:
+            raise ValueError("CARDDESK_SESSION_TTL_SECONDS exceeds"
+                             " CARDDESK_SESSION_MAX_LIFETIME_SECONDS: every token would be refused")
+        return self
 
     @property
     def captcha_ttl(self) -> timedelta:
