@@ -23,7 +23,7 @@ from shared.commands import Reply
 from shared.outbox import make_producer
 from shared.runtime import ServiceRuntime
 from shared.tokens import TokenVerifier
-from shared.topics import REPLIES_TOPIC
+from shared.topics import reply_topic
 from tests.integration.auth.citizens import (
     Citizen,
     new_citizen,
@@ -35,11 +35,13 @@ from tests.support import create_topics, eventually
 pytestmark = pytest.mark.integration
 
 CHANNEL = "wechat-oa"
+REPLIES_TOPIC = reply_topic(CHANNEL)
 REPLY_TIMEOUT_S = 60.0
 
 
 class Replies:
-    """Every reply published on `channel.replies` since the reader started, by request id."""
+    """Every reply published on the channel's reply topic since the reader started, by
+    request id."""
 
     def __init__(self, bootstrap: str) -> None:
         self.consumer = AIOKafkaConsumer(REPLIES_TOPIC, bootstrap_servers=bootstrap,
@@ -193,8 +195,8 @@ async def test_a_citizen_gets_a_captcha_logs_in_and_the_token_verifies(
 ) -> None:
     reply = await channel.login(citizen)
     assert (reply.status, reply.code) == ("accepted", "accepted")
-    claims = TokenVerifier(settings_for_service.session_public_key).verify(
-        reply.data["session_token"], datetime.now(UTC))
+    claims = TokenVerifier.from_settings(settings_for_service).verify(
+        reply.data["session_token"], now=datetime.now(UTC), channel=CHANNEL)
     assert claims.citizen_ref == reply.data["citizen_ref"]
     assert claims.level == "realname"
     card = await channel.send("AuthorizeElectronicCard",
@@ -239,8 +241,8 @@ async def test_three_failed_portraits_lock_the_citizen_out_even_with_the_right_f
     token = await channel.token(citizen)
     verified = await channel.portrait(token, citizen.face)
     assert verified.status == "accepted", verified
-    upgraded = TokenVerifier(settings_for_service.session_public_key).verify(
-        verified.data["session_token"], datetime.now(UTC))
+    upgraded = TokenVerifier.from_settings(settings_for_service).verify(
+        verified.data["session_token"], now=datetime.now(UTC), channel=CHANNEL)
     assert upgraded.level == "portrait"
     assert upgraded.portrait_verified_at is not None
 
