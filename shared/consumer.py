@@ -169,8 +169,10 @@ def load_json(value: bytes, limits: MessageLimits) -> Any:
         body = json.loads(value)
     except RecursionError as exc:  # the parser's own limit, far above ours
         raise Rejected("too_deeply_nested", "JSON nested too deeply") from exc
-    except (UnicodeError, ValueError) as exc:
-        raise Rejected("malformed_json", f"not UTF-8 JSON: {str(exc)[:200]}") from exc
+    except UnicodeError as exc:
+        raise Rejected("malformed_json", f"not JSON: not UTF-8 ({str(exc)[:200]})") from exc
+    except ValueError as exc:
+        raise Rejected("malformed_json", f"not JSON: {str(exc)[:200]}") from exc
     if _depth_exceeds(body, limits.max_depth):
         raise Rejected("too_deeply_nested", f"JSON nested deeper than {limits.max_depth}")
     return body

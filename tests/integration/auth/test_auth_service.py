@@ -274,22 +274,23 @@ async def test_a_repeated_request_gets_the_identical_reply_and_records_nothing_m
         "SessionStarted", "IdentityVerified"]
 
 
-async def test_a_command_with_a_wrong_signature_is_refused_and_changes_nothing(
+async def test_a_command_with_a_wrong_signature_gets_no_reply_and_changes_nothing(
     channel: ChannelClient
 ) -> None:
     request_id, raw = channel.envelope("IssueCaptcha", {})
     await channel.send_raw(request_id, raw, signature=sign("not-the-secret", raw))
-    reply = await channel.replies.reply(request_id)
-    assert (reply.status, reply.code) == ("rejected", "bad_signature")
+    assert "code" in await channel.captcha()
+    await asyncio.sleep(1.0)  # room for a stray reply, if one were ever sent
+    assert request_id not in channel.replies.seen  # its sender is unknown: the DLQ only
 
 
-async def test_a_header_that_is_not_utf8_is_refused_and_the_next_command_is_served(
+async def test_a_header_that_is_not_utf8_gets_no_reply_and_the_next_command_is_served(
     channel: ChannelClient
 ) -> None:
     request_id, raw = channel.envelope("IssueCaptcha", {})
     await channel.producer.send_and_wait(
         COMMANDS_TOPIC, value=raw, key=request_id.encode(),
         headers=[("x-channel-id", CHANNEL.encode()), ("x-signature", b"\xff\xfe\xfd")])
-    reply = await channel.replies.reply(request_id)
-    assert (reply.status, reply.code) == ("rejected", "bad_signature")
     assert "code" in await channel.captcha()
+    await asyncio.sleep(1.0)
+    assert request_id not in channel.replies.seen

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -111,3 +111,18 @@ async def test_a_command_that_fails_undoes_the_batch_and_each_is_run_alone(
     assert [r.data for r in await queued_replies(pool, schema)] == [
         {"note": "before"}, {"note": "after"}]
     assert dead.sent == [(1, "processing_failed")]
+
+
+async def test_stored_replies_are_purged_once_a_repeat_would_be_stale_anyway(
+    pool: asyncpg.Pool, schema: str,
+) -> None:
+    await pool.execute(WRITES_DDL.format(schema=schema))
+    probe = intake(pool, schema, RecordingDeadLetters())
+    await probe.handle_batch([command(0, "old"), command(1, "recent")])
+    await pool.execute(f"UPDATE {schema}.stored_replies SET created_at = now() - $1::interval"
+                       " WHERE request_id IN (SELECT request_id FROM {schema}.stored_replies"
+                       "  ORDER BY created_at LIMIT 1)".replace("{schema}", schema),
+                       2 * probe.freshness + timedelta(seconds=1))
+
+    assert await probe.purge_stored_replies(batch=1) == 1
+    assert await pool.fetchval(f"SELECT count(*) FROM {schema}.stored_replies") == 1

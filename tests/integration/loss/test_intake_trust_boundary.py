@@ -68,8 +68,20 @@ def dead_letters(tail: Tail, key: str) -> list[ConsumerRecord]:
     return [r for r in tail.records if r.key == key.encode()]
 
 
+async def parked_once(tail: Tail, key: str) -> ConsumerRecord:
+    """The one dead letter of `key`, once it has arrived (it follows the reply)."""
+    deadline = asyncio.get_running_loop().time() + WAIT_S
+    while not dead_letters(tail, key):
+        assert asyncio.get_running_loop().time() < deadline, f"no dead letter for {key}"
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)  # room for a duplicate, if one were ever sent
+    [record] = dead_letters(tail, key)
+    return record
+
+
 def dlq_code(record: ConsumerRecord) -> str:
-    return dict(record.headers)["x-dlq-code"].decode()
+    code: bytes = dict(record.headers)["x-dlq-code"]
+    return code.decode()
 
 
 def envelope(channel: str, command_type: str, payload: dict[str, Any], *,
@@ -150,7 +162,7 @@ async def test_a_command_issued_outside_the_window_is_refused_stale_and_dead_let
 
     reply = await watch.reply("wechat-oa", request_id)
     assert (reply["status"], reply["code"]) == ("rejected", "stale_command")
-    [parked] = dead_letters(watch.commands_dlq, request_id)
+    parked = await parked_once(watch.commands_dlq, request_id)
     assert dlq_code(parked) == "stale_command"
     assert parked.value == value
     await harness.eventually("SELECT count(*) FROM {schema}.events WHERE citizen_ref = $1",
