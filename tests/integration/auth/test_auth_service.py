@@ -1,5 +1,6 @@
 """The auth service in-process on the real Kafka and PostgreSQL, driven as a channel drives it:
-signed commands on `auth.commands`, replies read from `channel.replies` by request id."""
+signed commands on `auth.commands`, replies read from the channel's own reply topic by
+request id."""
 
 from __future__ import annotations
 
