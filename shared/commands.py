@@ -42,7 +42,7 @@ from shared.logging import bind_message_context
 from shared.outbox import OutboxMessage, notify_channel, outbox_columns, outbox_insert
 from shared.sealing import FieldOpener, SealedFieldError
 from shared.settings import CardDeskSettings
-from shared.topics import reply_topic
+from shared.topics import REPLY_TOPIC_PREFIX, reply_topic
 
 log = structlog.get_logger()
 
@@ -296,7 +296,9 @@ class CommandIntake:
 
     async def purge_stored_replies(self, batch: int = 5000) -> int:
         """Delete stored replies older than twice the freshness window (a repeat that old is
-        refused as stale before its reply is looked up), a bounded batch at a time."""
+        refused as stale before its reply is looked up), and the outbox rows of replies sent
+        that long ago (they hold captcha codes and session tokens in clear), a bounded batch
+        at a time; returns how many stored replies went."""
         purged = 0
         while True:
             deleted: int = await self.pool.fetchval(
@@ -306,6 +308,15 @@ class CommandIntake:
                 " SELECT count(*) FROM gone", 2 * self.freshness, batch)
             purged += deleted
             if deleted < batch:
+                break
+        while True:
+            sent: int = await self.pool.fetchval(
+                f"WITH gone AS (DELETE FROM {self.schema}.outbox WHERE position IN"
+                f"  (SELECT position FROM {self.schema}.outbox"
+                f"   WHERE topic LIKE '{REPLY_TOPIC_PREFIX}%' AND sent_at < now() - $1::interval"
+                "   ORDER BY position LIMIT $2) RETURNING 1)"
+                " SELECT count(*) FROM gone", 2 * self.freshness, batch)
+            if sent < batch:
                 break
         if purged:
             log.info("command.replies_purged", count=purged)

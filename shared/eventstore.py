@@ -112,6 +112,9 @@ def schema_ddl(schema: str) -> str:
         sent_at    timestamptz
     );
     CREATE INDEX IF NOT EXISTS outbox_unsent ON {schema}.outbox (position) WHERE sent_at IS NULL;
+    -- Sent replies carry captcha codes and session tokens: purged soon, not after a day.
+    CREATE INDEX IF NOT EXISTS outbox_replies ON {schema}.outbox (position)
+        WHERE topic LIKE 'channel.replies.%';
     CREATE TABLE IF NOT EXISTS {schema}.processed (
         consumer     text        NOT NULL,
         message_id   text        NOT NULL,

@@ -124,5 +124,19 @@ async def test_stored_replies_are_purged_once_a_repeat_would_be_stale_anyway(
                        "  ORDER BY created_at LIMIT 1)".replace("{schema}", schema),
                        2 * probe.freshness + timedelta(seconds=1))
 
+    # The outbox rows of those replies: one sent long ago, one sent just now, one not yet.
+    await pool.execute(f"UPDATE {schema}.outbox SET sent_at = now() - $1::interval"
+                       " WHERE position = (SELECT min(position) FROM {schema}.outbox)"
+                       .replace("{schema}", schema), 2 * probe.freshness + timedelta(seconds=1))
+    await pool.execute(f"UPDATE {schema}.outbox SET sent_at = now()"
+                       " WHERE position = (SELECT max(position) FROM {schema}.outbox)"
+                       .replace("{schema}", schema))
+    await pool.execute(f"INSERT INTO {schema}.outbox (topic, value, sent_at)"
+                       " VALUES ('loss.events', 'x', now() - interval '1 day')")
+
     assert await probe.purge_stored_replies(batch=1) == 1
     assert await pool.fetchval(f"SELECT count(*) FROM {schema}.stored_replies") == 1
+    # Only the reply sent long ago left the outbox; events keep the relay's own retention.
+    assert [r["topic"] for r in await pool.fetch(
+        f"SELECT topic FROM {schema}.outbox ORDER BY position")] == [
+        REPLIES_TOPIC, "loss.events"]
