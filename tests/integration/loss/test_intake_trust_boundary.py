@@ -290,6 +290,10 @@ async def test_poison_commands_reach_the_dlq_once_and_the_command_behind_them_is
     assert sorted(dlq_code(r) for r in parked) == sorted([
         "too_deeply_nested", "invalid_payload", "malformed_json", "malformed_command",
         "message_too_large", "unknown_channel"])
+    [too_large] = [r for r in parked if dlq_code(r) == "message_too_large"]
+    # Parked cut short, so the DLQ write itself can never be refused and retried for ever.
+    assert dict(too_large.headers)["x-dlq-original-size"] == str(len(poison["1 MB"])).encode()
+    assert poison["1 MB"].startswith(too_large.value) and len(too_large.value) < ONE_MB
     refusals = [json.loads(r.value)["code"] for _, r in watch.replies_keyed(key)]
     assert sorted(refusals) == sorted([
         "too_deeply_nested", "invalid_payload", "malformed_json", "malformed_command",
