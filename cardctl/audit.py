@@ -112,8 +112,9 @@ class LogVerifier:
         self.messages[msg.topic] += 1
         try:
             body = json.loads(msg.value)
-        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
-            self._fail(msg, f"unparseable: not JSON ({exc})")
+        # JSONDecodeError and UnicodeDecodeError alike; a poison `[[[…` recurses too deep.
+        except (ValueError, RecursionError) as exc:
+            self._fail(msg, f"unparseable: not JSON ({str(exc)[:200]})")
             return
         if not isinstance(body, dict):
             self._fail(msg, "unparseable: not a JSON object")
@@ -321,7 +322,7 @@ class LogReplayer:
     def _concerns(value: bytes, ref: str) -> bool:
         try:
             body = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):  # a poison message concerns nobody
             return False
         return isinstance(body, dict) and body.get("citizen_ref") == ref
 

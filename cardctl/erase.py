@@ -1,7 +1,8 @@
 """`cardctl erase REF`: crypto-shred a citizen in every service that holds their data.
 
 Each service owns its data keys and streams, so the erasure is one `EraseSubject` command
-per command topic, sent from the bureau channel; each service destroys the citizen's key in
+per command topic, sent from a bureau channel (`--channel`, default the channels file's
+first); each service destroys the citizen's key in
 its own vault and records `SubjectErased`. Repeating it is harmless.
 """
 
@@ -16,8 +17,8 @@ import uvloop
 from rich.console import Console
 from rich.table import Table
 
-from cardctl.channel import ChannelSimulator
-from cardctl.journey import BUREAU_CHANNEL
+from cardctl.channel import ChannelChoiceError, ChannelSimulator, pick_channel
+from shared.channels import ChannelRegistry
 from shared.commands import Reply
 from shared.contracts.common import CITIZEN_REF_PATTERN
 from shared.identity import citizen_ref, is_valid_id_number
@@ -30,15 +31,17 @@ DEFAULT_REASON = "data subject request"
 
 
 async def erase(settings: CardDeskSettings, ref: str, reason: str, *,
-                timeout_s: float = 30.0) -> dict[str, Reply | None]:
+                timeout_s: float = 30.0, channel: str | None = None) -> dict[str, Reply | None]:
     """Each service's reply to `EraseSubject` (None when it did not answer in time)."""
     payload = {"citizen_ref": ref, "reason": reason}
-    async with ChannelSimulator.for_settings(settings) as sim:
+    bureau = pick_channel(ChannelRegistry.from_file(settings.channels_file), channel,
+                          bureau=True).channel_id
+    async with ChannelSimulator.for_settings(settings, [bureau]) as sim:
 
         async def one(service: str) -> Reply | None:
             try:
                 return await sim.send(service, "EraseSubject", payload,
-                                      channel_id=BUREAU_CHANNEL, timeout_s=timeout_s)
+                                      channel_id=bureau, timeout_s=timeout_s)
             except TimeoutError:
                 return None
 
@@ -67,6 +70,9 @@ def erase_command(
     citizen: Annotated[str, typer.Argument(help="citizen_ref, or an ID number")],
     reason: Annotated[str, typer.Option("--reason", help="Recorded in SubjectErased.")] = (
         DEFAULT_REASON),
+    channel: Annotated[str | None, typer.Option(
+        "--channel", help="The bureau channel to act as (default: the first in the file).",
+    )] = None,
 ) -> None:
     """Erase a citizen (crypto-shredding): every service destroys their data key."""
     settings = CardDeskSettings()
@@ -74,7 +80,12 @@ def erase_command(
     if not re.fullmatch(CITIZEN_REF_PATTERN, ref):
         console.print("[red]not a citizen_ref (64 hex digits) nor a valid ID number[/]")
         raise typer.Exit(2)
-    replies = uvloop.run(erase(settings, ref, reason.strip() or DEFAULT_REASON))
+    try:
+        replies = uvloop.run(erase(settings, ref, reason.strip() or DEFAULT_REASON,
+                                   channel=channel))
+    except ChannelChoiceError as error:
+        console.print(f"[red]{error}[/]")
+        raise typer.Exit(2) from error
     table = Table("service", "outcome", "detail", title=f"erasure of {ref[:12]}…")
     for service, reply in replies.items():
         table.add_row(service, *_outcome(reply))

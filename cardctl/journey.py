@@ -12,12 +12,9 @@ from typing import Any
 
 import httpx
 
-from cardctl.channel import ChannelSimulator
+from cardctl.channel import ChannelSimulator, pick_channel
 from cardctl.citizens import SyntheticCitizen
 from shared.tokens import session_id_of
-
-CITIZEN_CHANNEL = "wechat-oa"
-BUREAU_CHANNEL = "bureau-counter"
 
 # Refusals that only mean another service's view has not caught up with an event yet.
 NOT_YET = {
@@ -45,8 +42,14 @@ class Journey:
 
     def __init__(self, sim: ChannelSimulator, status_url: str | None = None,
                  *, retry_for_s: float = 60.0,
-                 also_retry: dict[str, frozenset[str]] | None = None) -> None:
+                 also_retry: dict[str, frozenset[str]] | None = None,
+                 citizen_channel: str | None = None, bureau_channel: str | None = None) -> None:
         self.sim = sim
+        # The citizen's steps come from one channel, the bureau's from another: by default
+        # the first of each kind in the channels file.
+        self.citizen_channel = pick_channel(sim.channels, citizen_channel,
+                                            bureau=False).channel_id
+        self.bureau_channel = pick_channel(sim.channels, bureau_channel, bureau=True).channel_id
         self.status_url = status_url
         self.retry_for_s = retry_for_s
         self.retry_codes = {command: NOT_YET.get(command, frozenset())
@@ -54,7 +57,8 @@ class Journey:
                             for command in {*NOT_YET, *(also_retry or {})}}
 
     async def _send(self, s: Session, service: str, command: str, payload: dict[str, Any],
-                    channel: str = CITIZEN_CHANNEL) -> dict[str, Any]:
+                    *, bureau: bool = False) -> dict[str, Any]:
+        channel = self.bureau_channel if bureau else self.citizen_channel
         reply = await self.sim.expect_accepted(
             service, command, payload, channel_id=channel, session_key=s.key,
             retry_codes=self.retry_codes.get(command, frozenset()),
@@ -95,13 +99,13 @@ class Journey:
         await self._send(s, "review", "DecideReview", {
             "application_id": s.application_id, "reviewer_id": reviewer,
             "decision": "approve", "reason": "documents in order",
-        }, channel=BUREAU_CHANNEL)
+        }, bureau=True)
 
     async def collect(self, s: Session, bureau: str = "bureau-001") -> None:
         await self._send(s, "issuance", "CollectCard", {
             "application_id": s.application_id, "bureau_id": bureau,
             "presented_id_number": s.citizen.id_number,
-        }, channel=BUREAU_CHANNEL)
+        }, bureau=True)
 
     async def whole(self, s: Session, *, auto_approved: bool = False) -> None:
         """Captcha to collected card: what `cardctl demo` shows."""

@@ -13,13 +13,14 @@ from rich.table import Table
 
 from cardctl import operations
 from cardctl.audit import audit_app
+from cardctl.channel import ChannelChoiceError, pick_channel
 from cardctl.erase import erase_command
 from cardctl.projections import projections_app
-from cardctl.stack import Stack, StackError, ensure_topics, run_sync
+from cardctl.stack import Stack, StackError, contract_topics, ensure_topics, run_sync
+from shared.channels import ChannelRegistry
 from shared.identity import citizen_ref, is_valid_id_number
 from shared.masking import mask_card_no, mask_id_number, mask_name
 from shared.settings import CardDeskSettings
-from shared.topics import all_topics
 
 app = typer.Typer(help="Operate Card Desk: the local stack, topics and more.", no_args_is_help=True)
 stack_app = typer.Typer(
@@ -96,7 +97,7 @@ def stack_status() -> None:
 def topics_create() -> None:
     """Create the missing topics on CARDDESK_KAFKA_BOOTSTRAP (used by docker compose)."""
     settings = CardDeskSettings()
-    topics = all_topics(settings.partitions)
+    topics = contract_topics(settings)
     created = run_sync(lambda: ensure_topics(settings.kafka_bootstrap, topics))
     console.print(f"{len(created)} created, {len(topics) - len(created)} already present")
 
@@ -105,7 +106,7 @@ def topics_create() -> None:
 def topics_list() -> None:
     """Show the topics of the contract and their configuration."""
     table = Table("topic", "partitions", "config")
-    for topic in all_topics(CardDeskSettings().partitions):
+    for topic in contract_topics(CardDeskSettings()):
         config = ", ".join(f"{k}={v}" for k, v in topic.config.items())
         table.add_row(topic.name, str(topic.partitions), config or "-")
     console.print(table)
@@ -117,23 +118,46 @@ def seed_command(
     out: Annotated[Path, typer.Option("--out", help="JSON lines for a channel simulator.")] = Path(
         "citizens.jsonl"),
     seed_value: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
+    channel: Annotated[str | None, typer.Option(
+        "--channel", help="The bureau channel that imports the cards (default: the first).",
+    )] = None,
 ) -> None:
     """Create synthetic citizens: registry entries with a face template and initial cards."""
     settings = CardDeskSettings()
-    uvloop.run(operations.seed(settings, citizens, out, seed_value=seed_value,
-                               report=lambda line: console.print(f"[dim]•[/] {line}")))
+    try:
+        uvloop.run(operations.seed(settings, citizens, out, seed_value=seed_value,
+                                   report=lambda line: console.print(f"[dim]•[/] {line}"),
+                                   channel=channel))
+    except ChannelChoiceError as error:
+        console.print(f"[red]{error}[/]")
+        raise typer.Exit(2) from error
 
 
 @app.command("demo")
-def demo_command() -> None:
+def demo_command(
+    channel: Annotated[str | None, typer.Option(
+        "--channel", help="The citizen channel to act as (default: the first in the file).",
+    )] = None,
+    bureau_channel: Annotated[str | None, typer.Option(
+        "--bureau-channel", help="The bureau channel to act as (default: the first).",
+    )] = None,
+) -> None:
     """Seed one citizen and take them from loss report to a collected new card."""
     settings = CardDeskSettings()
     out = settings.state_dir / "demo-citizen.jsonl"
     say = lambda line: console.print(f"[dim]•[/] {line}")  # noqa: E731
-    [citizen] = uvloop.run(operations.seed(settings, 1, out, report=say))
+    channels = ChannelRegistry.from_file(settings.channels_file)
+    try:
+        pick_channel(channels, channel, bureau=False)
+        pick_channel(channels, bureau_channel, bureau=True)
+    except ChannelChoiceError as error:
+        console.print(f"[red]{error}[/]")
+        raise typer.Exit(2) from error
+    [citizen] = uvloop.run(operations.seed(settings, 1, out, report=say, channel=bureau_channel))
     console.print(f"demo citizen {mask_name(citizen.name)} {mask_id_number(citizen.id_number)}, "
                   f"card {mask_card_no(citizen.card_no)}")
-    session, row, timeline = uvloop.run(operations.demo(settings, citizen, report=say))
+    session, row, timeline = uvloop.run(operations.demo(
+        settings, citizen, report=say, channel=channel, bureau_channel=bureau_channel))
     _print_card(row)
     _print_timeline(session.citizen_ref, timeline)
     if row["status"] != "ACTIVE" or row["card_no_masked"] == mask_card_no(citizen.card_no):

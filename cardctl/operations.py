@@ -10,11 +10,12 @@ from typing import Any
 
 import asyncpg
 
-from cardctl.channel import ChannelSimulator
+from cardctl.channel import ChannelSimulator, pick_channel
 from cardctl.citizens import SyntheticCitizen, generate
-from cardctl.journey import BUREAU_CHANNEL, Journey, Session
+from cardctl.journey import Journey, Session
 from services.auth.adapters import enroll
 from services.auth.settings import AuthSettings
+from shared.channels import ChannelRegistry
 from shared.settings import CardDeskSettings
 
 Report = Callable[[str], None]
@@ -26,10 +27,13 @@ def status_url(settings: CardDeskSettings) -> str:
 
 async def seed(
     settings: CardDeskSettings, count: int, out: Path, *, seed_value: int | None = None,
-    concurrency: int = 50, report: Report = print,
+    concurrency: int = 50, report: Report = print, channel: str | None = None,
 ) -> list[SyntheticCitizen]:
     """Enrol `count` synthetic citizens in the registry, import their first cards through
-    `issuance.commands`, and write them to `out` as JSON lines for a channel simulator."""
+    `issuance.commands` as the bureau `channel` (default: the channels file's first), and
+    write them to `out` as JSON lines for a channel simulator."""
+    bureau = pick_channel(ChannelRegistry.from_file(settings.channels_file), channel,
+                          bureau=True).channel_id
     citizens = generate(count, seed_value)
     auth_settings = AuthSettings()
     conn = await asyncpg.connect(settings.database_url)
@@ -43,14 +47,14 @@ async def seed(
     report(f"registry: {count} citizens enrolled with a face template")
 
     gate = asyncio.Semaphore(concurrency)
-    async with ChannelSimulator.for_settings(settings) as sim:
+    async with ChannelSimulator.for_settings(settings, [bureau]) as sim:
 
         async def import_card(citizen: SyntheticCitizen) -> None:
             async with gate:
                 await sim.expect_accepted(
                     "issuance", "ImportCard",
                     {"id_number": citizen.id_number, "card_no": citizen.card_no},
-                    channel_id=BUREAU_CHANNEL,
+                    channel_id=bureau,
                 )
 
         await asyncio.gather(*(import_card(c) for c in citizens))
@@ -74,11 +78,17 @@ def load_citizens(path: Path) -> list[SyntheticCitizen]:
     return citizens
 
 
-async def demo(settings: CardDeskSettings, citizen: SyntheticCitizen,
-               report: Report = print) -> tuple[Session, dict[str, Any], list[dict[str, Any]]]:
-    """One citizen from captcha to a collected new card, as a channel drives it."""
-    async with ChannelSimulator.for_settings(settings) as sim:
-        journey = Journey(sim, status_url(settings))
+async def demo(settings: CardDeskSettings, citizen: SyntheticCitizen, report: Report = print,
+               *, channel: str | None = None, bureau_channel: str | None = None,
+               ) -> tuple[Session, dict[str, Any], list[dict[str, Any]]]:
+    """One citizen from captcha to a collected new card, as a channel drives it (and a
+    bureau channel reviews and hands over the card)."""
+    channels = ChannelRegistry.from_file(settings.channels_file)
+    citizen_channel = pick_channel(channels, channel, bureau=False).channel_id
+    bureau = pick_channel(channels, bureau_channel, bureau=True).channel_id
+    async with ChannelSimulator.for_settings(settings, [citizen_channel, bureau]) as sim:
+        journey = Journey(sim, status_url(settings), citizen_channel=citizen_channel,
+                          bureau_channel=bureau)
         session = Session(citizen)
         steps: list[tuple[str, Callable[[], Any]]] = [
             ("captcha + login (real name)", lambda: journey.log_in(session)),

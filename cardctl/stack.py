@@ -33,6 +33,7 @@ from aiokafka.admin.config_resource import (
     ConfigResourceType,
 )
 
+from shared.channels import ChannelRegistry
 from shared.settings import PROJECT_ROOT, CardDeskSettings
 from shared.topics import SERVICES, TopicSpec, all_topics
 
@@ -136,6 +137,13 @@ async def kafka_answers(bootstrap: str, timeout_s: float = 5.0) -> bool:
     finally:
         await admin.close()
     return True
+
+
+def contract_topics(settings: CardDeskSettings) -> list[TopicSpec]:
+    """Every topic of the contract for these settings: one reply topic per channel of the
+    channels file."""
+    channels = ChannelRegistry.from_file(settings.channels_file)
+    return all_topics(settings.partitions, (channel.channel_id for channel in channels))
 
 
 async def ensure_topics(bootstrap: str, topics: Sequence[TopicSpec]) -> list[str]:
@@ -424,9 +432,7 @@ class Stack:
                 raise StackError(f"cannot connect with CARDDESK_DATABASE_URL; see {pg.log_file}")
             self._wait_healthy(kafka)
             created = run_sync(
-                lambda: ensure_topics(
-                    self.settings.kafka_bootstrap, all_topics(self.settings.partitions)
-                )
+                lambda: ensure_topics(self.settings.kafka_bootstrap, contract_topics(self.settings))
             )
             self.report(f"topics: {len(created)} created" if created else "topics: all present")
             if services:

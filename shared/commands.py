@@ -1,30 +1,41 @@
-"""Commands from channels: signature check, envelope, routing, idempotent replies.
+"""Commands from channels: authentication, freshness, envelope, routing, idempotent replies.
 
-Every outcome gets a reply on `channel.replies`, queued through the outbox in the same
-transaction as the command's events, so a reply never announces an effect that was lost.
+A message that fails authentication (unknown channel, bad signature) goes to the DLQ only:
+its sender is unknown, and a reply would let anyone squat a channel's request id. Every
+authenticated command gets a reply on its channel's own topic `channel.replies.<channel>`,
+queued through the outbox in the same transaction as the command's events, so a reply never
+announces an effect that was lost. `(channel, request_id)` is the idempotency key; stored
+replies are encrypted under a key derived from the channel's secret and the request id, and
+purged once a repeat would be refused as stale anyway.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import hmac
 import json
+import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 from uuid import UUID
 
 import asyncpg
 import structlog
-from pydantic import BaseModel, ConfigDict, ValidationError
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 
 from shared.barrier import FollowerBarrier
 from shared.channels import Channel, ChannelRegistry, sign
 from shared.consumer import (
     DeadLetters,
     Inbound,
+    MessageLimits,
     Rejected,
     describe_validation_error,
+    load_json,
     with_retries,
 )
 from shared.errors import DomainError
@@ -32,7 +43,7 @@ from shared.logging import bind_message_context
 from shared.outbox import OutboxMessage, notify_channel, outbox_columns, outbox_insert
 from shared.sealing import FieldOpener, SealContext, SealedFieldError
 from shared.settings import CardDeskSettings
-from shared.topics import REPLIES_TOPIC
+from shared.topics import REPLY_TOPIC_PREFIX, reply_topic
 
 log = structlog.get_logger()
 
@@ -42,7 +53,7 @@ class CommandEnvelope(BaseModel):
 
     request_id: UUID
     channel: str
-    issued_at: datetime
+    issued_at: AwareDatetime
     type: str
     payload: dict[str, Any]
 
@@ -127,8 +138,13 @@ class CommandIntake:
         max_attempts: int = 5,
         opener: FieldOpener | None = None,
         barrier: FollowerBarrier | None = None,
+        limits: MessageLimits | None = None,
+        freshness: timedelta | None = None,
     ) -> None:
-        self.opener = opener or FieldOpener.from_settings(CardDeskSettings())
+        settings = CardDeskSettings()
+        self.opener = opener or FieldOpener.from_settings(settings)
+        self.limits = limits or MessageLimits.from_settings(settings)
+        self.freshness = freshness or timedelta(seconds=settings.command_freshness_seconds)
         self.pool = pool
         self.schema = schema
         self.channels = channels
@@ -175,29 +191,47 @@ class CommandIntake:
     async def _checked(self, msg: Inbound) -> CheckedCommand | None:
         """The command ready to run, or None once it has been refused."""
         try:
-            return self._check(msg)
+            channel = self._authenticate(msg)
+        except Rejected as exc:  # unknown sender: the DLQ only, no reply anywhere
+            await self.dead_letters.send(msg, exc.code, exc.reason)
+            return None
+        try:
+            return self._check(msg, channel)
         except Rejected as exc:
-            await self._refuse(msg, _request_id_of(msg), exc.code, exc.reason)
+            await self._refuse(msg, channel, exc.code, exc.reason)
             return None
 
-    def _check(self, msg: Inbound) -> CheckedCommand:
-        """Who sent it, whether it is intact and well-formed: the command ready to run.
-        Raises `Rejected` with the code its refusal carries."""
-        channel = self.channels.get(msg.header("x-channel-id") or "")
+    def _authenticate(self, msg: Inbound) -> Channel:
+        """The channel that signed the message, or `Rejected` if none did."""
+        try:
+            channel_id = msg.headers.get("x-channel-id", b"").decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise Rejected("unknown_channel", "the x-channel-id header is not UTF-8") from exc
+        channel = self.channels.get(channel_id)
         if channel is None:
             raise Rejected("unknown_channel", "the x-channel-id header names no known channel")
         signature = msg.headers.get("x-signature", b"")  # bytes: it may be anything at all
         if not hmac.compare_digest(signature, sign(channel.secret, msg.value).encode()):
             raise Rejected("bad_signature", "x-signature does not match the message")
+        return channel
+
+    def _check(self, msg: Inbound, channel: Channel) -> CheckedCommand:
+        """Whether an authenticated message is well-formed, fresh and routable: the command
+        ready to run. Raises `Rejected` with the code its refusal carries."""
+        body = load_json(msg.value, self.limits)
         try:
-            command = CommandEnvelope.model_validate_json(msg.value)
+            command = CommandEnvelope.model_validate(body)
         except ValidationError as exc:
             raise Rejected("malformed_command", describe_validation_error(exc)) from exc
         if command.channel != channel.channel_id:
             raise Rejected("channel_mismatch", "the envelope's channel differs from x-channel-id")
+        received_at = self.clock()
+        if abs(received_at - command.issued_at) > self.freshness:
+            raise Rejected("stale_command", "issued_at lies outside the accepted window of"
+                           f" {int(self.freshness.total_seconds())} s around the receiver's clock")
         route = self.routes.get(command.type)
         if route is None:
-            raise Rejected("unknown_command_type", f"unknown command type {command.type!r}")
+            raise Rejected("unknown_command_type", f"unknown command type {command.type[:100]!r}")
         try:
             opened = self.opener.open_payload(
                 SealContext(channel.channel_id, command.type, str(command.request_id)),
@@ -209,7 +243,8 @@ class CommandIntake:
         except ValidationError as exc:
             raise Rejected("invalid_payload", describe_validation_error(exc)) from exc
         # The request id as the channel spelled it, which its reply must carry back.
-        context = CommandContext(_request_id_of(msg), channel, command.issued_at, self.clock())
+        request_id = str(body["request_id"])
+        context = CommandContext(request_id, channel, command.issued_at, received_at)
         return CheckedCommand(msg, command.type, route, context, payload)
 
     async def _execute(self, commands: Sequence[CheckedCommand]) -> None:
@@ -232,16 +267,21 @@ class CommandIntake:
                    consistent: bool) -> list[tuple[CheckedCommand, Reply, bool]]:
         outcomes: list[tuple[CheckedCommand, Reply, bool]] = []
         async with self.pool.acquire() as conn, conn.transaction():
-            stored: dict[str, str] = dict(await conn.fetch(
-                f"SELECT request_id, reply FROM {self.schema}.replies"
-                " WHERE request_id = ANY($1::text[])",
-                [c.context.request_id for c in commands]))
-            new: list[Reply] = []
+            rows = await conn.fetch(
+                f"SELECT channel, request_id, reply FROM {self.schema}.stored_replies"
+                " WHERE (channel, request_id) IN"
+                "  (SELECT * FROM unnest($1::text[], $2::text[]))",
+                [c.context.channel.channel_id for c in commands],
+                [c.context.request_id for c in commands])
+            stored = {(r["channel"], r["request_id"]): r["reply"] for r in rows}
+            new: list[tuple[Channel, Reply]] = []
             for command in commands:
-                request_id = command.context.request_id
+                channel, request_id = command.context.channel, command.context.request_id
                 _bind_command(command)
-                if request_id in stored:
-                    outcomes.append((command, Reply.model_validate_json(stored[request_id]), True))
+                sealed = stored.get((channel.channel_id, request_id))
+                if sealed is not None:
+                    repeated = open_reply(channel, request_id, bytes(sealed))
+                    outcomes.append((command, repeated, True))
                     continue
                 if not consistent:  # not stored: a repeat of the request is decided afresh
                     outcomes.append((command, _rejected(
@@ -250,18 +290,56 @@ class CommandIntake:
                         False))
                     continue
                 reply = await self._decide(conn, command, savepoints=savepoints)
-                stored[request_id] = reply.model_dump_json()  # a copy later repeats it
-                new.append(reply)
+                stored[(channel.channel_id, request_id)] = seal_reply(channel, reply)
+                new.append((channel, reply))
                 outcomes.append((command, reply, False))
             await conn.execute(
-                f"WITH stored AS (INSERT INTO {self.schema}.replies (request_id, reply)"
-                "  SELECT * FROM unnest($1::text[], $2::text[])),"
-                f" queued AS ({outbox_insert(self.schema, 3)})"
+                f"WITH stored AS (INSERT INTO {self.schema}.stored_replies"
+                "  (channel, request_id, reply)"
+                "  SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[])),"
+                f" queued AS ({outbox_insert(self.schema, 4)})"
                 f" SELECT pg_notify('{notify_channel(self.schema)}', '')",
-                [r.request_id for r in new], [stored[r.request_id] for r in new],
-                *outbox_columns([reply_message(reply) for _, reply, _ in outcomes]),
+                [c.channel_id for c, _ in new], [r.request_id for _, r in new],
+                [stored[(c.channel_id, r.request_id)] for c, r in new],
+                *outbox_columns([reply_message(c.context.channel.channel_id, reply)
+                                 for c, reply, _ in outcomes]),
             )
         return outcomes
+
+    async def purge_stored_replies(self, batch: int = 5000) -> int:
+        """Delete stored replies older than twice the freshness window (a repeat that old is
+        refused as stale before its reply is looked up), and the outbox rows of replies sent
+        that long ago (they hold captcha codes and session tokens in clear), a bounded batch
+        at a time; returns how many stored replies went."""
+        purged = 0
+        while True:
+            deleted: int = await self.pool.fetchval(
+                f"WITH gone AS (DELETE FROM {self.schema}.stored_replies WHERE ctid IN"
+                f"  (SELECT ctid FROM {self.schema}.stored_replies"
+                "   WHERE created_at < now() - $1::interval LIMIT $2) RETURNING 1)"
+                " SELECT count(*) FROM gone", 2 * self.freshness, batch)
+            purged += deleted
+            if deleted < batch:
+                break
+        while True:
+            sent: int = await self.pool.fetchval(
+                f"WITH gone AS (DELETE FROM {self.schema}.outbox WHERE position IN"
+                f"  (SELECT position FROM {self.schema}.outbox"
+                f"   WHERE topic LIKE '{REPLY_TOPIC_PREFIX}%' AND sent_at < now() - $1::interval"
+                "   ORDER BY position LIMIT $2) RETURNING 1)"
+                " SELECT count(*) FROM gone", 2 * self.freshness, batch)
+            if sent < batch:
+                break
+        if purged:
+            log.info("command.replies_purged", count=purged)
+        return purged
+
+    async def purge_loop(self) -> None:
+        """`purge_stored_replies` every half window (at most every minute), for ever."""
+        interval = min(60.0, self.freshness.total_seconds() / 2)
+        while True:
+            await self.purge_stored_replies()
+            await asyncio.sleep(interval)
 
     async def _decide(self, conn: asyncpg.Connection, command: CheckedCommand, *,
                       savepoints: bool) -> Reply:
@@ -284,11 +362,13 @@ class CommandIntake:
         return Reply(request_id=context.request_id, status="accepted", code="accepted",
                      message=route.accepted_message, data=outcome or {})
 
-    async def _refuse(self, msg: Inbound, request_id: str, code: str, reason: str) -> None:
-        """Unauthenticated or unreadable: reply, park the raw message on the DLQ, store nothing."""
-        reply = _rejected(request_id, code, reason)
+    async def _refuse(self, msg: Inbound, channel: Channel, code: str, reason: str) -> None:
+        """Authenticated but unusable: reply on the channel's topic, park the raw message on
+        the DLQ, store nothing."""
+        reply = _rejected(_request_id_of(msg, self.limits), code, reason)
         await self.dead_letters.producer.send_and_wait(
-            REPLIES_TOPIC, value=reply.to_bytes(), key=request_id.encode()
+            reply_topic(channel.channel_id), value=reply.to_bytes(),
+            key=reply.request_id.encode(),
         )
         await self.dead_letters.send(msg, code, reason)
 
@@ -305,20 +385,41 @@ def _bind_command(command: CheckedCommand) -> None:
                          channel=context.channel.channel_id)
 
 
-def reply_message(reply: Reply) -> OutboxMessage:
-    return OutboxMessage(topic=REPLIES_TOPIC, key=reply.request_id.encode(), value=reply.to_bytes())
+def reply_message(channel_id: str, reply: Reply) -> OutboxMessage:
+    """A reply on its channel's own topic, keyed by request id."""
+    return OutboxMessage(topic=reply_topic(channel_id), key=reply.request_id.encode(),
+                         value=reply.to_bytes())
+
+
+def _reply_key(channel: Channel, request_id: str) -> AESGCM:
+    """The key a stored reply is sealed under: derived from the channel's secret and the
+    request id, so the table alone reveals no captcha code or session token."""
+    material = f"carddesk stored reply v1\x00{request_id}".encode()
+    return AESGCM(hmac.new(channel.secret.encode(), material, hashlib.sha256).digest())
+
+
+def seal_reply(channel: Channel, reply: Reply) -> bytes:
+    nonce = os.urandom(12)
+    aad = f"{channel.channel_id}\x00{reply.request_id}".encode()
+    return nonce + _reply_key(channel, reply.request_id).encrypt(nonce, reply.to_bytes(), aad)
+
+
+def open_reply(channel: Channel, request_id: str, sealed: bytes) -> Reply:
+    aad = f"{channel.channel_id}\x00{request_id}".encode()
+    plain = _reply_key(channel, request_id).decrypt(sealed[:12], sealed[12:], aad)
+    return Reply.model_validate_json(plain)
 
 
 def _rejected(request_id: str, code: str, message: str) -> Reply:
     return Reply(request_id=request_id, status="rejected", code=code, message=message)
 
 
-def _request_id_of(msg: Inbound) -> str:
+def _request_id_of(msg: Inbound, limits: MessageLimits) -> str:
     """The request id of a message that may be unreadable: from the body, else the key."""
     try:
-        body = json.loads(msg.value)
-        if isinstance(body, dict) and isinstance(body.get("request_id"), str):
-            return str(body["request_id"])[:100]
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        pass
+        body = load_json(msg.value, limits)
+    except Rejected:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("request_id"), str):
+        return str(body["request_id"])[:100]
     return (msg.key or b"").decode("utf-8", "replace")[:100]

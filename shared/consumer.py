@@ -23,6 +23,7 @@ from shared.envelope import EventEnvelope, hash_is_intact
 from shared.eventstore import ConcurrencyError
 from shared.locks import citizen_namespace, lock_citizens
 from shared.logging import bind_message_context
+from shared.settings import CardDeskSettings
 
 log = structlog.get_logger()
 
@@ -37,6 +38,25 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     KafkaError,
     TimeoutError,
 )
+
+
+# Faults of the message's bytes, not of the infrastructure: the same on every attempt.
+UNREADABLE_ERRORS: tuple[type[BaseException], ...] = (
+    RecursionError, UnicodeError, json.JSONDecodeError, ValidationError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class MessageLimits:
+    """What a message may be before it is parsed at all (CARDDESK_MAX_MESSAGE_BYTES,
+    CARDDESK_MAX_JSON_DEPTH): a larger or deeper one is dead-lettered unread."""
+
+    max_bytes: int = 256 * 1024
+    max_depth: int = 32
+
+    @classmethod
+    def from_settings(cls, settings: CardDeskSettings) -> MessageLimits:
+        return cls(settings.max_message_bytes, settings.max_json_depth)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +95,11 @@ class Rejected(Exception):  # noqa: N818 - a verdict on a message, not a program
         self.reason = reason
 
 
+# A dead letter keeps at most this much of the value: the producer refuses records over
+# 1 MiB, and a refused DLQ write would be retried for ever, stalling the partition.
+DLQ_MAX_VALUE_BYTES = 512 * 1024
+
+
 class DeadLetters:
     """Publishes unprocessable messages to `<topic>.dlq`, the reason and origin in headers."""
 
@@ -82,6 +107,7 @@ class DeadLetters:
         self.producer = producer
 
     async def send(self, msg: Inbound, code: str, reason: str) -> None:
+        value, truncated = msg.value[:DLQ_MAX_VALUE_BYTES], len(msg.value) > DLQ_MAX_VALUE_BYTES
         headers = [
             *((k, v) for k, v in msg.headers.items() if not k.startswith("x-dlq-")),
             ("x-dlq-code", code.encode()),
@@ -89,9 +115,11 @@ class DeadLetters:
             ("x-original-topic", msg.topic.encode()),
             ("x-original-partition", str(msg.partition).encode()),
             ("x-original-offset", str(msg.offset).encode()),
+            *([("x-dlq-original-size", str(len(msg.value)).encode())] if truncated else []),
         ]
         await self.producer.send_and_wait(
-            f"{msg.topic}.dlq", value=msg.value, key=msg.key, headers=headers
+            f"{msg.topic}.dlq", value=value, key=(msg.key or b"")[:1024] or None,
+            headers=headers,
         )
         log.warning("message.dead_lettered", topic=msg.topic, partition=msg.partition,
                     offset=msg.offset, code=code, reason=reason[:200])
@@ -107,7 +135,9 @@ async def with_retries(
     max_delay: float = 5.0,
 ) -> None:
     """Run `process` until it succeeds. Infrastructure faults are retried without limit (the
-    message must not be lost); anything else is retried `max_attempts` times, then DLQ'd."""
+    message must not be lost); a message the code cannot read (`Rejected`, or a parsing or
+    validation error that escaped as such) is dead-lettered at once, since a retry reads the
+    same bytes; anything else is retried `max_attempts` times, then DLQ'd."""
     attempt = 0
     while True:
         attempt += 1
@@ -119,6 +149,9 @@ async def with_retries(
             return
         except TRANSIENT_ERRORS as exc:
             log.warning("message.retrying", error=type(exc).__name__, attempt=attempt)
+        except UNREADABLE_ERRORS as exc:
+            await dead_letters.send(msg, "unreadable", f"{type(exc).__name__}: {exc}"[:500])
+            return
         except Exception as exc:
             if attempt >= max_attempts:
                 log.exception("message.failed", attempt=attempt)
@@ -128,19 +161,59 @@ async def with_retries(
         await asyncio.sleep(min(max_delay, base_delay * 2 ** min(attempt, 8)))
 
 
-def parse_event(msg: Inbound, known_types: Collection[str] | None) -> EventEnvelope:
-    """Validate an event from a topic: JSON, envelope shape, intact hash, known type."""
+def load_json(value: bytes, limits: MessageLimits) -> Any:
+    """JSON from an untrusted message, within `limits`. Raises `Rejected` and nothing else:
+    too large, too deep, not UTF-8, not JSON."""
+    if len(value) > limits.max_bytes:
+        raise Rejected("message_too_large",
+                       f"{len(value)} bytes; at most {limits.max_bytes} are read")
     try:
-        body = json.loads(msg.value)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise Rejected("malformed_json", f"not JSON: {exc}") from exc
+        body = json.loads(value)
+    except RecursionError as exc:  # the parser's own limit, far above ours
+        raise Rejected("too_deeply_nested", "JSON nested too deeply") from exc
+    except UnicodeError as exc:
+        raise Rejected("malformed_json", f"not JSON: not UTF-8 ({str(exc)[:200]})") from exc
+    except ValueError as exc:
+        raise Rejected("malformed_json", f"not JSON: {str(exc)[:200]}") from exc
+    if _depth_exceeds(body, limits.max_depth):
+        raise Rejected("too_deeply_nested", f"JSON nested deeper than {limits.max_depth}")
+    return body
+
+
+def _depth_exceeds(body: Any, max_depth: int) -> bool:
+    """Whether containers nest deeper than `max_depth` (walked without recursion)."""
+    pending: list[tuple[Any, int]] = [(body, 1)]
+    while pending:
+        node, depth = pending.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        if depth > max_depth:
+            return True
+        pending.extend((child, depth + 1) for child in children
+                       if isinstance(child, dict | list))
+    return False
+
+
+def parse_event(msg: Inbound, known_types: Collection[str] | None,
+                limits: MessageLimits | None = None) -> EventEnvelope:
+    """Validate an event from a topic: size, depth, JSON, envelope shape, intact hash, known
+    type. Whatever is wrong with the bytes raises `Rejected`, never anything else, so a
+    poison message is dead-lettered on its first reading."""
+    body = load_json(msg.value, limits or MessageLimits())
     if not isinstance(body, dict):
         raise Rejected("malformed_event", "an event must be a JSON object")
     try:
         envelope = EventEnvelope.model_validate(body)
+        intact = hash_is_intact(body)
     except ValidationError as exc:
         raise Rejected("malformed_event", describe_validation_error(exc)) from exc
-    if not hash_is_intact(body):
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise Rejected("malformed_event", f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+    if not intact:
         raise Rejected("bad_hash", f"hash mismatch in {envelope.stream_id} v{envelope.version}")
     if known_types is not None and envelope.type not in known_types:
         raise Rejected("unknown_event_type", f"unknown event type {envelope.type!r}")
@@ -185,8 +258,10 @@ class EventConsumer:
         known_types: Collection[str] | None = None,
         max_attempts: int = 5,
         batch_handler: BatchEventHandler | None = None,
+        limits: MessageLimits | None = None,
     ) -> None:
         self.pool = pool
+        self.limits = limits or MessageLimits.from_settings(CardDeskSettings())
         self.batch_handler = batch_handler
         self.schema = schema
         self.name = name
@@ -200,7 +275,7 @@ class EventConsumer:
         bind_message_context(topic=msg.topic, partition=msg.partition, offset=msg.offset)
 
         async def process() -> None:
-            envelope = parse_event(msg, self.known_types)
+            envelope = parse_event(msg, self.known_types, self.limits)
             _bind_event(msg.topic, envelope)
             await self._take_chains([(msg, envelope)], raise_on_break=True)
             await self.apply(envelope)
@@ -215,7 +290,7 @@ class EventConsumer:
         valid: list[tuple[Inbound, EventEnvelope]] = []
         for msg in messages:
             try:
-                valid.append((msg, parse_event(msg, self.known_types)))
+                valid.append((msg, parse_event(msg, self.known_types, self.limits)))
             except Rejected as exc:
                 bind_message_context(topic=msg.topic, partition=msg.partition, offset=msg.offset)
                 await self.dead_letters.send(msg, exc.code, exc.reason)

@@ -19,6 +19,11 @@ class InvalidSessionError(DomainError):
     default_message = "the session token is missing, forged or malformed"
 
 
+class ChannelMismatchError(DomainError):
+    code = "channel_mismatch"
+    default_message = "the session was started by another channel"
+
+
 class SessionExpiredError(DomainError):
     code = "session_expired"
     default_message = "the session has expired; log in again"

@@ -87,7 +87,7 @@ class InMemoryEventStore:
 
 
 def schema_ddl(schema: str) -> str:
-    """The tables every service schema has: events, outbox, processed messages, replies."""
+    """The tables every service schema has: events, outbox, processed messages, stored replies."""
     return f"""
     CREATE SCHEMA IF NOT EXISTS {schema};
     CREATE TABLE IF NOT EXISTS {schema}.events (
@@ -112,6 +112,9 @@ def schema_ddl(schema: str) -> str:
         sent_at    timestamptz
     );
     CREATE INDEX IF NOT EXISTS outbox_unsent ON {schema}.outbox (position) WHERE sent_at IS NULL;
+    -- Sent replies carry captcha codes and session tokens: purged soon, not after a day.
+    CREATE INDEX IF NOT EXISTS outbox_replies ON {schema}.outbox (position)
+        WHERE topic LIKE 'channel.replies.%';
     CREATE TABLE IF NOT EXISTS {schema}.processed (
         consumer     text        NOT NULL,
         message_id   text        NOT NULL,
@@ -125,11 +128,17 @@ def schema_ddl(schema: str) -> str:
         hash      text    NOT NULL,
         PRIMARY KEY (stream_id, version)
     );
-    CREATE TABLE IF NOT EXISTS {schema}.replies (
-        request_id text        PRIMARY KEY,
-        reply      text        NOT NULL,
-        created_at timestamptz NOT NULL DEFAULT now()
+    -- Replies keyed by request id alone, before channels had their own: superseded.
+    DROP TABLE IF EXISTS {schema}.replies;
+    -- The reply each (channel, request_id) got, sealed; purged after the freshness window.
+    CREATE TABLE IF NOT EXISTS {schema}.stored_replies (
+        channel    text        NOT NULL,
+        request_id text        NOT NULL,
+        reply      bytea       NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (channel, request_id)
     );
+    CREATE INDEX IF NOT EXISTS stored_replies_age ON {schema}.stored_replies (created_at);
     """
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +38,12 @@ class CardDeskSettings(BaseSettings):
     # Ed25519, base64 raw: only auth holds the private seed; every service has the public key.
     session_signing_key: SecretStr = SecretStr("kFePrAOdaWJbcyBJV6pDodw4NqVIYNuzzX+77ioPv1U=")
     session_public_key: str = "+xNIdtO9G3+tXicUQYJI2LTaAxlGTYyLu2bGe/fr8Hc="
+    # The key id (`kid`) of that signing key; tokens name it so that keys can be rotated.
+    session_key_id: str = "dev-session-1"
+    # Older keys still accepted while their tokens run out: JSON `{"kid": "base64 public"}`.
+    session_public_keys: dict[str, str] = {}
+    # No token is honoured for longer than this from its issue, whatever it claims.
+    session_max_lifetime_seconds: int = Field(default=7200, gt=0)
     # X25519, base64 raw: channels seal commands' personal fields to the public key, the
     # services open them with the private one (shared/sealing.py).
     command_sealing_key: SecretStr = SecretStr("Uy+Gs+y+C4lJVPwW4qfgWA9TTjSjvJPW2ILCLnHmdCQ=")
@@ -58,6 +64,12 @@ class CardDeskSettings(BaseSettings):
     # How long a command waits for the service's followers to apply every event published
     # before it; past that it is refused `not_yet_consistent` (shared/barrier.py).
     consistency_wait_ms: int = 3000
+    # A command's `issued_at` may differ from the receiver's clock by this much either way
+    # (older or newer: `stale_command`); repeats are answered from the stored reply as long.
+    command_freshness_seconds: int = Field(default=300, gt=0)
+    # Limits checked before any JSON parsing of a command or event (larger or deeper: DLQ).
+    max_message_bytes: int = Field(default=256 * 1024, ge=1024)
+    max_json_depth: int = Field(default=32, ge=4, le=200)
     # Records a consumer takes at once, and how long it waits for them (ms).
     consumer_batch_size: int = 200
     consumer_batch_wait_ms: int = 5

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 SERVICES: tuple[str, ...] = ("auth", "loss", "review", "issuance")
-REPLIES_TOPIC = "channel.replies"
+REPLY_TOPIC_PREFIX = "channel.replies."
+# What Kafka allows in a topic name, so a channel id always makes a valid reply topic.
+_CHANNEL_ID = re.compile(r"[A-Za-z0-9_-]{1,200}")
 
 # Event topics are the audit log: kept forever, by time and by size. They hold personal
 # data only as ciphertext under per-citizen keys, so erasing a key erases the person.
@@ -41,8 +44,16 @@ def dlq_topic(topic: str) -> str:
     return f"{topic}.dlq"
 
 
-def all_topics(partitions: int) -> list[TopicSpec]:
-    """Commands, events, replies and one DLQ per consumed topic, all with `partitions`."""
+def reply_topic(channel_id: str) -> str:
+    """`channel.replies.<channel_id>`: the replies to one channel, readable only by it."""
+    if not _CHANNEL_ID.fullmatch(channel_id):
+        raise ValueError(f"not a usable channel id: {channel_id[:50]!r}")
+    return f"{REPLY_TOPIC_PREFIX}{channel_id}"
+
+
+def all_topics(partitions: int, channels: Iterable[str]) -> list[TopicSpec]:
+    """Commands, events, one DLQ per consumed topic and one reply topic per channel id of
+    `channels` (the channels file's), all with `partitions`."""
     if partitions < 1:
         raise ValueError(f"partitions must be at least 1, got {partitions}")
     topics: list[TopicSpec] = []
@@ -53,5 +64,6 @@ def all_topics(partitions: int) -> list[TopicSpec]:
         topics.append(TopicSpec(dlq_topic(commands), partitions, COMMAND_DLQ_RETENTION))
         # A dead-lettered event leaves only by an operator's decision, never by age.
         topics.append(TopicSpec(dlq_topic(events), partitions, KEEP_FOREVER))
-    topics.append(TopicSpec(REPLIES_TOPIC, partitions, COMMANDS_RETENTION))
+    topics.extend(TopicSpec(reply_topic(channel_id), partitions, COMMANDS_RETENTION)
+                  for channel_id in sorted(set(channels)))
     return topics

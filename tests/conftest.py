@@ -11,9 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from cardctl.stack import Stack, ensure_topics, run_sync
+from cardctl.stack import Stack, contract_topics, ensure_topics, run_sync
 from shared.settings import CardDeskSettings
-from shared.topics import all_topics
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +28,7 @@ def stack(settings: CardDeskSettings) -> Iterator[Stack]:
         # Tests run services in-process on the contract's topics; a running local service
         # would process their commands too. The e2e package starts its own.
         local.down(only=[spec.name for spec in local.service_specs()])
-        run_sync(lambda: ensure_topics(settings.kafka_bootstrap, all_topics(settings.partitions)))
+        run_sync(lambda: ensure_topics(settings.kafka_bootstrap, contract_topics(settings)))
         yield local
         return
     # Services are not started here: integration tests drive the code in-process.

@@ -25,6 +25,10 @@ from shared.runtime import ServiceRuntime
 from shared.settings import CardDeskSettings
 from shared.topics import TopicSpec
 
+# The dev channels file's first citizen and bureau channels, as the tests act as them.
+CITIZEN_CHANNEL = "wechat-oa"
+BUREAU_CHANNEL = "bureau-counter"
+
 
 def unique(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:10]}"

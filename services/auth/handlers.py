@@ -100,8 +100,8 @@ class AuthHandlers:
         self.new_code = new_code
         self.pepper = settings.citizen_ref_pepper.get_secret_value()
         self.captchas = CaptchaStore(self.pepper)
-        self.signer = TokenSigner(settings.session_signing_key.get_secret_value())
-        self.verifier = TokenVerifier(settings.session_public_key)
+        self.signer = TokenSigner.from_settings(settings)
+        self.verifier = TokenVerifier.from_settings(settings)
         self.policy = portrait_policy(settings)
         self.login_policy = login_policy(settings)
         self.login_failures = LoginFailureLog()
@@ -156,7 +156,8 @@ class AuthHandlers:
         if failures.citizen:
             await self.login_failures.clear_citizen(conn, ref)
         token = self.signer.sign(SessionClaims(
-            session_id=session_id, citizen_ref=ref, level="realname",
+            kid=self.signer.key_id, session_id=session_id, citizen_ref=ref,
+            channel=ctx.channel.channel_id, level="realname",
             issued_at=now, expires_at=expires_at,
         ))
         log.info("auth.session_started", session_id=session_id)
@@ -165,7 +166,8 @@ class AuthHandlers:
     async def authorize_electronic_card(
         self, conn: asyncpg.Connection, ctx: CommandContext, cmd: AuthorizeElectronicCard
     ) -> None:
-        claims = self.verifier.verify(cmd.session_token, now=ctx.received_at)
+        claims = self.verifier.verify(cmd.session_token, now=ctx.received_at,
+                                      channel=ctx.channel.channel_id)
         bind_citizen(claims.citizen_ref)
         await self._decide(conn, ctx, claims.citizen_ref, domain.AuthorizeCard(
             session_id=claims.session_id, channel=ctx.channel.channel_id))
@@ -175,7 +177,7 @@ class AuthHandlers:
         self, conn: asyncpg.Connection, ctx: CommandContext, cmd: VerifyPortrait
     ) -> dict[str, Any] | Refusal:
         now = ctx.received_at
-        claims = self.verifier.verify(cmd.session_token, now=now)
+        claims = self.verifier.verify(cmd.session_token, now=now, channel=ctx.channel.channel_id)
         bind_citizen(claims.citizen_ref)
         try:
             template = await self.registry_for(conn).face_template(claims.citizen_ref)

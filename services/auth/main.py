@@ -90,6 +90,11 @@ def build(settings: AuthSettings | None = None) -> ServiceRuntime:
                       description="IssueCaptcha, StartSession, AuthorizeElectronicCard, "
                                   "VerifyPortrait from the channels; EraseSubject (bureau)")
     runtime.background(purge_captchas)
+
+    async def purge_stored_replies() -> None:
+        await wiring["intake"].purge_loop()
+
+    runtime.background(purge_stored_replies)
     return runtime
 
 

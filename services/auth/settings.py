@@ -4,8 +4,9 @@ thresholds, lockout."""
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from shared.settings import CardDeskSettings
 
@@ -27,6 +28,13 @@ class AuthSettings(CardDeskSettings):
     login_max_failures_per_citizen: int = Field(default=5, ge=1)
     login_max_failures_per_channel: int = Field(default=1000, ge=1)
     login_failure_window_seconds: int = Field(default=900, gt=0)
+
+    @model_validator(mode="after")
+    def _sessions_fit_the_lifetime_cap(self) -> Self:
+        if self.session_ttl_seconds > self.session_max_lifetime_seconds:
+            raise ValueError("CARDDESK_SESSION_TTL_SECONDS exceeds"
+                             " CARDDESK_SESSION_MAX_LIFETIME_SECONDS: every token would be refused")
+        return self
 
     @property
     def captcha_ttl(self) -> timedelta:

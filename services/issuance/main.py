@@ -71,6 +71,9 @@ class IssuanceService:
             max_attempts=s.consumer_max_attempts,
         )
 
+    async def purge_stored_replies(self) -> None:
+        await self.intake.purge_loop()
+
     async def production_timer(self) -> None:
         await self.handlers.run_production_timer(self.runtime.pool)
 
@@ -90,6 +93,7 @@ def build(settings: IssuanceSettings | None = None) -> ServiceRuntime:
                       group=settings.issuance_consumer_group,
                       description="ReviewApproved starts a card's production")
     runtime.background(service.production_timer)
+    runtime.background(service.purge_stored_replies)
     return runtime
 
 

@@ -63,7 +63,7 @@ class LossHandlers:
         self.schema = schema
         self.events_topic = events_topic
         self.clock = clock
-        self.verifier = TokenVerifier(settings.session_public_key)
+        self.verifier = TokenVerifier.from_settings(settings)
         self.policy = domain.LossPolicy(
             temporary_period=settings.loss_temporary_period,
             portrait_max_age=settings.loss_portrait_max_age,
@@ -87,7 +87,8 @@ class LossHandlers:
     async def report_loss(
         self, conn: asyncpg.Connection, ctx: CommandContext, payload: contract.ReportLoss
     ) -> dict[str, Any]:
-        claims = self.verifier.verify(payload.session_token, now=ctx.received_at)
+        claims = self.verifier.verify(payload.session_token, now=ctx.received_at,
+                                      channel=ctx.channel.channel_id)
         structlog.contextvars.bind_contextvars(citizen_ref=claims.citizen_ref)
         command = domain.ReportLoss(
             kind=payload.kind,
@@ -110,7 +111,8 @@ class LossHandlers:
     async def cancel_loss(
         self, conn: asyncpg.Connection, ctx: CommandContext, payload: contract.CancelLoss
     ) -> dict[str, Any]:
-        claims = self.verifier.verify(payload.session_token, now=ctx.received_at)
+        claims = self.verifier.verify(payload.session_token, now=ctx.received_at,
+                                      channel=ctx.channel.channel_id)
         structlog.contextvars.bind_contextvars(citizen_ref=claims.citizen_ref)
         meta = EventMeta(claims.citizen_ref, ctx.received_at, ctx.correlation_id, ctx.causation_id)
         events = await self._run(conn, domain.CancelLoss(), meta, ctx.received_at)

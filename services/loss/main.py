@@ -89,8 +89,12 @@ def build(
     def on_review() -> MessageHandler:
         return wired.review.handle
 
+    async def purge_stored_replies() -> None:
+        await wired.intake.purge_loop()
+
     runtime.on_ready(wire)
     runtime.background(expiry_loop)
+    runtime.background(purge_stored_replies)
     runtime.subscribe(command_topic(SERVICE), on_commands, group=consumer_group,
                       description="ReportLoss, CancelLoss; EraseSubject (bureau only)")
     runtime.subscribe(ISSUANCE_EVENTS, on_issuance, group=consumer_group,

@@ -89,7 +89,8 @@ class ReviewHandlers:
     async def submit(
         self, conn: asyncpg.Connection, ctx: CommandContext, payload: SubmitReissueApplication
     ) -> dict[str, Any]:
-        claims = self.verifier.verify(payload.session_token, now=ctx.received_at)
+        claims = self.verifier.verify(payload.session_token, now=ctx.received_at,
+                                      channel=ctx.channel.channel_id)
         citizen_ref = claims.citizen_ref
         structlog.contextvars.bind_contextvars(citizen_ref=citizen_ref)
         await self._lock(conn, citizen_ref)

@@ -32,12 +32,13 @@ def build(settings: ReviewSettings | None = None, *, group: str | None = None) -
     runtime = ServiceRuntime(SERVICE, settings, extra_ddl=review_ddl(SERVICE))
     wired: dict[str, MessageHandler] = {}
     barrier = runtime.barrier([settings.event_topic("loss")], group=group)
+    intakes: list[CommandIntake] = []
 
     async def wire() -> None:
         handlers = ReviewHandlers(
             schema=runtime.schema,
             events_topic=runtime.events_topic,
-            verifier=TokenVerifier(settings.session_public_key),
+            verifier=TokenVerifier.from_settings(settings),
             vault=Vault(runtime.schema, settings.master_key.get_secret_value()),
             rule=settings.auto_approval_rule(),
         )
@@ -63,10 +64,15 @@ def build(settings: ReviewSettings | None = None, *, group: str | None = None) -
             known_types=KNOWN_EVENT_TYPES[settings.event_topic("loss")],
             max_attempts=settings.consumer_max_attempts,
         )
+        intakes.append(intake)
         wired["commands"] = intake.handle
         wired["loss.events"] = loss_events.handle
 
+    async def purge_stored_replies() -> None:
+        await intakes[0].purge_loop()
+
     runtime.on_ready(wire)
+    runtime.background(purge_stored_replies)
     runtime.subscribe(
         command_topic(SERVICE), lambda: wired["commands"], group=group,
         description="SubmitReissueApplication; DecideReview and EraseSubject (bureau only)",

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from shared.commands import Reply
 from shared.contracts import auth, common, issuance, loss, review
 from shared.settings import CardDeskSettings
-from shared.topics import REPLIES_TOPIC, command_topic, dlq_topic, event_topic
+from shared.topics import REPLY_TOPIC_PREFIX, command_topic, dlq_topic, event_topic
 
 COMMANDS: dict[str, Any] = {
     "auth": auth.IssueCaptcha | auth.StartSession | auth.AuthorizeElectronicCard
@@ -95,8 +95,10 @@ def contract_broker(settings: CardDeskSettings) -> KafkaBroker:
                          " retained forever")
         broker.publisher(dlq_topic(topic), title=dlq_topic(topic), schema=bytes,
                          description="unprocessable events, raw, with x-dlq-code/x-dlq-reason")
-    broker.publisher(REPLIES_TOPIC, title=REPLIES_TOPIC, schema=Reply,
-                     description="The outcome of every command, keyed by request_id")
+    replies = f"{REPLY_TOPIC_PREFIX}{{channel_id}}"
+    broker.publisher(replies, title=replies, schema=Reply,
+                     description="The outcome of every command a channel sent, keyed by"
+                     " request_id; one topic per channel, readable only by that channel")
     return broker
 
 

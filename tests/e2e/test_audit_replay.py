@@ -17,11 +17,11 @@ from typer.testing import CliRunner
 
 from cardctl.audit import CONTRACT_TOPICS, audit_app, partitions_of, replay_log
 from cardctl.citizens import SyntheticCitizen
-from cardctl.journey import BUREAU_CHANNEL, CITIZEN_CHANNEL, Journey, Session
+from cardctl.journey import Journey, Session
 from cardctl.operations import seed
 from services.status.settings import StatusSettings
 from shared.settings import CardDeskSettings
-from tests.support import eventually
+from tests.support import BUREAU_CHANNEL, CITIZEN_CHANNEL, eventually
 
 pytestmark = pytest.mark.integration
 

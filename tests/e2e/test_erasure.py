@@ -13,13 +13,14 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from cardctl.citizens import SyntheticCitizen
-from cardctl.journey import BUREAU_CHANNEL, CITIZEN_CHANNEL, Journey, Session
+from cardctl.journey import Journey, Session
 from cardctl.main import app
 from services.status.projection import ERASED
 from shared.crypto import PREFIX, DataKeyDestroyedError, Vault
 from shared.envelope import EventEnvelope, verify_stream
 from shared.settings import CardDeskSettings
 from shared.topics import SERVICES
+from tests.support import BUREAU_CHANNEL, CITIZEN_CHANNEL
 
 pytestmark = pytest.mark.integration
 

@@ -80,7 +80,7 @@ async def test_a_reviewer_at_another_bureau_can_neither_approve_nor_reject(
     await migrate(pool, schema, review_ddl(schema))
     handlers = ReviewHandlers(
         schema=schema, events_topic=f"{schema}.events",
-        verifier=TokenVerifier(settings.session_public_key),
+        verifier=TokenVerifier.from_settings(settings),
         vault=Vault(schema, settings.master_key.get_secret_value()),
         rule=review_domain.MANUAL_ONLY)
     application_id = await pending_application(pool, schema, "futian")

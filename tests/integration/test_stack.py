@@ -10,9 +10,8 @@ from aiokafka.admin.config_resource import (
     ConfigResourceType,
 )
 
-from cardctl.stack import Stack
+from cardctl.stack import Stack, contract_topics
 from shared.settings import CardDeskSettings
-from shared.topics import all_topics
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +22,7 @@ async def test_every_contract_topic_exists_with_the_configured_partition_count(
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     await admin.start()
     try:
-        expected = {t.name: t.partitions for t in all_topics(settings.partitions)}
+        expected = {t.name: t.partitions for t in contract_topics(settings)}
         described = await admin.describe_topics(list(expected))
     finally:
         await admin.close()
@@ -48,7 +47,7 @@ async def _topic_configs(settings: CardDeskSettings, names: list[str]) -> dict[s
 
 
 async def test_event_topics_keep_their_data_forever(settings: CardDeskSettings) -> None:
-    forever = [t.name for t in all_topics(settings.partitions) if t.name.endswith(".events")]
+    forever = [t.name for t in contract_topics(settings) if t.name.endswith(".events")]
     assert len(forever) == 4
     found = await _topic_configs(settings, forever)
     for name in forever:
@@ -59,8 +58,9 @@ async def test_event_topics_keep_their_data_forever(settings: CardDeskSettings) 
 async def test_command_topics_keep_personal_data_for_days_not_forever(
     settings: CardDeskSettings,
 ) -> None:
-    commands = [t.name for t in all_topics(settings.partitions)
-                if t.name.endswith(".commands") or t.name == "channel.replies"]
+    commands = [t.name for t in contract_topics(settings)
+                if t.name.endswith(".commands") or t.name.startswith("channel.replies.")]
+    assert "channel.replies.wechat-oa" in commands
     found = await _topic_configs(settings, commands)
     for name in commands:
         assert found[name]["retention.ms"] == str(7 * 86_400_000), name

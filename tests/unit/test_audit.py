@@ -208,12 +208,15 @@ def test_an_unparseable_message_is_a_failure_with_its_topic_partition_and_offset
     log = as_messages(a_log())
     garbage = Inbound("loss.events", 4, 99, b"k", b"{not json")
     no_envelope = Inbound("loss.events", 4, 100, b"k", json.dumps({"type": "X"}).encode())
+    too_deep = Inbound("loss.events", 4, 101, b"k", b"[" * 100_000)  # json.loads recurses
 
-    report = verify_messages([*log, garbage, no_envelope])
+    report = verify_messages([*log, garbage, no_envelope, too_deep])
 
     assert [(f.topic, f.partition, f.offset, f.stream_id) for f in report.failures] == [
-        ("loss.events", 4, 99, None), ("loss.events", 4, 100, None)]
+        ("loss.events", 4, 99, None), ("loss.events", 4, 100, None),
+        ("loss.events", 4, 101, None)]
     assert report.failures[0].reason.startswith("unparseable")
+    assert report.failures[2].reason.startswith("unparseable")
 
 
 def test_a_stream_continued_on_another_partition_is_a_failure() -> None:

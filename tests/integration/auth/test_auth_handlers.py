@@ -163,7 +163,8 @@ async def test_a_login_starts_a_realname_session_with_a_verifiable_token(
     now: datetime
 ) -> None:
     data = accepted(await login(pool, handlers, citizen, now))
-    claims = TokenVerifier(auth_settings.session_public_key).verify(data["session_token"], now)
+    claims = TokenVerifier.from_settings(auth_settings).verify(
+        data["session_token"], now=now, channel=CHANNEL.channel_id)
     assert claims.citizen_ref == data["citizen_ref"]
     assert claims.level == "realname"
     assert claims.expires_at == now + auth_settings.session_ttl
@@ -246,8 +247,8 @@ async def test_the_right_face_upgrades_the_token_and_no_embedding_is_kept(
     later = now + timedelta(minutes=1)
     upgraded = accepted(await run(pool, handlers.verify_portrait,
                                   portrait(data["session_token"], citizen.face), later))
-    claims = TokenVerifier(auth_settings.session_public_key).verify(
-        upgraded["session_token"], later)
+    claims = TokenVerifier.from_settings(auth_settings).verify(
+        upgraded["session_token"], now=later, channel=CHANNEL.channel_id)
     assert claims.level == "portrait"
     assert claims.portrait_verified_at == later
     assert claims.expires_at == now + auth_settings.session_ttl

@@ -29,7 +29,7 @@ from shared.events import DomainEvent, EventMeta, to_pending
 from shared.eventstore import migrate
 from shared.identity import check_char, citizen_ref
 from shared.runtime import ServiceRuntime
-from shared.topics import REPLIES_TOPIC
+from shared.topics import reply_topic
 from tests.support import create_topics, eventually, follower_paused, unique
 
 pytestmark = pytest.mark.integration
@@ -195,11 +195,12 @@ async def harness() -> AsyncIterator[Harness]:
                   settings.issuance_review_events_topic,
                   f"{settings.issuance_commands_topic}.dlq",
                   f"{settings.issuance_review_events_topic}.dlq"]
-    await create_topics(settings.kafka_bootstrap, [*own_topics, REPLIES_TOPIC],
+    reply_topics = [reply_topic(c) for c in ("bureau-counter", "wechat-oa", "mobile-app")]
+    await create_topics(settings.kafka_bootstrap, [*own_topics, *reply_topics],
                         settings.partitions)
     runtime = build(settings)
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
-    replies = Tap(settings.kafka_bootstrap, [REPLIES_TOPIC], from_start=False)
+    replies = Tap(settings.kafka_bootstrap, reply_topics, from_start=False)
     events = Tap(settings.kafka_bootstrap, [settings.issuance_events_topic], from_start=True)
     try:
         await runtime.start()

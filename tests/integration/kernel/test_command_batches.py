@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -13,20 +13,16 @@ import pytest
 from pydantic import BaseModel
 
 from shared.channels import Channel, ChannelRegistry, sign
-from shared.commands import (
-    CommandContext,
-    CommandIntake,
-    CommandRoute,
-    Reply,
-)
+from shared.commands import CommandContext, CommandIntake, CommandRoute, Reply
 from shared.consumer import Inbound
 from shared.errors import DomainError
-from shared.topics import REPLIES_TOPIC
+from shared.topics import reply_topic
 from tests.support import RecordingDeadLetters
 
 pytestmark = pytest.mark.integration
 
 CHANNEL = Channel(channel_id="probe-channel", secret="probe-secret")
+REPLIES_TOPIC = reply_topic(CHANNEL.channel_id)
 WRITES_DDL = "CREATE TABLE {schema}.writes (seq bigserial PRIMARY KEY, note text NOT NULL)"
 
 
@@ -56,7 +52,7 @@ def command(offset: int, note: str, request_id: str | None = None, *,
             secret: str = CHANNEL.secret) -> Inbound:
     request_id = request_id or str(uuid.uuid4())
     value = json.dumps({"request_id": request_id, "channel": CHANNEL.channel_id,
-                        "issued_at": "2026-11-28T10:00:00+00:00", "type": "Write",
+                        "issued_at": datetime.now(UTC).isoformat(), "type": "Write",
                         "payload": {"note": note}}).encode()
     return Inbound("probe.commands", 0, offset, request_id.encode(), value,
                    {"x-channel-id": CHANNEL.channel_id.encode(),
@@ -93,9 +89,8 @@ async def test_a_batch_replies_to_each_command_as_if_it_had_come_alone(
     assert replies[3].data == {"note": "two"}
     assert await notes(pool, schema) == ["one", "two"]  # the refusal's write was undone
     assert dead.sent == [(2, "bad_signature")]
-    [(topic, refusal)] = dead.producer.sent
-    assert topic == REPLIES_TOPIC and Reply.model_validate_json(refusal).code == "bad_signature"
-    stored = await pool.fetchval(f"SELECT count(*) FROM {schema}.replies")
+    assert dead.producer.sent == []  # failing authentication earns no reply at all
+    stored = await pool.fetchval(f"SELECT count(*) FROM {schema}.stored_replies")
     assert stored == 3
 
     # Redelivered after a crash before the offset commit: the same replies, nothing new.
@@ -116,3 +111,32 @@ async def test_a_command_that_fails_undoes_the_batch_and_each_is_run_alone(
     assert [r.data for r in await queued_replies(pool, schema)] == [
         {"note": "before"}, {"note": "after"}]
     assert dead.sent == [(1, "processing_failed")]
+
+
+async def test_stored_replies_are_purged_once_a_repeat_would_be_stale_anyway(
+    pool: asyncpg.Pool, schema: str,
+) -> None:
+    await pool.execute(WRITES_DDL.format(schema=schema))
+    probe = intake(pool, schema, RecordingDeadLetters())
+    await probe.handle_batch([command(0, "old"), command(1, "recent")])
+    await pool.execute(f"UPDATE {schema}.stored_replies SET created_at = now() - $1::interval"
+                       " WHERE request_id IN (SELECT request_id FROM {schema}.stored_replies"
+                       "  ORDER BY created_at LIMIT 1)".replace("{schema}", schema),
+                       2 * probe.freshness + timedelta(seconds=1))
+
+    # The outbox rows of those replies: one sent long ago, one sent just now, one not yet.
+    await pool.execute(f"UPDATE {schema}.outbox SET sent_at = now() - $1::interval"
+                       " WHERE position = (SELECT min(position) FROM {schema}.outbox)"
+                       .replace("{schema}", schema), 2 * probe.freshness + timedelta(seconds=1))
+    await pool.execute(f"UPDATE {schema}.outbox SET sent_at = now()"
+                       " WHERE position = (SELECT max(position) FROM {schema}.outbox)"
+                       .replace("{schema}", schema))
+    await pool.execute(f"INSERT INTO {schema}.outbox (topic, value, sent_at)"
+                       " VALUES ('loss.events', 'x', now() - interval '1 day')")
+
+    assert await probe.purge_stored_replies(batch=1) == 1
+    assert await pool.fetchval(f"SELECT count(*) FROM {schema}.stored_replies") == 1
+    # Only the reply sent long ago left the outbox; events keep the relay's own retention.
+    assert [r["topic"] for r in await pool.fetch(
+        f"SELECT topic FROM {schema}.outbox ORDER BY position")] == [
+        REPLIES_TOPIC, "loss.events"]

@@ -27,7 +27,7 @@ from shared.events import DomainEvent, EventMeta, to_pending
 from shared.eventstore import event_message
 from shared.runtime import ServiceRuntime
 from shared.tokens import SessionClaims, TokenSigner
-from shared.topics import all_topics
+from shared.topics import all_topics, reply_topic
 from tests.support import TopicTail, partitions_of
 
 CHANNEL = "wechat-oa"
@@ -88,7 +88,7 @@ class Harness:
         self.producer = producer
         self.replies = replies
         self.loss_events = loss_events
-        self.signer = TokenSigner(settings.session_signing_key.get_secret_value())
+        self.signer = TokenSigner.from_settings(settings)
         channel = ChannelRegistry.from_file(settings.channels_file).get(CHANNEL)
         assert channel is not None
         self.channel_secret = channel.secret
@@ -101,7 +101,8 @@ class Harness:
     def token(self, citizen_ref: str, level: Literal["realname", "portrait"] = "realname") -> str:
         now = datetime.now(UTC)
         return self.signer.sign(SessionClaims(
-            session_id=str(uuid.uuid4()), citizen_ref=citizen_ref, level=level,
+            kid="", session_id=str(uuid.uuid4()), citizen_ref=citizen_ref, channel=CHANNEL,
+            level=level,
             portrait_verified_at=now if level == "portrait" else None,
             issued_at=now, expires_at=now + timedelta(minutes=30),
         ))
@@ -152,9 +153,9 @@ async def harness(loss_settings: LossSettings) -> AsyncIterator[Harness]:
     suffix = uuid.uuid4().hex[:10]
     schema, group = f"loss_test_{suffix}", f"carddesk-loss-test-{suffix}"
     bootstrap = loss_settings.kafka_bootstrap
-    await ensure_topics(bootstrap, all_topics(loss_settings.partitions))
+    await ensure_topics(bootstrap, all_topics(loss_settings.partitions, [CHANNEL]))
     await _skip_history(bootstrap, group)
-    replies = Tail(bootstrap, "channel.replies")
+    replies = Tail(bootstrap, reply_topic(CHANNEL))
     loss_events = Tail(bootstrap, "loss.events")
     await replies.start()
     await loss_events.start()

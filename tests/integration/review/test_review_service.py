@@ -29,13 +29,15 @@ from shared.envelope import GENESIS_HASH, EventEnvelope
 from shared.events import DomainEvent, EventMeta, to_pending
 from shared.runtime import ServiceRuntime
 from shared.tokens import SessionClaims, TokenSigner
-from shared.topics import all_topics
+from shared.topics import all_topics, reply_topic
 from tests.support import TopicTail, follower_paused
 
 pytestmark = pytest.mark.integration
 
 WAIT_S = 30.0
-TOPICS = ("review.commands", "review.events", "loss.events", "channel.replies",
+REPLY_CHANNELS = ("wechat-oa", "bureau-counter")
+TOPICS = ("review.commands", "review.events", "loss.events",
+          *(reply_topic(channel_id) for channel_id in REPLY_CHANNELS),
           "review.commands.dlq", "loss.events.dlq")
 
 
@@ -77,7 +79,7 @@ class Harness:
     runtime: ServiceRuntime
     producer: AIOKafkaProducer
     channels: ChannelRegistry
-    replies: Tail
+    replies: dict[str, Tail]
     events: Tail
     loss_streams: dict[str, EventEnvelope] = field(default_factory=dict)
 
@@ -106,18 +108,19 @@ class Harness:
 
     def token(self, citizen_ref: str) -> str:
         now = datetime.now(UTC)
-        claims = SessionClaims(session_id=str(uuid.uuid4()), citizen_ref=citizen_ref,
-                               level="realname", issued_at=now,
+        claims = SessionClaims(kid="", session_id=str(uuid.uuid4()), citizen_ref=citizen_ref,
+                               channel="wechat-oa", level="realname", issued_at=now,
                                expires_at=now + timedelta(minutes=10))
-        return TokenSigner(self.settings.session_signing_key.get_secret_value()).sign(claims)
+        return TokenSigner.from_settings(self.settings).sign(claims)
 
     async def send(self, channel_id: str, command_type: str, payload: dict[str, Any], *,
                    request_id: str | None = None) -> dict[str, Any]:
-        """Send a signed command and return the reply to this sending of it."""
+        """Send a signed command and return the reply to this sending of it, from the
+        channel's reply topic."""
         channel = self.channels.get(channel_id)
         assert channel is not None
         request_id = request_id or str(uuid.uuid4())
-        seen = len(self.replies.records)
+        seen = len(self.replies[channel_id].records)
         value = json.dumps({"request_id": request_id, "channel": channel_id,
                             "issued_at": datetime.now(UTC).isoformat(), "type": command_type,
                             "payload": payload}).encode()
@@ -126,7 +129,8 @@ class Harness:
             headers=[("x-channel-id", channel_id.encode()),
                      ("x-signature", sign(channel.secret, value).encode())],
         )
-        record = await self.replies.first(lambda r: r.key == request_id.encode(), after=seen)
+        record = await self.replies[channel_id].first(lambda r: r.key == request_id.encode(),
+                                                      after=seen)
         reply: dict[str, Any] = json.loads(record.value)
         return reply
 
@@ -139,13 +143,15 @@ class Harness:
 @pytest.fixture(scope="module")
 async def review() -> AsyncIterator[Harness]:
     settings = ReviewSettings()
-    wanted = [t for t in all_topics(settings.partitions) if t.name in TOPICS]
+    wanted = [t for t in all_topics(settings.partitions, REPLY_CHANNELS) if t.name in TOPICS]
     await ensure_topics(settings.kafka_bootstrap, wanted)
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
     await producer.start()
-    replies = Tail(settings.kafka_bootstrap, "channel.replies")
+    replies = {channel_id: Tail(settings.kafka_bootstrap, reply_topic(channel_id))
+               for channel_id in REPLY_CHANNELS}
     events = Tail(settings.kafka_bootstrap, "review.events")
-    await replies.start()
+    for tail in replies.values():
+        await tail.start()
     await events.start()
     group = f"carddesk-review-test-{uuid.uuid4().hex[:10]}"
     await start_group_at_end(settings.kafka_bootstrap, group,
@@ -160,7 +166,8 @@ async def review() -> AsyncIterator[Harness]:
         await producer.stop()
         await runtime.broker.stop()
         await runtime.stop()
-        await replies.stop()
+        for tail in replies.values():
+            await tail.stop()
         await events.stop()
 
 
