@@ -8,7 +8,7 @@ import json
 import random
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -113,6 +113,7 @@ class Harness:
     replies: Tap
     events: Tap
     channels: ChannelRegistry
+    review_heads: dict[str, tuple[int, str]] = field(default_factory=dict)
 
     @property
     def schema(self) -> str:
@@ -137,13 +138,17 @@ class Harness:
         [reply] = await self.replies.wait_for(lambda r: r.key == request_id.encode())
         return dict(json.loads(reply.value))
 
-    async def review_event(self, ref: str, event: DomainEvent, version: int = 1) -> EventEnvelope:
-        """Publish one review.events envelope as the review service's relay would."""
+    async def review_event(self, ref: str, event: DomainEvent) -> EventEnvelope:
+        """Publish the next event of the citizen's review stream, chained onto the last one
+        published here, as the review service's relay would."""
         correlation = str(uuid.uuid4())
+        stream_id = f"review-{ref}"
+        version, prev_hash = self.review_heads.get(stream_id, (0, GENESIS_HASH))
         envelope = EventEnvelope.seal(
             to_pending(event, EventMeta(ref, datetime.now(UTC), correlation, correlation),
                        uuid.uuid4()),
-            f"review-{ref}", version, GENESIS_HASH)
+            stream_id, version + 1, prev_hash)
+        self.review_heads[stream_id] = (envelope.version, envelope.hash)
         await self.publish_review(envelope)
         return envelope
 
@@ -289,10 +294,10 @@ async def test_a_redelivered_approval_produces_nothing_new(harness: Harness) -> 
     await harness.events_of(ref, 4)
 
     await harness.publish_review(first)  # the same message again
-    await harness.review_event(ref, approved, version=2)  # the same approval, a new event id
+    await harness.review_event(ref, approved)  # the same approval, a new event id
     # Same key, same partition: once this one is processed, the two before it were too.
     marker = await harness.review_event(ref, ReviewRejected(
-        application_id=str(uuid.uuid4()), reviewer_id="reviewer-7", reason="marker"), version=3)
+        application_id=str(uuid.uuid4()), reviewer_id="reviewer-7", reason="marker"))
 
     async def marker_processed() -> bool:
         return bool(await harness.runtime.pool.fetchval(
