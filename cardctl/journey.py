@@ -14,6 +14,7 @@ import httpx
 
 from cardctl.channel import ChannelSimulator
 from cardctl.citizens import SyntheticCitizen
+from services.status.settings import StatusSettings
 from shared.tokens import session_id_of
 
 CITIZEN_CHANNEL = "wechat-oa"
@@ -45,9 +46,12 @@ class Journey:
 
     def __init__(self, sim: ChannelSimulator, status_url: str | None = None,
                  *, retry_for_s: float = 60.0,
-                 also_retry: dict[str, frozenset[str]] | None = None) -> None:
+                 also_retry: dict[str, frozenset[str]] | None = None,
+                 api_key: str | None = None) -> None:
         self.sim = sim
         self.status_url = status_url
+        # The query API's bearer key (default: CARDDESK_QUERY_API_KEY, else the auditor's).
+        self.api_headers = {"Authorization": f"Bearer {api_key or StatusSettings().caller_key()}"}
         self.retry_for_s = retry_for_s
         self.retry_codes = {command: NOT_YET.get(command, frozenset())
                             | (also_retry or {}).get(command, frozenset())
@@ -116,7 +120,8 @@ class Journey:
 
     async def card(self, citizen_ref: str) -> dict[str, Any] | None:
         assert self.status_url, "no status API configured"
-        async with httpx.AsyncClient(base_url=self.status_url, timeout=5.0) as client:
+        async with httpx.AsyncClient(base_url=self.status_url, timeout=5.0,
+                                     headers=self.api_headers) as client:
             response = await client.get(f"/v1/citizens/{citizen_ref}/card")
         if response.status_code == 404:
             return None
@@ -125,7 +130,8 @@ class Journey:
 
     async def timeline(self, citizen_ref: str) -> list[dict[str, Any]]:
         assert self.status_url, "no status API configured"
-        async with httpx.AsyncClient(base_url=self.status_url, timeout=5.0) as client:
+        async with httpx.AsyncClient(base_url=self.status_url, timeout=5.0,
+                                     headers=self.api_headers) as client:
             response = await client.get(f"/v1/citizens/{citizen_ref}/timeline")
         response.raise_for_status()
         return response.json()["entries"]  # type: ignore[no-any-return]

@@ -20,6 +20,7 @@ from services.status.settings import StatusSettings
 from shared.consumer import EventConsumer
 from shared.contracts import KNOWN_EVENT_TYPES
 from shared.logging import configure_logging
+from shared.production import UnsafeConfigurationError, exit_refused
 from shared.runtime import MessageHandler, ServiceRuntime, supervise
 
 
@@ -29,7 +30,11 @@ class StatusService:
     def __init__(self, settings: StatusSettings) -> None:
         self.settings = settings
         schema = settings.status_schema
-        self.runtime = ServiceRuntime("status", settings, extra_ddl=status_ddl(schema))
+        # The status service reads no shared secret; its own are the auditors' API keys.
+        self.runtime = ServiceRuntime(
+            "status", settings, extra_ddl=status_ddl(schema),
+            shipped_in_use=["CARDDESK_AUDITOR_API_KEYS"] if settings.shipped_auditor_keys()
+            else [])
         # The read models live in their own schema; tests use a throwaway one.
         self.runtime.schema = schema
         self.writer = StatusWriter(schema)
@@ -99,6 +104,10 @@ def build(settings: StatusSettings | None = None) -> StatusService:
 
 def main() -> None:
     service = build()
+    try:
+        service.runtime.check_configuration()
+    except UnsafeConfigurationError as error:
+        exit_refused(error)
     configure_logging("status", service.settings.log_level)
     uvloop.run(service.serve())
 

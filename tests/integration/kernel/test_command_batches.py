@@ -12,15 +12,8 @@ import asyncpg
 import pytest
 from pydantic import BaseModel
 
-from shared.commands import (
-    Channel,
-    ChannelRegistry,
-    CommandContext,
-    CommandIntake,
-    CommandRoute,
-    Reply,
-    sign,
-)
+from shared.channels import Channel, ChannelRegistry, sign
+from shared.commands import CommandContext, CommandIntake, CommandRoute, Reply
 from shared.consumer import Inbound
 from shared.errors import DomainError
 from shared.topics import REPLIES_TOPIC

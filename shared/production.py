@@ -1,0 +1,158 @@
+"""Start-up refusals: in production (`CARDDESK_ENV=production`) no process runs on a secret,
+key or channels file shipped in the repository, and a key pair that does not match is refused
+in every environment. Each process names the secrets it uses; the refusal names the setting.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import sys
+from collections.abc import Collection, Iterable
+from pathlib import Path
+from typing import Any, NoReturn
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from pydantic import SecretStr
+
+from shared.channels import DEV_CHANNELS_FILE
+from shared.settings import CardDeskSettings
+
+# The secrets a process may use; each service passes the ones it reads.
+PEPPER = "citizen_ref_pepper"
+MASTER_KEY = "master_key"
+SESSION_SIGNING_KEY = "session_signing_key"
+SESSION_PUBLIC_KEY = "session_public_key"
+SEALING_KEY = "command_sealing_key"
+SEALING_PUBLIC_KEY = "command_sealing_public_key"
+SECRET_SETTINGS = (PEPPER, MASTER_KEY, SESSION_SIGNING_KEY, SESSION_PUBLIC_KEY, SEALING_KEY,
+                   SEALING_PUBLIC_KEY)
+
+
+class UnsafeConfigurationError(Exception):
+    """A process was configured with a development secret in production, or keys that do not
+    belong together. The message names every offending `CARDDESK_` setting."""
+
+
+def setting_name(field: str) -> str:
+    return f"CARDDESK_{field.upper()}"
+
+
+def _plain(value: Any) -> str:
+    return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+
+
+def shipped_value(field: str) -> str:
+    """The value the repository ships for a secret setting (its development default)."""
+    default = CardDeskSettings.model_fields[field].default
+    return _plain(default)
+
+
+def _dev_channel_secrets() -> frozenset[str]:
+    raw = json.loads(DEV_CHANNELS_FILE.read_text(encoding="utf-8"))
+    return frozenset(
+        str(spec[name]) for spec in raw.values()
+        for name in ("secret", "kafka_password", "api_key") if spec.get(name))
+
+
+def _channels_file_problem(path: Path) -> str | None:
+    name = "CARDDESK_CHANNELS_FILE"
+    try:
+        if path.resolve() == DEV_CHANNELS_FILE.resolve():
+            return f"{name} is the development channels file shipped in the repository"
+        content = path.read_bytes()
+    except OSError as error:
+        return f"{name} cannot be read: {error.strerror}"
+    if content == DEV_CHANNELS_FILE.read_bytes():
+        return f"{name} is a copy of the development channels file shipped in the repository"
+    try:
+        raw = json.loads(content)
+    except ValueError:
+        return f"{name} is not JSON"
+    shipped = _dev_channel_secrets()
+    if isinstance(raw, dict):
+        for channel_id, spec in raw.items():
+            if not isinstance(spec, dict):
+                continue
+            for key in ("secret", "kafka_password", "api_key"):
+                if spec.get(key) is not None and str(spec[key]) in shipped:
+                    return (f"{name}: channel {channel_id!r} uses a {key} shipped in the"
+                            " repository's development channels file")
+    return None
+
+
+def _derived_public(kind: str, private_b64: str) -> str | None:
+    raw = (serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    try:
+        seed = base64.b64decode(private_b64, validate=True)
+        if kind == "ed25519":
+            public = Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes(*raw)
+        else:
+            public = X25519PrivateKey.from_private_bytes(seed).public_key().public_bytes(*raw)
+    except (ValueError, binascii.Error):
+        return None
+    return base64.b64encode(public).decode()
+
+
+def _pair_problem(settings: CardDeskSettings, private: str, public: str, kind: str) -> str | None:
+    derived = _derived_public(kind, _plain(getattr(settings, private)))
+    if derived is None:
+        return f"{setting_name(private)} is not a base64 {kind} private key"
+    presented = _plain(getattr(settings, public))
+    try:
+        matches = base64.b64decode(presented, validate=True) == base64.b64decode(derived)
+    except (ValueError, binascii.Error):
+        matches = False
+    if not matches:
+        return f"{setting_name(public)} is not the public key of {setting_name(private)}"
+    return None
+
+
+def configuration_problems(settings: CardDeskSettings, uses: Collection[str], *,
+                           shipped_in_use: Iterable[str] = ()) -> list[str]:
+    """Every reason this process must not start. `uses` are the secret settings it reads;
+    `shipped_in_use` names further settings (a service's own) that the caller found holding
+    a value the repository ships, refused in production like the shared ones."""
+    problems: list[str] = []
+    if SESSION_SIGNING_KEY in uses:
+        problem = _pair_problem(settings, SESSION_SIGNING_KEY, SESSION_PUBLIC_KEY, "ed25519")
+        problems += [problem] if problem else []
+    if SEALING_KEY in uses:
+        problem = _pair_problem(settings, SEALING_KEY, SEALING_PUBLIC_KEY, "x25519")
+        problems += [problem] if problem else []
+    if settings.env != "production":
+        return problems
+    for field in SECRET_SETTINGS:
+        if field in uses and _plain(getattr(settings, field)) == shipped_value(field):
+            problems.append(f"{setting_name(field)} is the development value shipped in the"
+                            " repository")
+    retired = settings.retired_master_keys_b64().values()
+    if MASTER_KEY in uses and shipped_value(MASTER_KEY) in retired:
+        problems.append("CARDDESK_RETIRED_MASTER_KEYS holds the development master key shipped"
+                        " in the repository")
+    problems += [f"{name} holds the development value shipped in the repository"
+                 for name in shipped_in_use]
+    channels = _channels_file_problem(settings.channels_file)
+    if channels is not None:
+        problems.append(channels)
+    return problems
+
+
+def refuse_unsafe_configuration(settings: CardDeskSettings, uses: Collection[str], *,
+                                shipped_in_use: Iterable[str] = ()) -> None:
+    """Raise `UnsafeConfigurationError` naming every offending setting, if any."""
+    problems = configuration_problems(settings, uses, shipped_in_use=shipped_in_use)
+    if problems:
+        raise UnsafeConfigurationError(
+            f"refusing to start (CARDDESK_ENV={settings.env}): " + "; ".join(problems)
+            + ". Generate production keys with `cardctl keys generate` (SECURITY.md).")
+
+
+def exit_refused(error: UnsafeConfigurationError) -> NoReturn:
+    """How a process entry point reports a refusal: one line on stderr, exit status 78
+    (EX_CONFIG), so a supervisor does not mistake it for a crash worth retrying at once."""
+    print(f"carddesk: {error}", file=sys.stderr)
+    raise SystemExit(78)
