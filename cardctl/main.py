@@ -14,6 +14,7 @@ from rich.table import Table
 from cardctl import operations
 from cardctl.audit import audit_app
 from cardctl.erase import erase_command
+from cardctl.keys import keys_app
 from cardctl.projections import projections_app
 from cardctl.stack import Stack, StackError, ensure_topics, run_sync
 from services.status.settings import StatusSettings
@@ -211,6 +212,7 @@ app.add_typer(audit_app, name="audit")
 
 
 app.add_typer(projections_app, name="projections")
+app.add_typer(keys_app, name="keys")
 
 if __name__ == "__main__":
     app()

@@ -26,6 +26,7 @@ from services.status.asyncapi import asyncapi_html, asyncapi_json
 from services.status.callers import ApiKeys, Caller, RateLimiter
 from services.status.settings import StatusSettings
 from shared.channels import ChannelRegistry
+from shared.contracts.common import CITIZEN_REF_PATTERN
 
 log = structlog.get_logger()
 
@@ -33,7 +34,7 @@ Lifespan = Callable[[Starlette], AbstractAsyncContextManager[None]]
 Endpoint = Callable[[Request, Caller, str], Awaitable[Response]]
 
 # A citizen_ref is HMAC-SHA256 in lower-case hex (shared/identity.py).
-CITIZEN_REF = re.compile(r"[0-9a-f]{64}")
+CITIZEN_REF = re.compile(CITIZEN_REF_PATTERN)
 
 
 class QueryBackend:
