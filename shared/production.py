@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import sys
 from collections.abc import Collection, Iterable
@@ -51,11 +52,42 @@ def shipped_value(field: str) -> str:
     return _plain(default)
 
 
-def _dev_channel_secrets() -> frozenset[str]:
-    raw = json.loads(DEV_CHANNELS_FILE.read_text(encoding="utf-8"))
-    return frozenset(
-        str(spec[name]) for spec in raw.values()
-        for name in ("secret", "kafka_password", "api_key") if spec.get(name))
+# SHA-256 of every secret, Kafka password and API key in config/channels.dev.json, so that an
+# installed image (which carries no copy of that file) still recognises them; a unit test keeps
+# this list in step with the file.
+SHIPPED_CHANNEL_SECRET_DIGESTS = frozenset({
+    "23b75b89e80e386fe2dbe2071af4cba0dd9389b530a2fdf4af3190d00f82118a",
+    "2713cfd10b54683cf947b2654e771600765b198847118e8c158b459cc1487d3a",
+    "2e3c637f7e7e34b0cd52087539bd18be552bf1fcf5e4cdae895c97cffdfb220b",
+    "3a8c0ab7a27b92cd0e4def661d813199daf88644010b760d4f14685be614cfdd",
+    "5a0b9c69ea97818e95c560f0116926c013c30ce437c8066700db387bfe3c5c5c",
+    "6b55ec2620f3d1f916ca30b5fc0699aff5374610f51a1a06f77792c31243ba2a",
+    "7874e1830b19336214f2a6ea5f0707ea0987a802ef15882e525c2b355bb381b5",
+    "9c41718312f02407d9acf52e3799bf84cd2179cba5131e7c705e65c97362c841",
+    "d185a996715099ae7b0ba336a8da70978f54a1b40e23cd6804ba4d81ad8489b2",
+})
+
+
+def _digest(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def channel_secret_values(raw: object) -> dict[str, str]:
+    """`"<channel> <field>"` → value, for every secret, Kafka password and API key."""
+    if not isinstance(raw, dict):
+        return {}
+    return {f"{channel_id} {name}": str(spec[name])
+            for channel_id, spec in raw.items() if isinstance(spec, dict)
+            for name in ("secret", "kafka_password", "api_key") if spec.get(name) is not None}
+
+
+def _dev_channel_digests() -> frozenset[str]:
+    try:
+        raw = json.loads(DEV_CHANNELS_FILE.read_text(encoding="utf-8"))
+    except OSError:  # an installed image ships no development channels file
+        return SHIPPED_CHANNEL_SECRET_DIGESTS
+    return SHIPPED_CHANNEL_SECRET_DIGESTS | {
+        _digest(v) for v in channel_secret_values(raw).values()}
 
 
 def _channels_file_problem(path: Path) -> str | None:
@@ -66,21 +98,16 @@ def _channels_file_problem(path: Path) -> str | None:
         content = path.read_bytes()
     except OSError as error:
         return f"{name} cannot be read: {error.strerror}"
-    if content == DEV_CHANNELS_FILE.read_bytes():
-        return f"{name} is a copy of the development channels file shipped in the repository"
     try:
         raw = json.loads(content)
     except ValueError:
         return f"{name} is not JSON"
-    shipped = _dev_channel_secrets()
-    if isinstance(raw, dict):
-        for channel_id, spec in raw.items():
-            if not isinstance(spec, dict):
-                continue
-            for key in ("secret", "kafka_password", "api_key"):
-                if spec.get(key) is not None and str(spec[key]) in shipped:
-                    return (f"{name}: channel {channel_id!r} uses a {key} shipped in the"
-                            " repository's development channels file")
+    shipped = _dev_channel_digests()
+    for where, value in channel_secret_values(raw).items():
+        if _digest(value) in shipped:
+            channel_id, field = where.rsplit(" ", 1)
+            return (f"{name}: channel {channel_id!r} uses a {field} shipped in the"
+                    " repository's development channels file")
     return None
 
 

@@ -3,6 +3,7 @@ and a key pair that does not belong together is refused in every environment."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cardctl.keys import generate_key_set
 from services.auth.main import SECRETS as AUTH_SECRETS
@@ -24,7 +26,9 @@ from shared.production import (
     SECRET_SETTINGS,
     SESSION_PUBLIC_KEY,
     SESSION_SIGNING_KEY,
+    SHIPPED_CHANNEL_SECRET_DIGESTS,
     UnsafeConfigurationError,
+    channel_secret_values,
     configuration_problems,
     setting_name,
     shipped_value,
@@ -168,3 +172,31 @@ def test_every_service_process_refuses_to_start_on_the_shipped_defaults(service:
     if service != "status":
         assert "CARDDESK_MASTER_KEY" in result.stderr
     assert shipped_value("master_key") not in result.stderr + result.stdout
+
+
+def test_the_shipped_channel_secret_digests_cover_the_development_channels_file() -> None:
+    values = channel_secret_values(json.loads(DEV_CHANNELS_FILE.read_text(encoding="utf-8")))
+    missing = {where for where, value in values.items()
+               if hashlib.sha256(value.encode()).hexdigest() not in SHIPPED_CHANNEL_SECRET_DIGESTS}
+    assert missing == set(), "update SHIPPED_CHANNEL_SECRET_DIGESTS in shared/production.py"
+
+
+def test_an_installed_image_without_the_dev_file_still_recognises_its_secrets(
+        production: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    reused = _copy_reusing_one_secret(tmp_path)
+    monkeypatch.setattr("shared.production.DEV_CHANNELS_FILE", tmp_path / "absent.json")
+    monkeypatch.setenv("CARDDESK_CHANNELS_FILE", str(reused))
+    problems = configuration_problems(AuthSettings(), AUTH_SECRETS)
+    assert problems == ["CARDDESK_CHANNELS_FILE: channel 'wechat-oa' uses a api_key shipped in"
+                        " the repository's development channels file"]
+
+
+def test_neither_the_image_nor_compose_uses_the_development_channels_file() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    assert "channels.dev.json" not in dockerfile
+    assert "COPY config" not in dockerfile
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text(encoding="utf-8"))
+    channels_file = compose["x-carddesk-env"]["CARDDESK_CHANNELS_FILE"]
+    assert "channels.dev.json" not in channels_file
+    assert "channels.dev.json" not in compose["secrets"]["channels"]["file"]
+    assert compose["x-carddesk-env"]["CARDDESK_ENV"] == "${CARDDESK_ENV:-production}"
