@@ -200,3 +200,15 @@ def test_neither_the_image_nor_compose_uses_the_development_channels_file() -> N
     assert "channels.dev.json" not in channels_file
     assert "channels.dev.json" not in compose["secrets"]["channels"]["file"]
     assert compose["x-carddesk-env"]["CARDDESK_ENV"] == "${CARDDESK_ENV:-production}"
+
+
+def test_the_status_process_refuses_a_missing_channels_file_with_a_clear_message(
+        tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CARDDESK_")}
+    env |= {"CARDDESK_ENV": "production",
+            "CARDDESK_CHANNELS_FILE": str(tmp_path / "absent.json")}
+    result = subprocess.run([sys.executable, "-m", "services.status.main"], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 78, result.stderr[-2000:]
+    assert "CARDDESK_CHANNELS_FILE cannot be read" in result.stderr
+    assert "Traceback" not in result.stderr
