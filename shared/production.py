@@ -156,6 +156,13 @@ def configuration_problems(settings: CardDeskSettings, uses: Collection[str], *,
         if field in uses and _plain(getattr(settings, field)) == shipped_value(field):
             problems.append(f"{setting_name(field)} is the development value shipped in the"
                             " repository")
+    # CARDDESK_SESSION_PUBLIC_KEYS (key id -> public key, for token rotation) may not hold
+    # the shipped public key either; read defensively, the setting belongs to the tokens.
+    verifying = getattr(settings, "session_public_keys", None)
+    if SESSION_PUBLIC_KEY in uses and isinstance(verifying, dict) and any(
+            _plain(key) == shipped_value(SESSION_PUBLIC_KEY) for key in verifying.values()):
+        problems.append("CARDDESK_SESSION_PUBLIC_KEYS holds the development session public key"
+                        " shipped in the repository")
     retired = settings.retired_master_keys_b64().values()
     if MASTER_KEY in uses and shipped_value(MASTER_KEY) in retired:
         problems.append("CARDDESK_RETIRED_MASTER_KEYS holds the development master key shipped"

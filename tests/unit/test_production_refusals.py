@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import Field
 
 from cardctl.keys import generate_key_set
 from services.auth.main import SECRETS as AUTH_SECRETS
@@ -212,3 +213,19 @@ def test_the_status_process_refuses_a_missing_channels_file_with_a_clear_message
     assert result.returncode == 78, result.stderr[-2000:]
     assert "CARDDESK_CHANNELS_FILE cannot be read" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+class WithSessionKeys(AuthSettings):
+    """As the settings will be once tokens carry key ids (the intake's setting)."""
+
+    session_public_keys: dict[str, str] = Field(default_factory=dict)
+
+
+def test_the_session_public_keys_may_not_hold_the_shipped_one(
+        production: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARDDESK_SESSION_PUBLIC_KEYS",
+                       json.dumps({"dev": shipped_value(SESSION_PUBLIC_KEY)}))
+    problems = configuration_problems(WithSessionKeys(), AUTH_SECRETS)
+    assert any(p.startswith("CARDDESK_SESSION_PUBLIC_KEYS holds") for p in problems)
+    monkeypatch.setenv("CARDDESK_SESSION_PUBLIC_KEYS", production["CARDDESK_SESSION_PUBLIC_KEYS"])
+    assert configuration_problems(WithSessionKeys(), AUTH_SECRETS) == []
