@@ -118,11 +118,23 @@ class Journey:
             await self.approve(s)
         await self.collect(s)
 
-    async def card(self, citizen_ref: str) -> dict[str, Any] | None:
+    async def _query(self, path: str, *, attempts: int = 5) -> httpx.Response:
+        """GET from the status API; past the caller's rate limit (429), wait as the API asks
+        (at most 2 s a time) and try again, a bounded number of times."""
         assert self.status_url, "no status API configured"
         async with httpx.AsyncClient(base_url=self.status_url, timeout=5.0,
                                      headers=self.api_headers) as client:
-            response = await client.get(f"/v1/citizens/{citizen_ref}/card")
+            for _ in range(attempts - 1):
+                response = await client.get(path)
+                if response.status_code != 429:
+                    return response
+                wait = response.headers.get("retry-after", "1")
+                await asyncio.sleep(min(2.0, float(wait)) if wait.isdigit() else 1.0)
+            return await client.get(path)
+
+    async def card(self, citizen_ref: str) -> dict[str, Any] | None:
+        assert self.status_url, "no status API configured"
+        response = await self._query(f"/v1/citizens/{citizen_ref}/card")
         if response.status_code == 404:
             return None
         response.raise_for_status()
@@ -130,9 +142,7 @@ class Journey:
 
     async def timeline(self, citizen_ref: str) -> list[dict[str, Any]]:
         assert self.status_url, "no status API configured"
-        async with httpx.AsyncClient(base_url=self.status_url, timeout=5.0,
-                                     headers=self.api_headers) as client:
-            response = await client.get(f"/v1/citizens/{citizen_ref}/timeline")
+        response = await self._query(f"/v1/citizens/{citizen_ref}/timeline")
         response.raise_for_status()
         return response.json()["entries"]  # type: ignore[no-any-return]
 
