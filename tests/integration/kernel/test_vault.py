@@ -7,7 +7,9 @@ import base64
 
 import asyncpg
 import pytest
+from pydantic import SecretStr
 
+from cardctl.keys import rewrap_all
 from shared.crypto import (
     DataKeyDestroyedError,
     MasterKeys,
@@ -98,3 +100,23 @@ async def test_data_keys_written_before_key_ids_existed_still_open(
         with pytest.raises(UnknownMasterKeyError):
             await Vault(schema, MasterKeys("mk-other", _key(4), {})).decrypt(
                 conn, "citizen-1", sealed)
+
+
+async def test_cardctl_keys_rewrap_moves_every_schemas_data_keys_to_the_current_key(
+    pool: asyncpg.Pool, schema: str, settings: CardDeskSettings,
+) -> None:
+    await pool.execute(data_keys_ddl(schema))
+    async with pool.acquire() as conn:
+        sealed = [await Vault(schema, OLD).encrypt(conn, f"citizen-{i}", f"v{i}")
+                  for i in range(5)]
+    rotated = settings.model_copy(update={
+        "master_key": SecretStr(_key(2)), "master_key_id": "mk-new",
+        "retired_master_keys": {"mk-old": SecretStr(_key(1))}})
+
+    assert await rewrap_all(rotated, [schema], batch=2) == {schema: 5}
+    assert await rewrap_all(rotated, [schema], batch=2) == {schema: 0}
+    async with pool.acquire() as conn:
+        assert set((await _wrapping_ids(conn, schema)).values()) == {"mk-new"}
+        only_new = Vault(schema, MasterKeys("mk-new", _key(2), {}))
+        assert [await only_new.decrypt(conn, f"citizen-{i}", s)
+                for i, s in enumerate(sealed)] == [f"v{i}" for i in range(5)]
