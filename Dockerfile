@@ -11,10 +11,11 @@ COPY pyproject.toml ./
 COPY shared ./shared
 COPY services ./services
 COPY cardctl ./cardctl
-COPY config ./config
 RUN pip install . \
     && useradd --system --uid 10001 --no-create-home carddesk
 
 USER carddesk
-ENV CARDDESK_CHANNELS_FILE=/app/config/channels.dev.json
+# No channels file and no secrets are baked in: production (the default) refuses to start
+# until CARDDESK_CHANNELS_FILE and the keys of `cardctl keys generate` are given (SECURITY.md).
+ENV CARDDESK_ENV=production
 CMD ["python", "-m", "cardctl.main", "--help"]

@@ -42,6 +42,9 @@ BENCH_ENVIRONMENT = {
     "CARDDESK_REVIEW_AUTO_APPROVE": "true",
     "CARDDESK_ISSUANCE_PRODUCTION_SECONDS": "0",
     "CARDDESK_LOG_LEVEL": "WARNING",
+    # The load driver is one caller polling for many citizens: lift its per-caller limit.
+    "CARDDESK_API_RATE_LIMIT_PER_SECOND": "100000",
+    "CARDDESK_API_RATE_LIMIT_BURST": "100000",
 }
 
 
@@ -153,7 +156,7 @@ async def paced(journey: Journey, meter: Meter, sessions: list[Session], rate: f
     idle: asyncio.Queue[Session] = asyncio.Queue()
     for session in sessions:
         idle.put_nowait(session)
-    client = httpx.AsyncClient(base_url=status, timeout=10.0)
+    client = httpx.AsyncClient(base_url=status, timeout=10.0, headers=journey.api_headers)
 
     async def visible_after(session: Session, sent: float) -> None:
         while True:

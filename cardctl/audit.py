@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from services.status.adapters import fetch_card, fetch_timeline
 from services.status.projection import CardStatusRow, project
 from services.status.settings import StatusSettings
-from services.status.timeline import TimelineEntry, timeline_entry
+from services.status.timeline import ListedEntry, TimelineEntry, listed_timeline, timeline_entry
 from shared.consumer import Inbound, Rejected, parse_event
 from shared.contracts import EVENT_TOPICS, KNOWN_EVENT_TYPES
 from shared.envelope import StreamCursor
@@ -331,13 +331,14 @@ def _instant(value: Any) -> Any:
     return datetime.fromisoformat(value).astimezone(UTC) if isinstance(value, str) else value
 
 
-def timeline_rows(entries: Iterable[TimelineEntry]) -> list[dict[str, Any]]:
-    """Entries as the query API lists them (`fetch_timeline`): numbered, in
-    `(occurred_at, stream_id, version)` order."""
+def timeline_rows(entries: Iterable[TimelineEntry], *, erased: bool = False,
+                  ) -> list[dict[str, Any]]:
+    """Entries as the query API lists them (`fetch_timeline`, through the same
+    `listed_timeline`): in `(occurred_at, stream_id, version)` order, numbered, and with an
+    erased citizen's personal-data lines replaced as the live listing replaces them."""
     ordered = sorted(entries, key=lambda e: (e.occurred_at, e.stream_id, e.version))
-    return [{"seq": seq, "event_id": e.event_id, "type": e.type,
-             "occurred_at": e.occurred_at.astimezone(UTC).isoformat(),
-             "description": e.description} for seq, e in enumerate(ordered, start=1)]
+    return listed_timeline((ListedEntry(e.event_id, e.type, e.occurred_at, e.description)
+                            for e in ordered), erased=erased)
 
 
 _INSTANT_FIELDS = frozenset({"updated_at", "loss_expires_at", "occurred_at"})
@@ -379,7 +380,8 @@ def compare_citizen(ref: str, replayed: CitizenState | None, live_card: Mapping[
         for name, value in log_card.items():
             if not _same(name, value, live_card.get(name)):
                 differences.append(Difference(ref, name, value, live_card.get(name)))
-    log_timeline = timeline_rows(replayed.entries) if replayed else []
+    log_timeline = (timeline_rows(replayed.entries, erased=replayed.row.sub_states.erased)
+                    if replayed else [])
     if len(log_timeline) != len(live_timeline):
         differences.append(Difference(ref, "timeline.entries", len(log_timeline),
                                       len(live_timeline)))

@@ -14,6 +14,7 @@ import httpx
 
 from cardctl.channel import ChannelSimulator, pick_channel
 from cardctl.citizens import SyntheticCitizen
+from services.status.settings import StatusSettings
 from shared.tokens import session_id_of
 
 # Refusals that only mean another service's view has not caught up with an event yet.
@@ -43,7 +44,8 @@ class Journey:
     def __init__(self, sim: ChannelSimulator, status_url: str | None = None,
                  *, retry_for_s: float = 60.0,
                  also_retry: dict[str, frozenset[str]] | None = None,
-                 citizen_channel: str | None = None, bureau_channel: str | None = None) -> None:
+                 citizen_channel: str | None = None, bureau_channel: str | None = None,
+                 api_key: str | None = None) -> None:
         self.sim = sim
         # The citizen's steps come from one channel, the bureau's from another: by default
         # the first of each kind in the channels file.
@@ -51,6 +53,8 @@ class Journey:
                                             bureau=False).channel_id
         self.bureau_channel = pick_channel(sim.channels, bureau_channel, bureau=True).channel_id
         self.status_url = status_url
+        # The query API's bearer key (default: CARDDESK_QUERY_API_KEY, else the auditor's).
+        self.api_headers = {"Authorization": f"Bearer {api_key or StatusSettings().caller_key()}"}
         self.retry_for_s = retry_for_s
         self.retry_codes = {command: NOT_YET.get(command, frozenset())
                             | (also_retry or {}).get(command, frozenset())
@@ -118,10 +122,23 @@ class Journey:
             await self.approve(s)
         await self.collect(s)
 
+    async def _query(self, path: str, *, attempts: int = 5) -> httpx.Response:
+        """GET from the status API; past the caller's rate limit (429), wait as the API asks
+        (at most 2 s a time) and try again, a bounded number of times."""
+        assert self.status_url, "no status API configured"
+        async with httpx.AsyncClient(base_url=self.status_url, timeout=5.0,
+                                     headers=self.api_headers) as client:
+            for _ in range(attempts - 1):
+                response = await client.get(path)
+                if response.status_code != 429:
+                    return response
+                wait = response.headers.get("retry-after", "1")
+                await asyncio.sleep(min(2.0, float(wait)) if wait.isdigit() else 1.0)
+            return await client.get(path)
+
     async def card(self, citizen_ref: str) -> dict[str, Any] | None:
         assert self.status_url, "no status API configured"
-        async with httpx.AsyncClient(base_url=self.status_url, timeout=5.0) as client:
-            response = await client.get(f"/v1/citizens/{citizen_ref}/card")
+        response = await self._query(f"/v1/citizens/{citizen_ref}/card")
         if response.status_code == 404:
             return None
         response.raise_for_status()
@@ -129,8 +146,7 @@ class Journey:
 
     async def timeline(self, citizen_ref: str) -> list[dict[str, Any]]:
         assert self.status_url, "no status API configured"
-        async with httpx.AsyncClient(base_url=self.status_url, timeout=5.0) as client:
-            response = await client.get(f"/v1/citizens/{citizen_ref}/timeline")
+        response = await self._query(f"/v1/citizens/{citizen_ref}/timeline")
         response.raise_for_status()
         return response.json()["entries"]  # type: ignore[no-any-return]
 

@@ -15,8 +15,10 @@ from cardctl import operations
 from cardctl.audit import audit_app
 from cardctl.channel import ChannelChoiceError, pick_channel
 from cardctl.erase import erase_command
+from cardctl.keys import keys_app
 from cardctl.projections import projections_app
 from cardctl.stack import Stack, StackError, contract_topics, ensure_topics, run_sync
+from services.status.settings import StatusSettings
 from shared.channels import ChannelRegistry
 from shared.identity import citizen_ref, is_valid_id_number
 from shared.masking import mask_card_no, mask_id_number, mask_name
@@ -174,12 +176,18 @@ def _resolve_ref(citizen: str, settings: CardDeskSettings) -> str:
 
 def _get(settings: CardDeskSettings, path: str) -> dict[str, Any] | None:
     try:
-        response = httpx.get(f"{operations.status_url(settings)}{path}", timeout=10.0)
+        response = httpx.get(f"{operations.status_url(settings)}{path}", timeout=10.0,
+                             headers={"Authorization": f"Bearer {StatusSettings().caller_key()}"})
     except httpx.HTTPError as error:
         console.print(f"[red]the status API does not answer:[/] {error}")
         raise typer.Exit(1) from error
     if response.status_code == 404:
         return None
+    if response.status_code in (400, 401, 429):
+        console.print(f"[red]the status API refused ({response.status_code}):[/] "
+                      f"{response.json().get('message', '')}"
+                      + (" (set CARDDESK_QUERY_API_KEY)" if response.status_code == 401 else ""))
+        raise typer.Exit(1)
     response.raise_for_status()
     return response.json()  # type: ignore[no-any-return]
 
@@ -228,6 +236,7 @@ app.add_typer(audit_app, name="audit")
 
 
 app.add_typer(projections_app, name="projections")
+app.add_typer(keys_app, name="keys")
 
 if __name__ == "__main__":
     app()

@@ -470,7 +470,8 @@ class Stack:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=spec.cwd,
-                env={**os.environ, **spec.env},
+                # The local stack runs in development unless the operator says otherwise.
+                env={"CARDDESK_ENV": "development", **os.environ, **spec.env},
                 user=spec.user,
                 group=self._group_of(spec.user),
                 extra_groups=[] if spec.user else None,

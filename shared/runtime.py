@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -25,6 +25,7 @@ from shared.consumer import DeadLetters, Inbound
 from shared.eventstore import migrate
 from shared.logging import configure_logging
 from shared.outbox import OutboxRelay, make_producer
+from shared.production import UnsafeConfigurationError, exit_refused, refuse_unsafe_configuration
 from shared.settings import CardDeskSettings
 
 log = structlog.get_logger()
@@ -35,11 +36,17 @@ MessageHandler = Callable[[Inbound], Awaitable[None]]
 class ServiceRuntime:
     """One service process: its schema, its broker, its relay and its background tasks."""
 
-    def __init__(self, name: str, settings: CardDeskSettings, *, extra_ddl: str = "") -> None:
+    def __init__(self, name: str, settings: CardDeskSettings, *, extra_ddl: str = "",
+                 secrets: Collection[str] = (), shipped_in_use: Iterable[str] = ()) -> None:
+        """`secrets` names the secret settings the service reads (`shared.production`), so
+        that start-up refuses development values of exactly those in production;
+        `shipped_in_use` names its own settings found holding a shipped value."""
         self.name = name
         self.schema = name
         self.settings = settings
         self.extra_ddl = extra_ddl
+        self.secrets = frozenset(secrets)
+        self.shipped_in_use = tuple(shipped_in_use)
         self.broker = KafkaBroker(settings.kafka_bootstrap, client_id=f"carddesk-{name}")
         self._pool: asyncpg.Pool | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -128,7 +135,13 @@ class ServiceRuntime:
 
             await asyncio.gather(*(in_order(rs) for rs in by_partition.values()))
 
+    def check_configuration(self) -> None:
+        """Refuse development secrets in production and key pairs that do not match."""
+        refuse_unsafe_configuration(self.settings, self.secrets,
+                                    shipped_in_use=self.shipped_in_use)
+
     async def start(self) -> None:
+        self.check_configuration()
         self._pool = await asyncpg.create_pool(self.settings.database_url, min_size=2,
                                                max_size=10, reset=keep_session)
         await migrate(self._pool, self.schema, self.extra_ddl)
@@ -223,6 +236,10 @@ async def supervise(name: str, loop: Callable[[], Awaitable[Any]]) -> None:
 def run_service(runtime: ServiceRuntime, default_health_port: int) -> None:
     """Entry point body of `python -m services.<name>.main`."""
     settings = runtime.settings
+    try:
+        runtime.check_configuration()
+    except UnsafeConfigurationError as error:
+        exit_refused(error)
     port = settings.health_port or default_health_port
     app = runtime.app()
     uvloop.run(app.run(run_extra_options={"host": settings.http_host, "port": port}))

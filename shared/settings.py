@@ -35,6 +35,11 @@ class CardDeskSettings(BaseSettings):
     citizen_ref_pepper: SecretStr = SecretStr("carddesk-dev-pepper-change-me")
     # base64 of 32 bytes: wraps the per-citizen data keys (AES-256-GCM).
     master_key: SecretStr = SecretStr("Y2FyZGRlc2stZGV2LW1hc3Rlci1rZXktMzItYnl0ZXM=")
+    # The current master key's id, recorded with every data key it wraps; rotation keeps the
+    # previous keys in `retired_master_keys` (JSON {"id": "base64 key"}), which still unwrap
+    # the data keys they wrapped but wrap nothing new.
+    master_key_id: str = Field(default="dev", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    retired_master_keys: dict[str, SecretStr] = Field(default_factory=dict)
     # Ed25519, base64 raw: only auth holds the private seed; every service has the public key.
     session_signing_key: SecretStr = SecretStr("kFePrAOdaWJbcyBJV6pDodw4NqVIYNuzzX+77ioPv1U=")
     session_public_key: str = "+xNIdtO9G3+tXicUQYJI2LTaAxlGTYyLu2bGe/fr8Hc="
@@ -79,6 +84,10 @@ class CardDeskSettings(BaseSettings):
         if self.require_sealed_fields is not None:
             return self.require_sealed_fields
         return self.env == "production"
+
+    def retired_master_keys_b64(self) -> dict[str, str]:
+        return {key_id: key.get_secret_value()
+                for key_id, key in self.retired_master_keys.items()}
 
     def event_topic(self, service: str) -> str:
         return f"{service}.events"

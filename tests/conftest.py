@@ -7,9 +7,14 @@ them with `cardctl.stack` and stops at the end exactly what it started.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
+
+# The tests run in development (development secrets, the dev channels file), whatever the
+# shell says; the services they start as processes inherit it.
+os.environ["CARDDESK_ENV"] = "development"
 
 from cardctl.stack import Stack, contract_topics, ensure_topics, run_sync
 from shared.settings import CardDeskSettings

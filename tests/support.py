@@ -106,7 +106,10 @@ async def isolated_status_service(
         # The Starlette lifespan starts the runtime and the broker, as uvicorn would.
         async with service.app.router.lifespan_context(service.app):
             transport = httpx.ASGITransport(app=service.app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://status") as http:
+            # Every request authenticates as the auditor; tests of the keys pass their own.
+            async with httpx.AsyncClient(
+                    transport=transport, base_url="http://status",
+                    headers={"Authorization": f"Bearer {status_settings.caller_key()}"}) as http:
                 yield service, http, producer
     finally:
         await producer.stop()

@@ -17,7 +17,7 @@ import asyncpg
 
 from services.auth.domain import CaptchaRecord, LoginFailures, require_valid_id_number
 from services.auth.settings import AuthSettings
-from shared.crypto import Vault, data_keys_ddl
+from shared.crypto import MasterKeys, Vault, data_keys_ddl
 from shared.identity import citizen_ref, name_digest, normalise_name
 
 SCHEMA = "auth"
@@ -269,7 +269,7 @@ def _template(raw: str) -> list[float]:
 def postgres_registry(conn: asyncpg.Connection, settings: AuthSettings) -> PostgresRegistry:
     return PostgresRegistry(
         conn,
-        Vault(SCHEMA, settings.master_key.get_secret_value()),
+        Vault(SCHEMA, MasterKeys.from_settings(settings)),
         settings.citizen_ref_pepper.get_secret_value(),
     )
 

@@ -35,7 +35,7 @@ from shared.contracts.auth import (
     VerifyPortrait,
 )
 from shared.contracts.upcasters import UPCASTERS
-from shared.crypto import DataKeyDestroyedError, Vault
+from shared.crypto import DataKeyDestroyedError, MasterKeys, Vault
 from shared.envelope import EventEnvelope
 from shared.erasure import ErasableStreams
 from shared.errors import DomainError, SubjectErasedError
@@ -106,7 +106,7 @@ class AuthHandlers:
         self.login_policy = login_policy(settings)
         self.login_failures = LoginFailureLog()
         self.erasure = ErasableStreams(
-            vault=Vault(SCHEMA, settings.master_key.get_secret_value()),
+            vault=Vault(SCHEMA, MasterKeys.from_settings(settings)),
             store_for=self.store_for, stream_id=stream_id, decode=decode_recorded,
             initial=domain.INITIAL, evolve=domain.evolve, is_erased=domain.is_erased,
         )

@@ -25,12 +25,22 @@ from shared.contracts.auth import (
     VerifyPortrait,
 )
 from shared.erasure import erase_route
+from shared.production import (
+    MASTER_KEY,
+    PEPPER,
+    SEALING_KEY,
+    SESSION_PUBLIC_KEY,
+    SESSION_SIGNING_KEY,
+)
 from shared.runtime import MessageHandler, ServiceRuntime, run_service
 
 log = structlog.get_logger()
 
 COMMANDS_TOPIC = "auth.commands"
 
+
+# The secret settings this service reads; production refuses their shipped values.
+SECRETS = (PEPPER, MASTER_KEY, SESSION_SIGNING_KEY, SESSION_PUBLIC_KEY, SEALING_KEY)
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
@@ -54,7 +64,7 @@ def routes(handlers: AuthHandlers) -> dict[str, CommandRoute]:
 def build(settings: AuthSettings | None = None) -> ServiceRuntime:
     """The auth service, unstarted: `run_service` runs it, tests start it in-process."""
     settings = settings or AuthSettings()
-    runtime = ServiceRuntime(SCHEMA, settings, extra_ddl=AUTH_DDL)
+    runtime = ServiceRuntime(SCHEMA, settings, extra_ddl=AUTH_DDL, secrets=SECRETS)
     wiring: dict[str, CommandIntake] = {}
 
     async def wire() -> None:

@@ -16,10 +16,13 @@ from shared.commands import CommandIntake, CommandRoute
 from shared.consumer import EventConsumer
 from shared.contracts import KNOWN_EVENT_TYPES
 from shared.contracts.issuance import CollectCard, ImportCard
-from shared.crypto import Vault
+from shared.crypto import MasterKeys, Vault
 from shared.erasure import erase_route
+from shared.production import MASTER_KEY, PEPPER, SEALING_KEY
 from shared.runtime import ServiceRuntime, run_service
 
+# The secret settings this service reads; production refuses their shipped values.
+SECRETS = (PEPPER, MASTER_KEY, SEALING_KEY)
 
 def clock() -> datetime:
     return datetime.now(UTC)
@@ -43,7 +46,7 @@ class IssuanceService:
         self.barrier = runtime.barrier([settings.issuance_review_events_topic],
                                        group=settings.issuance_consumer_group)
         self.settings = settings
-        vault = Vault(settings.issuance_schema, settings.master_key.get_secret_value())
+        vault = Vault(settings.issuance_schema, MasterKeys.from_settings(settings))
         self.handlers = IssuanceHandlers(settings, vault, clock)
         self._intake: CommandIntake | None = None
         self._review: EventConsumer | None = None
@@ -80,7 +83,7 @@ class IssuanceService:
 
 def build(settings: IssuanceSettings | None = None) -> ServiceRuntime:
     settings = settings or IssuanceSettings()
-    runtime = ServiceRuntime("issuance", settings,
+    runtime = ServiceRuntime("issuance", settings, secrets=SECRETS,
                              extra_ddl=adapters.ddl(settings.issuance_schema))
     runtime.schema = settings.issuance_schema  # "issuance" unless a test isolates itself
     service = IssuanceService(runtime, settings)

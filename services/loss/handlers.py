@@ -39,7 +39,7 @@ from shared.contracts.review import (
     ReviewRejected,
 )
 from shared.contracts.upcasters import UPCASTERS
-from shared.crypto import Vault
+from shared.crypto import MasterKeys, Vault
 from shared.envelope import EventEnvelope
 from shared.erasure import ErasableStreams
 from shared.events import EventDecoder, EventMeta
@@ -75,7 +75,7 @@ class LossHandlers:
         self.applications = Applications(schema)
         self.timers = ExpiryTimers(schema)
         self.erasure = ErasableStreams(
-            vault=Vault(schema, settings.master_key.get_secret_value()),
+            vault=Vault(schema, MasterKeys.from_settings(settings)),
             store_for=lambda conn: PostgresEventStore(conn, schema, events_topic),
             stream_id=domain.stream_id, decode=domain.decode, initial=domain.INITIAL_STATE,
             evolve=domain.evolve, is_erased=domain.is_erased,

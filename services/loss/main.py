@@ -16,6 +16,7 @@ from shared.consumer import EventConsumer
 from shared.contracts import KNOWN_EVENT_TYPES
 from shared.contracts.loss import CancelLoss, ReportLoss
 from shared.erasure import erase_route
+from shared.production import MASTER_KEY, SEALING_KEY, SESSION_PUBLIC_KEY
 from shared.runtime import MessageHandler, ServiceRuntime, run_service
 from shared.topics import command_topic
 
@@ -23,6 +24,9 @@ SERVICE = "loss"
 ISSUANCE_EVENTS = "issuance.events"
 REVIEW_EVENTS = "review.events"
 
+
+# The secret settings this service reads; production refuses their shipped values.
+SECRETS = (MASTER_KEY, SESSION_PUBLIC_KEY, SEALING_KEY)
 
 def now() -> datetime:
     return datetime.now(UTC)
@@ -54,7 +58,7 @@ def build(
 ) -> ServiceRuntime:
     """The loss runtime. Tests pass their own `schema` and `consumer_group` to stay isolated."""
     settings = settings or LossSettings()
-    runtime = ServiceRuntime(SERVICE, settings, extra_ddl=loss_ddl(schema))
+    runtime = ServiceRuntime(SERVICE, settings, extra_ddl=loss_ddl(schema), secrets=SECRETS)
     runtime.schema = schema
     handlers = LossHandlers(settings, schema, runtime.events_topic, now)
     barrier = runtime.barrier([ISSUANCE_EVENTS, REVIEW_EVENTS], group=consumer_group)

@@ -12,8 +12,9 @@ from shared.commands import CommandIntake, CommandRoute
 from shared.consumer import EventConsumer
 from shared.contracts import KNOWN_EVENT_TYPES
 from shared.contracts.review import DecideReview, SubmitReissueApplication
-from shared.crypto import Vault
+from shared.crypto import MasterKeys, Vault
 from shared.erasure import erase_route
+from shared.production import MASTER_KEY, SEALING_KEY, SESSION_PUBLIC_KEY
 from shared.runtime import MessageHandler, ServiceRuntime, run_service
 from shared.tokens import TokenVerifier
 from shared.topics import command_topic
@@ -22,6 +23,9 @@ SERVICE = "review"
 LOSS_CONSUMER = "review.loss-events"
 
 
+# The secret settings this service reads; production refuses their shipped values.
+SECRETS = (MASTER_KEY, SESSION_PUBLIC_KEY, SEALING_KEY)
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -29,7 +33,8 @@ def _now() -> datetime:
 def build(settings: ReviewSettings | None = None, *, group: str | None = None) -> ServiceRuntime:
     """The review service, ready to start; `group` overrides the Kafka consumer group (tests)."""
     settings = settings or ReviewSettings()
-    runtime = ServiceRuntime(SERVICE, settings, extra_ddl=review_ddl(SERVICE))
+    runtime = ServiceRuntime(SERVICE, settings, extra_ddl=review_ddl(SERVICE),
+                             secrets=SECRETS)
     wired: dict[str, MessageHandler] = {}
     barrier = runtime.barrier([settings.event_topic("loss")], group=group)
     intakes: list[CommandIntake] = []
@@ -39,7 +44,7 @@ def build(settings: ReviewSettings | None = None, *, group: str | None = None) -
             schema=runtime.schema,
             events_topic=runtime.events_topic,
             verifier=TokenVerifier.from_settings(settings),
-            vault=Vault(runtime.schema, settings.master_key.get_secret_value()),
+            vault=Vault(runtime.schema, MasterKeys.from_settings(settings)),
             rule=settings.auto_approval_rule(),
         )
         routes = {

@@ -13,7 +13,7 @@ import asyncpg
 from pydantic import ValidationError
 
 from services.status.projection import CardStatusRow, SubStates, project
-from services.status.timeline import TimelineEntry, as_seen_after_erasure, timeline_entry
+from services.status.timeline import ListedEntry, TimelineEntry, listed_timeline, timeline_entry
 from shared.consumer import (
     BatchEventHandler,
     EventHandler,
@@ -178,8 +178,7 @@ async def fetch_timeline(pool: asyncpg.Pool, schema: str, citizen_ref: str) -> l
     """Every entry of one citizen, numbered from 1, in `(occurred_at, stream_id, version)`
     order: events one command appended together share a time and keep their stream order."""
     records = await pool.fetch(
-        "SELECT row_number() OVER (ORDER BY occurred_at, stream_id, version) AS seq,"
-        " event_id, type, occurred_at, description"
+        "SELECT event_id, type, occurred_at, description"
         f" FROM {schema}.card_timeline WHERE citizen_ref = $1"
         " ORDER BY occurred_at, stream_id, version",
         citizen_ref,
@@ -189,14 +188,7 @@ async def fetch_timeline(pool: asyncpg.Pool, schema: str, citizen_ref: str) -> l
         " WHERE citizen_ref = $1",
         citizen_ref,
     )
-    return [
-        {
-            "seq": r["seq"],
-            "event_id": r["event_id"],
-            "type": r["type"],
-            "occurred_at": r["occurred_at"].isoformat(),
-            "description": as_seen_after_erasure(r["type"], r["description"]) if erased
-            else r["description"],
-        }
-        for r in records
-    ]
+    return listed_timeline(
+        (ListedEntry(r["event_id"], r["type"], r["occurred_at"], r["description"])
+         for r in records),
+        erased=bool(erased))

@@ -20,7 +20,13 @@ from services.status.settings import StatusSettings
 from shared.consumer import EventConsumer
 from shared.contracts import KNOWN_EVENT_TYPES
 from shared.logging import configure_logging
+from shared.production import UnsafeConfigurationError, exit_refused, refuse_unsafe_configuration
 from shared.runtime import MessageHandler, ServiceRuntime, supervise
+
+
+def shipped_in_use(settings: StatusSettings) -> list[str]:
+    """The status service reads no shared secret; its own are the auditors' API keys."""
+    return ["CARDDESK_AUDITOR_API_KEYS"] if settings.shipped_auditor_keys() else []
 
 
 class StatusService:
@@ -29,7 +35,8 @@ class StatusService:
     def __init__(self, settings: StatusSettings) -> None:
         self.settings = settings
         schema = settings.status_schema
-        self.runtime = ServiceRuntime("status", settings, extra_ddl=status_ddl(schema))
+        self.runtime = ServiceRuntime("status", settings, extra_ddl=status_ddl(schema),
+                                      shipped_in_use=shipped_in_use(settings))
         # The read models live in their own schema; tests use a throwaway one.
         self.runtime.schema = schema
         self.writer = StatusWriter(schema)
@@ -98,7 +105,12 @@ def build(settings: StatusSettings | None = None) -> StatusService:
 
 
 def main() -> None:
-    service = build()
+    settings = StatusSettings()
+    try:  # before build(), which reads the channels file for the API keys
+        refuse_unsafe_configuration(settings, (), shipped_in_use=shipped_in_use(settings))
+    except UnsafeConfigurationError as error:
+        exit_refused(error)
+    service = build(settings)
     configure_logging("status", service.settings.log_level)
     uvloop.run(service.serve())
 

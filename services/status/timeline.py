@@ -6,10 +6,10 @@ passed through `mask_text`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from datetime import datetime
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import assert_never
+from typing import Any, NamedTuple, assert_never
 
 from pydantic import BaseModel, ConfigDict
 
@@ -132,6 +132,28 @@ ERASED_DESCRIPTIONS: Mapping[str, str] = MappingProxyType({
 def as_seen_after_erasure(event_type: str, stored: str) -> str:
     """The line an erased citizen's timeline shows for an entry."""
     return ERASED_DESCRIPTIONS.get(event_type, stored)
+
+
+class ListedEntry(NamedTuple):
+    """A stored timeline row, as far as the listing shows it."""
+
+    event_id: str
+    type: str
+    occurred_at: datetime
+    description: str
+
+
+def listed_timeline(entries: Iterable[ListedEntry], *, erased: bool) -> list[dict[str, Any]]:
+    """The timeline as the query API shows it and `cardctl audit replay` rebuilds it (one code
+    path, so the two agree): entries already in `(occurred_at, stream_id, version)` order,
+    numbered from 1, and for an erased citizen the lines of `ERASED_DESCRIPTIONS` replaced."""
+    return [
+        {"seq": seq, "event_id": e.event_id, "type": e.type,
+         "occurred_at": e.occurred_at.astimezone(UTC).isoformat(),
+         "description": as_seen_after_erasure(e.type, e.description) if erased
+         else e.description}
+        for seq, e in enumerate(entries, start=1)
+    ]
 
 
 def description(envelope: EventEnvelope, event: StatusEvent | None) -> str:

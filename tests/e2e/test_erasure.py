@@ -1,6 +1,6 @@
 """Erasure end to end: after `cardctl erase`, no service can read the citizen's personal data,
-every hash chain still verifies, the status shows the record closed, and nothing more is
-done for them."""
+every hash chain still verifies, the status shows the record closed (and the auditor's replay
+agrees with it), and nothing more is done for them."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ import asyncpg
 import pytest
 from typer.testing import CliRunner, Result
 
+from cardctl.audit import replay_log
 from cardctl.citizens import SyntheticCitizen
 from cardctl.journey import Journey, Session
 from cardctl.main import app
 from services.status.projection import ERASED
+from services.status.settings import StatusSettings
 from shared.crypto import PREFIX, DataKeyDestroyedError, Vault
 from shared.envelope import EventEnvelope, verify_stream
 from shared.settings import CardDeskSettings
@@ -135,6 +137,13 @@ async def test_an_erased_citizen_is_unreadable_everywhere_yet_every_chain_still_
         assert "erased" in lines["ReissueApplied"]
         assert "erased" in lines["CardCollected"]
         assert "proxy" not in lines["CardCollected"]
+
+        # The auditor's replay of the log lists the erased timeline exactly as the live API.
+        await journey.wait_for_timeline(ref, *["SubjectErased"] * len(SERVICES))
+        status_settings = StatusSettings()
+        report = await replay_log(status_settings.kafka_bootstrap, settings.database_url,
+                                  schema=status_settings.status_schema, citizen=ref)
+        assert report.agreed == [ref], [d.describe() for d in report.differences]
 
         again = await cardctl_erase(ref)
         assert again.exit_code == 0, again.output

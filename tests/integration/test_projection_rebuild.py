@@ -44,7 +44,7 @@ class Citizen:
     """Seals a fresh citizen's events per stream, as the owning services would."""
 
     def __init__(self) -> None:
-        self.ref = f"cr-{uuid.uuid4().hex}"
+        self.ref = uuid.uuid4().hex * 2  # a citizen_ref: 64 lower-case hex
         self.clock = datetime.now(UTC)
         self._last: dict[str, tuple[int, str]] = {}
 

@@ -21,9 +21,15 @@ from cardctl.audit import (
     verify_messages,
 )
 from services.status.projection import project
-from services.status.timeline import timeline_entry
+from services.status.timeline import (
+    ERASED_DESCRIPTIONS,
+    ListedEntry,
+    listed_timeline,
+    timeline_entry,
+)
 from shared.consumer import Inbound
 from shared.contracts import auth, issuance, loss, review
+from shared.contracts.common import SubjectErased
 from shared.envelope import EventEnvelope
 from shared.events import EventMeta, to_pending
 from tests.support import make_events
@@ -321,3 +327,25 @@ def test_timeline_entries_come_in_the_api_order_whatever_order_they_arrived_in()
     assert [r["seq"] for r in rows] == list(range(1, len(rows) + 1))
     keys = [(e.occurred_at, e.stream_id, e.version) for e in entries]
     assert [r["event_id"] for r in rows] == [entries[keys.index(k)].event_id for k in sorted(keys)]
+
+
+def test_the_replay_lists_an_erased_citizens_timeline_as_the_live_api_does() -> None:
+    ref = f"cr-{uuid.uuid4().hex}"
+    records = citizen_streams(ref)
+    last = EventEnvelope.model_validate_json(records[-1].value)
+    [erased] = make_events(f"review-{ref}", ref, [SubjectErased(reason="asked")],
+                           start_version=last.version + 1, prev_hash=last.hash)
+    records.append(Record("review.events", ref.encode(), erased.to_bytes()))
+    [state] = replayed(records).citizens.values()
+
+    # The live API lists the stored (pure) lines and rewrites them for an erased citizen.
+    ordered = sorted(state.entries, key=lambda e: (e.occurred_at, e.stream_id, e.version))
+    live = listed_timeline((ListedEntry(e.event_id, e.type, e.occurred_at, e.description)
+                            for e in ordered), erased=True)
+    assert compare_citizen(ref, state, state.row.public(), live) == []
+    log_lines = {row["type"]: row["description"] for row in timeline_rows(
+        state.entries, erased=state.row.sub_states.erased)}
+    assert log_lines["ReissueApplied"] == ERASED_DESCRIPTIONS["ReissueApplied"]
+    # A listing that left the stored lines as they are would be reported.
+    assert compare_citizen(ref, state, state.row.public(),
+                           timeline_rows(state.entries, erased=False)) != []

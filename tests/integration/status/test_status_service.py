@@ -86,7 +86,7 @@ class Citizen:
     """Seals a fresh citizen's events per stream, as the owning services would."""
 
     def __init__(self) -> None:
-        self.ref = f"cr-{uuid.uuid4().hex}"
+        self.ref = uuid.uuid4().hex * 2  # a citizen_ref: 64 lower-case hex
         self.clock = datetime.now(UTC)
         self._last: dict[str, tuple[int, str]] = {}
 
@@ -197,7 +197,7 @@ async def test_a_tampered_or_unknown_event_is_dead_lettered_and_the_next_one_app
 
 
 async def test_an_unknown_citizen_is_not_found(running: Running) -> None:
-    response = await running.card(f"cr-{uuid.uuid4().hex}")
+    response = await running.card(uuid.uuid4().hex * 2)
     assert response.status_code == 404
     assert response.json()["code"] == "not_found"
 
