@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import Mapping
@@ -14,6 +15,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from shared.channels import ChannelRegistry, sign
 from shared.commands import Reply
+from shared.kafka import as_channel, client_options
 from shared.sealing import FieldSealer
 from shared.settings import CardDeskSettings
 from shared.topics import REPLIES_TOPIC, command_topic
@@ -25,55 +27,99 @@ class CommandRefusedError(Exception):
         self.reply = reply
 
 
+class _Link:
+    """One channel's own Kafka clients: a producer and the reader of its replies, both
+    authenticated as that channel (DESIGN 8: a channel reads only its own reply topic)."""
+
+    def __init__(self, settings: CardDeskSettings, topic: str) -> None:
+        options = client_options(settings)
+        self.topic = topic
+        self.producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap,
+                                         linger_ms=1, **options)
+        self.replies = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
+                                        group_id=None, enable_auto_commit=False, **options)
+        self.reader: asyncio.Task[None] | None = None
+
+    async def start(self, timeout_s: float = 30.0) -> None:
+        await self.producer.start()
+        await self.replies.start()
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        partitions = self.replies.partitions_for_topic(self.topic)
+        while not partitions:
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"reply topic {self.topic} has no partitions")
+            await asyncio.sleep(0.1)
+            await self.replies._client.force_metadata_update()
+            partitions = self.replies.partitions_for_topic(self.topic)
+        assigned = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        self.replies.assign(assigned)
+        await self.replies.seek_to_end(*assigned)
+        for tp in assigned:  # resolve positions now, so no reply sent after this is missed
+            await self.replies.position(tp)
+
+    async def stop(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.reader
+        await self.replies.stop()
+        await self.producer.stop()
+
+
 class ChannelSimulator:
-    """One producer and one `channel.replies` reader shared by every simulated channel."""
+    """Acts as the channels of the channels file: each channel it sends for gets its own
+    producer and reply reader, with that channel's own Kafka credentials."""
 
     @classmethod
     def for_settings(cls, settings: CardDeskSettings) -> Self:
         """A simulator with the configured channels that seals personal fields."""
-        return cls(settings.kafka_bootstrap, ChannelRegistry.from_file(settings.channels_file),
+        return cls(settings, ChannelRegistry.from_file(settings.channels_file),
                    settings.command_sealing_public_key)
 
-    def __init__(self, bootstrap: str, channels: ChannelRegistry,
+    def __init__(self, settings: CardDeskSettings, channels: ChannelRegistry,
                  sealing_public_key: str | None = None) -> None:
-        self.bootstrap = bootstrap
+        self.settings = settings
+        self.bootstrap = settings.kafka_bootstrap
         self.channels = channels
         # With the services' public key, personal fields leave the channel sealed.
         self.sealer = FieldSealer(sealing_public_key) if sealing_public_key else None
-        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=1)
-        self._replies = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
-                                         enable_auto_commit=False)
+        self._links: dict[str, _Link] = {}
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
-        self._reader: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> ChannelSimulator:
-        await self._producer.start()
-        await self._replies.start()
-        partitions = self._replies.partitions_for_topic(REPLIES_TOPIC)
-        while not partitions:
-            await asyncio.sleep(0.1)
-            await self._replies._client.force_metadata_update()
-            partitions = self._replies.partitions_for_topic(REPLIES_TOPIC)
-        assigned = [TopicPartition(REPLIES_TOPIC, p) for p in sorted(partitions)]
-        self._replies.assign(assigned)
-        await self._replies.seek_to_end(*assigned)
-        for tp in assigned:  # resolve positions now, so no reply sent after this is missed
-            await self._replies.position(tp)
-        self._reader = asyncio.create_task(self._read_replies())
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-        await self._replies.stop()
-        await self._producer.stop()
+        links, self._links = list(self._links.values()), {}
+        for link in links:
+            await link.stop()
 
-    async def _read_replies(self) -> None:
+    @staticmethod
+    def reply_topic(channel_id: str) -> str:
+        """Where the services answer `channel_id`."""
+        return REPLIES_TOPIC
+
+    async def _link(self, channel_id: str) -> _Link:
+        """The Kafka clients of `channel_id`; a channel id that is not in the file (a forged
+        message) goes out over the first channel's connection, as a lying channel would."""
+        channel = self.channels.get(channel_id)
+        if channel is None:
+            channel = next(iter(self.channels), None)
+            if channel is None:
+                raise ValueError("the channels file has no channel")
+        if channel.channel_id not in self._links:
+            link = _Link(as_channel(self.settings, channel), self.reply_topic(channel.channel_id))
+            await link.start()
+            link.reader = asyncio.create_task(self._read_replies(link.replies))
+            self._links[channel.channel_id] = link
+        return self._links[channel.channel_id]
+
+    async def _read_replies(self, replies: AIOKafkaConsumer) -> None:
         while True:
-            batch = await self._replies.getmany(timeout_ms=200)
+            batch = await replies.getmany(timeout_ms=200)
             for records in batch.values():
                 for record in records:
                     try:
@@ -102,10 +148,11 @@ class ChannelSimulator:
         channel = self.channels.get(channel_id)
         if signature is None:
             signature = sign(channel.secret, value) if channel else "0" * 64
+        link = await self._link(channel_id)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
         try:
-            await self._producer.send_and_wait(
+            await link.producer.send_and_wait(
                 topic, value, key=key,
                 headers=[("x-channel-id", channel_id.encode()),
                          ("x-signature", signature.encode())],

@@ -17,6 +17,7 @@ from cardctl.erase import erase_command
 from cardctl.projections import projections_app
 from cardctl.stack import Stack, StackError, ensure_topics, run_sync
 from shared.identity import citizen_ref, is_valid_id_number
+from shared.kafka import ADMIN, as_principal
 from shared.masking import mask_card_no, mask_id_number, mask_name
 from shared.settings import CardDeskSettings
 from shared.topics import all_topics
@@ -95,9 +96,9 @@ def stack_status() -> None:
 @topics_app.command("create")
 def topics_create() -> None:
     """Create the missing topics on CARDDESK_KAFKA_BOOTSTRAP (used by docker compose)."""
-    settings = CardDeskSettings()
+    settings = as_principal(CardDeskSettings(), ADMIN)
     topics = all_topics(settings.partitions)
-    created = run_sync(lambda: ensure_topics(settings.kafka_bootstrap, topics))
+    created = run_sync(lambda: ensure_topics(settings, topics))
     console.print(f"{len(created)} created, {len(topics) - len(created)} already present")
 
 
