@@ -174,7 +174,7 @@ def salted_password(password: str, salt: bytes, iterations: int = SCRAM_ITERATIO
     return hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
 
 
-class AlterUserScramCredentialsResponse_v0(Response):  # noqa: N801 - Kafka's naming
+class AlterUserScramCredentialsResponse_v0(Response):  # type: ignore[misc]  # noqa: N801
     API_KEY = 51
     API_VERSION = 0
     SCHEMA = Schema(
@@ -186,7 +186,7 @@ class AlterUserScramCredentialsResponse_v0(Response):  # noqa: N801 - Kafka's na
     )
 
 
-class AlterUserScramCredentialsRequest_v0(RequestStruct):  # noqa: N801 - Kafka's naming
+class AlterUserScramCredentialsRequest_v0(RequestStruct):  # type: ignore[misc]  # noqa: N801
     FLEXIBLE_VERSION = True
     API_KEY = 51
     API_VERSION = 0
@@ -202,11 +202,11 @@ class AlterUserScramCredentialsRequest_v0(RequestStruct):  # noqa: N801 - Kafka'
     )
 
 
-class AlterUserScramCredentials(Request[AlterUserScramCredentialsRequest_v0]):
+class AlterUserScramCredentials(Request[AlterUserScramCredentialsRequest_v0]):  # type: ignore[misc]
     API_KEY = 51
 
     def __init__(self, users: Mapping[str, str]) -> None:
-        self._upsertions = []
+        self._upsertions: list[tuple[str, int, int, bytes, bytes, dict[int, bytes]]] = []
         for name, password in sorted(users.items()):
             salt = os.urandom(32)
             self._upsertions.append((name, _SCRAM_SHA_512, SCRAM_ITERATIONS, salt,
@@ -224,7 +224,7 @@ def _acl_row(acl: Acl) -> tuple[int, str, int, str, str, int, int]:
     return (acl.resource, acl.name, acl.pattern, acl.principal, "*", acl.operation, _ALLOW)
 
 
-class CreateAcls(Request[CreateAclsRequest_v1]):
+class CreateAcls(Request[CreateAclsRequest_v1]):  # type: ignore[misc]
     API_KEY = 30
 
     def __init__(self, acls: Sequence[Acl]) -> None:
@@ -234,7 +234,7 @@ class CreateAcls(Request[CreateAclsRequest_v1]):
         return request_struct_class(self._rows)
 
 
-class DeleteAcls(Request[DeleteAclsRequest_v1]):
+class DeleteAcls(Request[DeleteAclsRequest_v1]):  # type: ignore[misc]
     API_KEY = 31
 
     def __init__(self, acls: Sequence[Acl]) -> None:
@@ -244,7 +244,7 @@ class DeleteAcls(Request[DeleteAclsRequest_v1]):
         return request_struct_class(self._filters)
 
 
-class DescribeAllAcls(Request[DescribeAclsRequest_v1]):
+class DescribeAllAcls(Request[DescribeAclsRequest_v1]):  # type: ignore[misc]
     API_KEY = 29
 
     def build(self, request_struct_class: type[DescribeAclsRequest_v1],

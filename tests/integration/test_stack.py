@@ -13,6 +13,7 @@ from aiokafka.admin.config_resource import (
 from cardctl.stack import Stack
 from shared.settings import CardDeskSettings
 from shared.topics import all_topics
+from tests.support import kafka_options
 
 pytestmark = pytest.mark.integration
 
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.integration
 async def test_every_contract_topic_exists_with_the_configured_partition_count(
     settings: CardDeskSettings,
 ) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **kafka_options())
     await admin.start()
     try:
         expected = {t.name: t.partitions for t in all_topics(settings.partitions)}
@@ -32,7 +33,7 @@ async def test_every_contract_topic_exists_with_the_configured_partition_count(
 
 
 async def _topic_configs(settings: CardDeskSettings, names: list[str]) -> dict[str, dict[str, str]]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **kafka_options())
     await admin.start()
     try:
         responses = await admin.describe_configs(

@@ -30,7 +30,7 @@ from shared.events import DomainEvent, EventMeta, to_pending
 from shared.runtime import ServiceRuntime
 from shared.tokens import SessionClaims, TokenSigner
 from shared.topics import all_topics
-from tests.support import TopicTail
+from tests.support import TopicTail, kafka_options
 
 pytestmark = pytest.mark.integration
 
@@ -58,7 +58,7 @@ async def start_group_at_end(
     """Commit a fresh group's offsets at the topics' ends, so the service under test handles
     only this run's messages instead of replaying (and re-replying to) the whole history."""
     partitions = [TopicPartition(t, p) for t in topics for p in await producer.partitions_for(t)]
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, **kafka_options(), group_id=group,
                                 enable_auto_commit=False)
     await consumer.start()
     try:
@@ -137,8 +137,8 @@ class Harness:
 async def review() -> AsyncIterator[Harness]:
     settings = ReviewSettings()
     wanted = [t for t in all_topics(settings.partitions) if t.name in TOPICS]
-    await ensure_topics(settings.kafka_bootstrap, wanted)
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    await ensure_topics(settings, wanted)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, **kafka_options())
     await producer.start()
     replies = Tail(settings.kafka_bootstrap, "channel.replies")
     events = Tail(settings.kafka_bootstrap, "review.events")
