@@ -11,10 +11,10 @@ COPY pyproject.toml ./
 COPY shared ./shared
 COPY services ./services
 COPY cardctl ./cardctl
-COPY config ./config
 RUN pip install . \
     && useradd --system --uid 10001 --no-create-home carddesk
 
 USER carddesk
-ENV CARDDESK_CHANNELS_FILE=/app/config/channels.dev.json
+# No channels file is shipped: docker-compose.yml mounts one (CARDDESK_CHANNELS_FILE).
+ENV CARDDESK_CHANNELS_FILE=/run/secrets/channels
 CMD ["python", "-m", "cardctl.main", "--help"]

@@ -197,6 +197,32 @@ async def ensure_access(settings: CardDeskSettings, users: dict[str, str],
         await admin.close()
 
 
+def provision(admin: CardDeskSettings, credentials_file: Path, channels_file: Path,
+              report: Callable[[str], None]) -> None:
+    """Topics, then users and ACLs, as `admin` (a superuser): every principal of
+    `credentials_file` (the services, the auditor; the file's format is credentials.json's)
+    and every channel of `channels_file` with its `kafka_password`. Idempotent; ACLs that
+    are no longer planned (a channel left the file) are deleted."""
+    topics = all_topics(admin.partitions)
+    created = run_sync(lambda: ensure_topics(admin, topics))
+    report(f"topics: {len(created)} created" if created else "topics: all present")
+    if admin.kafka_user is None:
+        return  # a broker without authentication: no users to manage
+    channels = list(ChannelRegistry.from_file(channels_file))
+    missing_password = [c.channel_id for c in channels if not c.kafka_password]
+    if missing_password:
+        raise StackError(f"channels without kafka_password: {', '.join(missing_password)}")
+    users = dict(read_credentials(credentials_file).values())
+    users.update({c.channel_id: c.kafka_password for c in channels if c.kafka_password})
+    shared = REPLIES_TOPIC if any(t.name == REPLIES_TOPIC for t in topics) else None
+    try:
+        added, removed = run_sync(lambda: ensure_access(
+            admin, users, [c.channel_id for c in channels], shared_replies=shared))
+    except AccessError as error:
+        raise StackError(str(error)) from error
+    report(f"kafka access: {len(users)} users, {added} ACLs added, {removed} removed")
+
+
 def service_ports(settings: CardDeskSettings) -> dict[str, int]:
     """Where each service serves `/health`: status on CARDDESK_HTTP_PORT, the others after it."""
     return {"status": settings.http_port,
@@ -468,25 +494,8 @@ class Stack:
     def ensure_topics_and_access(self) -> None:
         """Create the missing topics, then the SCRAM users and ACLs of the services, the
         auditor and every channel of the channels file (idempotent)."""
-        admin = self.admin_settings()
-        topics = all_topics(self.settings.partitions)
-        created = run_sync(lambda: ensure_topics(admin, topics))
-        self.report(f"topics: {len(created)} created" if created else "topics: all present")
-        if admin.kafka_user is None:
-            return  # a broker this stack did not configure: no users to manage
-        channels = list(ChannelRegistry.from_file(self.settings.channels_file))
-        missing_password = [c.channel_id for c in channels if not c.kafka_password]
-        if missing_password:
-            raise StackError(f"channels without kafka_password: {', '.join(missing_password)}")
-        users = dict(read_credentials(self.credentials_file).values())
-        users.update({c.channel_id: c.kafka_password for c in channels if c.kafka_password})
-        shared = REPLIES_TOPIC if any(t.name == REPLIES_TOPIC for t in topics) else None
-        try:
-            added, removed = run_sync(lambda: ensure_access(
-                admin, users, [c.channel_id for c in channels], shared_replies=shared))
-        except AccessError as error:
-            raise StackError(str(error)) from error
-        self.report(f"kafka access: {len(users)} users, {added} ACLs added, {removed} removed")
+        provision(self.admin_settings(), self.credentials_file, self.settings.channels_file,
+                  self.report)
 
     @property
     def credentials_file(self) -> Path:

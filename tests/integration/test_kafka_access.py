@@ -67,7 +67,7 @@ async def read_first(settings: CardDeskSettings, topic: str) -> list[bytes]:
     try:
         # A topic the principal may not describe: the broker answers its metadata with an
         # authorisation error (aiokafka would otherwise retry the lookup for ever).
-        client = consumer._client  # noqa: SLF001
+        client = consumer._client
         client.add_topic(topic)
         await asyncio.wait_for(client.force_metadata_update(), TIMEOUT_S)
         if topic in client.cluster.unauthorized_topics:
