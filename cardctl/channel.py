@@ -84,6 +84,8 @@ class ChannelSimulator:
         # With the services' public key, personal fields leave the channel sealed.
         self.sealer = FieldSealer(sealing_public_key) if sealing_public_key else None
         self._links: dict[str, _Link] = {}
+        # Concurrent first sends for one channel must share its link, not race to make one.
+        self._linking = asyncio.Lock()
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
 
     async def __aenter__(self) -> ChannelSimulator:
@@ -110,12 +112,21 @@ class ChannelSimulator:
             channel = next(iter(self.channels), None)
             if channel is None:
                 raise ValueError("the channels file has no channel")
-        if channel.channel_id not in self._links:
-            link = _Link(as_channel(self.settings, channel), self.reply_topic(channel.channel_id))
-            await link.start()
-            link.reader = asyncio.create_task(self._read_replies(link.replies))
-            self._links[channel.channel_id] = link
-        return self._links[channel.channel_id]
+        link = self._links.get(channel.channel_id)
+        if link is not None:
+            return link
+        async with self._linking:
+            if channel.channel_id not in self._links:
+                link = _Link(as_channel(self.settings, channel),
+                             self.reply_topic(channel.channel_id))
+                try:
+                    await link.start()
+                except BaseException:
+                    await link.stop()
+                    raise
+                link.reader = asyncio.create_task(self._read_replies(link.replies))
+                self._links[channel.channel_id] = link
+            return self._links[channel.channel_id]
 
     async def _read_replies(self, replies: AIOKafkaConsumer) -> None:
         while True:
