@@ -116,14 +116,16 @@ def service_acls(service: str) -> list[Acl]:
 
 def channel_acls(channel_id: str) -> list[Acl]:
     """A channel writes the command topics and reads only its own reply topic (by manual
-    assignment, or in groups named after itself)."""
+    assignment, or in the group `<id>` or groups `<id>.*`: a bare `<id>` prefix would let
+    channel `mobile` join the groups of channel `mobile-app`)."""
     user = f"User:{channel_id}"
     return [
         *(Acl(user, Resource.TOPIC, command_topic(s), Pattern.LITERAL, Operation.WRITE)
           for s in SERVICES),
         Acl(user, Resource.TOPIC, f"{REPLY_TOPIC_PREFIX}{channel_id}", Pattern.LITERAL,
             Operation.READ),
-        Acl(user, Resource.GROUP, channel_id, Pattern.PREFIXED, Operation.READ),
+        Acl(user, Resource.GROUP, channel_id, Pattern.LITERAL, Operation.READ),
+        Acl(user, Resource.GROUP, f"{channel_id}.", Pattern.PREFIXED, Operation.READ),
     ]
 
 

@@ -87,6 +87,21 @@ def test_a_channel_writes_commands_and_reads_only_its_own_replies() -> None:
     assert not allowed("mobile-app", Operation.WRITE, "channel.replies.mobile-app")
 
 
+def group_allowed(principal: str, group: str) -> bool:
+    return any(
+        acl.principal == f"User:{principal}" and acl.resource is Resource.GROUP
+        and (acl.name == group if acl.pattern is Pattern.LITERAL else group.startswith(acl.name))
+        for acl in access_plan(["mobile", "mobile-app"]))
+
+
+def test_a_channel_joins_only_its_own_groups_even_when_another_id_extends_its_own() -> None:
+    assert group_allowed("mobile", "mobile")
+    assert group_allowed("mobile", "mobile.replies")
+    assert not group_allowed("mobile", "mobile-app")
+    assert not group_allowed("mobile", "mobile-app.replies")
+    assert not group_allowed("mobile", "carddesk-auth")
+
+
 def test_the_auditor_reads_event_topics_only() -> None:
     everything = [f"{s}.{kind}" for s in ("auth", "loss", "review", "issuance")
                   for kind in ("commands", "events", "commands.dlq", "events.dlq")]
