@@ -12,14 +12,12 @@ import asyncpg
 import pytest
 from pydantic import BaseModel
 
+from shared.channels import Channel, ChannelRegistry, sign
 from shared.commands import (
-    Channel,
-    ChannelRegistry,
     CommandContext,
     CommandIntake,
     CommandRoute,
     Reply,
-    sign,
 )
 from shared.consumer import Inbound
 from shared.errors import DomainError
