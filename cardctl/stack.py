@@ -35,7 +35,13 @@ from aiokafka.admin.config_resource import (
     ConfigResourceType,
 )
 
-from cardctl.kafka_access import GENERATED_PRINCIPALS, AccessError, access_plan, apply_access
+from cardctl.kafka_access import (
+    GENERATED_PRINCIPALS,
+    AccessError,
+    access_plan,
+    apply_access,
+    describe_acls,
+)
 from shared.channels import ChannelRegistry
 from shared.kafka import (
     ADMIN,
@@ -54,6 +60,8 @@ KAFKA_POM = PROJECT_ROOT / "infra" / "kafka" / "pom.xml"
 PG_SUPERUSER = "postgres"
 STOP_TIMEOUT_S = 30.0
 START_TIMEOUT_S = 90.0
+# How long new SCRAM users and ACLs may take to reach the broker from the controller.
+ACCESS_PROPAGATION_TIMEOUT_S = 30.0
 # The controller listener is reachable from this machine only.
 CONTROLLER_HOST = "127.0.0.1"
 
@@ -192,9 +200,23 @@ async def ensure_access(settings: CardDeskSettings, users: dict[str, str],
     admin = await _open_admin(settings, 15.0)
     try:
         plan = access_plan(channel_ids, shared_replies=shared_replies)
-        return await apply_access(admin, users, plan)
+        changes = await apply_access(admin, users, plan)
+        # The controller took the change; the broker applies it from the metadata log a
+        # moment later. A service started before then would be refused and exit.
+        deadline = asyncio.get_running_loop().time() + ACCESS_PROPAGATION_TIMEOUT_S
+        while not plan <= await describe_acls(admin):
+            if asyncio.get_running_loop().time() > deadline:
+                raise StackError("the broker did not apply the ACLs in time")
+            await asyncio.sleep(0.2)
     finally:
         await admin.close()
+    for username, password in users.items():
+        principal = with_credentials(settings, username, password)
+        while not await kafka_answers(principal, timeout_s=5.0):
+            if asyncio.get_running_loop().time() > deadline:
+                raise StackError(f"Kafka user {username!r} cannot log in")
+            await asyncio.sleep(0.2)
+    return changes
 
 
 def provision(admin: CardDeskSettings, credentials_file: Path, channels_file: Path,
