@@ -213,3 +213,22 @@ def test_a_channel_acts_with_its_own_kafka_password() -> None:
     assert client_options(resolved)["sasl_plain_password"] == "kiosk-pw"
     bare = Channel(channel_id="old", secret="s")
     assert as_channel(settings, bare).kafka_user == "admin"
+
+
+def test_the_local_broker_has_no_unauthenticated_listener(tmp_path: Path) -> None:
+    from cardctl.stack import Stack
+
+    stack = Stack(settings_in(tmp_path, kafka_bootstrap="127.0.0.1:39092",
+                              kafka_controller_port=39093))
+    properties = dict(line.split("=", 1) for line in
+                      stack._server_properties(tmp_path, "s3cret").splitlines() if line)
+    protocols = dict(pair.split(":") for pair in
+                     properties["listener.security.protocol.map"].split(","))
+    assert set(protocols.values()) == {"SASL_PLAINTEXT"}
+    assert properties["listeners"].split(",")[1] == "CONTROLLER://127.0.0.1:39093"
+    assert properties["authorizer.class.name"] == (
+        "org.apache.kafka.metadata.authorizer.StandardAuthorizer")
+    assert properties["super.users"] == "User:admin"
+    assert properties["allow.everyone.if.no.acl.found"] == "false"
+    assert properties["auto.create.topics.enable"] == "false"
+    assert properties["sasl.enabled.mechanisms"] == "SCRAM-SHA-512"
