@@ -18,4 +18,6 @@ USER carddesk
 # No channels file and no secrets are baked in: production (the default) refuses to start
 # until CARDDESK_CHANNELS_FILE and the keys of `cardctl keys generate` are given (SECURITY.md).
 ENV CARDDESK_ENV=production
+# No channels file is shipped: docker-compose.yml mounts one (CARDDESK_CHANNELS_FILE).
+ENV CARDDESK_CHANNELS_FILE=/run/secrets/channels
 CMD ["python", "-m", "cardctl.main", "--help"]

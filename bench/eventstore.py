@@ -18,6 +18,7 @@ import uvloop
 from bench.common import console, print_table, write_result
 from shared.envelope import PendingEvent
 from shared.eventstore import ConcurrencyError, PostgresEventStore, migrate
+from shared.kafka import ADMIN, as_principal
 from shared.logging import configure_logging
 from shared.outbox import OutboxRelay, make_producer
 from shared.settings import CardDeskSettings
@@ -57,10 +58,10 @@ async def run_case(settings: CardDeskSettings, name: str, stream_of: object, sec
 
     schema = f"bench_{name}_{uuid.uuid4().hex[:6]}"
     topic = f"{schema}.events"
-    await ensure_topics(settings.kafka_bootstrap, [TopicSpec(topic, settings.partitions)])
+    await ensure_topics(settings, [TopicSpec(topic, settings.partitions)])
     pool = await asyncpg.create_pool(settings.database_url, min_size=2, max_size=writers + 2)
     await migrate(pool, schema)
-    producer = make_producer(settings.kafka_bootstrap)
+    producer = make_producer(settings)
     await producer.start()
     relay = OutboxRelay(pool, producer, schema)
     relay_task = asyncio.create_task(relay.run())
@@ -92,7 +93,8 @@ async def run_case(settings: CardDeskSettings, name: str, stream_of: object, sec
 
 
 async def main(seconds: float, writers: int) -> None:
-    settings = CardDeskSettings()
+    # The benchmark creates topics: it runs as the local stack's administrator.
+    settings = as_principal(CardDeskSettings(), ADMIN)
     distinct = await run_case(settings, "distinct", lambda w, n: f"s-{w}-{n}", seconds, writers)
     hot = await run_case(settings, "hot", lambda w, n: "hot-stream", seconds, writers)
     figures = {"seconds": seconds, "writers": writers, "distinct_streams": distinct,

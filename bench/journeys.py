@@ -34,6 +34,7 @@ from cardctl.channel import ChannelSimulator
 from cardctl.journey import Journey, Session
 from cardctl.operations import seed, status_url
 from cardctl.stack import Stack
+from shared.kafka import client_options
 from shared.logging import configure_logging
 from shared.settings import CardDeskSettings
 from shared.topics import SERVICES
@@ -80,13 +81,14 @@ async def count_events(conn: asyncpg.Connection) -> int:
     return int(total)
 
 
-async def wait_until_drained(bootstrap: str, timeout_s: float = 180.0) -> float:
+async def wait_until_drained(settings: CardDeskSettings, timeout_s: float = 180.0) -> float:
     """Wait until every service's consumer group has caught up with its topics, so a phase
     does not inherit the previous one's backlog; returns the seconds it took."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    bootstrap, security = settings.kafka_bootstrap, client_options(settings)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **security)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, **security)
     await admin.start()
     await consumer.start()
     started = time.monotonic()
@@ -224,6 +226,8 @@ async def run(citizens: int, seconds: float, rates: list[float], concurrency: in
     settings = CardDeskSettings()
     stack = Stack(settings, report=lambda line: console.print(f"[dim]•[/] {line}"))
     stack.up(services=False)
+    # Reading every group's offsets is the administrator's business.
+    admin = stack.admin_settings()
     pids = restart_services(stack)
 
     console.print(f"seeding {citizens} citizens …")
@@ -244,7 +248,7 @@ async def run(citizens: int, seconds: float, rates: list[float], concurrency: in
         console.print("warming up for 10 s …")
         simulator.meter = Meter()
         await sustained(journey, simulator.meter, sessions[:20], 20, 10.0)
-        await wait_until_drained(settings.kafka_bootstrap)
+        await wait_until_drained(admin)
         simulator.meter = meter
         conn = await asyncpg.connect(settings.database_url)
         events_before = await count_events(conn)
@@ -259,7 +263,7 @@ async def run(citizens: int, seconds: float, rates: list[float], concurrency: in
             "failures": len(meter.failures), "first_failures": meter.failures[:5],
         }
 
-        drained_in = await wait_until_drained(settings.kafka_bootstrap)
+        drained_in = await wait_until_drained(admin)
         sustained_figures["backlog_drained_after_s"] = drained_in
         console.print(f"backlog drained after {drained_in:.1f} s")
         paced_figures: list[dict[str, Any]] = []
@@ -280,7 +284,7 @@ async def run(citizens: int, seconds: float, rates: list[float], concurrency: in
                 "failures": len(paced_meter.failures),
                 "first_failures": paced_meter.failures[:5],
             })
-            drained = await wait_until_drained(settings.kafka_bootstrap)
+            drained = await wait_until_drained(admin)
             console.print(f"backlog drained after {drained:.1f} s")
         await conn.close()
     rss = {name: peak_rss_mb(pid) for name, pid in pids.items()}

@@ -25,8 +25,10 @@ from shared.contracts import auth, issuance, loss, review
 from shared.envelope import GENESIS_HASH, EventEnvelope
 from shared.events import DomainEvent, EventMeta, to_pending
 from shared.eventstore import migrate
+from shared.kafka import ADMIN, as_principal, client_options
 from shared.logging import configure_logging
 from shared.outbox import make_producer
+from shared.settings import CardDeskSettings
 from shared.topics import TopicSpec
 
 STREAM = {"auth.events": "auth", "loss.events": "loss", "review.events": "review",
@@ -80,9 +82,9 @@ def journey(index: int, start: datetime) -> Iterator[tuple[str, EventEnvelope]]:
 
 
 async def generate(settings: RebuildSettings, prefix: str, citizens: int) -> tuple[int, float]:
-    await ensure_topics(settings.kafka_bootstrap, [
+    await ensure_topics(settings, [
         TopicSpec(f"{prefix}{topic}", settings.partitions) for topic in STREAM])
-    producer = make_producer(settings.kafka_bootstrap)
+    producer = make_producer(settings)
     await producer.start()
     started = time.monotonic()
     count = 0
@@ -107,7 +109,8 @@ async def main(citizens: int) -> None:
     tag = uuid.uuid4().hex[:6]
     prefix = f"bench_{tag}."
     schema = f"bench_status_{tag}"
-    settings = RebuildSettings(status_schema=schema, status_topic_prefix=prefix)
+    settings = as_principal(
+        RebuildSettings(status_schema=schema, status_topic_prefix=prefix), ADMIN)
     console.print(f"generating {citizens:,} citizens' journeys into {prefix}* …")
     count, generated_in = await generate(settings, prefix, citizens)
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
@@ -129,7 +132,7 @@ async def main(citizens: int) -> None:
         f"SELECT count(*) FROM {schema}.card_status WHERE status = 'ACTIVE'")
     await pool.execute(f"DROP SCHEMA {schema} CASCADE")
     await pool.close()
-    await _drop_topics(settings.kafka_bootstrap, [f"{prefix}{t}" for t in STREAM])
+    await _drop_topics(settings, [f"{prefix}{t}" for t in STREAM])
     figures = {
         "events": count, "citizens": citizens, "generate_seconds": generated_in,
         "rebuild_seconds": elapsed, "events_per_s": count / elapsed,
@@ -147,10 +150,11 @@ async def main(citizens: int) -> None:
     console.print(f"written {write_result('rebuild', figures)}")
 
 
-async def _drop_topics(bootstrap: str, names: list[str]) -> None:
+async def _drop_topics(settings: CardDeskSettings, names: list[str]) -> None:
     from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
+                                **client_options(settings))
     await admin.start()
     try:
         await admin.delete_topics(names)

@@ -33,6 +33,7 @@ from shared.consumer import Inbound, Rejected, parse_event
 from shared.contracts import EVENT_TOPICS, KNOWN_EVENT_TYPES
 from shared.envelope import StreamCursor
 from shared.identity import citizen_ref, is_valid_id_number
+from shared.kafka import AUDITOR, as_principal, client_options
 from shared.masking import mask_text
 from shared.settings import CardDeskSettings
 
@@ -177,10 +178,11 @@ class LogReadError(RuntimeError):
     """The log could not be read to its end (Kafka stopped answering)."""
 
 
-async def partitions_of(bootstrap: str, topics: Sequence[str]) -> dict[str, list[int]]:
+async def partitions_of(bootstrap: str, topics: Sequence[str], *,
+                        security: Mapping[str, Any]) -> dict[str, list[int]]:
     """The partitions of each of `topics` that exists; asks for every topic's metadata so
     that no broker creates a missing one on the way."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **security)
     await admin.start()
     try:
         described = await admin.describe_topics()
@@ -197,17 +199,18 @@ def progress_bar(console: Console) -> Progress:
 
 
 async def read_log(
-    bootstrap: str, topics: Sequence[str], sink: Sink, *, progress: Progress | None = None,
+    bootstrap: str, topics: Sequence[str], sink: Sink, *, security: Mapping[str, Any],
+    progress: Progress | None = None,
     stall_timeout_s: float = 60.0,
 ) -> list[str]:
     """Feed `sink` every message of `topics`, per partition in offset order, from the first
     offset to the end offsets seen at the start; returns the topics that do not exist."""
-    layout = await partitions_of(bootstrap, topics)
+    layout = await partitions_of(bootstrap, topics, security=security)
     missing = [t for t in topics if t not in layout]
     partitions = [TopicPartition(t, p) for t in topics for p in layout.get(t, ())]
     if not partitions:
         return missing
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, **security,
                                 enable_auto_commit=False, auto_offset_reset="earliest",
                                 max_partition_fetch_bytes=8 * 1024 * 1024,
                                 fetch_max_bytes=64 * 1024 * 1024)
@@ -259,11 +262,11 @@ def event_topics(prefix: str) -> dict[str, str]:
     return {f"{prefix}{topic}": topic for topic in CONTRACT_TOPICS}
 
 
-async def verify_log(bootstrap: str, prefix: str = "", *,
+async def verify_log(bootstrap: str, prefix: str = "", *, security: Mapping[str, Any],
                      progress: Progress | None = None) -> VerifyReport:
     verifier = LogVerifier()
     missing = await read_log(bootstrap, list(event_topics(prefix)), verifier.feed,
-                             progress=progress)
+                             security=security, progress=progress)
     return verifier.report(missing)
 
 
@@ -415,8 +418,9 @@ class ReplayReport:
 
 
 async def replay_log(
-    bootstrap: str, database_url: str, *, schema: str, prefix: str = "",
-    citizen: str | None = None, progress: Progress | None = None, concurrency: int = 8,
+    bootstrap: str, database_url: str, *, schema: str, security: Mapping[str, Any],
+    prefix: str = "", citizen: str | None = None, progress: Progress | None = None,
+    concurrency: int = 8,
 ) -> ReplayReport:
     """Rebuild the projection of one citizen (or of all, `citizen=None`) from the log and
     compare it with the live one in `schema`."""
@@ -428,7 +432,8 @@ async def replay_log(
         read[msg.topic] += 1
         replayer.feed(msg)
 
-    missing = await read_log(bootstrap, list(topics), sink, progress=progress)
+    missing = await read_log(bootstrap, list(topics), sink, security=security,
+                             progress=progress)
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=concurrency)
     try:
         if citizen is not None:
@@ -483,12 +488,14 @@ def verify_command(topic_prefix: TopicPrefix = None, bootstrap: Bootstrap = None
                    show: Show = 200) -> None:
     """Check every stream's hash chain, versions, event ids and placement; exit 1 on any
     failure."""
-    settings = CardDeskSettings()
+    settings = as_principal(CardDeskSettings(), AUDITOR)
     console = _console()
     with progress_bar(console) as progress:
         try:
             report = uvloop.run(verify_log(bootstrap or settings.kafka_bootstrap,
-                                           topic_prefix or "", progress=progress))
+                                           topic_prefix or "",
+                                           security=client_options(settings),
+                                           progress=progress))
         except LogReadError as error:
             console.print(f"could not read the log: {error}", markup=False)
             raise typer.Exit(2) from error
@@ -520,7 +527,7 @@ def replay_command(
     projection; exit 1 on any difference."""
     if (citizen is None) == (not everyone):
         raise typer.BadParameter("give exactly one of --citizen REF and --all")
-    settings = StatusSettings()
+    settings = as_principal(StatusSettings(), AUDITOR)
     ref = citizen
     if ref is not None and is_valid_id_number(ref):
         ref = citizen_ref(settings.citizen_ref_pepper.get_secret_value(), ref)
@@ -530,7 +537,8 @@ def replay_command(
         try:
             report = uvloop.run(replay_log(
                 bootstrap or settings.kafka_bootstrap, settings.database_url,
-                schema=schema or settings.status_schema, prefix=prefix, citizen=ref,
+                schema=schema or settings.status_schema, security=client_options(settings),
+                prefix=prefix, citizen=ref,
                 progress=progress))
         except LogReadError as error:
             console.print(f"could not read the log: {error}", markup=False)

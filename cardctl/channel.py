@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
@@ -14,10 +15,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from shared.channels import Channel, ChannelRegistry, sign
 from shared.commands import Reply
-from shared.kafka import client_options
+from shared.kafka import as_channel, client_options
 from shared.sealing import FieldSealer, SealContext
 from shared.settings import CardDeskSettings
-from shared.topics import REPLY_TOPIC_PREFIX, command_topic, reply_topic
+from shared.topics import command_topic, reply_topic
 
 
 class ChannelChoiceError(ValueError):
@@ -47,72 +48,109 @@ class CommandRefusedError(Exception):
         self.reply = reply
 
 
+class _Link:
+    """One channel's own Kafka clients: a producer and the reader of its replies, both
+    authenticated as that channel (DESIGN 8: a channel reads only its own reply topic)."""
+
+    def __init__(self, settings: CardDeskSettings, topic: str) -> None:
+        options = client_options(settings)
+        self.topic = topic
+        self.producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap,
+                                         linger_ms=1, max_request_size=2 * 1024 * 1024,
+                                         **options)
+        self.replies = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
+                                        group_id=None, enable_auto_commit=False, **options)
+        self.reader: asyncio.Task[None] | None = None
+
+    async def start(self, timeout_s: float = 30.0) -> None:
+        await self.producer.start()
+        await self.replies.start()
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        partitions = self.replies.partitions_for_topic(self.topic)
+        while not partitions:
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"reply topic {self.topic} has no partitions")
+            await asyncio.sleep(0.1)
+            await self.replies._client.force_metadata_update()
+            partitions = self.replies.partitions_for_topic(self.topic)
+        assigned = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        self.replies.assign(assigned)
+        await self.replies.seek_to_end(*assigned)
+        for tp in assigned:  # resolve positions now, so no reply sent after this is missed
+            await self.replies.position(tp)
+
+    async def stop(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.reader
+        await self.replies.stop()
+        await self.producer.stop()
+
+
 class ChannelSimulator:
-    """One producer, and one reader of the reply topics of the channels it acts as."""
+    """Acts as the channels of the channels file: each channel it sends for gets its own
+    producer and reply reader, with that channel's own Kafka credentials."""
 
     @classmethod
-    def for_settings(cls, settings: CardDeskSettings,
-                     channel_ids: Iterable[str] | None = None) -> Self:
-        """A simulator with the configured channels that seals personal fields; it reads the
-        reply topics of `channel_ids` (default: every channel of the file)."""
-        return cls(settings.kafka_bootstrap, ChannelRegistry.from_file(settings.channels_file),
-                   settings.command_sealing_public_key, channel_ids=channel_ids,
-                   kafka_options=client_options(settings))
+    def for_settings(cls, settings: CardDeskSettings) -> Self:
+        """A simulator with the configured channels that seals personal fields; it reads a
+        channel's reply topic from the first time it sends as that channel."""
+        return cls(settings, ChannelRegistry.from_file(settings.channels_file),
+                   settings.command_sealing_public_key)
 
-    def __init__(self, bootstrap: str, channels: ChannelRegistry,
-                 sealing_public_key: str | None = None, *,
-                 channel_ids: Iterable[str] | None = None,
-                 kafka_options: Mapping[str, Any] | None = None) -> None:
-        self.bootstrap = bootstrap
+    def __init__(self, settings: CardDeskSettings, channels: ChannelRegistry,
+                 sealing_public_key: str | None = None) -> None:
+        self.settings = settings
+        self.bootstrap = settings.kafka_bootstrap
         self.channels = channels
-        self.channel_ids = (tuple(channel_ids) if channel_ids is not None
-                            else tuple(c.channel_id for c in channels))
         # With the services' public key, personal fields leave the channel sealed.
         self.sealer = FieldSealer(sealing_public_key) if sealing_public_key else None
-        options = dict(kafka_options or {})
-        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=1,
-                                          max_request_size=2 * 1024 * 1024, **options)
-        self._replies = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
-                                         enable_auto_commit=False, **options)
+        self._links: dict[str, _Link] = {}
+        # Concurrent first sends for one channel must share its link, not race to make one.
+        self._linking = asyncio.Lock()
         self._waiting: dict[tuple[str, str], asyncio.Future[Reply]] = {}
-        self._reader: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> ChannelSimulator:
-        await self._producer.start()
-        await self._replies.start()
-        topics = [reply_topic(channel_id) for channel_id in self.channel_ids]
-        assigned: list[TopicPartition] = []
-        deadline = asyncio.get_running_loop().time() + 30.0
-        for topic in topics:
-            partitions = self._replies.partitions_for_topic(topic)
-            while not partitions:
-                if asyncio.get_running_loop().time() > deadline:
-                    raise TimeoutError(f"reply topic {topic} does not exist")
-                await asyncio.sleep(0.1)
-                await self._replies._client.force_metadata_update()
-                partitions = self._replies.partitions_for_topic(topic)
-            assigned.extend(TopicPartition(topic, p) for p in sorted(partitions))
-        self._replies.assign(assigned)
-        await self._replies.seek_to_end(*assigned)
-        for tp in assigned:  # resolve positions now, so no reply sent after this is missed
-            await self._replies.position(tp)
-        self._reader = asyncio.create_task(self._read_replies())
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-        await self._replies.stop()
-        await self._producer.stop()
+        links, self._links = list(self._links.values()), {}
+        for link in links:
+            await link.stop()
 
-    async def _read_replies(self) -> None:
+    async def _link(self, channel_id: str) -> _Link:
+        """The Kafka clients of `channel_id`; a channel id that is not in the file (a forged
+        message) goes out over the first channel's connection, as a lying channel would."""
+        channel = self.channels.get(channel_id)
+        if channel is None:
+            channel = next(iter(self.channels), None)
+            if channel is None:
+                raise ValueError("the channels file has no channel")
+        link = self._links.get(channel.channel_id)
+        if link is not None:
+            return link
+        async with self._linking:
+            if channel.channel_id not in self._links:
+                link = _Link(as_channel(self.settings, channel),
+                             reply_topic(channel.channel_id))
+                try:
+                    await link.start()
+                except BaseException:
+                    await link.stop()
+                    raise
+                link.reader = asyncio.create_task(
+                    self._read_replies(channel.channel_id, link.replies))
+                self._links[channel.channel_id] = link
+            return self._links[channel.channel_id]
+
+    async def _read_replies(self, channel_id: str, replies: AIOKafkaConsumer) -> None:
         while True:
-            batch = await self._replies.getmany(timeout_ms=200)
-            for tp, records in batch.items():
-                channel_id = tp.topic.removeprefix(REPLY_TOPIC_PREFIX)
+            batch = await replies.getmany(timeout_ms=200)
+            for records in batch.values():
                 for record in records:
                     try:
                         reply = Reply.model_validate_json(record.value)
@@ -141,10 +179,11 @@ class ChannelSimulator:
         channel = self.channels.get(channel_id)
         if signature is None:
             signature = sign(channel.secret, value) if channel else "0" * 64
+        link = await self._link(channel_id)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._waiting[(channel_id, request_id)] = future
         try:
-            await self._producer.send_and_wait(
+            await link.producer.send_and_wait(
                 topic, value, key=key,
                 headers=[("x-channel-id", channel_id.encode()),
                          ("x-signature", signature.encode())],

@@ -36,7 +36,7 @@ async def erase(settings: CardDeskSettings, ref: str, reason: str, *,
     payload = {"citizen_ref": ref, "reason": reason}
     bureau = pick_channel(ChannelRegistry.from_file(settings.channels_file), channel,
                           bureau=True).channel_id
-    async with ChannelSimulator.for_settings(settings, [bureau]) as sim:
+    async with ChannelSimulator.for_settings(settings) as sim:
 
         async def one(service: str) -> Reply | None:
             try:

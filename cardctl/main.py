@@ -17,10 +17,11 @@ from cardctl.channel import ChannelChoiceError, pick_channel
 from cardctl.erase import erase_command
 from cardctl.keys import keys_app
 from cardctl.projections import projections_app
-from cardctl.stack import Stack, StackError, contract_topics, ensure_topics, run_sync
+from cardctl.stack import Stack, StackError, contract_topics, ensure_topics, provision, run_sync
 from services.status.settings import StatusSettings
 from shared.channels import ChannelRegistry
 from shared.identity import citizen_ref, is_valid_id_number
+from shared.kafka import ADMIN, as_principal, credentials_path
 from shared.masking import mask_card_no, mask_id_number, mask_name
 from shared.settings import CardDeskSettings
 
@@ -31,6 +32,8 @@ stack_app = typer.Typer(
 topics_app = typer.Typer(help="The Kafka topics of the message contract.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(topics_app, name="topics")
+kafka_app = typer.Typer(help="Kafka users and ACLs.", no_args_is_help=True)
+app.add_typer(kafka_app, name="kafka")
 
 console = Console()
 
@@ -98,10 +101,28 @@ def stack_status() -> None:
 @topics_app.command("create")
 def topics_create() -> None:
     """Create the missing topics on CARDDESK_KAFKA_BOOTSTRAP (used by docker compose)."""
-    settings = CardDeskSettings()
+    settings = as_principal(CardDeskSettings(), ADMIN)
     topics = contract_topics(settings)
-    created = run_sync(lambda: ensure_topics(settings.kafka_bootstrap, topics))
+    created = run_sync(lambda: ensure_topics(settings, topics))
     console.print(f"{len(created)} created, {len(topics) - len(created)} already present")
+
+
+@kafka_app.command("provision")
+def kafka_provision(
+    credentials: Annotated[Path | None, typer.Option(
+        "--credentials", help="The principals' credentials, as credentials.json "
+        "(default: the local stack's).")] = None,
+) -> None:
+    """Create topics, SCRAM users and ACLs (DESIGN 8) as the administrator
+    (CARDDESK_KAFKA_USER/PASSWORD, else the local stack's): the init step of docker compose,
+    or after editing the channels file while the stack runs."""
+    settings = as_principal(CardDeskSettings(), ADMIN)
+    try:
+        provision(settings, credentials or credentials_path(settings), settings.channels_file,
+                  lambda line: console.print(f"[dim]•[/] {line}"))
+    except StackError as error:
+        console.print(f"[red]{error}[/]")
+        raise typer.Exit(1) from error
 
 
 @topics_app.command("list")

@@ -47,7 +47,7 @@ async def seed(
     report(f"registry: {count} citizens enrolled with a face template")
 
     gate = asyncio.Semaphore(concurrency)
-    async with ChannelSimulator.for_settings(settings, [bureau]) as sim:
+    async with ChannelSimulator.for_settings(settings) as sim:
 
         async def import_card(citizen: SyntheticCitizen) -> None:
             async with gate:
@@ -86,7 +86,7 @@ async def demo(settings: CardDeskSettings, citizen: SyntheticCitizen, report: Re
     channels = ChannelRegistry.from_file(settings.channels_file)
     citizen_channel = pick_channel(channels, channel, bureau=False).channel_id
     bureau = pick_channel(channels, bureau_channel, bureau=True).channel_id
-    async with ChannelSimulator.for_settings(settings, [citizen_channel, bureau]) as sim:
+    async with ChannelSimulator.for_settings(settings) as sim:
         journey = Journey(sim, status_url(settings), citizen_channel=citizen_channel,
                           bureau_channel=bureau)
         session = Session(citizen)

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from services.status.rebuild import Progress as RebuildProgress
 from services.status.rebuild import RebuildReport, RebuildSettings, rebuild
+from shared.kafka import as_principal
 
 projections_app = typer.Typer(help="The status read models (card_status, card_timeline).",
                               no_args_is_help=True)
@@ -71,7 +72,8 @@ def rebuild_command(
     """Replay the event topics from offset 0 into fresh tables; swap them in atomically.
 
     The status service keeps running and writing; the live tables change only at the swap."""
-    settings = RebuildSettings()
+    # The rebuild reads what the status projection reads, as the status principal.
+    settings = as_principal(RebuildSettings(), "status")
     console.print(f"rebuilding {settings.status_schema}.card_status and card_timeline from "
                   f"{', '.join(settings.consumed_topics().values())}")
     try:

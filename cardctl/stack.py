@@ -11,8 +11,10 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import json
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -33,7 +35,22 @@ from aiokafka.admin.config_resource import (
     ConfigResourceType,
 )
 
+from cardctl.kafka_access import (
+    GENERATED_PRINCIPALS,
+    AccessError,
+    access_plan,
+    apply_access,
+    describe_acls,
+)
 from shared.channels import ChannelRegistry
+from shared.kafka import (
+    ADMIN,
+    as_principal,
+    client_options,
+    credentials_path,
+    read_credentials,
+    with_credentials,
+)
 from shared.settings import PROJECT_ROOT, CardDeskSettings
 from shared.topics import SERVICES, TopicSpec, all_topics
 
@@ -43,6 +60,10 @@ KAFKA_POM = PROJECT_ROOT / "infra" / "kafka" / "pom.xml"
 PG_SUPERUSER = "postgres"
 STOP_TIMEOUT_S = 30.0
 START_TIMEOUT_S = 90.0
+# How long new SCRAM users and ACLs may take to reach the broker from the controller.
+ACCESS_PROPAGATION_TIMEOUT_S = 30.0
+# The controller listener is reachable from this machine only.
+CONTROLLER_HOST = "127.0.0.1"
 
 
 class StackError(RuntimeError):
@@ -113,21 +134,23 @@ async def postgres_answers(dsn: str, timeout_s: float = 3.0) -> bool:
     return True
 
 
-async def _open_admin(bootstrap: str, timeout_s: float) -> AIOKafkaAdminClient:
+async def _open_admin(settings: CardDeskSettings, timeout_s: float) -> AIOKafkaAdminClient:
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000)
+        bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=int(timeout_s * 1000),
+        **client_options(settings),
     )
     await asyncio.wait_for(admin.start(), timeout_s)
     return admin
 
 
-async def kafka_answers(bootstrap: str, timeout_s: float = 5.0) -> bool:
-    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+async def kafka_answers(settings: CardDeskSettings, timeout_s: float = 5.0) -> bool:
+    """Whether the broker answers a client with `settings`' credentials."""
+    host, _, port = settings.kafka_bootstrap.split(",")[0].strip().rpartition(":")
     # aiokafka logs an error for every refused connection; a closed port needs no client.
     if not port_open(host, int(port)):
         return False
     try:
-        admin = await _open_admin(bootstrap, timeout_s)
+        admin = await _open_admin(settings, timeout_s)
     except Exception:  # aiokafka raises several unrelated types while the broker boots
         return False
     try:
@@ -146,10 +169,10 @@ def contract_topics(settings: CardDeskSettings) -> list[TopicSpec]:
     return all_topics(settings.partitions, (channel.channel_id for channel in channels))
 
 
-async def ensure_topics(bootstrap: str, topics: Sequence[TopicSpec]) -> list[str]:
+async def ensure_topics(settings: CardDeskSettings, topics: Sequence[TopicSpec]) -> list[str]:
     """Create the topics that are missing and bring existing ones' configuration in line;
-    returns the names it created."""
-    admin = await _open_admin(bootstrap, 15.0)
+    returns the names it created. `settings` must carry credentials allowed to (admin)."""
+    admin = await _open_admin(settings, 15.0)
     try:
         existing = set(await admin.list_topics())
         missing = [t for t in topics if t.name not in existing]
@@ -174,6 +197,58 @@ async def ensure_topics(bootstrap: str, topics: Sequence[TopicSpec]) -> list[str
         return [t.name for t in missing]
     finally:
         await admin.close()
+
+
+async def ensure_access(settings: CardDeskSettings, users: dict[str, str],
+                        channel_ids: Sequence[str],
+                        ) -> tuple[int, int]:
+    """Bring the broker's SCRAM users and ACLs in line with the plan (admin credentials);
+    returns (ACLs created, ACLs deleted)."""
+    admin = await _open_admin(settings, 15.0)
+    try:
+        plan = access_plan(channel_ids)
+        changes = await apply_access(admin, users, plan)
+        # The controller took the change; the broker applies it from the metadata log a
+        # moment later. A service started before then would be refused and exit.
+        deadline = asyncio.get_running_loop().time() + ACCESS_PROPAGATION_TIMEOUT_S
+        while not plan <= await describe_acls(admin):
+            if asyncio.get_running_loop().time() > deadline:
+                raise StackError("the broker did not apply the ACLs in time")
+            await asyncio.sleep(0.2)
+    finally:
+        await admin.close()
+    for username, password in users.items():
+        principal = with_credentials(settings, username, password)
+        while not await kafka_answers(principal, timeout_s=5.0):
+            if asyncio.get_running_loop().time() > deadline:
+                raise StackError(f"Kafka user {username!r} cannot log in")
+            await asyncio.sleep(0.2)
+    return changes
+
+
+def provision(admin: CardDeskSettings, credentials_file: Path, channels_file: Path,
+              report: Callable[[str], None]) -> None:
+    """Topics, then users and ACLs, as `admin` (a superuser): every principal of
+    `credentials_file` (the services, the auditor; the file's format is credentials.json's)
+    and every channel of `channels_file` with its `kafka_password`. Idempotent; ACLs that
+    are no longer planned (a channel left the file) are deleted."""
+    channels = list(ChannelRegistry.from_file(channels_file))
+    topics = all_topics(admin.partitions, (c.channel_id for c in channels))
+    created = run_sync(lambda: ensure_topics(admin, topics))
+    report(f"topics: {len(created)} created" if created else "topics: all present")
+    if admin.kafka_user is None:
+        return  # a broker without authentication: no users to manage
+    missing_password = [c.channel_id for c in channels if not c.kafka_password]
+    if missing_password:
+        raise StackError(f"channels without kafka_password: {', '.join(missing_password)}")
+    users = dict(read_credentials(credentials_file).values())
+    users.update({c.channel_id: c.kafka_password for c in channels if c.kafka_password})
+    try:
+        added, removed = run_sync(lambda: ensure_access(
+            admin, users, [c.channel_id for c in channels]))
+    except AccessError as error:
+        raise StackError(str(error)) from error
+    report(f"kafka access: {len(users)} users, {added} ACLs added, {removed} removed")
 
 
 def service_ports(settings: CardDeskSettings) -> dict[str, int]:
@@ -351,7 +426,7 @@ class Stack:
             # The broker logs through log4j2; its console gets only JVM-level failures.
             log_file=self.logs_dir / "kafka.log",
             marker=str(self.kafka_dir / "server.properties"),
-            health=lambda: kafka_answers(self.settings.kafka_bootstrap),
+            health=lambda: kafka_answers(self.admin_settings()),
             cwd=self.kafka_dir,
         )
 
@@ -359,15 +434,19 @@ class Stack:
         """The Card Desk services, started after the infrastructure is healthy: one process
         each (`python -m services.<name>.main`), healthy when its `/health` answers."""
         specs = []
+        credentials = read_credentials(self.credentials_file)
         for name, port in service_ports(self.settings).items():
             module = f"services.{name}.main"
+            env = {"CARDDESK_HEALTH_PORT": str(port)}
+            if name in credentials:
+                env["CARDDESK_KAFKA_USER"], env["CARDDESK_KAFKA_PASSWORD"] = credentials[name]
             specs.append(ProcessSpec(
                 name=name,
                 argv=(sys.executable, "-m", module),
                 log_file=self.logs_dir / f"{name}.log",
                 marker=module,
                 health=functools.partial(http_health, self.settings.http_host, port),
-                env={"CARDDESK_HEALTH_PORT": str(port)},
+                env=env,
                 cwd=PROJECT_ROOT,
             ))
         return specs
@@ -406,7 +485,7 @@ class Stack:
     def infra_answers(self) -> bool:
         """Whether Kafka and PostgreSQL already answer on the configured addresses."""
         return run_sync(lambda: postgres_answers(self.settings.database_url)) and run_sync(
-            lambda: kafka_answers(self.settings.kafka_bootstrap)
+            lambda: kafka_answers(self.admin_settings())
         )
 
     # -- up
@@ -431,10 +510,7 @@ class Stack:
             if not run_sync(lambda: postgres_answers(self.settings.database_url)):
                 raise StackError(f"cannot connect with CARDDESK_DATABASE_URL; see {pg.log_file}")
             self._wait_healthy(kafka)
-            created = run_sync(
-                lambda: ensure_topics(self.settings.kafka_bootstrap, contract_topics(self.settings))
-            )
-            self.report(f"topics: {len(created)} created" if created else "topics: all present")
+            self.ensure_topics_and_access()
             if services:
                 started.extend(self.start_services())
         except BaseException:
@@ -442,6 +518,36 @@ class Stack:
             self.down(only=started)
             raise
         return started
+
+    def ensure_topics_and_access(self) -> None:
+        """Create the missing topics, then the SCRAM users and ACLs of the services, the
+        auditor and every channel of the channels file (idempotent)."""
+        provision(self.admin_settings(), self.credentials_file, self.settings.channels_file,
+                  self.report)
+
+    @property
+    def credentials_file(self) -> Path:
+        return credentials_path(self.settings)
+
+    def admin_settings(self) -> CardDeskSettings:
+        """The stack's own settings with the administrator's credentials, once generated."""
+        credentials = read_credentials(self.credentials_file)
+        if ADMIN not in credentials:
+            return as_principal(self.settings, ADMIN)
+        return with_credentials(self.settings, *credentials[ADMIN])
+
+    def _ensure_credentials(self) -> dict[str, tuple[str, str]]:
+        """Random passwords for every generated principal, kept in credentials.json (0600);
+        existing ones are kept, so a second `up` changes nothing."""
+        credentials = read_credentials(self.credentials_file)
+        fresh = {p: (p, secrets.token_urlsafe(32))
+                 for p in GENERATED_PRINCIPALS if p not in credentials}
+        if fresh or not self.credentials_file.exists():
+            credentials.update(fresh)
+            body = {p: {"username": u, "password": pw} for p, (u, pw) in credentials.items()}
+            _write_private(self.credentials_file, json.dumps(body, indent=2) + "\n")
+        self.credentials_file.chmod(0o600)
+        return credentials
 
     def start_services(self) -> list[str]:
         """Start the services that are not running (they inherit this process's environment)
@@ -624,19 +730,27 @@ class Stack:
         return done.stdout
 
     def _prepare_kafka(self) -> None:
-        for port in (self.kafka_port, self.settings.kafka_controller_port):
-            if port_open(self.kafka_host, port):
+        for host, port in ((self.kafka_host, self.kafka_port),
+                           (CONTROLLER_HOST, self.settings.kafka_controller_port)):
+            if port_open(host, port):
                 raise StackError(
                     f"port {port} is in use by a process this stack did not start; stop it "
                     "or set CARDDESK_KAFKA_BOOTSTRAP / CARDDESK_KAFKA_CONTROLLER_PORT"
                 )
         self.ensure_kafka_jars()
         data = self.kafka_dir / "data"
+        formatted = (data / "meta.properties").exists()
+        if formatted and not self.credentials_file.exists():
+            raise StackError(
+                f"{data} was formatted without {self.credentials_file} (an older, "
+                "unauthenticated stack?); run `cardctl stack down --purge` first")
+        admin_password = self._ensure_credentials()[ADMIN][1]
         data.mkdir(parents=True, exist_ok=True)
         properties = self.kafka_dir / "server.properties"
-        properties.write_text(self._server_properties(data))
+        # It holds the administrator's password (for the broker's own SASL logins).
+        _write_private(properties, self._server_properties(data, admin_password))
         (self.kafka_dir / "log4j2.properties").write_text(self._log4j2_properties())
-        if (data / "meta.properties").exists():
+        if formatted:
             return
         cluster_id_file = self.kafka_dir / "cluster-id"
         if not cluster_id_file.exists():
@@ -651,20 +765,48 @@ class Stack:
                 cluster_id_file.read_text().strip(),
                 "-c",
                 str(properties),
+                # The superuser exists from the first start: every other user and ACL is
+                # created through it (`ensure_topics_and_access`).
+                "--add-scram",
+                f"SCRAM-SHA-512=[name={ADMIN},password={admin_password}]",
             ],
             "kafka-format.log",
         )
 
-    def _server_properties(self, data: Path) -> str:
+    def _server_properties(self, data: Path, admin_password: str) -> str:
+        """SASL/SCRAM-SHA-512 on the bootstrap address, authorisation by ACLs (KRaft's
+        StandardAuthorizer, nothing allowed without an ACL, `admin` the only superuser).
+
+        The controller listener is bound to loopback and authenticated too (SASL/PLAIN with
+        the administrator's password, since SCRAM credentials live in the metadata log the
+        controller serves), so it is no unauthenticated way around the ACLs.
+        """
         host, port, ctrl = self.kafka_host, self.kafka_port, self.settings.kafka_controller_port
+        scram_login = ("org.apache.kafka.common.security.scram.ScramLoginModule required "
+                       f'username="{ADMIN}" password="{admin_password}";')
+        plain_login = ("org.apache.kafka.common.security.plain.PlainLoginModule required "
+                       f'username="{ADMIN}" password="{admin_password}" '
+                       f'user_{ADMIN}="{admin_password}";')
         lines = [
             "process.roles=broker,controller",
             "node.id=1",
-            f"controller.quorum.voters=1@{host}:{ctrl}",
-            f"listeners=PLAINTEXT://{host}:{port},CONTROLLER://{host}:{ctrl}",
-            f"advertised.listeners=PLAINTEXT://{host}:{port}",
+            f"controller.quorum.voters=1@{CONTROLLER_HOST}:{ctrl}",
+            f"listeners=SASL_PLAINTEXT://{host}:{port},CONTROLLER://{CONTROLLER_HOST}:{ctrl}",
+            f"advertised.listeners=SASL_PLAINTEXT://{host}:{port}",
             "controller.listener.names=CONTROLLER",
-            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "inter.broker.listener.name=SASL_PLAINTEXT",
+            "listener.security.protocol.map=SASL_PLAINTEXT:SASL_PLAINTEXT,"
+            "CONTROLLER:SASL_PLAINTEXT",
+            "sasl.enabled.mechanisms=SCRAM-SHA-512",
+            "sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512",
+            "listener.name.sasl_plaintext.sasl.enabled.mechanisms=SCRAM-SHA-512",
+            f"listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config={scram_login}",
+            "sasl.mechanism.controller.protocol=PLAIN",
+            "listener.name.controller.sasl.enabled.mechanisms=PLAIN",
+            f"listener.name.controller.plain.sasl.jaas.config={plain_login}",
+            "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            f"super.users=User:{ADMIN}",
+            "allow.everyone.if.no.acl.found=false",
             f"log.dirs={data}",
             f"num.partitions={self.settings.partitions}",
             "auto.create.topics.enable=false",
@@ -747,6 +889,15 @@ def _wait_gone(pids: set[int], timeout_s: float) -> bool:
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, sig)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read, never readable by others even for a moment."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    path.chmod(0o600)
 
 
 def _ident(name: str) -> str:

@@ -1,10 +1,32 @@
-"""How every Kafka client of a process authenticates: one place for the security options."""
+"""How every Kafka client of a process authenticates: one place for the security options.
+
+A process's credentials come from `CARDDESK_KAFKA_USER` / `CARDDESK_KAFKA_PASSWORD`. In
+development the local stack writes every principal's into `<state_dir>/kafka/credentials.json`
+(`{"<principal>": {"username", "password"}}`, mode 0600); tools that are not given explicit
+credentials pick theirs from there with `as_principal`.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from pathlib import Path
+from typing import Any, TypeVar
 
+from faststream.security import SASLScram512
+from pydantic import SecretStr
+
+from shared.channels import Channel
 from shared.settings import CardDeskSettings
+
+S = TypeVar("S", bound=CardDeskSettings)
+
+SASL_MECHANISM = "SCRAM-SHA-512"
+ADMIN = "admin"
+AUDITOR = "auditor"
+
+
+class CredentialsError(RuntimeError):
+    """A principal's Kafka credentials are not where they should be."""
 
 
 def client_options(settings: CardDeskSettings) -> dict[str, Any]:
@@ -15,7 +37,69 @@ def client_options(settings: CardDeskSettings) -> dict[str, Any]:
     password = settings.kafka_password.get_secret_value() if settings.kafka_password else ""
     return {
         "security_protocol": "SASL_PLAINTEXT",
-        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_mechanism": SASL_MECHANISM,
         "sasl_plain_username": settings.kafka_user,
         "sasl_plain_password": password,
     }
+
+
+def broker_security(settings: CardDeskSettings) -> SASLScram512 | None:
+    """The same credentials for a FastStream `KafkaBroker(..., security=...)`."""
+    if settings.kafka_user is None:
+        return None
+    password = settings.kafka_password.get_secret_value() if settings.kafka_password else ""
+    return SASLScram512(username=settings.kafka_user, password=password)
+
+
+def credentials_path(settings: CardDeskSettings) -> Path:
+    """Where the local stack keeps the generated Kafka credentials."""
+    return settings.state_dir.resolve() / "kafka" / "credentials.json"
+
+
+def read_credentials(path: Path) -> dict[str, tuple[str, str]]:
+    """principal → (username, password) from a credentials file; empty if there is none."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise CredentialsError(f"{path} cannot be read: {type(exc).__name__}") from exc
+    if not isinstance(raw, dict):
+        raise CredentialsError(f"{path} is not a JSON object")
+    result = {}
+    for principal, entry in raw.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("username"), str)
+                and isinstance(entry.get("password"), str)):
+            raise CredentialsError(f"{path}: entry {principal!r} lacks username/password")
+        result[principal] = (entry["username"], entry["password"])
+    return result
+
+
+def with_credentials(settings: S, username: str, password: str) -> S:
+    return settings.model_copy(
+        update={"kafka_user": username, "kafka_password": SecretStr(password)})
+
+
+def as_principal(settings: S, principal: str) -> S:
+    """`settings` with `principal`'s credentials from the local stack's credentials file,
+    unless the process was given `CARDDESK_KAFKA_USER` (explicit credentials win) or no file
+    exists (a broker without authentication)."""
+    if settings.kafka_user is not None:
+        return settings
+    credentials = read_credentials(credentials_path(settings))
+    if not credentials:
+        return settings
+    if principal not in credentials:
+        raise CredentialsError(
+            f"{credentials_path(settings)} has no credentials for {principal!r}")
+    username, password = credentials[principal]
+    return with_credentials(settings, username, password)
+
+
+def as_channel(settings: S, channel: Channel) -> S:
+    """`settings` with a channel's own credentials (user = its id, password = its
+    `kafka_password`): a process acting as a channel is that channel, whatever else it is
+    allowed; a channel without a password keeps `settings`' credentials."""
+    if channel.kafka_password is None:
+        return settings
+    return with_credentials(settings, channel.channel_id, channel.kafka_password)

@@ -16,6 +16,9 @@ import asyncpg
 import structlog
 from aiokafka import AIOKafkaProducer
 
+from shared.kafka import client_options
+from shared.settings import CardDeskSettings
+
 log = structlog.get_logger()
 
 
@@ -51,10 +54,12 @@ def outbox_insert(schema: str, first: int) -> str:
             f" ${first + 2}::bytea[], ${first + 3}::jsonb[])")
 
 
-def make_producer(bootstrap: str) -> AIOKafkaProducer:
-    """Idempotent, fully acknowledged, ordered per partition even when retried."""
+def make_producer(settings: CardDeskSettings) -> AIOKafkaProducer:
+    """Idempotent, fully acknowledged, ordered per partition even when retried; it
+    authenticates with the process's Kafka credentials."""
     return AIOKafkaProducer(
-        bootstrap_servers=bootstrap,
+        bootstrap_servers=settings.kafka_bootstrap,
+        **client_options(settings),
         enable_idempotence=True,
         acks="all",
         linger_ms=2,

@@ -23,6 +23,7 @@ from faststream.middlewares import AckPolicy
 from shared.barrier import FollowerBarrier
 from shared.consumer import DeadLetters, Inbound
 from shared.eventstore import migrate
+from shared.kafka import broker_security
 from shared.logging import configure_logging
 from shared.outbox import OutboxRelay, make_producer
 from shared.production import UnsafeConfigurationError, exit_refused, refuse_unsafe_configuration
@@ -47,7 +48,8 @@ class ServiceRuntime:
         self.extra_ddl = extra_ddl
         self.secrets = frozenset(secrets)
         self.shipped_in_use = tuple(shipped_in_use)
-        self.broker = KafkaBroker(settings.kafka_bootstrap, client_id=f"carddesk-{name}")
+        self.broker = KafkaBroker(settings.kafka_bootstrap, client_id=f"carddesk-{name}",
+                                  security=broker_security(settings))
         self._pool: asyncpg.Pool | None = None
         self._producer: AIOKafkaProducer | None = None
         self._relay: OutboxRelay | None = None
@@ -145,7 +147,7 @@ class ServiceRuntime:
         self._pool = await asyncpg.create_pool(self.settings.database_url, min_size=2,
                                                max_size=10, reset=keep_session)
         await migrate(self._pool, self.schema, self.extra_ddl)
-        self._producer = make_producer(self.settings.kafka_bootstrap)
+        self._producer = make_producer(self.settings)
         await self._producer.start()
         self._relay = OutboxRelay(
             self._pool, self._producer, self.schema,

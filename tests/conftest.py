@@ -7,6 +7,7 @@ them with `cardctl.stack` and stops at the end exactly what it started.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 
@@ -16,32 +17,54 @@ import pytest
 # shell says; the services they start as processes inherit it.
 os.environ["CARDDESK_ENV"] = "development"
 
-from cardctl.stack import Stack, contract_topics, ensure_topics, run_sync
+from cardctl.stack import Stack
 from shared.settings import CardDeskSettings
 
 
 @pytest.fixture(scope="session")
-def settings() -> CardDeskSettings:
+def settings(stack: Stack) -> CardDeskSettings:
+    """The session's settings, with the administrator's Kafka credentials once the stack runs
+    (tests are plumbing: they create topics and play every role)."""
     return CardDeskSettings()
 
 
 @pytest.fixture(scope="session")
-def stack(settings: CardDeskSettings) -> Iterator[Stack]:
-    """Kafka and PostgreSQL answering, with every topic of the contract created."""
-    local = Stack(settings, report=lambda line: print(f"[stack] {line}"))
+def stack() -> Iterator[Stack]:
+    """Kafka and PostgreSQL answering, with every topic of the contract created; for the
+    session, CARDDESK_KAFKA_USER/PASSWORD name the stack's administrator, so that every
+    settings object a test builds authenticates."""
+    local = Stack(CardDeskSettings(), report=lambda line: print(f"[stack] {line}"))
     if local.infra_answers():
         # Tests run services in-process on the contract's topics; a running local service
         # would process their commands too. The e2e package starts its own.
         local.down(only=[spec.name for spec in local.service_specs()])
-        run_sync(lambda: ensure_topics(settings.kafka_bootstrap, contract_topics(settings)))
-        yield local
+        local.ensure_topics_and_access()
+        with admin_environment(local):
+            yield local
         return
     # Services are not started here: integration tests drive the code in-process.
     started = local.up(services=False)
     try:
-        yield local
+        with admin_environment(local):
+            yield local
     finally:
         local.down(only=started)
+
+
+@contextlib.contextmanager
+def admin_environment(local: Stack) -> Iterator[None]:
+    admin = local.admin_settings()
+    if admin.kafka_user is None or "CARDDESK_KAFKA_USER" in os.environ:
+        yield
+        return
+    password = admin.kafka_password.get_secret_value() if admin.kafka_password else ""
+    os.environ["CARDDESK_KAFKA_USER"], os.environ["CARDDESK_KAFKA_PASSWORD"] = (
+        admin.kafka_user, password)
+    try:
+        yield
+    finally:
+        os.environ.pop("CARDDESK_KAFKA_USER", None)
+        os.environ.pop("CARDDESK_KAFKA_PASSWORD", None)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import httpx
@@ -20,6 +21,7 @@ from services.status.settings import StatusSettings
 from shared.consumer import Inbound
 from shared.envelope import GENESIS_HASH, EventEnvelope
 from shared.events import DomainEvent, EventMeta, to_pending
+from shared.kafka import client_options
 from shared.outbox import make_producer
 from shared.runtime import ServiceRuntime
 from shared.settings import CardDeskSettings
@@ -28,6 +30,17 @@ from shared.topics import TopicSpec
 # The dev channels file's first citizen and bureau channels, as the tests act as them.
 CITIZEN_CHANNEL = "wechat-oa"
 BUREAU_CHANNEL = "bureau-counter"
+
+
+def session_settings(bootstrap: str) -> CardDeskSettings:
+    """Settings for `bootstrap` with the test session's Kafka credentials: the stack
+    fixture puts the administrator's into the environment."""
+    return CardDeskSettings(kafka_bootstrap=bootstrap)
+
+
+def kafka_options() -> dict[str, Any]:
+    """Security options of every Kafka client a test makes (the administrator's)."""
+    return client_options(CardDeskSettings())
 
 
 def unique(prefix: str) -> str:
@@ -50,7 +63,8 @@ def make_events(
 
 
 async def create_topics(bootstrap: str, names: Sequence[str], partitions: int = 6) -> None:
-    await ensure_topics(bootstrap, [TopicSpec(name=n, partitions=partitions) for n in names])
+    await ensure_topics(session_settings(bootstrap),
+                        [TopicSpec(name=n, partitions=partitions) for n in names])
 
 
 async def read_topic(
@@ -61,7 +75,8 @@ async def read_topic(
     timeout_s: float = 30.0,
 ) -> list[ConsumerRecord]:
     """Every record of `topic` from offset 0, read until `until(records)` holds."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, **kafka_options(),
+                                       group_id=None,
                                 auto_offset_reset="earliest", enable_auto_commit=False)
     await consumer.start()
     records: list[ConsumerRecord] = []
@@ -100,7 +115,7 @@ async def isolated_status_service(
     all_topics = [*topics, *(f"{t}.dlq" for t in topics)]
     await create_topics(settings.kafka_bootstrap, all_topics, partitions=settings.partitions)
     service = build_status(status_settings)
-    producer = make_producer(settings.kafka_bootstrap)
+    producer = make_producer(settings)
     await producer.start()
     try:
         # The Starlette lifespan starts the runtime and the broker, as uvicorn would.
@@ -118,7 +133,7 @@ async def isolated_status_service(
             await conn.execute(f"DROP SCHEMA IF EXISTS {status_settings.status_schema} CASCADE")
         finally:
             await conn.close()
-        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **kafka_options())
         await admin.start()
         try:
             await admin.delete_topics(all_topics)
@@ -127,7 +142,7 @@ async def isolated_status_service(
 
 
 async def partitions_of(bootstrap: str, topics: Sequence[str]) -> list[TopicPartition]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **kafka_options())
     await admin.start()
     try:
         described = await admin.describe_topics(list(topics))
@@ -145,7 +160,8 @@ class TopicTail:
         self.bootstrap = bootstrap
         self.topic = topic
         self.records: list[ConsumerRecord] = []
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, **kafka_options(),
+                                          group_id=None,
                                           enable_auto_commit=False)
         self._task: asyncio.Task[None] | None = None
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from shared.commands import Reply
 from shared.contracts import auth, common, issuance, loss, review
+from shared.kafka import broker_security
 from shared.settings import CardDeskSettings
 from shared.topics import REPLY_TOPIC_PREFIX, command_topic, dlq_topic, event_topic
 
@@ -77,7 +78,8 @@ def _documenting(model: type[BaseModel]) -> Callable[[Any], Awaitable[None]]:
 
 
 def contract_broker(settings: CardDeskSettings) -> KafkaBroker:
-    broker = KafkaBroker(settings.kafka_bootstrap, client_id="carddesk-contract-docs")
+    broker = KafkaBroker(settings.kafka_bootstrap, client_id="carddesk-contract-docs",
+                         security=broker_security(settings))
     for service, payloads in COMMANDS.items():
         name = f"{service.capitalize()}Command"
         command = create_model(name, __base__=CommandEnvelopeDoc, payload=(payloads, ...))

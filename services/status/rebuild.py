@@ -39,6 +39,7 @@ from services.status.timeline import description
 from shared.consumer import Inbound, Rejected, parse_event
 from shared.contracts import KNOWN_EVENT_TYPES
 from shared.envelope import EventEnvelope
+from shared.kafka import client_options
 
 log = structlog.get_logger()
 
@@ -257,8 +258,9 @@ class TopicReader:
 
     async def start(self) -> None:
         bootstrap = self.settings.kafka_bootstrap
+        security = client_options(self.settings)
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap,
-                                    client_id="carddesk-status-rebuild")
+                                    client_id="carddesk-status-rebuild", **security)
         await admin.start()
         try:
             # Listed first: describing a missing topic may make the broker create it.
@@ -277,12 +279,12 @@ class TopicReader:
         for consumer in (
             AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
                              enable_auto_commit=False,
-                             client_id="carddesk-status-rebuild-offsets"),
+                             client_id="carddesk-status-rebuild-offsets", **security),
             AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
                              enable_auto_commit=False, auto_offset_reset="earliest",
                              client_id="carddesk-status-rebuild",
                              max_partition_fetch_bytes=8 * 1024 * 1024,
-                             fetch_max_bytes=64 * 1024 * 1024),
+                             fetch_max_bytes=64 * 1024 * 1024, **security),
         ):
             self._started.append(consumer)
             await consumer.start()

@@ -21,7 +21,7 @@ from cardctl.journey import Journey, Session
 from cardctl.operations import seed
 from services.status.settings import StatusSettings
 from shared.settings import CardDeskSettings
-from tests.support import BUREAU_CHANNEL, CITIZEN_CHANNEL, eventually
+from tests.support import BUREAU_CHANNEL, CITIZEN_CHANNEL, eventually, kafka_options
 
 pytestmark = pytest.mark.integration
 
@@ -96,15 +96,15 @@ async def projection_caught_up(settings: StatusSettings) -> None:
     seen now: every event published so far is in the live projection (a consumer commits only
     after its transaction)."""
     bootstrap = settings.kafka_bootstrap
-    layout = await partitions_of(bootstrap, list(CONTRACT_TOPICS))
+    layout = await partitions_of(bootstrap, list(CONTRACT_TOPICS), security=kafka_options())
     partitions = [TopicPartition(t, p) for t, ps in layout.items() for p in ps]
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, **kafka_options(), group_id=None)
     await consumer.start()
     try:
         ends = await consumer.end_offsets(partitions)
     finally:
         await consumer.stop()
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **kafka_options())
     await admin.start()
     try:
         async def committed_all() -> bool:
@@ -136,7 +136,8 @@ async def test_replaying_the_log_reproduces_every_citizens_live_status_and_timel
     # --all on the real topics: another run sharing this Kafka may still be publishing, so
     # citizens whose events arrive while the replay runs may differ; ours are done.
     report = await replay_log(status_settings.kafka_bootstrap, status_settings.database_url,
-                              schema=status_settings.status_schema)
+                              schema=status_settings.status_schema,
+                              security=kafka_options())
     assert mine <= set(report.agreed), [d.describe() for d in report.differences]
     assert report.events >= 20
 
@@ -161,7 +162,7 @@ async def test_a_live_row_made_wrong_is_reported_with_its_citizen_and_field(
                            " WHERE citizen_ref = $1", ref)
         code, output = await asyncio.to_thread(audit, "--citizen", ref)
         report = await replay_log(status_settings.kafka_bootstrap, settings.database_url,
-                                  schema=schema)
+                                  schema=schema, security=kafka_options())
     finally:
         await conn.execute(f"UPDATE {schema}.card_status SET status = $2"
                            " WHERE citizen_ref = $1", ref, status)

@@ -22,7 +22,7 @@ from shared.crypto import PREFIX, DataKeyDestroyedError, Vault
 from shared.envelope import EventEnvelope, verify_stream
 from shared.settings import CardDeskSettings
 from shared.topics import SERVICES
-from tests.support import BUREAU_CHANNEL, CITIZEN_CHANNEL
+from tests.support import BUREAU_CHANNEL, CITIZEN_CHANNEL, kafka_options
 
 pytestmark = pytest.mark.integration
 
@@ -142,7 +142,8 @@ async def test_an_erased_citizen_is_unreadable_everywhere_yet_every_chain_still_
         await journey.wait_for_timeline(ref, *["SubjectErased"] * len(SERVICES))
         status_settings = StatusSettings()
         report = await replay_log(status_settings.kafka_bootstrap, settings.database_url,
-                                  schema=status_settings.status_schema, citizen=ref)
+                                  schema=status_settings.status_schema, citizen=ref,
+                                  security=kafka_options())
         assert report.agreed == [ref], [d.describe() for d in report.differences]
 
         again = await cardctl_erase(ref)

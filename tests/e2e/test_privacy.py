@@ -17,6 +17,7 @@ from cardctl.operations import seed
 from shared.masking import mask_id_number, mask_name
 from shared.settings import CardDeskSettings
 from shared.topics import SERVICES
+from tests.support import kafka_options
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +44,7 @@ def leaks(haystack: bytes, citizens: list[SyntheticCitizen]) -> list[str]:
 
 
 async def every_topic_bytes(bootstrap: str) -> dict[str, bytes]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **kafka_options())
     await admin.start()
     try:
         topics = sorted(t for t in await admin.list_topics() if not t.startswith("__"))
@@ -52,7 +53,7 @@ async def every_topic_bytes(bootstrap: str) -> dict[str, bytes]:
         await admin.close()
     partitions = [TopicPartition(d["topic"], p["partition"])
                   for d in described for p in d["partitions"]]
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, **kafka_options(), group_id=None,
                                 enable_auto_commit=False)
     await consumer.start()
     try:

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from cardctl.audit import CONTRACT_TOPICS, audit_app
 from shared.outbox import make_producer
 from shared.settings import CardDeskSettings
-from tests.support import create_topics
+from tests.support import create_topics, kafka_options
 from tests.unit.test_audit import Record, a_log, altered, removed, stream_of, swapped
 
 pytestmark = pytest.mark.integration
@@ -34,7 +34,7 @@ class LogCopies:
         self.prefixes.append(prefix)
         await create_topics(self.settings.kafka_bootstrap,
                             [f"{prefix}{t}" for t in CONTRACT_TOPICS], self.settings.partitions)
-        producer = make_producer(self.settings.kafka_bootstrap)
+        producer = make_producer(self.settings)
         await producer.start()
         try:
             for r in records:  # one at a time: the log order is the order written
@@ -46,7 +46,8 @@ class LogCopies:
     async def delete(self) -> None:
         if not self.prefixes:
             return
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap)
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap,
+                                    **kafka_options())
         await admin.start()
         try:
             await admin.delete_topics([f"{p}{t}" for p in self.prefixes for t in CONTRACT_TOPICS])

@@ -12,6 +12,7 @@ from aiokafka.admin.config_resource import (
 
 from cardctl.stack import Stack, contract_topics
 from shared.settings import CardDeskSettings
+from tests.support import kafka_options
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.integration
 async def test_every_contract_topic_exists_with_the_configured_partition_count(
     settings: CardDeskSettings,
 ) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **kafka_options())
     await admin.start()
     try:
         expected = {t.name: t.partitions for t in contract_topics(settings)}
@@ -31,7 +32,7 @@ async def test_every_contract_topic_exists_with_the_configured_partition_count(
 
 
 async def _topic_configs(settings: CardDeskSettings, names: list[str]) -> dict[str, dict[str, str]]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **kafka_options())
     await admin.start()
     try:
         responses = await admin.describe_configs(

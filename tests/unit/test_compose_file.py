@@ -149,3 +149,38 @@ def test_the_contract_variables_are_settings_the_code_reads() -> None:
     fields = CardDeskSettings.model_fields
     for var in CONTRACT_VARIABLES:
         assert var.removeprefix("CARDDESK_").lower() in fields
+
+
+def test_kafka_authenticates_every_listener_and_authorises_by_acls(
+    compose: dict[str, Any],
+) -> None:
+    env = environment_of(compose["services"]["kafka"])
+    protocols = dict(pair.split(":") for pair in
+                     env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+    assert set(protocols.values()) == {"SASL_PLAINTEXT"}
+    assert env["KAFKA_SASL_ENABLED_MECHANISMS"] == "SCRAM-SHA-512"
+    assert env["KAFKA_AUTHORIZER_CLASS_NAME"] == (
+        "org.apache.kafka.metadata.authorizer.StandardAuthorizer")
+    assert env["KAFKA_ALLOW_EVERYONE_IF_NO_ACL_FOUND"] == "false"
+    assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
+    assert "CONTROLLER://localhost:" in env["KAFKA_LISTENERS"]
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_each_app_service_has_its_own_kafka_principal_from_the_environment(
+    compose: dict[str, Any], name: str,
+) -> None:
+    env = environment_of(compose["services"][name])
+    assert env["CARDDESK_KAFKA_USER"] == name
+    # Interpolated from the operator's environment, never written into the file.
+    assert env["CARDDESK_KAFKA_PASSWORD"].startswith("${")
+
+
+def test_no_development_channels_file_is_shipped_or_mounted(compose: dict[str, Any]) -> None:
+    text = COMPOSE_FILE.read_text(encoding="utf-8")
+    mounted = [line for line in text.splitlines()
+               if "channels.dev.json" in line and not line.lstrip().startswith("#")]
+    assert mounted == []
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    assert "channels.dev.json" not in dockerfile
+    assert "COPY config" not in dockerfile

@@ -31,7 +31,7 @@ from tests.integration.auth.citizens import (
     random_face,
     with_wrong_check_char,
 )
-from tests.support import create_topics, eventually
+from tests.support import create_topics, eventually, kafka_options
 
 pytestmark = pytest.mark.integration
 
@@ -46,6 +46,7 @@ class Replies:
 
     def __init__(self, bootstrap: str) -> None:
         self.consumer = AIOKafkaConsumer(REPLIES_TOPIC, bootstrap_servers=bootstrap,
+                                         **kafka_options(),
                                          group_id=None, enable_auto_commit=False)
         self.seen: dict[str, list[bytes]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -162,7 +163,7 @@ async def channel(
 ) -> AsyncIterator[ChannelClient]:
     replies = Replies(settings_for_service.kafka_bootstrap)
     await replies.start()
-    producer = make_producer(settings_for_service.kafka_bootstrap)
+    producer = make_producer(settings_for_service)
     await producer.start()
     known = ChannelRegistry.from_file(settings_for_service.channels_file).get(CHANNEL)
     assert known is not None

@@ -30,7 +30,7 @@ from shared.eventstore import migrate
 from shared.identity import check_char, citizen_ref
 from shared.runtime import ServiceRuntime
 from shared.topics import reply_topic
-from tests.support import create_topics, eventually, follower_paused, unique
+from tests.support import create_topics, eventually, follower_paused, kafka_options, unique
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +53,8 @@ class Tap:
     """Everything published on some topics from now on (or from the start), kept in memory."""
 
     def __init__(self, bootstrap: str, topics: list[str], *, from_start: bool) -> None:
-        self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, **kafka_options(),
+                                         group_id=None,
                                          enable_auto_commit=False)
         self.bootstrap = bootstrap
         self.topics = topics
@@ -62,7 +63,7 @@ class Tap:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, **kafka_options())
         await admin.start()
         try:
             described = await admin.describe_topics(self.topics)
@@ -204,7 +205,7 @@ async def harness() -> AsyncIterator[Harness]:
     await create_topics(settings.kafka_bootstrap, [*own_topics, *reply_topics],
                         settings.partitions)
     runtime = build(settings)
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, **kafka_options())
     replies = Tap(settings.kafka_bootstrap, reply_topics, from_start=False)
     events = Tap(settings.kafka_bootstrap, [settings.issuance_events_topic], from_start=True)
     try:
@@ -226,7 +227,7 @@ async def harness() -> AsyncIterator[Harness]:
             await conn.execute(f"DROP SCHEMA {settings.issuance_schema} CASCADE")
         finally:
             await conn.close()
-        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **kafka_options())
         await admin.start()
         try:
             await admin.delete_topics(own_topics)

@@ -49,7 +49,7 @@ async def record_seen(conn: asyncpg.Connection, schema: str, event: EventEnvelop
 
 @pytest.fixture
 async def producer(settings: CardDeskSettings) -> AsyncIterator[AIOKafkaProducer]:
-    producer = make_producer(settings.kafka_bootstrap)
+    producer = make_producer(settings)
     await producer.start()
     yield producer
     await producer.stop()

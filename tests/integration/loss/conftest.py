@@ -28,7 +28,7 @@ from shared.eventstore import event_message
 from shared.runtime import ServiceRuntime
 from shared.tokens import SessionClaims, TokenSigner
 from shared.topics import all_topics, reply_topic
-from tests.support import TopicTail, partitions_of
+from tests.support import TopicTail, kafka_options, partitions_of, session_settings
 
 CHANNEL = "wechat-oa"
 CONSUMED = ("loss.commands", "issuance.events", "review.events")
@@ -64,7 +64,7 @@ class Tail(TopicTail):
 async def _skip_history(bootstrap: str, group: str) -> None:
     """A fresh group would read the topics from offset 0 and replay other runs' commands;
     commit the current ends so the service sees only what this test module sends."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, **kafka_options(), group_id=group,
                                 enable_auto_commit=False)
     await consumer.start()
     try:
@@ -153,13 +153,14 @@ async def harness(loss_settings: LossSettings) -> AsyncIterator[Harness]:
     suffix = uuid.uuid4().hex[:10]
     schema, group = f"loss_test_{suffix}", f"carddesk-loss-test-{suffix}"
     bootstrap = loss_settings.kafka_bootstrap
-    await ensure_topics(bootstrap, all_topics(loss_settings.partitions, [CHANNEL]))
+    await ensure_topics(session_settings(bootstrap),
+                        all_topics(loss_settings.partitions, [CHANNEL]))
     await _skip_history(bootstrap, group)
     replies = Tail(bootstrap, reply_topic(CHANNEL))
     loss_events = Tail(bootstrap, "loss.events")
     await replies.start()
     await loss_events.start()
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **kafka_options())
     await producer.start()
     db = await asyncpg.create_pool(loss_settings.database_url, min_size=1, max_size=2)
     runtime = build(loss_settings, schema=schema, consumer_group=group)

@@ -30,7 +30,7 @@ from shared.events import DomainEvent, EventMeta, to_pending
 from shared.runtime import ServiceRuntime
 from shared.tokens import SessionClaims, TokenSigner
 from shared.topics import all_topics, reply_topic
-from tests.support import TopicTail, follower_paused
+from tests.support import TopicTail, follower_paused, kafka_options
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +62,7 @@ async def start_group_at_end(
     """Commit a fresh group's offsets at the topics' ends, so the service under test handles
     only this run's messages instead of replaying (and re-replying to) the whole history."""
     partitions = [TopicPartition(t, p) for t in topics for p in await producer.partitions_for(t)]
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, **kafka_options(), group_id=group,
                                 enable_auto_commit=False)
     await consumer.start()
     try:
@@ -144,8 +144,8 @@ class Harness:
 async def review() -> AsyncIterator[Harness]:
     settings = ReviewSettings()
     wanted = [t for t in all_topics(settings.partitions, REPLY_CHANNELS) if t.name in TOPICS]
-    await ensure_topics(settings.kafka_bootstrap, wanted)
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    await ensure_topics(settings, wanted)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, **kafka_options())
     await producer.start()
     replies = {channel_id: Tail(settings.kafka_bootstrap, reply_topic(channel_id))
                for channel_id in REPLY_CHANNELS}
