@@ -200,8 +200,7 @@ async def ensure_topics(settings: CardDeskSettings, topics: Sequence[TopicSpec])
 
 
 async def ensure_access(settings: CardDeskSettings, users: dict[str, str],
-                        channel_ids: Sequence[str],
-                        ) -> tuple[int, int]:
+                        channel_ids: Sequence[str]) -> tuple[int, int]:
     """Bring the broker's SCRAM users and ACLs in line with the plan (admin credentials);
     returns (ACLs created, ACLs deleted)."""
     admin = await _open_admin(settings, 15.0)
