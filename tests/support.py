@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -218,3 +218,16 @@ async def follower_paused(runtime: ServiceRuntime, topic: str) -> AsyncIterator[
         yield
     finally:
         await subscriber.start()
+
+
+async def until_consistent(send: Callable[[], Awaitable[dict[str, Any]]],
+                           timeout_s: float = 60.0) -> dict[str, Any]:
+    """Send (the same request) again while the reply is `not_yet_consistent`, as a channel
+    does, until another reply comes or `timeout_s` runs out (then the last reply)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        reply = await send()
+        if reply.get("code") != "not_yet_consistent" or (
+                asyncio.get_running_loop().time() > deadline):
+            return reply
+        await asyncio.sleep(0.5)

@@ -58,8 +58,8 @@ class Citizen:
         self._last[stream_id] = (envelope.version, envelope.hash)
         return topic, envelope
 
-    def journey(self, steps: int) -> list[tuple[str, EventEnvelope]]:
-        """The first `steps` events of a loss-to-pickup journey."""
+    def journey(self, steps: int, start: int = 0) -> list[tuple[str, EventEnvelope]]:
+        """Events `start` to `steps` of a loss-to-pickup journey (each stream gapless)."""
         app = f"app-{uuid.uuid4().hex[:8]}"
         makers: list[Callable[[], tuple[str, EventEnvelope]]] = [
             lambda: self.event("issuance.events", issuance.CardIssued(card_no="A01234567")),
@@ -80,7 +80,7 @@ class Citizen:
             lambda: self.event("issuance.events", issuance.CardReadyForPickup(
                 application_id=app, pickup_bureau="bureau-001", card_no="S440300000001")),
         ]
-        return [make() for make in makers[:steps]]
+        return [make() for make in makers[start:steps]]
 
 
 @dataclass
@@ -217,7 +217,7 @@ async def test_the_running_service_applies_new_events_to_the_new_tables(
     report = await rebuild(isolated.settings, keep_old=True)
 
     [old_status] = [t for t in report.old_tables if ".card_status_old_" in t]
-    await isolated.send(early.journey(7)[3:] + late.journey(2))
+    await isolated.send(early.journey(7, start=3) + late.journey(2))
     await isolated.all_applied()
     response = await isolated.http.get(f"/v1/citizens/{early.ref}/card")
     assert response.json()["status"] == "READY_FOR_PICKUP"
@@ -239,7 +239,7 @@ async def test_events_written_during_the_rebuild_end_up_in_the_swapped_tables(
     citizens = [Citizen() for _ in range(10)]
     for citizen in citizens:
         await isolated.send(citizen.journey(2))
-    more = [event for citizen in citizens for event in citizen.journey(7)[2:]]
+    more = [event for citizen in citizens for event in citizen.journey(7, start=2)]
     half = len(more) // 2
 
     async def keep_sending() -> None:

@@ -30,7 +30,14 @@ from shared.eventstore import migrate
 from shared.identity import check_char, citizen_ref
 from shared.runtime import ServiceRuntime
 from shared.topics import reply_topic
-from tests.support import create_topics, eventually, follower_paused, kafka_options, unique
+from tests.support import (
+    create_topics,
+    eventually,
+    follower_paused,
+    kafka_options,
+    unique,
+    until_consistent,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -448,7 +455,7 @@ async def test_a_collection_waits_for_the_approval_the_review_follower_has_not_a
             old_card_no=old))
         while_paused = await harness.command("CollectCard", collect)
     await harness.events_of(ref, 4)  # production started, reissued, ready for pickup
-    after = await harness.command("CollectCard", collect)
+    after = await until_consistent(lambda: harness.command("CollectCard", collect))
 
     assert (while_paused["status"], while_paused["code"]) == ("rejected", "not_yet_consistent")
     # Resuming the follower rebalances the group, which may redeliver the first command:

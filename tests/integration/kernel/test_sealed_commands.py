@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from shared.channels import Channel, ChannelRegistry, sign
-from shared.commands import CommandContext, CommandIntake, CommandRoute, Reply
+from shared.commands import CommandContext, CommandIntake, CommandRoute, Reply, open_reply
 from shared.consumer import Inbound
 from shared.contracts.auth import StartSession
 from shared.contracts.issuance import ImportCard
@@ -66,9 +66,10 @@ class Probe:
         if mine:
             return mine[-1]
         rows = await self.intake.pool.fetch(
-            f"SELECT reply FROM {self.intake.schema}.replies WHERE request_id = $1", request_id)
+            f"SELECT reply FROM {self.intake.schema}.stored_replies"
+            " WHERE channel = $1 AND request_id = $2", channel.channel_id, request_id)
         assert len(rows) == 1, f"no reply to {request_id}"
-        return Reply.model_validate_json(rows[0]["reply"])
+        return open_reply(channel, request_id, bytes(rows[0]["reply"]))
 
 
 def sealed(channel: Channel, command_type: str, payload: dict[str, Any],

@@ -13,7 +13,7 @@ import pytest
 from shared.contracts.issuance import CardReissued
 from tests.integration.loss.conftest import Harness
 from tests.integration.loss.test_loss_service import citizen_with_card, report_formal_loss
-from tests.support import follower_paused
+from tests.support import follower_paused, until_consistent
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +77,8 @@ async def test_a_loss_is_not_decided_while_the_issuance_follower_is_behind(
             f"card-{citizen_ref}", citizen_ref, CardReissued(
                 application_id=str(uuid.uuid4()), new_card_no=new_card, old_card_no=old_card)))
         while_paused = await harness.command("ReportLoss", payload, request_id=request_id)
-    retried = await harness.command("ReportLoss", payload, request_id=request_id)
+    retried = await until_consistent(
+        lambda: harness.command("ReportLoss", payload, request_id=request_id))
 
     assert (while_paused["status"], while_paused["code"]) == ("rejected", "not_yet_consistent")
     assert retried["status"] == "accepted", retried

@@ -30,7 +30,7 @@ from shared.events import DomainEvent, EventMeta, to_pending
 from shared.runtime import ServiceRuntime
 from shared.tokens import SessionClaims, TokenSigner
 from shared.topics import all_topics, reply_topic
-from tests.support import TopicTail, follower_paused, kafka_options
+from tests.support import TopicTail, follower_paused, kafka_options, until_consistent
 
 pytestmark = pytest.mark.integration
 
@@ -305,8 +305,8 @@ async def test_an_application_is_not_accepted_while_the_loss_follower_is_behind(
         await review.publish_loss_event(citizen_ref, LossCancelled(loss_id="L-stale"))
         while_paused = await review.send("wechat-oa", "SubmitReissueApplication", payload,
                                          request_id=request_id)
-    retried = await review.send("wechat-oa", "SubmitReissueApplication", payload,
-                                request_id=request_id)
+    retried = await until_consistent(lambda: review.send(
+        "wechat-oa", "SubmitReissueApplication", payload, request_id=request_id))
 
     assert (while_paused["status"], while_paused["code"]) == ("rejected", "not_yet_consistent")
     assert (retried["status"], retried["code"]) == ("rejected", "no_formal_loss")
