@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
-from typing import Any
 
 import asyncpg
-import structlog
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
@@ -17,37 +14,20 @@ from starlette.routing import Route
 from services.status.adapters import fetch_card, fetch_timeline
 from services.status.asyncapi import asyncapi_html, asyncapi_json
 from services.status.settings import StatusSettings
-
-log = structlog.get_logger()
+from shared.health import summarise
 
 Lifespan = Callable[[Starlette], AbstractAsyncContextManager[None]]
 
 
 class QueryBackend:
-    """What the routes need from the running service: its pool and a Kafka probe."""
+    """What the routes need from the running service: its pool and its health checks
+    (database, Kafka and every consumer, each None when fine)."""
 
     def __init__(self, settings: StatusSettings, pool: Callable[[], asyncpg.Pool],
-                 kafka_ping: Callable[[float], Awaitable[bool]]) -> None:
+                 problems: Callable[[], Awaitable[Mapping[str, str | None]]]) -> None:
         self.settings = settings
         self.pool = pool
-        self.kafka_ping = kafka_ping
-
-    async def database_answers(self) -> bool:
-        try:
-            pool = self.pool()
-            value = await asyncio.wait_for(pool.fetchval("SELECT 1"),
-                                           self.settings.health_timeout_seconds)
-        except (AssertionError, TimeoutError, OSError, asyncpg.PostgresError,
-                asyncpg.InterfaceError):
-            return False
-        return bool(value == 1)
-
-    async def kafka_answers(self) -> bool:
-        try:
-            return await self.kafka_ping(self.settings.health_timeout_seconds)
-        except Exception:  # a probe reports, it never raises
-            log.warning("health.kafka_probe_failed", exc_info=True)
-            return False
+        self.problems = problems
 
 
 def create_app(backend: QueryBackend, lifespan: Lifespan | None = None) -> Starlette:
@@ -67,10 +47,8 @@ def create_app(backend: QueryBackend, lifespan: Lifespan | None = None) -> Starl
         return JSONResponse({"citizen_ref": citizen_ref, "entries": entries})
 
     async def health(_request: Request) -> JSONResponse:
-        database, kafka = await asyncio.gather(backend.database_answers(), backend.kafka_answers())
-        checks: dict[str, Any] = {"database": "ok" if database else "down",
-                                  "kafka": "ok" if kafka else "down"}
-        if database and kafka:
+        healthy, checks = summarise(await backend.problems())
+        if healthy:
             return JSONResponse({"status": "ok", "checks": checks})
         return JSONResponse({"status": "unavailable", "checks": checks}, status_code=503)
 

@@ -41,7 +41,7 @@ class StatusService:
                                    group=settings.status_consumer_group,
                                    title=f"{topic}:status",
                                    description=f"Projects {contract_topic} into card_status")
-        backend = QueryBackend(settings, lambda: self.runtime.pool, self.runtime.broker.ping)
+        backend = QueryBackend(settings, lambda: self.runtime.pool, self.runtime.problems)
         self.app: Starlette = create_app(backend, lifespan=self._lifespan)
 
     async def _build_consumers(self) -> None:
@@ -100,6 +100,7 @@ def build(settings: StatusSettings | None = None) -> StatusService:
 def main() -> None:
     service = build()
     configure_logging("status", service.settings.log_level)
+    service.runtime.arm_watchdog()
     uvloop.run(service.serve())
 
 

@@ -9,13 +9,12 @@ from shared.settings import CardDeskSettings
 
 
 class StatusSettings(CardDeskSettings):
-    """The projection's schema, consumer group and health-check budget."""
+    """The projection's schema and consumer group, and the topics it reads."""
 
     status_schema: str = Field(default="status", pattern=r"^[a-z_][a-z0-9_]*$")
     status_consumer_group: str = "carddesk-status"
     # Prepended to every consumed topic; empty in production, unique in isolated tests.
     status_topic_prefix: str = ""
-    health_timeout_seconds: float = Field(default=3.0, gt=0)
 
     def consumed_topics(self) -> dict[str, str]:
         """The contract's event topic → the topic actually consumed."""
