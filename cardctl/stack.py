@@ -562,13 +562,10 @@ class Stack:
             directory.mkdir(parents=True, exist_ok=True)
         count = instances or self.instances()
         wanted = self.service_specs(count)
-        surplus = [spec.name for spec in self.service_specs(max(count, self.instances()))
-                   if spec.name not in {w.name for w in wanted}]
         infra = [spec for spec in self.infra_specs() if spec.name in self.supervised()]
         unhealthy = self._unhealthy_for_long(wanted)
+        # Instances beyond `count` leave the programs: the supervisor stops them.
         started = self._supervise([*infra, *wanted], count)
-        for name in surplus:
-            self._pid_file(name).unlink(missing_ok=True)
         for spec in unhealthy:
             self.report(f"{spec.name} runs but is unhealthy; restarting it")
             self._restart(spec)
@@ -595,6 +592,7 @@ class Stack:
             return
         family = process_family(pid)
         _signal_group(pid, spec.stop_signal)
+        _signal_group(pid, signal.SIGCONT)  # a stopped (SIGSTOP) process must run to exit
         if not _wait_gone(family, STOP_TIMEOUT_S):
             _signal_group(pid, signal.SIGKILL)
             _wait_gone(family, 10.0)

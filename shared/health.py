@@ -42,13 +42,20 @@ class ConsumerWatch:
         self.unassigned_since: float | None = None
         self.in_flight_since: float | None = None
         self.last_batch_done: float | None = None
+        self.failing_since: float | None = None
 
     def batch_started(self) -> None:
         self.in_flight_since = self.clock()
 
-    def batch_done(self) -> None:
+    def batch_done(self, *, failed: bool = False) -> None:
+        """A batch ended; a failed one is redelivered, so it is not progress."""
+        now = self.clock()
         self.in_flight_since = None
-        self.last_batch_done = self.clock()
+        self.last_batch_done = now
+        if not failed:
+            self.failing_since = None
+        elif self.failing_since is None:
+            self.failing_since = now
 
     def problem(self) -> str | None:
         """None while consuming; else a short phrase saying what is wrong."""
@@ -62,6 +69,8 @@ class ConsumerWatch:
             return "consume loop ended"
         if self.in_flight_since is not None and now - self.in_flight_since > self.stall_s:
             return f"one batch in progress for {now - self.in_flight_since:.0f}s"
+        if self.failing_since is not None and now - self.failing_since > self.stall_s:
+            return f"every batch failing for {now - self.failing_since:.0f}s"
         assignment = consumer.assignment()
         if not assignment:
             if self.unassigned_since is None:

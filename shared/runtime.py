@@ -121,8 +121,10 @@ class ServiceRuntime:
             watch.batch_started()
             try:
                 await asyncio.gather(*(in_order(rs) for rs in by_partition.values()))
-            finally:
-                watch.batch_done()
+            except BaseException:
+                watch.batch_done(failed=True)
+                raise
+            watch.batch_done()
 
     async def start(self) -> None:
         self._pool = await asyncpg.create_pool(self.settings.database_url, min_size=2,
