@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from cardctl.stack import PROJECT_ROOT, pid_alive
+from cardctl.stack import pid_alive
 from cardctl.supervisor import PID_FILE, PROGRAMS_FILE, STATE_FILE, exit_reason
+from shared.settings import PROJECT_ROOT
 
 WAIT_S = 15.0
 

@@ -149,7 +149,9 @@ async def test_the_watchdog_exits_once_unhealthy_for_its_bound() -> None:
 
 async def test_the_watchdog_leaves_a_process_that_recovers_in_time() -> None:
     exits: list[int] = []
-    answers = iter([{"database": "down"}, {"database": None}] * 50)
+    down: dict[str, str | None] = {"database": "down"}
+    up: dict[str, str | None] = {"database": None}
+    answers = iter([down, up] * 50)
 
     async def flapping() -> dict[str, str | None]:
         return next(answers)
