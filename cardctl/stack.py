@@ -390,14 +390,13 @@ class Stack:
             for name, port in service_ports(self.settings, k).items():
                 module = f"services.{name}.main"
                 label = name if k == 1 else f"{name}-{k}"
-                env = {"CARDDESK_HEALTH_PORT": str(port), "CARDDESK_INSTANCE": label}
+                env = {"CARDDESK_HEALTH_PORT": str(port)}
                 if name == "status":
                     env["CARDDESK_HTTP_PORT"] = str(port)
                 specs.append(ProcessSpec(
                     name=label,
                     argv=(sys.executable, "-m", module),
                     log_file=self.logs_dir / f"{label}.log",
-                    # The instance label too, so one instance is not taken for another.
                     marker=module,
                     health=functools.partial(http_health, self.settings.http_host, port),
                     env=env,

@@ -149,3 +149,14 @@ def test_the_contract_variables_are_settings_the_code_reads() -> None:
     fields = CardDeskSettings.model_fields
     for var in CONTRACT_VARIABLES:
         assert var.removeprefix("CARDDESK_").lower() in fields
+
+
+def test_every_long_running_container_restarts_and_has_a_health_check(
+    compose: dict[str, Any],
+) -> None:
+    for name, service in compose["services"].items():
+        if name == "topics":
+            assert service["restart"] == "no"  # one-shot
+            continue
+        assert service.get("restart") == "unless-stopped", name
+        assert service.get("healthcheck", {}).get("test"), name
