@@ -18,6 +18,9 @@ from shared.sealing import FieldSealer
 from shared.settings import CardDeskSettings
 from shared.topics import REPLIES_TOPIC, command_topic
 
+# How long joining the reply topic may wait for its metadata (the broker may be starting).
+METADATA_TIMEOUT_S = 30.0
+
 
 class CommandRefusedError(Exception):
     def __init__(self, reply: Reply) -> None:
@@ -50,7 +53,11 @@ class ChannelSimulator:
         await self._producer.start()
         await self._replies.start()
         partitions = self._replies.partitions_for_topic(REPLIES_TOPIC)
+        deadline = asyncio.get_running_loop().time() + METADATA_TIMEOUT_S
         while not partitions:
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"{REPLIES_TOPIC} has no partitions after "
+                                   f"{METADATA_TIMEOUT_S:.0f} s: is the topic created?")
             await asyncio.sleep(0.1)
             await self._replies._client.force_metadata_update()
             partitions = self._replies.partitions_for_topic(REPLIES_TOPIC)

@@ -255,9 +255,10 @@ class Supervisor:
         while not self.stopping:
             if self.reload:
                 self.reload = False
-                for gone in self.apply():
-                    await self.stop(gone)
-                    del self.programs[gone.name]
+                gone = self.apply()
+                await asyncio.gather(*(self.stop(program) for program in gone))
+                for program in gone:
+                    del self.programs[program.name]
                 self.save_state()
             await self.wake.wait()
             self.wake.clear()
