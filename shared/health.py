@@ -89,8 +89,16 @@ class ConsumerWatch:
 
 async def database_problem(pool: Callable[[], asyncpg.Pool], timeout_s: float) -> str | None:
     """None when the pool runs `SELECT 1` within the bound; else why not."""
+    async def probe() -> object:
+        async with pool().acquire(timeout=timeout_s) as conn:
+            return await conn.fetchval("SELECT 1", timeout=timeout_s)
+
     try:
-        value = await asyncio.wait_for(pool().fetchval("SELECT 1"), timeout_s)
+        # asyncpg's own timeouts cancel the query on the server and keep the connection
+        # usable; cancelling a query from outside (a bare wait_for) can hand the pool a
+        # connection still busy with it ("another operation is in progress"). The outer
+        # bound is only a backstop.
+        value = await asyncio.wait_for(probe(), timeout_s * 3)
     except AssertionError:
         return "not started"
     except TimeoutError:
