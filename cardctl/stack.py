@@ -463,8 +463,9 @@ class Stack:
 
     def _supervise(self, specs: Sequence[ProcessSpec], instances: int) -> list[str]:
         """Make `specs` the supervisor's programs (starting it if needed); returns the names
-        that were not supervised before. Programs that stay keep running untouched."""
-        before = set(self.supervised())
+        that were not running before. Programs that stay keep running untouched."""
+        # Started means: not running before (an adopted process was not started by us).
+        new = [spec.name for spec in specs if self.running_pid(spec) is None]
         previous = {str(p["name"]): p for p in self._programs().get("programs", [])  # type: ignore[attr-defined]
                     if isinstance(p, dict)}
         programs = [previous.get(spec.name) or spec.program() for spec in specs]
@@ -488,7 +489,7 @@ class Stack:
                 time.sleep(0.1)
         else:
             os.kill(pid, signal.SIGHUP)
-        return [spec.name for spec in specs if spec.name not in before]
+        return new
 
     # -- status
 
@@ -837,6 +838,9 @@ class Stack:
                 keep = [spec for spec in self._every_spec()
                         if spec.name in self.supervised() and spec.name not in wanted]
                 self._supervise(keep, self.instances())
+                if not keep:  # nothing left to supervise: the supervisor goes too
+                    os.kill(supervisor, signal.SIGTERM)
+                    _wait_gone({supervisor}, STOP_TIMEOUT_S * 3)
                 gone = [s for s in self._every_spec() if s.name in wanted]
                 deadline = time.monotonic() + STOP_TIMEOUT_S * 2
                 while any(self.running_pid(s) for s in gone) and time.monotonic() < deadline:
