@@ -22,15 +22,30 @@ QUICK = [
 ]
 
 
+# Each benchmark's bound (seconds): one that overruns is stopped and counted as failed.
+FULL_TIMEOUT_S = 45 * 60
+QUICK_TIMEOUT_S = 10 * 60
+
+
 def main() -> int:
-    runs = QUICK if "--quick" in sys.argv[1:] else FULL
+    quick = "--quick" in sys.argv[1:]
+    runs, timeout_s = (QUICK, QUICK_TIMEOUT_S) if quick else (FULL, FULL_TIMEOUT_S)
     subprocess.run([sys.executable, "-m", "cardctl.main", "stack", "up", "--no-services"],
-                   check=True)
+                   check=True, timeout=15 * 60)
+    failed: list[str] = []
     for module, *args in runs:
         print(f"\n=== {module} {' '.join(args)}", flush=True)
-        if subprocess.run([sys.executable, "-m", module, *args]).returncode != 0:
-            return 1
-    return 0
+        try:
+            code = subprocess.run([sys.executable, "-m", module, *args],
+                                  timeout=timeout_s).returncode
+        except subprocess.TimeoutExpired:
+            failed.append(f"{module}: stopped after {timeout_s} s")
+            continue
+        if code != 0:
+            failed.append(f"{module}: exit status {code}")
+    print("\n=== " + ("failed: " + "; ".join(failed) if failed else "every benchmark ran"),
+          flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

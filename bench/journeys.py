@@ -81,9 +81,27 @@ async def count_events(conn: asyncpg.Connection) -> int:
     return int(total)
 
 
+# How long a sampled loss report may take to show LOST before it counts as a failure.
+VISIBLE_TIMEOUT_S = 60.0
+# How long the paced phase waits past its end for a free citizen before it stops starting.
+IDLE_WAIT_S = 30.0
+
+
+def masked_ref(citizen_ref: str | None) -> str:
+    """Enough of a citizen_ref to find the citizen with `cardctl timeline`, no more."""
+    return f"{citizen_ref[:9]}…" if citizen_ref else "(not logged in)"
+
+
+def failure(session: Session, step: str, error: BaseException | str) -> str:
+    """One line per failed journey: which citizen, at which step, and what was seen."""
+    seen = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return f"{masked_ref(session.citizen_ref)} at {step}: {seen}"[:240]
+
+
 async def wait_until_drained(settings: CardDeskSettings, timeout_s: float = 180.0) -> float:
     """Wait until every service's consumer group has caught up with its topics, so a phase
-    does not inherit the previous one's backlog; returns the seconds it took."""
+    does not inherit the previous one's backlog; returns the seconds it took. When the bound
+    runs out it says which groups still lag and goes on."""
     from aiokafka.admin import AIOKafkaAdminClient
 
     bootstrap, security = settings.kafka_bootstrap, client_options(settings)
@@ -94,31 +112,47 @@ async def wait_until_drained(settings: CardDeskSettings, timeout_s: float = 180.
     started = time.monotonic()
     try:
         groups = [f"carddesk-{name}" for name in (*SERVICES, "status")]
+        lags: dict[str, int] = {}
         while time.monotonic() - started < timeout_s:
-            lag = 0
             for group in groups:
                 committed = await admin.list_consumer_group_offsets(group)
                 ends = await consumer.end_offsets(list(committed))
-                lag += sum(max(0, ends[tp] - meta.offset) for tp, meta in committed.items())
-            if lag == 0:
+                lags[group] = sum(max(0, ends[tp] - meta.offset)
+                                  for tp, meta in committed.items())
+            if not any(lags.values()):
                 break
             await asyncio.sleep(0.5)
+        else:
+            console.print(f"[red]not drained after {timeout_s:.0f} s[/]: lag "
+                          f"{ {g: n for g, n in lags.items() if n} }")
     finally:
         await consumer.stop()
         await admin.close()
     return time.monotonic() - started
 
 
-async def again(journey: Journey, session: Session) -> None:
+class Steps:
+    """The step a journey is at, so a failure can say where it stopped."""
+
+    def __init__(self) -> None:
+        self.current = "start"
+
+    async def run(self, name: str, call: Awaitable[None]) -> None:
+        self.current = name
+        await call
+
+
+async def again(journey: Journey, session: Session, steps: Steps) -> None:
     """A citizen's whole journey; the second time round the e-card is already authorised."""
-    if session.token:
-        await journey.log_in(session)
-        await journey.verify_portrait(session)
-        await journey.report_loss(session, "formal")
-        await journey.apply_for_reissue(session)
-        await journey.collect(session)
+    if not session.token:
+        await steps.run("log_in", journey.log_in(session))
+        await steps.run("authorize_e_card", journey.authorize_e_card(session))
     else:
-        await journey.whole(session, auto_approved=True)
+        await steps.run("log_in", journey.log_in(session))
+    await steps.run("verify_portrait", journey.verify_portrait(session))
+    await steps.run("report_loss", journey.report_loss(session, "formal"))
+    await steps.run("apply_for_reissue", journey.apply_for_reissue(session))
+    await steps.run("collect", journey.collect(session))
 
 
 async def sustained(journey: Journey, meter: Meter, sessions: list[Session],
@@ -134,11 +168,12 @@ async def sustained(journey: Journey, meter: Meter, sessions: list[Session],
                 session = await asyncio.wait_for(queue.get(), left)
             except TimeoutError:
                 return
+            steps = Steps()
             try:
-                await again(journey, session)
+                await again(journey, session, steps)
                 meter.journeys += 1
             except Exception as error:  # a benchmark reports failures, it does not stop
-                meter.failures.append(f"{type(error).__name__}: {error}"[:200])
+                meter.failures.append(failure(session, steps.current, error))
                 continue  # a citizen left half-way is not sent round again
             queue.put_nowait(session)
 
@@ -161,27 +196,33 @@ async def paced(journey: Journey, meter: Meter, sessions: list[Session], rate: f
     client = httpx.AsyncClient(base_url=status, timeout=10.0, headers=journey.api_headers)
 
     async def visible_after(session: Session, sent: float) -> None:
-        while True:
+        seen = "no answer"
+        while time.monotonic() - sent < VISIBLE_TIMEOUT_S:
             response = await client.get(f"/v1/citizens/{session.citizen_ref}/card")
-            if response.status_code == 200 and response.json()["status"] == "LOST":
-                meter.visible_latencies.append(time.monotonic() - sent)
-                return
+            seen = f"HTTP {response.status_code}"
+            if response.status_code == 200:
+                seen = f"status {response.json()['status']}"
+                if response.json()["status"] == "LOST":
+                    meter.visible_latencies.append(time.monotonic() - sent)
+                    return
             await asyncio.sleep(0.01)
+        raise TimeoutError(f"not LOST after {VISIBLE_TIMEOUT_S:.0f} s; last seen {seen}")
 
     async def one(session: Session, sampled: bool) -> None:
+        steps = Steps()
         try:
-            await journey.log_in(session)
-            await journey.verify_portrait(session)
+            await steps.run("log_in", journey.log_in(session))
+            await steps.run("verify_portrait", journey.verify_portrait(session))
             sent = time.monotonic()
-            await journey.report_loss(session, "formal")
+            await steps.run("report_loss", journey.report_loss(session, "formal"))
             if sampled:
-                await visible_after(session, sent)
-            await journey.apply_for_reissue(session)
-            await journey.collect(session)
+                await steps.run("wait_for_LOST", visible_after(session, sent))
+            await steps.run("apply_for_reissue", journey.apply_for_reissue(session))
+            await steps.run("collect", journey.collect(session))
             meter.journeys += 1
             idle.put_nowait(session)
         except Exception as error:  # a citizen left half-way is not sent round again
-            meter.failures.append(f"{type(error).__name__}: {error}"[:200])
+            meter.failures.append(failure(session, steps.current, error))
 
     started = time.monotonic()
     tasks = []
@@ -191,7 +232,14 @@ async def paced(journey: Journey, meter: Meter, sessions: list[Session], rate: f
     while next_start < started + seconds:
         if idle.empty():
             late += 1
-        session = await idle.get()
+        try:
+            # Every citizen may have failed (a failed one is not sent round again).
+            session = await asyncio.wait_for(
+                idle.get(), max(0.0, started + seconds - time.monotonic()) + IDLE_WAIT_S)
+        except TimeoutError:
+            meter.failures.append(f"paced phase: no citizen free for {IDLE_WAIT_S:.0f} s "
+                                  "after its end; stopped starting journeys")
+            break
         # Every fifth journey measures visibility: polling the API for all would load it.
         tasks.append(asyncio.create_task(one(session, index % 5 == 0)))
         index += 1
@@ -235,6 +283,7 @@ async def run(citizens: int, seconds: float, rates: list[float], concurrency: in
                         report=lambda _: None)
     half = len(people) // 2
     meter = Meter()
+    all_failures: dict[str, list[str]] = {"sustained": meter.failures}
     simulator = MeteredSimulator.for_settings(settings)
     simulator.meter = meter
     async with simulator as sim:
@@ -269,6 +318,7 @@ async def run(citizens: int, seconds: float, rates: list[float], concurrency: in
         paced_figures: list[dict[str, Any]] = []
         for rate in rates:
             paced_meter = Meter()
+            all_failures[f"paced {rate:.0f}/s"] = paced_meter.failures
             simulator.meter = paced_meter
             console.print(f"paced phase: {rate:.0f} commands/s for {seconds:.0f} s …")
             paced_elapsed, late = await paced(journey, paced_meter,
@@ -313,6 +363,11 @@ async def run(citizens: int, seconds: float, rates: list[float], concurrency: in
     rows += [(f"peak RSS {name} (MB)", f"{mb:.0f}" if mb else "?") for name, mb in rss.items()]
     print_table(f"journeys on this machine ({citizens} citizens)", rows)
     console.print(f"written {write_result('journeys', figures)}")
+    for phase, failures in all_failures.items():
+        for line in failures[:20]:
+            console.print(f"[red]failed[/] ({phase}) {line}")
+        if len(failures) > 20:
+            console.print(f"[red]… and {len(failures) - 20} more failures[/] ({phase})")
 
 
 def _triple(p: dict[str, float]) -> str:

@@ -41,6 +41,9 @@ def pick_channel(channels: ChannelRegistry, requested: str | None, *, bureau: bo
     kind = "bureau" if bureau else "citizen"
     raise ChannelChoiceError(f"the channels file has no {kind} channel")
 
+# How long joining the reply topic may wait for its metadata (the broker may be starting).
+METADATA_TIMEOUT_S = 30.0
+
 
 class CommandRefusedError(Exception):
     def __init__(self, reply: Reply) -> None:
@@ -62,7 +65,7 @@ class _Link:
                                         group_id=None, enable_auto_commit=False, **options)
         self.reader: asyncio.Task[None] | None = None
 
-    async def start(self, timeout_s: float = 30.0) -> None:
+    async def start(self, timeout_s: float = METADATA_TIMEOUT_S) -> None:
         await self.producer.start()
         await self.replies.start()
         deadline = asyncio.get_running_loop().time() + timeout_s

@@ -44,18 +44,24 @@ def _stack() -> Stack:
 
 def _print_status(stack: Stack) -> None:
     table = Table(title=f"Card Desk stack ({stack.state_dir})")
-    for column in ("component", "pid", "alive", "healthy"):
+    for column in ("component", "pid", "alive", "healthy", "restarts"):
         table.add_column(column)
+    table.add_column("last exit / failing checks", overflow="fold")
     table.add_column("log file", overflow="fold")
+    supervisor = stack.supervisor_pid()
     for row in stack.status():
         table.add_row(
             row.name,
             str(row.pid) if row.pid else "-",
             "[green]yes[/]" if row.alive else "[red]no[/]",
             "[green]yes[/]" if row.healthy else "[red]no[/]",
+            str(row.restarts),
+            "; ".join(part for part in (row.last_exit, row.detail) if part) or "-",
             str(row.log_file),
         )
     console.print(table)
+    console.print(f"supervisor: pid {supervisor}" if supervisor
+                  else "supervisor: [red]not running[/] (nothing restarts a process that dies)")
 
 
 @stack_app.command("up")
@@ -63,11 +69,16 @@ def stack_up(
     services: Annotated[
         bool, typer.Option(help="Also start the Card Desk services, not only Kafka and PostgreSQL.")
     ] = True,
+    instances: Annotated[
+        int | None, typer.Option(min=1, help="Processes per service (default: as now, else 1); "
+                                 "at most CARDDESK_PARTITIONS.")
+    ] = None,
 ) -> None:
-    """Start whatever is not running yet, wait until healthy and create the topics."""
+    """Start whatever is not running yet under the supervisor, restart services that run
+    but are unhealthy, wait until all are healthy and create the topics."""
     stack = _stack()
     try:
-        started = stack.up(services=services)
+        started = stack.up(services=services, instances=instances)
     except StackError as error:
         console.print(f"[red]stack up failed:[/] {error}")
         raise typer.Exit(1) from error

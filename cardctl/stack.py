@@ -42,6 +42,8 @@ from cardctl.kafka_access import (
     apply_access,
     describe_acls,
 )
+from cardctl.supervisor import PID_FILE as SUPERVISOR_PID_FILE
+from cardctl.supervisor import PROGRAMS_FILE, STATE_FILE
 from shared.channels import ChannelRegistry
 from shared.kafka import (
     ADMIN,
@@ -64,6 +66,9 @@ START_TIMEOUT_S = 90.0
 ACCESS_PROPAGATION_TIMEOUT_S = 30.0
 # The controller listener is reachable from this machine only.
 CONTROLLER_HOST = "127.0.0.1"
+# `up` restarts a running service whose /health fails only once it has run this long.
+RESTART_GRACE_S = 20.0
+SUPERVISOR_MODULE = "cardctl.supervisor"
 
 
 class StackError(RuntimeError):
@@ -250,19 +255,32 @@ def provision(admin: CardDeskSettings, credentials_file: Path, channels_file: Pa
     report(f"kafka access: {len(users)} users, {added} ACLs added, {removed} removed")
 
 
-def service_ports(settings: CardDeskSettings) -> dict[str, int]:
-    """Where each service serves `/health`: status on CARDDESK_HTTP_PORT, the others after it."""
-    return {"status": settings.http_port,
-            **{name: settings.http_port + 1 + i for i, name in enumerate(SERVICES)}}
+def service_ports(settings: CardDeskSettings, instance: int = 1) -> dict[str, int]:
+    """Where each service serves `/health`: status on CARDDESK_HTTP_PORT, the others after it;
+    instance k (from 1) of each sits 5 × (k - 1) ports further."""
+    base = settings.http_port + (1 + len(SERVICES)) * (instance - 1)
+    return {"status": base, **{name: base + 1 + i for i, name in enumerate(SERVICES)}}
 
 
 async def http_health(host: str, port: int, timeout_s: float = 3.0) -> bool:
+    return (await http_health_detail(host, port, timeout_s))[0]
+
+
+async def http_health_detail(host: str, port: int, timeout_s: float = 3.0) -> tuple[bool, str]:
+    """(healthy, the checks that fail as `name: problem`, or why /health did not answer)."""
     try:
         async with httpx.AsyncClient(timeout=timeout_s) as client:
             response = await client.get(f"http://{host}:{port}/health")
-    except httpx.HTTPError:
-        return False
-    return response.is_success
+    except httpx.HTTPError as error:
+        return False, f"/health: {type(error).__name__}"
+    if response.is_success:
+        return True, ""
+    try:
+        checks = response.json().get("checks", {})
+    except ValueError:
+        checks = {}
+    failing = [f"{name}: {problem}" for name, problem in checks.items() if problem != "ok"]
+    return False, "; ".join(failing) or f"/health: {response.status_code}"
 
 
 # ----------------------------------------------------------------------------- processes
@@ -283,6 +301,17 @@ class ProcessSpec:
     cwd: Path | None = None
     stop_signal: signal.Signals = signal.SIGTERM
 
+    def program(self) -> dict[str, object]:
+        """The supervisor's entry for this process; it carries the caller's CARDDESK_*
+        settings, so services started now see the environment of whoever started them."""
+        settings = {k: v for k, v in os.environ.items() if k.startswith("CARDDESK_")}
+        return {"name": self.name, "argv": list(self.argv), "log_file": str(self.log_file),
+                # The local stack runs in development unless the operator says otherwise.
+                "marker": self.marker,
+                "env": {"CARDDESK_ENV": "development", **settings, **self.env},
+                "cwd": str(self.cwd) if self.cwd else None, "user": self.user,
+                "stop_signal": int(self.stop_signal)}
+
 
 @dataclass(frozen=True)
 class ComponentStatus:
@@ -291,6 +320,10 @@ class ComponentStatus:
     alive: bool
     healthy: bool
     log_file: Path
+    restarts: int = 0
+    last_exit: str | None = None
+    # The failing checks of /health (a service's), empty when healthy or not a service.
+    detail: str = ""
 
 
 def _proc_stat(pid: int) -> tuple[str, int, int] | None:
@@ -429,26 +462,37 @@ class Stack:
             cwd=self.kafka_dir,
         )
 
-    def service_specs(self) -> list[ProcessSpec]:
-        """The Card Desk services, started after the infrastructure is healthy: one process
-        each (`python -m services.<name>.main`), healthy when its `/health` answers."""
+    def service_specs(self, instances: int | None = None) -> list[ProcessSpec]:
+        """The Card Desk services, started after the infrastructure is healthy: `instances`
+        processes each (`python -m services.<name>.main`; default: as many as the stack
+        runs), healthy when `/health` answers. The first instance is named after its service,
+        the others `<service>-<k>`; each has its own port and log file."""
+        count = instances or self.instances()
         specs = []
         credentials = read_credentials(self.credentials_file)
-        for name, port in service_ports(self.settings).items():
-            module = f"services.{name}.main"
-            env = {"CARDDESK_HEALTH_PORT": str(port)}
-            if name in credentials:
-                env["CARDDESK_KAFKA_USER"], env["CARDDESK_KAFKA_PASSWORD"] = credentials[name]
-            specs.append(ProcessSpec(
-                name=name,
-                argv=(sys.executable, "-m", module),
-                log_file=self.logs_dir / f"{name}.log",
-                marker=module,
-                health=functools.partial(http_health, self.settings.http_host, port),
-                env=env,
-                cwd=PROJECT_ROOT,
-            ))
+        for k in range(1, count + 1):
+            for name, port in service_ports(self.settings, k).items():
+                module = f"services.{name}.main"
+                label = name if k == 1 else f"{name}-{k}"
+                env = {"CARDDESK_HEALTH_PORT": str(port)}
+                if name == "status":
+                    env["CARDDESK_HTTP_PORT"] = str(port)
+                if name in credentials:
+                    env["CARDDESK_KAFKA_USER"], env["CARDDESK_KAFKA_PASSWORD"] = (
+                        credentials[name])
+                specs.append(ProcessSpec(
+                    name=label,
+                    argv=(sys.executable, "-m", module),
+                    log_file=self.logs_dir / f"{label}.log",
+                    marker=module,
+                    health=functools.partial(http_health, self.settings.http_host, port),
+                    env=env,
+                    cwd=PROJECT_ROOT,
+                ))
         return specs
+
+    def service_port(self, spec: ProcessSpec) -> int:
+        return int(spec.env["CARDDESK_HEALTH_PORT"])
 
     def infra_specs(self) -> list[ProcessSpec]:
         return [self.postgres_spec(), self.kafka_spec()]
@@ -456,7 +500,7 @@ class Stack:
     def all_specs(self) -> list[ProcessSpec]:
         return [*self.infra_specs(), *self.service_specs()]
 
-    # -- pid files
+    # -- pid files and the supervisor's files
 
     def _pid_file(self, name: str) -> Path:
         return self.run_dir / f"{name}.pid"
@@ -471,14 +515,90 @@ class Stack:
             return pid
         return None
 
+    def _programs(self) -> dict[str, object]:
+        try:
+            raw: dict[str, object] = json.loads((self.run_dir / PROGRAMS_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        return raw
+
+    def instances(self) -> int:
+        """How many instances of each service the stack runs (1 until `up --instances`)."""
+        count = self._programs().get("instances", 1)
+        return count if isinstance(count, int) and count > 0 else 1
+
+    def supervised(self) -> list[str]:
+        programs = self._programs().get("programs", [])
+        return [str(p["name"]) for p in programs if isinstance(p, dict)] \
+            if isinstance(programs, list) else []
+
+    def supervisor_state(self) -> dict[str, dict[str, object]]:
+        """What the supervisor last wrote per program: pid, state, restarts, last_exit."""
+        try:
+            raw = json.loads((self.run_dir / STATE_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        programs = raw.get("programs", {})
+        return programs if isinstance(programs, dict) else {}
+
+    def supervisor_pid(self) -> int | None:
+        try:
+            pid = int((self.run_dir / SUPERVISOR_PID_FILE).read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if pid_alive(pid) and SUPERVISOR_MODULE in _cmdline(pid) else None
+
+    def _supervise(self, specs: Sequence[ProcessSpec], instances: int) -> list[str]:
+        """Make `specs` the supervisor's programs (starting it if needed); returns the names
+        that were not running before. Programs that stay keep running untouched."""
+        # Started means: not running before (an adopted process was not started by us).
+        new = [spec.name for spec in specs if self.running_pid(spec) is None]
+        previous = {str(p["name"]): p for p in self._programs().get("programs", [])  # type: ignore[attr-defined]
+                    if isinstance(p, dict)}
+        programs = [previous.get(spec.name) or spec.program() for spec in specs]
+        partial = self.run_dir / (PROGRAMS_FILE + ".partial")
+        partial.touch(mode=0o600)
+        partial.write_text(json.dumps({"instances": instances, "programs": programs}, indent=1))
+        partial.replace(self.run_dir / PROGRAMS_FILE)
+        pid = self.supervisor_pid()
+        if pid is None:
+            log_file = self.logs_dir / "supervisor.log"
+            self.report(f"starting the supervisor, log: {log_file}")
+            with log_file.open("ab") as log:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", SUPERVISOR_MODULE, str(self.run_dir)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    cwd=PROJECT_ROOT, start_new_session=True)
+            deadline = time.monotonic() + 10.0
+            while self.supervisor_pid() is None:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise StackError(f"the supervisor did not start; see {log_file}")
+                time.sleep(0.1)
+        else:
+            os.kill(pid, signal.SIGHUP)
+        return new
+
     # -- status
 
     def status(self) -> list[ComponentStatus]:
         result = []
+        supervised = self.supervisor_state()
         for spec in self.all_specs():
             pid = self.running_pid(spec)
-            healthy = pid is not None and run_sync(spec.health)
-            result.append(ComponentStatus(spec.name, pid, pid is not None, healthy, spec.log_file))
+            healthy, detail = False, ""
+            if pid is not None:
+                if spec.name in ("postgres", "kafka"):
+                    healthy = run_sync(spec.health)
+                else:
+                    healthy, detail = run_sync(lambda spec=spec: http_health_detail(  # type: ignore[misc]
+                        self.settings.http_host, self.service_port(spec)))
+            seen = supervised.get(spec.name, {})
+            restarts = seen.get("restarts", 0)
+            last_exit = seen.get("last_exit")
+            result.append(ComponentStatus(
+                spec.name, pid, pid is not None, healthy, spec.log_file,
+                restarts=restarts if isinstance(restarts, int) else 0,
+                last_exit=last_exit if isinstance(last_exit, str) else None, detail=detail))
         return result
 
     def infra_answers(self) -> bool:
@@ -489,33 +609,34 @@ class Stack:
 
     # -- up
 
-    def up(self, *, services: bool = True) -> list[str]:
-        """Start what is not running, wait until healthy, create topics; returns what it started."""
+    def up(self, *, services: bool = True, instances: int | None = None) -> list[str]:
+        """Bring the stack to health under the supervisor; returns what it started.
+
+        What runs stays running: a failure here stops nothing (the supervisor keeps
+        restarting what it was given); a running service that is unhealthy is restarted.
+        """
+        count = instances or self.instances()
+        if count > self.settings.partitions:
+            raise StackError(f"{count} instances need CARDDESK_PARTITIONS >= {count} "
+                             f"(it is {self.settings.partitions}): an instance without a "
+                             "partition would sit idle")
         for directory in (self.state_dir, self.logs_dir, self.run_dir, self.kafka_dir, self.pg_dir):
             directory.mkdir(parents=True, exist_ok=True)
-        started: list[str] = []
-        try:
-            pg, kafka = self.postgres_spec(), self.kafka_spec()
-            if self.running_pid(pg) is None:
-                self._prepare_postgres()
-                self._start(pg)
-                started.append(pg.name)
-            if self.running_pid(kafka) is None:
-                self._prepare_kafka()
-                self._start(kafka)
-                started.append(kafka.name)
-            self._wait_healthy(pg)
-            run_sync(self._bootstrap_database)
-            if not run_sync(lambda: postgres_answers(self.settings.database_url)):
-                raise StackError(f"cannot connect with CARDDESK_DATABASE_URL; see {pg.log_file}")
-            self._wait_healthy(kafka)
-            self.ensure_topics_and_access()
-            if services:
-                started.extend(self.start_services())
-        except BaseException:
-            # Leave nothing half-started behind; what was already running stays.
-            self.down(only=started)
-            raise
+        pg, kafka = self.postgres_spec(), self.kafka_spec()
+        if self.running_pid(pg) is None:
+            self._prepare_postgres()
+        if self.running_pid(kafka) is None:
+            self._prepare_kafka()
+        keep = [spec for spec in self.service_specs(count) if spec.name in self.supervised()]
+        started = self._supervise([pg, kafka, *keep], count)
+        self._wait_healthy(pg)
+        run_sync(self._bootstrap_database)
+        if not run_sync(lambda: postgres_answers(self.settings.database_url)):
+            raise StackError(f"cannot connect with CARDDESK_DATABASE_URL; see {pg.log_file}")
+        self._wait_healthy(kafka)
+        self.ensure_topics_and_access()
+        if services:
+            started.extend(self.start_services(count))
         return started
 
     def ensure_topics_and_access(self) -> None:
@@ -548,53 +669,65 @@ class Stack:
         self.credentials_file.chmod(0o600)
         return credentials
 
-    def start_services(self) -> list[str]:
-        """Start the services that are not running (they inherit this process's environment)
-        and wait until each is healthy; returns the names it started."""
+    def start_services(self, instances: int | None = None) -> list[str]:
+        """Put the services under the supervisor (they get this process's CARDDESK_*
+        environment), restart those that run but are unhealthy, and wait until each is
+        healthy; returns the names it started."""
         for directory in (self.logs_dir, self.run_dir):
             directory.mkdir(parents=True, exist_ok=True)
-        started = []
-        try:
-            for spec in self.service_specs():
-                if self.running_pid(spec) is None:
-                    self._start(spec)
-                    started.append(spec.name)
-            for spec in self.service_specs():
-                self._wait_healthy(spec)
-        except BaseException:
-            self.down(only=started)
-            raise
+        count = instances or self.instances()
+        wanted = self.service_specs(count)
+        infra = [spec for spec in self.infra_specs() if spec.name in self.supervised()]
+        unhealthy = self._unhealthy_for_long(wanted)
+        # Instances beyond `count` leave the programs: the supervisor stops them.
+        started = self._supervise([*infra, *wanted], count)
+        for spec in unhealthy:
+            self.report(f"{spec.name} runs but is unhealthy; restarting it")
+            self._restart(spec)
+        for spec in wanted:
+            self._wait_healthy(spec)
         return started
 
-    def _start(self, spec: ProcessSpec) -> int:
-        self.report(f"starting {spec.name}, log: {spec.log_file}")
-        with spec.log_file.open("ab") as log:
-            process = subprocess.Popen(
-                list(spec.argv),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=spec.cwd,
-                # The local stack runs in development unless the operator says otherwise.
-                env={"CARDDESK_ENV": "development", **os.environ, **spec.env},
-                user=spec.user,
-                group=self._group_of(spec.user),
-                extra_groups=[] if spec.user else None,
-                start_new_session=True,
-            )
-        self._pid_file(spec.name).write_text(f"{process.pid}\n")
-        return process.pid
+    def _unhealthy_for_long(self, specs: Sequence[ProcessSpec]) -> list[ProcessSpec]:
+        """Services running for over RESTART_GRACE_S whose /health fails (a process still
+        starting gets its chance)."""
+        found = []
+        for spec in specs:
+            pid = self.running_pid(spec)
+            if pid is None or _uptime_s(pid) < RESTART_GRACE_S:
+                continue
+            if not run_sync(spec.health):
+                found.append(spec)
+        return found
+
+    def _restart(self, spec: ProcessSpec) -> None:
+        """Stop the process; the supervisor starts it again (counted as a restart)."""
+        pid = self.running_pid(spec)
+        if pid is None:
+            return
+        family = process_family(pid)
+        _signal_group(pid, spec.stop_signal)
+        _signal_group(pid, signal.SIGCONT)  # a stopped (SIGSTOP) process must run to exit
+        if not _wait_gone(family, STOP_TIMEOUT_S):
+            _signal_group(pid, signal.SIGKILL)
+            _wait_gone(family, 10.0)
+        deadline = time.monotonic() + 60.0
+        while self.running_pid(spec) in (None, pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
 
     def _wait_healthy(self, spec: ProcessSpec, timeout_s: float = START_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.running_pid(spec) is None:
-                raise StackError(f"{spec.name} exited during start-up; see {spec.log_file}")
-            if run_sync(spec.health):
+            # Under the supervisor a process that exits is started again: keep waiting.
+            if self.running_pid(spec) is not None and run_sync(spec.health):
                 self.report(f"{spec.name} is healthy")
                 return
             time.sleep(0.5)
-        raise StackError(f"{spec.name} not healthy after {timeout_s:.0f}s; see {spec.log_file}")
+        last_exit = self.supervisor_state().get(spec.name, {}).get("last_exit")
+        why = f" (last exit: {last_exit})" if last_exit else ""
+        raise StackError(
+            f"{spec.name} not healthy after {timeout_s:.0f}s{why}; see {spec.log_file}")
+
 
     # -- postgres
 
@@ -841,20 +974,52 @@ class Stack:
     # -- down
 
     def down(self, *, purge: bool = False, only: Iterable[str] | None = None) -> list[str]:
-        """Stop the stack's processes (services first); returns the names it stopped."""
+        """Stop the stack's processes (services first); returns the names it stopped.
+        Without `only`, the supervisor stops too."""
         wanted = set(only) if only is not None else None
-        stopped = []
-        for spec in reversed(self.all_specs()):
+        running = {spec.name for spec in self._every_spec() if self.running_pid(spec)}
+        supervisor = self.supervisor_pid()
+        if supervisor is not None:
+            if wanted is None:
+                self.report(f"stopping the supervisor (pid {supervisor}) and its programs")
+                os.kill(supervisor, signal.SIGTERM)
+                if not _wait_gone({supervisor}, STOP_TIMEOUT_S * 3):
+                    raise StackError(f"the supervisor (pid {supervisor}) did not stop")
+            else:
+                keep = [spec for spec in self._every_spec()
+                        if spec.name in self.supervised() and spec.name not in wanted]
+                self._supervise(keep, self.instances())
+                if not keep:  # nothing left to supervise: the supervisor goes too
+                    os.kill(supervisor, signal.SIGTERM)
+                    _wait_gone({supervisor}, STOP_TIMEOUT_S * 3)
+                gone = [s for s in self._every_spec() if s.name in wanted]
+                deadline = time.monotonic() + STOP_TIMEOUT_S * 2
+                while any(self.running_pid(s) for s in gone) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+        stopped = [name for name in running if wanted is None or name in wanted]
+        for spec in reversed(self._every_spec()):
             if wanted is not None and spec.name not in wanted:
                 continue
-            if self._stop(spec):
+            # What no supervisor stopped (or outlived it) is stopped here.
+            if self._stop(spec) and spec.name not in stopped:
                 stopped.append(spec.name)
             self._pid_file(spec.name).unlink(missing_ok=True)
+        if wanted is None:
+            for name in (PROGRAMS_FILE, STATE_FILE):
+                (self.run_dir / name).unlink(missing_ok=True)
         if purge:
             for path in (self.kafka_dir, self.pg_dir):
                 shutil.rmtree(path, ignore_errors=True)
                 self.report(f"purged {path}")
-        return stopped
+        order = [spec.name for spec in reversed(self._every_spec())]
+        return sorted(stopped, key=lambda name: order.index(name) if name in order else 0)
+
+    def _every_spec(self) -> list[ProcessSpec]:
+        """The infrastructure and every service instance that may be running."""
+        supervised = set(self.supervised())
+        count = max([self.instances(), *(_instance_of(name) for name in supervised)])
+        return [*self.infra_specs(), *self.service_specs(count)]
+
 
     def _stop(self, spec: ProcessSpec) -> bool:
         pid = self.running_pid(spec)
@@ -883,6 +1048,23 @@ def _wait_gone(pids: set[int], timeout_s: float) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+def _uptime_s(pid: int) -> float:
+    """Seconds since the process started (from /proc; 0 when unknown)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError):
+        return 0.0
+    started_ticks = int(stat[stat.rindex(")") + 2 :].split()[19])
+    return uptime - started_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _instance_of(name: str) -> int:
+    """The instance number in a service program's name (`loss-2` → 2; `loss` → 1)."""
+    _, _, suffix = name.rpartition("-")
+    return int(suffix) if suffix.isdigit() else 1
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

@@ -16,13 +16,15 @@ import asyncpg
 import structlog
 import uvloop
 from aiokafka import AIOKafkaProducer, ConsumerRecord
-from faststream.asgi import AsgiFastStream, make_ping_asgi
+from faststream.asgi import AsgiFastStream, AsgiResponse, get
+from faststream.asgi.response import JSONResponse
 from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.middlewares import AckPolicy
 
 from shared.barrier import FollowerBarrier
 from shared.consumer import DeadLetters, Inbound
 from shared.eventstore import migrate
+from shared.health import ConsumerWatch, database_problem, summarise, watchdog
 from shared.kafka import broker_security
 from shared.logging import configure_logging
 from shared.outbox import OutboxRelay, make_producer
@@ -57,6 +59,7 @@ class ServiceRuntime:
         self._on_ready: list[Callable[[], Awaitable[None]]] = []
         self._background: list[Callable[[], Awaitable[None]]] = []
         self._barriers: list[FollowerBarrier] = []
+        self.watches: list[ConsumerWatch] = []
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -107,7 +110,7 @@ class ServiceRuntime:
         holds), and the batch's offsets are committed once every record was handled.
         """
 
-        @self.broker.subscriber(
+        subscriber = self.broker.subscriber(
             topic,
             group_id=group or self.group,
             auto_offset_reset="earliest",
@@ -120,6 +123,10 @@ class ServiceRuntime:
             parser=parse_leniently,
             decoder=raw_records,
         )
+        watch = ConsumerWatch(topic, lambda: subscriber, self.settings.consumer_stall_seconds)
+        self.watches.append(watch)
+
+        @subscriber
         async def on_batch(records: Any) -> None:
             by_partition: dict[int, list[Any]] = {}
             for record in records:
@@ -135,7 +142,13 @@ class ServiceRuntime:
                 for record in partition_records:
                     await handle(Inbound.from_record(record))
 
-            await asyncio.gather(*(in_order(rs) for rs in by_partition.values()))
+            watch.batch_started()
+            try:
+                await asyncio.gather(*(in_order(rs) for rs in by_partition.values()))
+            except BaseException:
+                watch.batch_done(failed=True)
+                raise
+            watch.batch_done()
 
     def check_configuration(self) -> None:
         """Refuse development secrets in production and key pairs that do not match."""
@@ -180,12 +193,48 @@ class ServiceRuntime:
             await self._pool.close()
         log.info("service.stopped")
 
+    async def problems(self, *, kafka: bool = True) -> dict[str, str | None]:
+        """Each health check's problem (None when fine): the database, Kafka and every
+        consumer, named `consumer:<topic>`."""
+        timeout = self.settings.health_timeout_seconds
+
+        async def kafka_problem() -> str | None:
+            try:
+                answers = await self.broker.ping(timeout)
+            except Exception as error:  # a probe reports, it never raises
+                return type(error).__name__
+            return None if answers else "no answer"
+
+        database, broker = await asyncio.gather(
+            database_problem(lambda: self.pool, timeout),
+            kafka_problem() if kafka else asyncio.sleep(0))
+        return {"database": database, **({"kafka": broker} if kafka else {}),
+                **{f"consumer:{w.topic}": w.problem() for w in self.watches}}
+
+    def arm_watchdog(self) -> None:
+        """In a service process (never in tests that run services in-process): exit once
+        unhealthy for `unhealthy_exit_seconds`, for the supervisor to restart it."""
+        if self.settings.unhealthy_exit_seconds > 0:
+            self.background(self._watchdog)
+
+    async def _watchdog(self) -> None:
+        await watchdog(self.name, self.problems,
+                       exit_after_s=self.settings.unhealthy_exit_seconds)
+
     def app(self) -> AsgiFastStream:
         """The FastStream application: consumers, `/health` and the AsyncAPI docs."""
         configure_logging(self.name, self.settings.log_level)
+
+        @get
+        async def health(_scope: Any) -> AsgiResponse:
+            healthy, checks = summarise(await self.problems())
+            if healthy:
+                return JSONResponse({"status": "ok", "checks": checks})
+            return JSONResponse({"status": "unavailable", "checks": checks}, status_code=503)
+
         return AsgiFastStream(
             self.broker,
-            asgi_routes=[("/health", make_ping_asgi(self.broker, timeout=5.0))],
+            asgi_routes=[("/health", health)],
             asyncapi_path="/docs/asyncapi",
             on_startup=[self.start],
             after_shutdown=[self.stop],
@@ -243,5 +292,6 @@ def run_service(runtime: ServiceRuntime, default_health_port: int) -> None:
     except UnsafeConfigurationError as error:
         exit_refused(error)
     port = settings.health_port or default_health_port
+    runtime.arm_watchdog()
     app = runtime.app()
     uvloop.run(app.run(run_extra_options={"host": settings.http_host, "port": port}))

@@ -78,6 +78,13 @@ class CardDeskSettings(BaseSettings):
     # Records a consumer takes at once, and how long it waits for them (ms).
     consumer_batch_size: int = 200
     consumer_batch_wait_ms: int = 5
+    # /health: how long the database may take to run a query; how long a consumer may go
+    # without an assignment or a fetch before it counts as not consuming (seconds).
+    health_timeout_seconds: float = Field(default=3.0, gt=0)
+    consumer_stall_seconds: float = Field(default=30.0, gt=0)
+    # A service unhealthy this long without a break exits (status 70) for its supervisor to
+    # restart it; 0 never exits.
+    unhealthy_exit_seconds: float = Field(default=60.0, ge=0)
 
     @property
     def sealed_fields_required(self) -> bool:

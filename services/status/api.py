@@ -7,12 +7,10 @@ otherwise), a well-formed citizen_ref (400) and a caller within its rate limit (
 
 from __future__ import annotations
 
-import asyncio
 import math
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
-from typing import Any
 
 import asyncpg
 import structlog
@@ -27,6 +25,7 @@ from services.status.callers import ApiKeys, Caller, RateLimiter
 from services.status.settings import StatusSettings
 from shared.channels import ChannelRegistry
 from shared.contracts.common import CITIZEN_REF_PATTERN
+from shared.health import summarise
 
 log = structlog.get_logger()
 
@@ -38,37 +37,21 @@ CITIZEN_REF = re.compile(CITIZEN_REF_PATTERN)
 
 
 class QueryBackend:
-    """What the routes need from the running service: its pool and a Kafka probe."""
+    """What the routes need from the running service: its pool and its health checks
+    (database, Kafka and every consumer, each None when fine)."""
 
     def __init__(self, settings: StatusSettings, pool: Callable[[], asyncpg.Pool],
-                 kafka_ping: Callable[[float], Awaitable[bool]], *,
+                 problems: Callable[[], Awaitable[Mapping[str, str | None]]], *,
                  keys: ApiKeys | None = None, limiter: RateLimiter | None = None) -> None:
         self.settings = settings
         self.pool = pool
-        self.kafka_ping = kafka_ping
+        self.problems = problems
         self.keys = keys or ApiKeys.of(
             ChannelRegistry.from_file(settings.channels_file),
             {auditor: key.get_secret_value()
              for auditor, key in settings.auditor_api_keys.items()})
         self.limiter = limiter or RateLimiter(settings.api_rate_limit_per_second,
                                               settings.api_rate_limit_burst)
-
-    async def database_answers(self) -> bool:
-        try:
-            pool = self.pool()
-            value = await asyncio.wait_for(pool.fetchval("SELECT 1"),
-                                           self.settings.health_timeout_seconds)
-        except (AssertionError, TimeoutError, OSError, asyncpg.PostgresError,
-                asyncpg.InterfaceError):
-            return False
-        return bool(value == 1)
-
-    async def kafka_answers(self) -> bool:
-        try:
-            return await self.kafka_ping(self.settings.health_timeout_seconds)
-        except Exception:  # a probe reports, it never raises
-            log.warning("health.kafka_probe_failed", exc_info=True)
-            return False
 
 
 def _error(status: int, code: str, message: str,
@@ -115,10 +98,8 @@ def create_app(backend: QueryBackend, lifespan: Lifespan | None = None) -> Starl
         return JSONResponse({"citizen_ref": citizen_ref, "entries": entries})
 
     async def health(_request: Request) -> JSONResponse:
-        database, kafka = await asyncio.gather(backend.database_answers(), backend.kafka_answers())
-        checks: dict[str, Any] = {"database": "ok" if database else "down",
-                                  "kafka": "ok" if kafka else "down"}
-        if database and kafka:
+        healthy, checks = summarise(await backend.problems())
+        if healthy:
             return JSONResponse({"status": "ok", "checks": checks})
         return JSONResponse({"status": "unavailable", "checks": checks}, status_code=503)
 

@@ -48,7 +48,7 @@ class StatusService:
                                    group=settings.status_consumer_group,
                                    title=f"{topic}:status",
                                    description=f"Projects {contract_topic} into card_status")
-        backend = QueryBackend(settings, lambda: self.runtime.pool, self.runtime.broker.ping)
+        backend = QueryBackend(settings, lambda: self.runtime.pool, self.runtime.problems)
         self.app: Starlette = create_app(backend, lifespan=self._lifespan)
 
     async def _build_consumers(self) -> None:
@@ -112,6 +112,7 @@ def main() -> None:
         exit_refused(error)
     service = build(settings)
     configure_logging("status", service.settings.log_level)
+    service.runtime.arm_watchdog()
     uvloop.run(service.serve())
 
 

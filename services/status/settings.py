@@ -12,14 +12,13 @@ DEV_AUDITOR_API_KEY = "carddesk-dev-auditor-key"
 
 
 class StatusSettings(CardDeskSettings):
-    """The projection's schema, consumer group, health-check budget and the query API's
+    """The projection's schema, consumer group, the topics it reads, and the query API's
     callers: auditors (their own keys) beside the channels (their `api_key`)."""
 
     status_schema: str = Field(default="status", pattern=r"^[a-z_][a-z0-9_]*$")
     status_consumer_group: str = "carddesk-status"
     # Prepended to every consumed topic; empty in production, unique in isolated tests.
     status_topic_prefix: str = ""
-    health_timeout_seconds: float = Field(default=3.0, gt=0)
     # JSON {"auditor-id": "api key"}: auditors may query every citizen.
     auditor_api_keys: dict[str, SecretStr] = Field(
         default_factory=lambda: {"auditor": SecretStr(DEV_AUDITOR_API_KEY)})

@@ -10,7 +10,7 @@ from aiokafka.admin.config_resource import (
     ConfigResourceType,
 )
 
-from cardctl.stack import Stack, contract_topics
+from cardctl.stack import Stack, StackError, contract_topics
 from shared.settings import CardDeskSettings
 from tests.support import kafka_options
 
@@ -82,3 +82,25 @@ def test_a_second_up_on_a_running_stack_starts_nothing(stack: Stack) -> None:
     if not all(s.alive for s in stack.status() if s.name in ("postgres", "kafka")):
         pytest.skip("Kafka and PostgreSQL were started outside this stack's state dir")
     assert stack.up(services=False) == []
+
+
+def test_a_failed_up_stops_nothing_that_ran_before_it(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    infra = {s.name: s.pid for s in stack.status() if s.name in ("postgres", "kafka")}
+    if not all(infra.values()):
+        pytest.skip("Kafka and PostgreSQL were started outside this stack's state dir")
+
+    def broken(_self: Stack, _instances: int | None = None) -> list[str]:
+        raise StackError("a service did not become healthy")
+
+    monkeypatch.setattr(Stack, "start_services", broken)
+    with pytest.raises(StackError):
+        stack.up()
+    assert {s.name: s.pid for s in stack.status() if s.name in infra} == infra
+    assert all(s.healthy for s in stack.status() if s.name in infra)
+
+
+def test_more_instances_than_partitions_are_refused(stack: Stack) -> None:
+    with pytest.raises(StackError, match="CARDDESK_PARTITIONS"):
+        stack.up(instances=stack.settings.partitions + 1)

@@ -184,3 +184,14 @@ def test_no_development_channels_file_is_shipped_or_mounted(compose: dict[str, A
     dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
     assert "channels.dev.json" not in dockerfile
     assert "COPY config" not in dockerfile
+
+
+def test_every_long_running_container_restarts_and_has_a_health_check(
+    compose: dict[str, Any],
+) -> None:
+    for name, service in compose["services"].items():
+        if name == "topics":
+            assert service["restart"] == "no"  # one-shot
+            continue
+        assert service.get("restart") == "unless-stopped", name
+        assert service.get("healthcheck", {}).get("test"), name

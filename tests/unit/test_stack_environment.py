@@ -3,39 +3,35 @@ the repository's secrets are what the local stack runs on, and production refuse
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
-from cardctl.stack import ProcessSpec, Stack
-from shared.settings import CardDeskSettings
+from cardctl.stack import ProcessSpec
 
 
-async def never(_timeout: float = 0.0) -> bool:
+async def never() -> bool:
     return False
 
 
-def env_seen_by_a_started_process(tmp_path: Path) -> str:
-    stack = Stack(CardDeskSettings(state_dir=tmp_path))
-    stack.run_dir.mkdir(parents=True, exist_ok=True)
-    log = tmp_path / "probe.log"
+def env_given_to_a_started_process(tmp_path: Path) -> object:
+    """What the supervisor is told to start a process with."""
     spec = ProcessSpec(
-        name="probe", marker="probe", log_file=log, health=never,
-        argv=(sys.executable, "-c", "import os; print(os.environ.get('CARDDESK_ENV'))"))
-    pid = stack._start(spec)
-    os.waitpid(pid, 0)
-    return log.read_text(encoding="utf-8").strip()
+        name="probe", marker="probe", log_file=tmp_path / "probe.log", health=never,
+        argv=(sys.executable, "-c", "pass"))
+    env = spec.program()["env"]
+    assert isinstance(env, dict)
+    return env["CARDDESK_ENV"]
 
 
 def test_the_stack_starts_processes_in_development_by_default(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CARDDESK_ENV", raising=False)
-    assert env_seen_by_a_started_process(tmp_path) == "development"
+    assert env_given_to_a_started_process(tmp_path) == "development"
 
 
 def test_the_operators_choice_of_environment_is_kept(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CARDDESK_ENV", "production")
-    assert env_seen_by_a_started_process(tmp_path) == "production"
+    assert env_given_to_a_started_process(tmp_path) == "production"

@@ -107,7 +107,8 @@ async def test_two_concurrent_appends_at_the_same_version_one_wins_the_other_get
                 return "conflict"
             return "won"
 
-    outcomes = await asyncio.gather(writer(), writer())
+    # Bounded: a writer that fails before the barrier would leave the other waiting.
+    outcomes = await asyncio.wait_for(asyncio.gather(writer(), writer()), 30)
     assert sorted(outcomes) == ["conflict", "won"]
     async with pool.acquire() as conn:
         assert await conn.fetchval(f"SELECT count(*) FROM {schema}.events") == 1
@@ -130,7 +131,8 @@ async def test_a_lost_race_in_the_one_round_trip_append_inserts_nothing_and_rais
                 return "conflict"
             return "won"
 
-    assert sorted(await asyncio.gather(writer(), writer())) == ["conflict", "won"]
+    outcomes = await asyncio.wait_for(asyncio.gather(writer(), writer()), 30)
+    assert sorted(outcomes) == ["conflict", "won"]
     async with pool.acquire() as conn:
         assert await conn.fetchval(f"SELECT count(*) FROM {schema}.events") == 2
         assert await conn.fetchval(f"SELECT count(*) FROM {schema}.outbox") == 2
