@@ -54,12 +54,15 @@ async def producer_as(settings: CardDeskSettings) -> AsyncIterator[AIOKafkaProdu
 
 
 async def send(settings: CardDeskSettings, topic: str, value: bytes = b"probe") -> None:
+    """`value` on partition 0 of `topic`, which `read_first` reads."""
     async with producer_as(settings) as producer:
-        await asyncio.wait_for(producer.send_and_wait(topic, value, key=b"probe"), TIMEOUT_S)
+        await asyncio.wait_for(producer.send_and_wait(topic, value, key=b"probe", partition=0),
+                               TIMEOUT_S)
 
 
 async def read_first(settings: CardDeskSettings, topic: str) -> list[bytes]:
-    """What a principal reads of partition 0 from the beginning, by manual assignment."""
+    """What a principal reads of partition 0, from the beginning to its end, by manual
+    assignment."""
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
                                 enable_auto_commit=False, auto_offset_reset="earliest",
                                 **client_options(settings))
@@ -74,9 +77,17 @@ async def read_first(settings: CardDeskSettings, topic: str) -> list[bytes]:
             raise TopicAuthorizationFailedError(topic)
         tp = TopicPartition(topic, 0)
         consumer.assign([tp])
+        end = (await asyncio.wait_for(consumer.end_offsets([tp]), TIMEOUT_S))[tp]
         await asyncio.wait_for(consumer.seek_to_beginning(tp), TIMEOUT_S)
-        batch = await asyncio.wait_for(consumer.getmany(tp, timeout_ms=3000), TIMEOUT_S)
-        return [record.value for record in batch.get(tp, [])]
+        # The topic may hold other runs' records too: read partition 0 to its end.
+        values: list[bytes] = []
+        deadline = asyncio.get_running_loop().time() + TIMEOUT_S
+        while await consumer.position(tp) < end:
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"{topic}/0: read {len(values)} records, not to {end}")
+            batch = await consumer.getmany(tp, timeout_ms=1000)
+            values.extend(record.value for record in batch.get(tp, []))
+        return values
     finally:
         await consumer.stop()
 
