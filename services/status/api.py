@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -12,13 +13,16 @@ import structlog
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from services.status.adapters import fetch_card, fetch_timeline
-from services.status.asyncapi import asyncapi_html, asyncapi_json
+from services.status.asyncapi import ASYNCAPI_STATIC_PATH, asyncapi_html, asyncapi_json
 from services.status.settings import StatusSettings
 
 log = structlog.get_logger()
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 Lifespan = Callable[[Starlette], AbstractAsyncContextManager[None]]
 
@@ -87,6 +91,8 @@ def create_app(backend: QueryBackend, lifespan: Lifespan | None = None) -> Starl
             Route("/health", health, methods=["GET"]),
             Route("/docs/asyncapi", docs_html, methods=["GET"]),
             Route("/docs/asyncapi.json", docs_json, methods=["GET"]),
+            Mount(ASYNCAPI_STATIC_PATH, StaticFiles(directory=STATIC_DIR / "asyncapi"),
+                  name="asyncapi-static"),
         ],
         lifespan=lifespan,
     )
