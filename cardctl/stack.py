@@ -362,6 +362,9 @@ class Stack:
                 env={"CARDDESK_HEALTH_PORT": str(port)},
                 cwd=PROJECT_ROOT,
             ))
+        from cardctl.console import console_spec  # the bureau console, a process of its own
+
+        specs.append(console_spec(self.settings, self.logs_dir))
         return specs
 
     def infra_specs(self) -> list[ProcessSpec]:

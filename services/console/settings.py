@@ -17,6 +17,8 @@ class ConsoleSettings(CardDeskSettings):
     console_status_url: str = ""
     console_schema: str = Field(default="console", pattern=r"^[a-z_][a-z0-9_]*$")
     console_consumer_group: str = "carddesk-console"
+    # The status projection's schema, which an audit replay compares with the log.
+    status_schema: str = Field(default="status", pattern=r"^[a-z_][a-z0-9_]*$")
     # Prepended to review.events (tests isolate with it).
     console_topic_prefix: str = ""
     # A session ends after this long without a request, and after the absolute limit anyway.
