@@ -15,8 +15,8 @@ from cardctl import operations
 from cardctl.audit import audit_app
 from cardctl.erase import erase_command
 from cardctl.projections import projections_app
-from cardctl.staff import staff_app
 from cardctl.stack import Stack, StackError, ensure_topics, run_sync
+from cardctl.staff import staff_app
 from shared.identity import citizen_ref, is_valid_id_number
 from shared.masking import mask_card_no, mask_id_number, mask_name
 from shared.settings import CardDeskSettings
