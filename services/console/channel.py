@@ -45,28 +45,33 @@ class ConsoleChannel:
         self.reply_timeout_s = reply_timeout_s
         self.topic = reply_topic(channel.channel_id)
         self.sealer = FieldSealer(settings.command_sealing_public_key)
-        options = client_options(settings)
-        self._producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap,
-                                          linger_ms=1, **options)
-        self._replies = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
-                                         group_id=None, enable_auto_commit=False, **options)
+        self.settings = settings
+        self._producer: AIOKafkaProducer | None = None
+        self._replies: AIOKafkaConsumer | None = None
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         self._reader: asyncio.Task[None] | None = None
 
     async def start(self, timeout_s: float = 30.0) -> None:
+        """Connect (clients are made here: aiokafka wants a running loop) and read the
+        reply topic from its end."""
+        options = client_options(self.settings)
+        bootstrap = self.settings.kafka_bootstrap
+        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=1, **options)
+        self._replies = replies = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, **options)
         await self._producer.start()
-        await self._replies.start()
+        await replies.start()
         async with asyncio.timeout(timeout_s):
-            partitions = self._replies.partitions_for_topic(self.topic)
+            partitions = replies.partitions_for_topic(self.topic)
             while not partitions:
                 await asyncio.sleep(0.2)
-                await self._replies._client.force_metadata_update()
-                partitions = self._replies.partitions_for_topic(self.topic)
+                await replies._client.force_metadata_update()
+                partitions = replies.partitions_for_topic(self.topic)
         assigned = [TopicPartition(self.topic, p) for p in sorted(partitions)]
-        self._replies.assign(assigned)
-        await self._replies.seek_to_end(*assigned)
+        replies.assign(assigned)
+        await replies.seek_to_end(*assigned)
         for tp in assigned:  # positions resolved now: no reply sent after this is missed
-            await self._replies.position(tp)
+            await replies.position(tp)
         self._reader = asyncio.create_task(self._read_replies())
 
     async def stop(self) -> None:
@@ -74,10 +79,13 @@ class ConsoleChannel:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
-        await self._replies.stop()
-        await self._producer.stop()
+        if self._replies is not None:
+            await self._replies.stop()
+        if self._producer is not None:
+            await self._producer.stop()
 
     async def _read_replies(self) -> None:
+        assert self._replies is not None
         while True:
             batch = await self._replies.getmany(timeout_ms=200)
             for records in batch.values():
@@ -106,6 +114,8 @@ class ConsoleChannel:
         value = self.envelope(command_type, sealed, request_id, issued_at)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
+        if self._producer is None:
+            raise ReplyTimeoutError("the console's Kafka client has not started")
         try:
             await self._producer.send_and_wait(
                 command_topic(service), value, key=request_id.encode(),

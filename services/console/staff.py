@@ -250,9 +250,9 @@ class StaffDirectory:
             f"UPDATE {self.schema}.staff_sessions AS s SET last_seen_at = $2"
             f" FROM {self.schema}.staff AS a"
             " WHERE s.token_hash = $1 AND a.staff_id = s.staff_id AND NOT a.disabled"
-            " AND s.last_seen_at > $2 - $3::interval AND s.created_at > $2 - $4::interval"
+            " AND s.last_seen_at > $3 AND s.created_at > $4"
             " RETURNING s.staff_id, a.role, s.csrf_token, s.created_at",
-            _token_hash(token), now, self.idle, self.max_age)
+            _token_hash(token), now, now - self.idle, now - self.max_age)
         if row is None:
             return None
         return StaffSession(row["staff_id"], Role(row["role"]), row["csrf_token"],
@@ -265,6 +265,5 @@ class StaffDirectory:
     async def purge_expired(self, now: datetime) -> int:
         result: str = await self.pool.execute(
             f"DELETE FROM {self.schema}.staff_sessions"
-            " WHERE last_seen_at <= $1 - $2::interval OR created_at <= $1 - $3::interval",
-            now, self.idle, self.max_age)
+            " WHERE last_seen_at <= $1 OR created_at <= $2", now - self.idle, now - self.max_age)
         return int(result.split()[-1])
