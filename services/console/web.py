@@ -104,7 +104,7 @@ class SecurityHeaders:
          b"form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'"),
         (b"x-content-type-options", b"nosniff"),
         (b"x-frame-options", b"DENY"),
-        (b"referrer-policy", b"no-referrer"),
+        (b"referrer-policy", b"same-origin"),
     )
 
     def __init__(self, app: ASGIApp) -> None:
