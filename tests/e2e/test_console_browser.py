@@ -207,15 +207,18 @@ async def test_a_rejection_needs_a_reason_and_of_two_racing_reviewers_one_wins(
     await page1.wait_for_selector(".notice")
     assert "reason" in (await page1.inner_text(".notice")).lower()
     await page1.fill("#reason", "photo does not match the registry")
-    await page1.click("#reject")
-    await page1.wait_for_selector("#reply-code")
-    assert await page1.inner_text("#reply-code") == "accepted"
 
-    await page2.click("#approve")  # opened before the rejection: it loses
-    await page2.wait_for_selector("#reply-code")
-    assert await page2.inner_text("#reply-code") == "already_decided"
-    await shot(page2, "already-decided")
-    await journey.wait_for_status(session.citizen_ref, "REISSUE_REJECTED")
+    # Both decide at once: the review service lets one win; the other sees already_decided.
+    await asyncio.gather(page1.click("#reject"), page2.click("#approve"))
+    await asyncio.gather(page1.wait_for_selector("#reply-code"),
+                         page2.wait_for_selector("#reply-code"))
+    codes = {await page1.inner_text("#reply-code"): "reject",
+             await page2.inner_text("#reply-code"): "approve"}
+    assert set(codes) == {"accepted", "already_decided"}, codes
+    loser = page1 if codes["already_decided"] == "reject" else page2
+    await shot(loser, "already-decided")
+    winner_status = "REISSUE_REJECTED" if codes["accepted"] == "reject" else "READY_FOR_PICKUP"
+    await journey.wait_for_status(session.citizen_ref, winner_status)
 
 
 async def test_any_role_looks_a_citizen_up_masked(
@@ -279,3 +282,21 @@ async def test_a_stale_csrf_token_is_refused(desks: Desks, staff: dict[str, str]
     assert (await answer.value).status == 403
     assert "expired" in await page.inner_text("main")
     assert await page.locator("table.timeline").count() == 0
+
+
+async def test_labels_follow_the_browsers_language_and_the_switch(
+        browser: Browser, staff: dict[str, str]) -> None:
+    context = await browser.new_context(viewport={"width": 1024, "height": 900},
+                                        locale="zh-CN")
+    desk = Desk(context)
+    try:
+        page = await desk.sign_in(staff["reviewer"])
+        assert "补卡审核" in await page.inner_text("nav")
+        assert "待审核的补卡申请" in await page.inner_text("h1")
+        await shot(page, "review-queue-zh")
+        await page.click("a.lang")
+        await page.goto(f"{console_url()}/review")
+        assert "Pending reissue applications" in await page.inner_text("h1")
+    finally:
+        await context.close()
+    desk.assert_local_only()
