@@ -13,6 +13,7 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from shared.channels import Channel, sign
 from shared.commands import Reply
@@ -31,7 +32,8 @@ def reply_topic(channel_id: str) -> str:
 
 
 class ReplyTimeoutError(Exception):
-    """No reply within the console's wait: the command may still be decided later."""
+    """No reply within the console's wait (or Kafka did not take the command): it may still
+    be decided later, so the page says to check the citizen's status."""
 
 
 class ConsoleChannel:
@@ -117,14 +119,14 @@ class ConsoleChannel:
         if self._producer is None:
             raise ReplyTimeoutError("the console's Kafka client has not started")
         try:
-            await self._producer.send_and_wait(
-                command_topic(service), value, key=request_id.encode(),
-                headers=[("x-channel-id", self.channel.channel_id.encode()),
-                         ("x-signature", sign(self.channel.secret, value).encode())])
-            try:
-                return await asyncio.wait_for(future, self.reply_timeout_s)
-            except TimeoutError as exc:
-                raise ReplyTimeoutError(request_id) from exc
+            async with asyncio.timeout(self.reply_timeout_s):
+                await self._producer.send_and_wait(
+                    command_topic(service), value, key=request_id.encode(),
+                    headers=[("x-channel-id", self.channel.channel_id.encode()),
+                             ("x-signature", sign(self.channel.secret, value).encode())])
+                return await future
+        except (TimeoutError, KafkaError) as exc:
+            raise ReplyTimeoutError(request_id) from exc
         finally:
             self._waiting.pop(request_id, None)
 

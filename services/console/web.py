@@ -28,6 +28,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.console.audits import AuditBusyError, AuditRunner
+from services.console.channel import ReplyTimeoutError
 from services.console.i18n import LANGUAGES, choose_language, translator
 from services.console.queue import QueueReader
 from services.console.reads import StatusUnavailableError
@@ -328,10 +329,15 @@ def create_app(console: Console, lifespan: Callable[[Starlette],
         if decision == "reject" and not reason:
             return await application_page(request, staff, status_code=400,
                                           message="reason_required")
-        reply = await console.channel().send_until_decided(
-            "review", "DecideReview",
-            {"application_id": application_id, "reviewer_id": staff.staff_id,
-             "decision": decision, "reason": reason}, issued_at=console.clock())
+        try:
+            reply = await console.channel().send_until_decided(
+                "review", "DecideReview",
+                {"application_id": application_id, "reviewer_id": staff.staff_id,
+                 "decision": decision, "reason": reason}, issued_at=console.clock())
+        except ReplyTimeoutError:
+            log.warning("console.no_reply", staff_id=staff.staff_id, command="DecideReview",
+                        application_id=application_id)
+            return await application_page(request, staff, status_code=504, message="no_reply")
         log.info("console.review_decided", staff_id=staff.staff_id,
                  application_id=application_id, decision=decision, code=reply.code)
         return await application_page(request, staff, reply=reply)
@@ -380,8 +386,14 @@ def create_app(console: Console, lifespan: Callable[[Starlette],
             payload["proxy"] = {"id_number": normalise_id_number(proxy_id),
                                 "name": form.get("proxy_name", "").strip(),
                                 "authorisation_ref": form.get("authorisation_ref", "").strip()}
-        reply = await console.channel().send_until_decided(
-            "issuance", "CollectCard", payload, issued_at=console.clock())
+        try:
+            reply = await console.channel().send_until_decided(
+                "issuance", "CollectCard", payload, issued_at=console.clock())
+        except ReplyTimeoutError:
+            log.warning("console.no_reply", staff_id=staff.staff_id, command="CollectCard",
+                        citizen_ref=ref, application_id=application_id)
+            return render(request, "counter.html", staff, 504, current="counter",
+                          message="no_reply", message_kind="error")
         log.info("console.card_collection", staff_id=staff.staff_id, citizen_ref=ref,
                  application_id=application_id, by_proxy="proxy" in payload, code=reply.code)
         return render(request, "counter.html", staff, current="counter", reply=reply,

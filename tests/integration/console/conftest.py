@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from services.console.audits import AuditRunner
+from services.console.channel import ReplyTimeoutError
 from services.console.main import staff_directory
 from services.console.queue import QueueReader, queue_ddl
 from services.console.settings import ConsoleSettings
@@ -33,6 +34,8 @@ class FakeChannel:
                                  payload: Mapping[str, Any], *, issued_at: datetime,
                                  attempts: int = 5) -> Reply:
         self.sent.append((service, command_type, dict(payload)))
+        if self.code == "timeout":
+            raise ReplyTimeoutError("r-1")
         status = "accepted" if self.code == "accepted" else "rejected"
         return Reply(request_id="r-1", status=status, code=self.code, message=self.code,
                      data={})

@@ -245,6 +245,16 @@ async def test_the_losing_reviewer_is_shown_already_decided(desk: Desk) -> None:
     assert "Another reviewer" in response.text or "其他审核员" in response.text
 
 
+async def test_a_command_without_a_reply_says_so_instead_of_failing(desk: Desk) -> None:
+    _, token = await desk.signed_in(Role.REVIEWER)
+    application_id = await pending_application(desk)
+    desk.channel.code = "timeout"
+    response = await desk.http.post(f"/review/{application_id}/decision", data={
+        "csrf_token": token, "decision": "approve"})
+    assert response.status_code == 504
+    assert "No reply yet" in response.text or "暂未收到处理结果" in response.text
+
+
 async def test_the_queue_lists_pending_applications_oldest_first_and_by_bureau(
         desk: Desk) -> None:
     second = await pending_application(desk, "bureau-b", T0 + timedelta(hours=1))
