@@ -16,6 +16,7 @@ from shared.identity import citizen_ref
 from shared.settings import CardDeskSettings
 from tests.integration.console.conftest import Desk, csrf_of
 from tests.unit.status.events import T0, Streams
+from tests.unit.status.test_asyncapi_page import external_references
 
 pytestmark = pytest.mark.integration
 
@@ -306,3 +307,19 @@ async def test_the_pages_carry_a_strict_content_security_policy(desk: Desk) -> N
     policy = page.headers["content-security-policy"]
     assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
     assert page.headers["cache-control"] == "no-store"
+
+
+async def test_no_console_page_references_another_host(desk: Desk) -> None:
+    sign_in = await desk.http.get("/sign-in")
+    pages = [sign_in.text]
+    await desk.signed_in(Role.ADMIN)
+    application_id = await pending_application(desk)
+    for path in ("/review", f"/review/{application_id}", "/counter", "/lookup", "/audit"):
+        response = await desk.http.get(path)
+        assert response.status_code == 200, path
+        pages.append(response.text)
+    for page in pages:
+        assert external_references(page) == []
+        assert '<script src="/static/htmx.min.js"' in page
+    htmx = await desk.http.get("/static/htmx.min.js")
+    assert htmx.status_code == 200 and "htmx" in htmx.text

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from starlette.testclient import TestClient
+import httpx
 
 from services.status.api import QueryBackend, create_app
 from services.status.settings import StatusSettings
@@ -19,14 +19,15 @@ def external_references(html: str) -> list[str]:
             if re.match(r"^\s*(?:[a-z][a-z0-9+.-]*:)?//", url, re.IGNORECASE)]
 
 
-def client() -> TestClient:
+def client() -> httpx.AsyncClient:
     def no_pool() -> Any:
         raise AssertionError("the docs need no database")
 
     async def no_kafka(_timeout: float) -> bool:
         return False
 
-    return TestClient(create_app(QueryBackend(StatusSettings(), no_pool, no_kafka)))
+    app = create_app(QueryBackend(StatusSettings(), no_pool, no_kafka))
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://docs")
 
 
 def test_the_external_reference_finder_sees_cdn_links() -> None:
@@ -35,27 +36,30 @@ def test_the_external_reference_finder_sees_cdn_links() -> None:
     assert external_references(page) == ["https://unpkg.com/x.js", "//cdn.example/s.css"]
 
 
-def test_the_asyncapi_page_references_no_external_host() -> None:
-    page = client().get("/docs/asyncapi")
+async def test_the_asyncapi_page_references_no_external_host() -> None:
+    async with client() as http:
+        page = await http.get("/docs/asyncapi")
     assert page.status_code == 200
     assert "AsyncApiStandalone" in page.text
     assert external_references(page.text) == []
     assert "unpkg" not in page.text and "jsdelivr" not in page.text
 
 
-def test_the_asyncapi_page_script_and_styles_are_served_locally() -> None:
-    http = client()
-    page = http.get("/docs/asyncapi").text
-    local = [url for url in REFERENCE.findall(page) if url.startswith("/")]
-    assert {"/docs/static/asyncapi/index.js", "/docs/static/asyncapi/default.min.css"} <= set(local)
-    for url in local:
-        response = http.get(url)
-        assert response.status_code == 200, url
-        assert len(response.content) > 1000, url
-    assert "AsyncApiStandalone" in http.get("/docs/static/asyncapi/index.js").text
+async def test_the_asyncapi_page_script_and_styles_are_served_locally() -> None:
+    async with client() as http:
+        page = (await http.get("/docs/asyncapi")).text
+        local = [url for url in REFERENCE.findall(page) if url.startswith("/")]
+        assert {"/docs/static/asyncapi/index.js",
+                "/docs/static/asyncapi/default.min.css"} <= set(local)
+        for url in local:
+            response = await http.get(url)
+            assert response.status_code == 200, url
+            assert len(response.content) > 1000, url
+        assert "AsyncApiStandalone" in (await http.get("/docs/static/asyncapi/index.js")).text
 
 
-def test_the_embedded_document_cannot_close_the_script_early() -> None:
-    page = client().get("/docs/asyncapi").text
+async def test_the_embedded_document_cannot_close_the_script_early() -> None:
+    async with client() as http:
+        page = (await http.get("/docs/asyncapi")).text
     script = page.split('<script>', 1)[1]
     assert script.count("</script>") == 1
