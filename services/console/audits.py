@@ -62,6 +62,11 @@ class AuditRunner:
         self.clock = clock
         self.jobs: dict[str, AuditJob] = {}
         self._task: asyncio.Task[None] | None = None
+        self._task_of: dict[str, asyncio.Task[None]] = {}
+
+    async def wait(self, job: AuditJob) -> None:
+        """Until `job` has finished (the caller bounds the wait)."""
+        await asyncio.shield(self._task_of[job.job_id])
 
     def start(self, kind: AuditKind, citizen_ref: str | None, staff_id: str) -> AuditJob:
         if self._task is not None and not self._task.done():
@@ -70,6 +75,7 @@ class AuditRunner:
         job = AuditJob(secrets.token_hex(8), kind, citizen_ref, staff_id, self.clock(), progress)
         self.jobs[job.job_id] = job
         self._task = asyncio.create_task(self._run(job))
+        self._task_of[job.job_id] = self._task
         log.info("console.audit_started", staff_id=staff_id, kind=kind, job_id=job.job_id,
                  citizen_ref=citizen_ref)
         return job
