@@ -42,8 +42,11 @@ from shared.kafka import ADMIN, AUDITOR
 from shared.topics import SERVICES, command_topic, dlq_topic, event_topic
 
 STATUS = "status"
+# The bureau console's own principal: it follows review.events for its review queue (its
+# commands go out as its bureau channel, under that channel's credentials).
+CONSOLE = "console"
 # Every principal the stack generates credentials for, in credentials.json.
-GENERATED_PRINCIPALS: tuple[str, ...] = (ADMIN, AUDITOR, *SERVICES, STATUS)
+GENERATED_PRINCIPALS: tuple[str, ...] = (ADMIN, AUDITOR, *SERVICES, STATUS, CONSOLE)
 REPLY_TOPIC_PREFIX = "channel.replies."
 # Kafka's default and minimum for SCRAM-SHA-512.
 SCRAM_ITERATIONS = 4096
@@ -95,6 +98,7 @@ def _consumed(service: str) -> tuple[str, ...]:
         "review": (command_topic("review"), event_topic("loss")),
         "issuance": (command_topic("issuance"), event_topic("review")),
         STATUS: tuple(event_topic(s) for s in SERVICES),
+        CONSOLE: (event_topic("review"),),
     }[service]
 
 
@@ -102,8 +106,10 @@ def service_acls(service: str) -> list[Acl]:
     """A service writes its own events topic (the status projection has none), the reply
     topics and the DLQs of what it consumes; reads only what it consumes, in its group."""
     user = f"User:{service}"
-    acls = [Acl(user, Resource.TOPIC, REPLY_TOPIC_PREFIX, Pattern.PREFIXED, Operation.WRITE),
-            Acl(user, Resource.GROUP, f"carddesk-{service}", Pattern.PREFIXED, Operation.READ)]
+    acls = [Acl(user, Resource.GROUP, f"carddesk-{service}", Pattern.PREFIXED, Operation.READ)]
+    if service != CONSOLE:  # the console answers no channel
+        acls.append(Acl(user, Resource.TOPIC, REPLY_TOPIC_PREFIX, Pattern.PREFIXED,
+                        Operation.WRITE))
     if service in SERVICES:
         acls.append(Acl(user, Resource.TOPIC, event_topic(service), Pattern.LITERAL,
                         Operation.WRITE))
@@ -142,7 +148,7 @@ def access_plan(channel_ids: Iterable[str]) -> set[Acl]:
     for channel_id in ids:
         check_channel_id(channel_id)
     plan = {*auditor_acls()}
-    for service in (*SERVICES, STATUS):
+    for service in (*SERVICES, STATUS, CONSOLE):
         plan.update(service_acls(service))
     for channel_id in ids:
         plan.update(channel_acls(channel_id))

@@ -18,6 +18,7 @@ from cardctl.erase import erase_command
 from cardctl.keys import keys_app
 from cardctl.projections import projections_app
 from cardctl.stack import Stack, StackError, contract_topics, ensure_topics, provision, run_sync
+from cardctl.staff import staff_app
 from services.status.settings import StatusSettings
 from shared.channels import ChannelRegistry
 from shared.identity import citizen_ref, is_valid_id_number
@@ -34,6 +35,7 @@ app.add_typer(stack_app, name="stack")
 app.add_typer(topics_app, name="topics")
 kafka_app = typer.Typer(help="Kafka users and ACLs.", no_args_is_help=True)
 app.add_typer(kafka_app, name="kafka")
+app.add_typer(staff_app, name="staff")
 
 console = Console()
 
@@ -197,6 +199,21 @@ def demo_command(
     if row["status"] != "ACTIVE" or row["card_no_masked"] == mask_card_no(citizen.card_no):
         console.print("[red]the demo did not end with a new active card[/]")
         raise typer.Exit(1)
+    _print_console_address()
+
+
+def _print_console_address() -> None:
+    """Where the bureau console is, and (development only) a reviewer to sign in as."""
+    from services.console.main import DEV_STAFF
+    from services.console.settings import ConsoleSettings
+
+    settings = ConsoleSettings()
+    console.print(f"bureau console: http://localhost:{settings.console_port}/", markup=False)
+    if settings.env == "development":
+        _role, password = DEV_STAFF["dev-reviewer"]
+        console.print(f"development reviewer: dev-reviewer / {password}"
+                      " (also dev-counter, dev-auditor, dev-admin: dev-console-<role>)",
+                      markup=False)
 
 
 def _resolve_ref(citizen: str, settings: CardDeskSettings) -> str:

@@ -489,6 +489,9 @@ class Stack:
                     env=env,
                     cwd=PROJECT_ROOT,
                 ))
+        from cardctl.console import console_spec  # the bureau console, a process of its own
+
+        specs.append(console_spec(self.settings, self.logs_dir, credentials.get("console")))
         return specs
 
     def service_port(self, spec: ProcessSpec) -> int:

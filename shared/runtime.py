@@ -33,6 +33,9 @@ from shared.settings import CardDeskSettings
 
 log = structlog.get_logger()
 
+# Each step of stopping a service may take this long before it is cut short.
+STOP_STEP_TIMEOUT_S = 10.0
+
 MessageHandler = Callable[[Inbound], Awaitable[None]]
 
 
@@ -188,9 +191,16 @@ class ServiceRuntime:
             with contextlib.suppress(Exception):
                 await barrier.stop()
         if self._producer is not None:
-            await self._producer.stop()
+            try:
+                await asyncio.wait_for(self._producer.stop(), STOP_STEP_TIMEOUT_S)
+            except TimeoutError:
+                log.warning("service.producer_stop_timed_out")
         if self._pool is not None:
-            await self._pool.close()
+            try:  # close() waits for every connection to be released: bounded
+                await asyncio.wait_for(self._pool.close(), STOP_STEP_TIMEOUT_S)
+            except TimeoutError:
+                log.warning("service.pool_close_timed_out")
+                self._pool.terminate()
         log.info("service.stopped")
 
     async def problems(self, *, kafka: bool = True) -> dict[str, str | None]:

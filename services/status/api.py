@@ -11,16 +11,18 @@ import math
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 
 import asyncpg
 import structlog
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from services.status.adapters import fetch_card, fetch_timeline
-from services.status.asyncapi import asyncapi_html, asyncapi_json
+from services.status.asyncapi import ASYNCAPI_STATIC_PATH, asyncapi_html, asyncapi_json
 from services.status.callers import ApiKeys, Caller, RateLimiter
 from services.status.settings import StatusSettings
 from shared.channels import ChannelRegistry
@@ -28,6 +30,8 @@ from shared.contracts.common import CITIZEN_REF_PATTERN
 from shared.health import summarise
 
 log = structlog.get_logger()
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 Lifespan = Callable[[Starlette], AbstractAsyncContextManager[None]]
 Endpoint = Callable[[Request, Caller, str], Awaitable[Response]]
@@ -117,6 +121,8 @@ def create_app(backend: QueryBackend, lifespan: Lifespan | None = None) -> Starl
             Route("/health", health, methods=["GET"]),
             Route("/docs/asyncapi", docs_html, methods=["GET"]),
             Route("/docs/asyncapi.json", docs_json, methods=["GET"]),
+            Mount(ASYNCAPI_STATIC_PATH, StaticFiles(directory=STATIC_DIR / "asyncapi"),
+                  name="asyncapi-static"),
         ],
         lifespan=lifespan,
     )

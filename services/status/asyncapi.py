@@ -6,6 +6,7 @@ connected. Command topics are what services receive, event and reply topics what
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from functools import cache
@@ -13,7 +14,7 @@ from typing import Any
 from uuid import UUID
 
 from faststream.kafka import KafkaBroker
-from faststream.specification import AsyncAPI, get_asyncapi_html
+from faststream.specification import AsyncAPI
 from faststream.specification.base import Specification
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
@@ -123,5 +124,34 @@ def asyncapi_json(settings: CardDeskSettings) -> Any:
     return specification(settings).to_jsonable()
 
 
+# The page's script and styles, vendored from the npm registry's @asyncapi/react-component
+# (services/status/static/asyncapi/): bureaus run on closed networks, so no page may load
+# anything from another host.
+ASYNCAPI_STATIC_PATH = "/docs/static/asyncapi"
+_RENDER_CONFIG = {
+    "show": {"sidebar": True, "info": True, "servers": True, "operations": True,
+             "messages": True, "schemas": True, "errors": True},
+    "expand": {"messageExamples": True},
+    "sidebar": {"showServers": "byDefault", "showOperations": "byDefault"},
+}
+
+
 def asyncapi_html(settings: CardDeskSettings) -> str:
-    return get_asyncapi_html(specification(settings), try_it_out_path=None)
+    """The AsyncAPI page, rendered in the browser by the vendored standalone component."""
+    spec = specification(settings)
+    # `</` inside a <script> would end it early: escape the slash in the embedded JSON.
+    document = json.dumps({"schema": spec.to_jsonable(), "config": _RENDER_CONFIG},
+                          ensure_ascii=False).replace("</", "<\\/")
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>Card Desk message contract AsyncAPI</title>
+<link rel="stylesheet" href="{ASYNCAPI_STATIC_PATH}/default.min.css">
+</head>
+<body>
+<div id="asyncapi"></div>
+<script src="{ASYNCAPI_STATIC_PATH}/index.js"></script>
+<script>window.AsyncApiStandalone.render({document}, document.getElementById("asyncapi"));</script>
+</body>
+</html>"""

@@ -10,6 +10,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+import structlog
 import uvicorn
 import uvloop
 from starlette.applications import Starlette
@@ -21,7 +22,9 @@ from shared.consumer import EventConsumer
 from shared.contracts import KNOWN_EVENT_TYPES
 from shared.logging import configure_logging
 from shared.production import UnsafeConfigurationError, exit_refused, refuse_unsafe_configuration
-from shared.runtime import MessageHandler, ServiceRuntime, supervise
+from shared.runtime import STOP_STEP_TIMEOUT_S, MessageHandler, ServiceRuntime, supervise
+
+log = structlog.get_logger()
 
 
 def shipped_in_use(settings: StatusSettings) -> list[str]:
@@ -83,7 +86,10 @@ class StatusService:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._broker_task
             self._broker_task = None
-        await self.runtime.broker.stop()
+        try:  # a consumer stuck retrying a dead database must not hold the stop for ever
+            await asyncio.wait_for(self.runtime.broker.stop(), 2 * STOP_STEP_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("status.broker_stop_timed_out")
         await self.runtime.stop()
 
     @asynccontextmanager

@@ -98,7 +98,7 @@ async def test_no_seeded_citizens_personal_data_appears_in_kafka_logs_or_tables(
 
     conn = await asyncpg.connect(settings.database_url)
     try:
-        for schema in (*SERVICES, "status"):
+        for schema in (*SERVICES, "status", "console"):
             tables = await conn.fetch(
                 "SELECT table_name FROM information_schema.tables"
                 " WHERE table_schema = $1 AND table_type = 'BASE TABLE'", schema)

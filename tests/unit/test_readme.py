@@ -9,6 +9,7 @@ import pytest
 from pydantic_settings import BaseSettings
 
 from services.auth.settings import AuthSettings
+from services.console.settings import ConsoleSettings
 from services.issuance.settings import IssuanceSettings
 from services.loss.settings import LossSettings
 from services.review.settings import ReviewSettings
@@ -21,7 +22,7 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 SETTINGS: list[type[BaseSettings]] = [CardDeskSettings, AuthSettings, LossSettings,
                                       ReviewSettings, IssuanceSettings, StatusSettings,
-                                      RebuildSettings]
+                                      RebuildSettings, ConsoleSettings]
 
 
 @pytest.mark.parametrize("settings_class", SETTINGS, ids=lambda c: c.__name__)

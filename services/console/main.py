@@ -1,0 +1,177 @@
+"""Wiring of the bureau console: the review-queue follower, the staff directory, the
+channel client and the pages, in one process.
+
+`python -m services.console.main` serves on `CARDDESK_HTTP_HOST:CARDDESK_CONSOLE_PORT`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import structlog
+import uvicorn
+import uvloop
+from starlette.applications import Starlette
+
+from services.console.audits import AuditRunner
+from services.console.channel import ConsoleChannel
+from services.console.queue import QueueReader, QueueWriter, queue_ddl
+from services.console.reads import StatusReader
+from services.console.settings import ConsoleSettings
+from services.console.staff import LockoutPolicy, Role, StaffDirectory, staff_ddl
+from services.console.web import Console, create_app
+from shared.channels import ChannelRegistry
+from shared.consumer import EventConsumer
+from shared.contracts import KNOWN_EVENT_TYPES
+from shared.logging import configure_logging
+from shared.runtime import MessageHandler, ServiceRuntime, supervise
+
+log = structlog.get_logger()
+
+# Development only (CARDDESK_ENV=development): one account per role, so the local stack and
+# `cardctl demo` can be tried at once. Production never creates them.
+DEV_STAFF: dict[str, tuple[Role, str]] = {
+    "dev-reviewer": (Role.REVIEWER, "dev-console-reviewer"),
+    "dev-counter": (Role.COUNTER, "dev-console-counter"),
+    "dev-auditor": (Role.AUDITOR, "dev-console-auditor"),
+    "dev-admin": (Role.ADMIN, "dev-console-admin"),
+}
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def staff_directory(pool: asyncpg.Pool, settings: ConsoleSettings) -> StaffDirectory:
+    return StaffDirectory(
+        pool, settings.console_schema,
+        LockoutPolicy(settings.console_lockout_attempts,
+                      timedelta(minutes=settings.console_lockout_minutes)),
+        idle=timedelta(minutes=settings.console_session_idle_minutes),
+        max_age=timedelta(hours=settings.console_session_max_hours))
+
+
+class ConsoleService:
+    def __init__(self, settings: ConsoleSettings) -> None:
+        if settings.env == "production" and not settings.console_cookie_secure:
+            raise ValueError("CARDDESK_CONSOLE_COOKIE_SECURE=false is refused in production")
+        channel = ChannelRegistry.from_file(settings.channels_file).get(settings.console_channel)
+        if channel is None or not channel.bureau:
+            raise ValueError(f"the console's channel {settings.console_channel!r} is not a "
+                             "bureau channel of the channels file")
+        self.settings = settings
+        schema = settings.console_schema
+        self.runtime = ServiceRuntime("console", settings,
+                                      extra_ddl=queue_ddl(schema) + staff_ddl(schema))
+        self.runtime.schema = schema
+        self.writer = QueueWriter(schema)
+        self.consumer: EventConsumer | None = None
+        self.channel = ConsoleChannel(settings, channel,
+                                      reply_timeout_s=settings.console_reply_timeout_seconds)
+        self.status = StatusReader(settings.status_url(), channel.api_key)
+        self._staff: StaffDirectory | None = None
+        self._queue: QueueReader | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.runtime.on_ready(self._build)
+        self.runtime.subscribe(settings.review_events_topic(), self._handler,
+                               group=settings.console_consumer_group,
+                               title=f"{settings.review_events_topic()}:console",
+                               description="Projects review.events into the review queue")
+        self.console = Console(
+            settings=settings, staff=self.staff, queue=self.queue, channel=lambda: self.channel,
+            status=lambda: self.status,
+            audits=AuditRunner(settings, settings.status_schema, now), clock=now,
+            database_answers=self._database_answers)
+        self.app: Starlette = create_app(self.console, lifespan=self._lifespan)
+
+    def staff(self) -> StaffDirectory:
+        assert self._staff is not None, "the console has not started"
+        return self._staff
+
+    def queue(self) -> QueueReader:
+        assert self._queue is not None, "the console has not started"
+        return self._queue
+
+    def _handler(self) -> MessageHandler:
+        assert self.consumer is not None, "the console has not started"
+        return self.consumer.handle
+
+    async def _build(self) -> None:
+        pool = self.runtime.pool
+        self.consumer = EventConsumer(
+            pool, self.settings.console_schema, self.settings.console_consumer_group,
+            self.writer.handler(), self.runtime.dead_letters,
+            known_types=KNOWN_EVENT_TYPES["review.events"],
+            max_attempts=self.settings.consumer_max_attempts)
+        self._staff = staff_directory(pool, self.settings)
+        self._queue = QueueReader(pool, self.settings.console_schema)
+        if self.settings.env == "development":
+            for staff_id, (role, password) in DEV_STAFF.items():
+                if await self._staff.ensure(staff_id, role, password, now()):
+                    log.info("console.dev_staff_added", staff_id=staff_id, role=role.value)
+
+    async def _database_answers(self) -> bool:
+        try:
+            value = await asyncio.wait_for(self.runtime.pool.fetchval("SELECT 1"), 3)
+        except (AssertionError, TimeoutError, OSError, asyncpg.PostgresError,
+                asyncpg.InterfaceError):
+            return False
+        return bool(value == 1)
+
+    async def _purge_sessions(self) -> None:
+        while True:
+            await self.staff().purge_expired(now())
+            await asyncio.sleep(300)
+
+    async def start(self) -> None:
+        await self.runtime.start()
+        await self.channel.start()
+        self._tasks = [
+            asyncio.create_task(supervise("console.broker", self.runtime.broker.start)),
+            asyncio.create_task(supervise("console.sessions", self._purge_sessions)),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+        await self.runtime.broker.stop()
+        with contextlib.suppress(Exception):
+            await self.channel.stop()
+        await self.status.close()
+        await self.runtime.stop()
+
+    @asynccontextmanager
+    async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    async def serve(self) -> None:
+        config = uvicorn.Config(self.app, host=self.settings.http_host,
+                                port=self.settings.console_port, log_config=None,
+                                access_log=False)
+        await uvicorn.Server(config).serve()
+
+
+def build(settings: ConsoleSettings | None = None) -> ConsoleService:
+    return ConsoleService(settings or ConsoleSettings())
+
+
+def main() -> None:
+    service = build()
+    configure_logging("console", service.settings.log_level)
+    uvloop.run(service.serve())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Audit runs started from the console read the real log to its end, one at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from datetime import UTC, datetime
+
+import pytest
+
+from services.console.audits import AuditBusyError, AuditRunner
+from shared.settings import CardDeskSettings
+
+pytestmark = pytest.mark.integration
+
+
+async def test_a_verification_runs_to_its_end_with_progress_and_a_summary(
+        settings: CardDeskSettings) -> None:
+    runner = AuditRunner(settings, "status", lambda: datetime.now(UTC))
+    job = runner.start("verify", None, "auditor-1")
+    with pytest.raises(AuditBusyError):
+        runner.start("replay", None, "auditor-2")
+    async with asyncio.timeout(120):
+        await runner.wait(job)
+    assert job.state in ("passed", "failed"), job.summary
+    assert re.fullmatch(r"\d+ streams, \d+ events, \d+ benign duplicates, \d+ failures",
+                        job.summary[0])
+    done, total = job.done_total
+    assert total is not None and done == total
+    assert job.percent == 100
+    assert job.finished_at is not None and job.started_by == "auditor-1"
+    # Finished: the next run may start.
+    second = runner.start("replay", "0" * 64, "auditor-2")
+    async with asyncio.timeout(120):
+        await runner.wait(second)
+    assert second.state == "failed"  # nobody has that citizen_ref: an unknown citizen
+    assert any(line.startswith("unknown citizen") for line in second.summary)
