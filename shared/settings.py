@@ -78,6 +78,11 @@ class CardDeskSettings(BaseSettings):
     # Records a consumer takes at once, and how long it waits for them (ms).
     consumer_batch_size: int = 200
     consumer_batch_wait_ms: int = 5
+    # How often the outbox backlog and the consumer lag are sampled for /metrics (seconds).
+    metrics_interval_seconds: float = Field(default=5.0, gt=0)
+    # Where spans are exported (OTLP over HTTP, e.g. http://collector:4318/v1/traces);
+    # unset: spans are made for their trace ids (logs, Kafka headers) and not exported.
+    otlp_endpoint: str | None = None
 
     @property
     def sealed_fields_required(self) -> bool:
