@@ -102,7 +102,7 @@ async def test_a_dead_letter_is_counted_by_its_original_topic_and_code() -> None
     producer = _Producer()
     msg = Inbound(topic="unit.commands", partition=0, offset=7, key=None, value=b"{}")
 
-    await DeadLetters(producer).send(msg, "bad_signature", "x-signature does not match")  # type: ignore[arg-type]
+    await DeadLetters(producer).send(msg, "bad_signature", "x-signature does not match")
 
     assert producer.sent == ["unit.commands.dlq"]
     assert count() == before + 1
@@ -136,9 +136,9 @@ async def test_the_relay_counts_published_events_by_type_and_the_rest_as_replies
         {"position": 3, "topic": "channel.replies.wechat-oa", "key": b"q", "value": b"{}",
          "headers": "[]"},
     ]
-    relay = OutboxRelay(None, _Producer(), "unit_relay")  # type: ignore[arg-type]
+    relay = OutboxRelay(None, _Producer(), "unit_relay")
 
-    sent = await relay.publish_pending(_Conn(rows))  # type: ignore[arg-type]
+    sent = await relay.publish_pending(_Conn(rows))
 
     assert sent == 3
     after = figures()
