@@ -11,6 +11,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from opentelemetry.trace import SpanKind
 
 from shared.channels import Channel, ChannelRegistry, sign
 from shared.commands import Reply
@@ -18,6 +19,7 @@ from shared.kafka import client_options
 from shared.sealing import FieldSealer, SealContext
 from shared.settings import CardDeskSettings
 from shared.topics import REPLY_TOPIC_PREFIX, command_topic, reply_topic
+from shared.tracing import configure_tracing, traceparent_header, tracer
 
 
 class ChannelChoiceError(ValueError):
@@ -54,7 +56,9 @@ class ChannelSimulator:
     def for_settings(cls, settings: CardDeskSettings,
                      channel_ids: Iterable[str] | None = None) -> Self:
         """A simulator with the configured channels that seals personal fields; it reads the
-        reply topics of `channel_ids` (default: every channel of the file)."""
+        reply topics of `channel_ids` (default: every channel of the file). Its commands
+        start traces (exported where CARDDESK_OTLP_ENDPOINT says)."""
+        configure_tracing("channel", settings.otlp_endpoint)
         return cls(settings.kafka_bootstrap, ChannelRegistry.from_file(settings.channels_file),
                    settings.command_sealing_public_key, channel_ids=channel_ids,
                    kafka_options=client_options(settings))
@@ -147,7 +151,8 @@ class ChannelSimulator:
             await self._producer.send_and_wait(
                 topic, value, key=key,
                 headers=[("x-channel-id", channel_id.encode()),
-                         ("x-signature", signature.encode())],
+                         ("x-signature", signature.encode()),
+                         *(h for h in (traceparent_header(),) if h is not None)],
             )
             return await asyncio.wait_for(future, timeout_s)
         finally:
@@ -164,11 +169,15 @@ class ChannelSimulator:
             payload = self.sealer.seal_payload(
                 SealContext(channel_id, command_type, request_id), payload)
         value = self.envelope(channel_id, command_type, payload, request_id, issued_at)
-        return await self.send_raw(
-            command_topic(service), value, channel_id=channel_id,
-            key=(session_key or request_id).encode(), request_id=request_id,
-            timeout_s=timeout_s,
-        )
+        # Where a trace begins: the command, its events and their followers join it.
+        with tracer().start_as_current_span(f"{command_type} send", kind=SpanKind.PRODUCER,
+                                            attributes={"carddesk.command.type": command_type,
+                                                        "carddesk.channel": channel_id}):
+            return await self.send_raw(
+                command_topic(service), value, channel_id=channel_id,
+                key=(session_key or request_id).encode(), request_id=request_id,
+                timeout_s=timeout_s,
+            )
 
     async def expect_accepted(
         self, service: str, command_type: str, payload: Mapping[str, Any], *,
