@@ -11,6 +11,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from shared.channels import Channel, ChannelRegistry, sign
@@ -19,7 +20,7 @@ from shared.kafka import client_options
 from shared.sealing import FieldSealer, SealContext
 from shared.settings import CardDeskSettings
 from shared.topics import REPLY_TOPIC_PREFIX, command_topic, reply_topic
-from shared.tracing import configure_tracing, traceparent_header, tracer
+from shared.tracing import configure_tracing, start_span, traceparent_header
 
 
 class ChannelChoiceError(ValueError):
@@ -170,9 +171,10 @@ class ChannelSimulator:
                 SealContext(channel_id, command_type, request_id), payload)
         value = self.envelope(channel_id, command_type, payload, request_id, issued_at)
         # Where a trace begins: the command, its events and their followers join it.
-        with tracer().start_as_current_span(f"{command_type} send", kind=SpanKind.PRODUCER,
-                                            attributes={"carddesk.command.type": command_type,
-                                                        "carddesk.channel": channel_id}):
+        span = start_span(f"{command_type} send", {}, {"carddesk.command.type": command_type,
+                                                      "carddesk.channel": channel_id},
+                          new_trace=True, kind=SpanKind.PRODUCER)
+        with trace.use_span(span, end_on_exit=True):
             return await self.send_raw(
                 command_topic(service), value, channel_id=channel_id,
                 key=(session_key or request_id).encode(), request_id=request_id,

@@ -276,7 +276,8 @@ class CommandIntake:
         context = CommandContext(request_id, channel, command.issued_at, received_at)
         span = start_span(f"{command.type} process", msg.headers, {
             "messaging.system": "kafka", "messaging.destination.name": msg.topic,
-            "carddesk.command.type": command.type, "carddesk.channel": channel.channel_id})
+            "carddesk.command.type": command.type, "carddesk.channel": channel.channel_id},
+            new_trace=True)
         return CheckedCommand(msg, command.type, route, context, payload, span)
 
     async def _execute(self, commands: Sequence[CheckedCommand]) -> None:

@@ -69,6 +69,7 @@ class StatusService:
                 max_attempts=self.settings.consumer_max_attempts,
                 batch_handler=self.writer.batch_handler_for(contract_topic),
                 on_applied=self._projected(contract_topic),
+                log_applied=True,
             )
 
     def _projected(self, topic: str) -> Callable[[Sequence[tuple[Inbound, EventEnvelope]]], None]:

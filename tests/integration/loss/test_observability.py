@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from cardctl.top import Samples, parse, total
 from shared.metrics import metrics_asgi
-from shared.tracing import configure_tracing, trace_id_in
+from shared.tracing import export_to, trace_id_in
 from tests.integration.loss.conftest import CHANNEL, Harness
 from tests.integration.loss.test_loss_service import citizen_with_card
 from tests.support import eventually
@@ -38,8 +38,9 @@ async def scrape() -> Samples:
 
 @pytest.fixture
 def spans() -> Iterator[InMemorySpanExporter]:
+    """Spans recorded from here on, as with CARDDESK_OTLP_ENDPOINT set."""
     exporter = InMemorySpanExporter()
-    configure_tracing("loss", None).add_span_processor(SimpleSpanProcessor(exporter))
+    export_to("loss", SimpleSpanProcessor(exporter))
     yield exporter
     exporter.shutdown()
 
