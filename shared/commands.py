@@ -131,7 +131,8 @@ class CheckedCommand:
     route: CommandRoute
     context: CommandContext
     payload: Any
-    # Its span: a child of the trace the channel sent in `traceparent`, if it sent one.
+    # Its span, in the trace the channel sent in `traceparent` (else a new one): current
+    # while its handler runs, so the events it appends carry the trace (shared/tracing.py).
     span: Span | None = None
 
 
