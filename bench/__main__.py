@@ -13,12 +13,14 @@ FULL = [
     ["bench.eventstore", "--seconds", "20"],
     ["bench.rebuild", "--citizens", "100000"],
     ["bench.journeys", "--citizens", "2000", "--seconds", "60", "--rate", "1000", "250"],
+    ["bench.observability"],
 ]
 QUICK = [
     ["bench.eventstore", "--seconds", "3"],
     ["bench.rebuild", "--citizens", "2000"],
     ["bench.journeys", "--citizens", "100", "--seconds", "10", "--rate", "100", "50",
      "--concurrency", "20"],
+    ["bench.observability", "--commands", "2000"],
 ]
 
 

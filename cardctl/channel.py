@@ -12,6 +12,8 @@ from types import TracebackType
 from typing import Any, Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
 from shared.channels import Channel, ChannelRegistry, sign
 from shared.commands import Reply
@@ -19,6 +21,7 @@ from shared.kafka import as_channel, client_options
 from shared.sealing import FieldSealer, SealContext
 from shared.settings import CardDeskSettings
 from shared.topics import command_topic, reply_topic
+from shared.tracing import configure_tracing, start_span, traceparent_header
 
 
 class ChannelChoiceError(ValueError):
@@ -98,7 +101,9 @@ class ChannelSimulator:
     @classmethod
     def for_settings(cls, settings: CardDeskSettings) -> Self:
         """A simulator with the configured channels that seals personal fields; it reads a
-        channel's reply topic from the first time it sends as that channel."""
+        channel's reply topic from the first time it sends as that channel. Its commands
+        start traces (exported where CARDDESK_OTLP_ENDPOINT says)."""
+        configure_tracing("channel", settings.otlp_endpoint)
         return cls(settings, ChannelRegistry.from_file(settings.channels_file),
                    settings.command_sealing_public_key)
 
@@ -189,7 +194,8 @@ class ChannelSimulator:
             await link.producer.send_and_wait(
                 topic, value, key=key,
                 headers=[("x-channel-id", channel_id.encode()),
-                         ("x-signature", signature.encode())],
+                         ("x-signature", signature.encode()),
+                         *(h for h in (traceparent_header(),) if h is not None)],
             )
             return await asyncio.wait_for(future, timeout_s)
         finally:
@@ -206,11 +212,16 @@ class ChannelSimulator:
             payload = self.sealer.seal_payload(
                 SealContext(channel_id, command_type, request_id), payload)
         value = self.envelope(channel_id, command_type, payload, request_id, issued_at)
-        return await self.send_raw(
-            command_topic(service), value, channel_id=channel_id,
-            key=(session_key or request_id).encode(), request_id=request_id,
-            timeout_s=timeout_s,
-        )
+        # Where a trace begins: the command, its events and their followers join it.
+        span = start_span(f"{command_type} send", {}, {"carddesk.command.type": command_type,
+                                                      "carddesk.channel": channel_id},
+                          new_trace=True, kind=SpanKind.PRODUCER)
+        with trace.use_span(span, end_on_exit=True):
+            return await self.send_raw(
+                command_topic(service), value, channel_id=channel_id,
+                key=(session_key or request_id).encode(), request_id=request_id,
+                timeout_s=timeout_s,
+            )
 
     async def expect_accepted(
         self, service: str, command_type: str, payload: Mapping[str, Any], *,

@@ -17,8 +17,17 @@ from cardctl.channel import ChannelChoiceError, pick_channel
 from cardctl.erase import erase_command
 from cardctl.keys import keys_app
 from cardctl.projections import projections_app
-from cardctl.stack import Stack, StackError, contract_topics, ensure_topics, provision, run_sync
+from cardctl.stack import (
+    Stack,
+    StackError,
+    contract_topics,
+    ensure_topics,
+    provision,
+    run_sync,
+    service_ports,
+)
 from cardctl.staff import staff_app
+from cardctl.top import run_top
 from services.status.settings import StatusSettings
 from shared.channels import ChannelRegistry
 from shared.identity import citizen_ref, is_valid_id_number
@@ -281,6 +290,18 @@ def timeline_command(
 
 
 app.command("erase")(erase_command)
+
+
+@app.command("top")
+def top_command(
+    interval: Annotated[float, typer.Option(min=0.2, help="Seconds between refreshes.")] = 2.0,
+    iterations: Annotated[int, typer.Option(min=0, help="Frames to show; 0: until Ctrl-C.")] = 0,
+) -> None:
+    """A live view of every service: rates, latency, lag, outbox and DLQ, from /metrics."""
+    settings = CardDeskSettings()
+    targets = {name: f"http://{settings.http_host}:{port}/metrics"
+               for name, port in service_ports(settings).items()}
+    run_top(targets, interval_s=interval, iterations=iterations, console=console)
 app.add_typer(audit_app, name="audit")
 
 

@@ -25,6 +25,8 @@ from uuid import UUID
 import asyncpg
 import structlog
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from opentelemetry import trace
+from opentelemetry.trace import Span
 from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 
 from shared.barrier import FollowerBarrier
@@ -40,10 +42,18 @@ from shared.consumer import (
 )
 from shared.errors import DomainError
 from shared.logging import bind_message_context
+from shared.metrics import (
+    COMMANDS_RECEIVED,
+    COMMANDS_REPEATED,
+    COMMANDS_REPLIED,
+    command_type_label,
+    observe_command_latency,
+)
 from shared.outbox import OutboxMessage, notify_channel, outbox_columns, outbox_insert
 from shared.sealing import FieldOpener, SealContext, SealedFieldError
 from shared.settings import CardDeskSettings
 from shared.topics import REPLY_TOPIC_PREFIX, reply_topic
+from shared.tracing import start_span, trace_id_of
 
 log = structlog.get_logger()
 
@@ -121,6 +131,9 @@ class CheckedCommand:
     route: CommandRoute
     context: CommandContext
     payload: Any
+    # Its span, in the trace the channel sent in `traceparent` (else a new one): current
+    # while its handler runs, so the events it appends carry the trace (shared/tracing.py).
+    span: Span | None = None
 
 
 class CommandIntake:
@@ -193,13 +206,30 @@ class CommandIntake:
         try:
             channel = self._authenticate(msg)
         except Rejected as exc:  # unknown sender: the DLQ only, no reply anywhere
+            COMMANDS_RECEIVED.labels(self.schema, command_type_label(None, ())).inc()
             await self.dead_letters.send(msg, exc.code, exc.reason)
             return None
         try:
-            return self._check(msg, channel)
+            command = self._check(msg, channel)
         except Rejected as exc:
+            command_type = self._type_label(msg)
+            COMMANDS_RECEIVED.labels(self.schema, command_type).inc()
             await self._refuse(msg, channel, exc.code, exc.reason)
+            COMMANDS_REPLIED.labels(self.schema, command_type, "rejected", exc.code).inc()
+            observe_command_latency(self.schema, command_type, msg.timestamp_ms)
             return None
+        COMMANDS_RECEIVED.labels(self.schema, command.type).inc()
+        return command
+
+    def _type_label(self, msg: Inbound) -> str:
+        """The `type` label of a refused command: its type if a route knows it."""
+        try:
+            body = load_json(msg.value, self.limits)
+        except Rejected:
+            return command_type_label(None, ())
+        command_type = body.get("type") if isinstance(body, dict) else None
+        return command_type_label(command_type if isinstance(command_type, str) else None,
+                                  self.routes)
 
     def _authenticate(self, msg: Inbound) -> Channel:
         """The channel that signed the message, or `Rejected` if none did."""
@@ -245,7 +275,11 @@ class CommandIntake:
         # The request id as the channel spelled it, which its reply must carry back.
         request_id = str(body["request_id"])
         context = CommandContext(request_id, channel, command.issued_at, received_at)
-        return CheckedCommand(msg, command.type, route, context, payload)
+        span = start_span(f"{command.type} process", msg.headers, {
+            "messaging.system": "kafka", "messaging.destination.name": msg.topic,
+            "carddesk.command.type": command.type, "carddesk.channel": channel.channel_id},
+            new_trace=True)
+        return CheckedCommand(msg, command.type, route, context, payload, span)
 
     async def _execute(self, commands: Sequence[CheckedCommand]) -> None:
         """Run commands in one transaction; a repeated request id gets its stored reply.
@@ -253,15 +287,28 @@ class CommandIntake:
         The first pass takes no savepoints (two round trips per command saved). A command
         refused by a `DomainError` must leave no writes, so such a pass is undone as a whole
         and run again with a savepoint per command; nothing of the first pass was visible."""
-        consistent = self.barrier is None or await self.barrier.caught_up()
         try:
-            outcomes = await self._run(commands, savepoints=False, consistent=consistent)
-        except _UndoAll:
-            outcomes = await self._run(commands, savepoints=True, consistent=consistent)
-        for command, reply, repeated in outcomes:
-            _bind_command(command)
-            log.info("command.repeated" if repeated else "command.replied",
-                     status=reply.status, code=reply.code)
+            consistent = self.barrier is None or await self.barrier.caught_up()
+            try:
+                outcomes = await self._run(commands, savepoints=False, consistent=consistent)
+            except _UndoAll:
+                outcomes = await self._run(commands, savepoints=True, consistent=consistent)
+            for command, reply, repeated in outcomes:
+                _bind_command(command)
+                if repeated:
+                    COMMANDS_REPEATED.labels(self.schema, command.type).inc()
+                else:
+                    COMMANDS_REPLIED.labels(self.schema, command.type, reply.status,
+                                            reply.code).inc()
+                    observe_command_latency(self.schema, command.type, command.msg.timestamp_ms)
+                if command.span is not None:
+                    command.span.set_attribute("carddesk.reply.code", reply.code)
+                log.info("command.repeated" if repeated else "command.replied",
+                         status=reply.status, code=reply.code)
+        finally:
+            for command in commands:
+                if command.span is not None:
+                    command.span.end()
 
     async def _run(self, commands: Sequence[CheckedCommand], *, savepoints: bool,
                    consistent: bool) -> list[tuple[CheckedCommand, Reply, bool]]:
@@ -289,7 +336,9 @@ class CommandIntake:
                         "this service has not yet applied every event it follows; retry"),
                         False))
                     continue
-                reply = await self._decide(conn, command, savepoints=savepoints)
+                with trace.use_span(command.span or trace.INVALID_SPAN, end_on_exit=False,
+                                    record_exception=False, set_status_on_exception=False):
+                    reply = await self._decide(conn, command, savepoints=savepoints)
                 stored[(channel.channel_id, request_id)] = seal_reply(channel, reply)
                 new.append((channel, reply))
                 outcomes.append((command, reply, False))
@@ -382,7 +431,7 @@ def _bind_command(command: CheckedCommand) -> None:
     bind_message_context(topic=command.msg.topic, partition=command.msg.partition,
                          offset=command.msg.offset, command_type=command.type,
                          correlation_id=context.request_id, causation_id=context.request_id,
-                         channel=context.channel.channel_id)
+                         channel=context.channel.channel_id, trace_id=trace_id_of(command.span))
 
 
 def reply_message(channel_id: str, reply: Reply) -> OutboxMessage:

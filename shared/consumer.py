@@ -16,6 +16,8 @@ import asyncpg
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from opentelemetry import trace
+from opentelemetry.trace import Span
 from pydantic import ValidationError
 
 from shared.chain import FollowedChains
@@ -23,7 +25,9 @@ from shared.envelope import EventEnvelope, hash_is_intact
 from shared.eventstore import ConcurrencyError
 from shared.locks import citizen_namespace, lock_citizens
 from shared.logging import bind_message_context
+from shared.metrics import DEAD_LETTERS, EVENTS_APPLIED
 from shared.settings import CardDeskSettings
+from shared.tracing import start_span, trace_id_in
 
 log = structlog.get_logger()
 
@@ -69,6 +73,8 @@ class Inbound:
     key: bytes | None
     value: bytes
     headers: dict[str, bytes] = field(default_factory=dict)
+    # The record's Kafka timestamp (ms since the epoch), where command latency starts.
+    timestamp_ms: int | None = None
 
     @classmethod
     def from_record(cls, record: Any) -> Inbound:
@@ -79,6 +85,7 @@ class Inbound:
             key=record.key,
             value=record.value or b"",
             headers={k: bytes(v or b"") for k, v in (record.headers or ())},
+            timestamp_ms=getattr(record, "timestamp", None),
         )
 
     def header(self, name: str) -> str | None:
@@ -121,6 +128,7 @@ class DeadLetters:
             f"{msg.topic}.dlq", value=value, key=(msg.key or b"")[:1024] or None,
             headers=headers,
         )
+        DEAD_LETTERS.labels(msg.topic, code).inc()
         log.warning("message.dead_lettered", topic=msg.topic, partition=msg.partition,
                     offset=msg.offset, code=code, reason=reason[:200])
 
@@ -259,7 +267,13 @@ class EventConsumer:
         max_attempts: int = 5,
         batch_handler: BatchEventHandler | None = None,
         limits: MessageLimits | None = None,
+        on_applied: Callable[[Sequence[tuple[Inbound, EventEnvelope]]], None] | None = None,
+        log_applied: bool = False,
     ) -> None:
+        """`on_applied` hears of the events applied for the first time, after their commit;
+        with `log_applied`, each commit is logged with the trace ids of its events."""
+        self.on_applied = on_applied
+        self.log_applied = log_applied
         self.pool = pool
         self.limits = limits or MessageLimits.from_settings(CardDeskSettings())
         self.batch_handler = batch_handler
@@ -278,7 +292,9 @@ class EventConsumer:
             envelope = parse_event(msg, self.known_types, self.limits)
             _bind_event(msg.topic, envelope)
             await self._take_chains([(msg, envelope)], raise_on_break=True)
-            await self.apply(envelope)
+            with trace.use_span(self._span(msg, envelope), end_on_exit=True):
+                if await self.apply(envelope):
+                    self._applied([(msg, envelope)])
 
         await with_retries(msg, process, self.dead_letters, max_attempts=self.max_attempts)
 
@@ -297,6 +313,7 @@ class EventConsumer:
         valid = await self._take_chains(valid, raise_on_break=False)
         if not valid:
             return
+        new: list[tuple[Inbound, EventEnvelope]] = []
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 fresh = set(await conn.fetchval(
@@ -307,7 +324,6 @@ class EventConsumer:
                     self.name,
                     [str(envelope.event_id) for _, envelope in valid],
                 ))
-                new: list[tuple[Inbound, EventEnvelope]] = []
                 await lock_citizens(conn, citizen_namespace(self.schema),
                                     [envelope.citizen_ref for _, envelope in valid])
                 for msg, envelope in valid:
@@ -318,15 +334,43 @@ class EventConsumer:
                 if self.batch_handler is not None:
                     if new:
                         bind_message_context(topic=new[0][0].topic, events=len(new))
-                        await self.batch_handler(conn, [envelope for _, envelope in new])
-                    return
-                for msg, envelope in new:
-                    _bind_event(msg.topic, envelope)
-                    await self.handler(conn, envelope)
+                        spans = [self._span(msg, envelope) for msg, envelope in new]
+                        try:
+                            await self.batch_handler(conn, [envelope for _, envelope in new])
+                        finally:
+                            for span in spans:
+                                span.end()
+                else:
+                    for msg, envelope in new:
+                        _bind_event(msg.topic, envelope)
+                        with trace.use_span(self._span(msg, envelope), end_on_exit=True):
+                            await self.handler(conn, envelope)
         except Exception as exc:
             log.info("batch.replayed_one_by_one", error=type(exc).__name__, size=len(valid))
             for msg, _ in valid:
                 await self.handle(msg)
+            return
+        self._applied(new)
+
+    def _span(self, msg: Inbound, envelope: EventEnvelope) -> Span:
+        """The span of applying one event: a child of the trace its message carries."""
+        return start_span(f"{envelope.type} apply", msg.headers, {
+            "messaging.system": "kafka", "messaging.destination.name": msg.topic,
+            "messaging.consumer.group.name": self.name, "carddesk.event.type": envelope.type})
+
+    def _applied(self, applied: Sequence[tuple[Inbound, EventEnvelope]]) -> None:
+        """Count (and log) the events applied for the first time."""
+        if not applied:
+            return
+        EVENTS_APPLIED.labels(self.name, applied[0][0].topic).inc(len(applied))
+        if self.log_applied:  # one line per transaction, not per event: cheap under load
+            log.info("events.applied", consumer=self.name, topic=applied[0][0].topic,
+                     count=len(applied),
+                     event_types=sorted({envelope.type for _, envelope in applied}),
+                     trace_ids=list(dict.fromkeys(
+                         t for t in (trace_id_in(msg.headers) for msg, _ in applied) if t)))
+        if self.on_applied is not None:
+            self.on_applied(applied)
 
     async def _take_chains(self, parsed: list[tuple[Inbound, EventEnvelope]], *,
                            raise_on_break: bool) -> list[tuple[Inbound, EventEnvelope]]:

@@ -12,7 +12,9 @@ from typing import Protocol
 import asyncpg
 
 from shared.envelope import GENESIS_HASH, EventEnvelope, PendingEvent
+from shared.metrics import EVENTS_APPENDED
 from shared.outbox import OutboxMessage, notify_channel, outbox_columns, outbox_insert
+from shared.tracing import traceparent_header
 
 
 class ConcurrencyError(Exception):
@@ -206,6 +208,8 @@ class PostgresEventStore:
             if appended:
                 raise RuntimeError(f"stream {stream_id}: partial append of {appended} events")
             raise ConcurrencyError(stream_id, expected_version)
+        for event in sealed:
+            EVENTS_APPENDED.labels(self.schema, event.type).inc()
         return sealed
 
     @property
@@ -239,10 +243,13 @@ class PostgresEventStore:
 
 
 def event_message(topic: str, event: EventEnvelope) -> OutboxMessage:
-    """An event as a Kafka message: keyed by citizen_ref so one citizen stays in one partition."""
+    """An event as a Kafka message: keyed by citizen_ref so one citizen stays in one partition;
+    it carries the trace of what caused it (the current span), if any."""
+    traced = traceparent_header()
     return OutboxMessage(
         topic=topic,
         key=event.citizen_ref.encode(),
         value=event.to_bytes(),
-        headers=(("event-type", event.type.encode()), ("event-id", str(event.event_id).encode())),
+        headers=(("event-type", event.type.encode()), ("event-id", str(event.event_id).encode()),
+                 *((traced,) if traced is not None else ())),
     )

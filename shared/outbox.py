@@ -17,6 +17,7 @@ import structlog
 from aiokafka import AIOKafkaProducer
 
 from shared.kafka import client_options
+from shared.metrics import EVENTS_PUBLISHED, REPLIES_PUBLISHED
 from shared.settings import CardDeskSettings
 
 log = structlog.get_logger()
@@ -108,21 +109,30 @@ class OutboxRelay:
         )
         if not rows:
             return 0
-        futures = [
-            await self.producer.send(
-                r["topic"],
-                value=r["value"],
-                key=r["key"],
-                headers=[(k, v.encode("latin-1")) for k, v in json.loads(r["headers"])],
-            )
-            for r in rows
-        ]
+        futures = []
+        event_types: list[str] = []
+        for r in rows:
+            headers = [(k, v.encode("latin-1")) for k, v in json.loads(r["headers"])]
+            event_types.extend(v.decode("latin-1") for k, v in headers if k == "event-type")
+            futures.append(await self.producer.send(r["topic"], value=r["value"], key=r["key"],
+                                                    headers=headers))
         await asyncio.gather(*futures)
         await conn.execute(
             f"UPDATE {self.schema}.outbox SET sent_at = now() WHERE position = ANY($1::bigint[])",
             [r["position"] for r in rows],
         )
+        self._count(len(rows), event_types)
         return len(rows)
+
+    def _count(self, sent: int, event_types: list[str]) -> None:
+        """Published events by type; every other row the relay sends is a reply."""
+        by_type: dict[str, int] = {}
+        for event_type in event_types:
+            by_type[event_type] = by_type.get(event_type, 0) + 1
+        for event_type, count in by_type.items():
+            EVENTS_PUBLISHED.labels(self.schema, event_type).inc(count)
+        if sent > len(event_types):
+            REPLIES_PUBLISHED.labels(self.schema).inc(sent - len(event_types))
 
     async def purge_sent(self, conn: asyncpg.Connection) -> int:
         """Delete rows sent longer ago than the retention, a bounded batch at a time from the

@@ -27,9 +27,11 @@ from shared.eventstore import migrate
 from shared.health import ConsumerWatch, database_problem, summarise, watchdog
 from shared.kafka import broker_security
 from shared.logging import configure_logging
+from shared.metrics import BATCH_SIZE, MetricsSampler, metrics_asgi, watch_pool
 from shared.outbox import OutboxRelay, make_producer
 from shared.production import UnsafeConfigurationError, exit_refused, refuse_unsafe_configuration
 from shared.settings import CardDeskSettings
+from shared.tracing import configure_tracing
 
 log = structlog.get_logger()
 
@@ -63,6 +65,8 @@ class ServiceRuntime:
         self._background: list[Callable[[], Awaitable[None]]] = []
         self._barriers: list[FollowerBarrier] = []
         self.watches: list[ConsumerWatch] = []
+        self._subscriptions: list[tuple[str, str]] = []  # (topic, group), for consumer lag
+        self._sampler: MetricsSampler | None = None
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -113,6 +117,9 @@ class ServiceRuntime:
         holds), and the batch's offsets are committed once every record was handled.
         """
 
+        self._subscriptions.append((topic, group or self.group))
+        batch_size = BATCH_SIZE.labels(topic)
+
         subscriber = self.broker.subscriber(
             topic,
             group_id=group or self.group,
@@ -131,6 +138,7 @@ class ServiceRuntime:
 
         @subscriber
         async def on_batch(records: Any) -> None:
+            batch_size.observe(len(records))
             by_partition: dict[int, list[Any]] = {}
             for record in records:
                 by_partition.setdefault(record.partition, []).append(record)
@@ -160,6 +168,7 @@ class ServiceRuntime:
 
     async def start(self) -> None:
         self.check_configuration()
+        configure_tracing(self.name, self.settings.otlp_endpoint)
         self._pool = await asyncpg.create_pool(self.settings.database_url, min_size=2,
                                                max_size=10, reset=keep_session)
         await migrate(self._pool, self.schema, self.extra_ddl)
@@ -176,7 +185,21 @@ class ServiceRuntime:
         self._tasks.append(asyncio.create_task(supervise("outbox.relay", self._relay.run)))
         for loop in self._background:
             self._tasks.append(asyncio.create_task(supervise(loop.__name__, loop)))
+        self._start_metrics()
         log.info("service.started", schema=self.schema)
+
+    def _start_metrics(self) -> None:
+        """Pool use read at scrape time; outbox backlog and consumer lag sampled."""
+        watch_pool(self.schema, lambda: self._pool)
+        self._sampler = MetricsSampler(self.settings, self.schema, self.schema,
+                                       lambda: self.pool, self._subscriptions,
+                                       interval_s=self.settings.metrics_interval_seconds)
+        self._tasks.append(asyncio.create_task(supervise("metrics.sampler", self._sampler.run)))
+
+    @property
+    def sampler(self) -> MetricsSampler:
+        assert self._sampler is not None, "the runtime has not started"
+        return self._sampler
 
     async def stop(self) -> None:
         if self._relay is not None:
@@ -187,6 +210,9 @@ class ServiceRuntime:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+        if self._sampler is not None:
+            with contextlib.suppress(Exception):
+                await self._sampler.stop()
         for barrier in self._barriers:
             with contextlib.suppress(Exception):
                 await barrier.stop()
@@ -232,7 +258,7 @@ class ServiceRuntime:
                        exit_after_s=self.settings.unhealthy_exit_seconds)
 
     def app(self) -> AsgiFastStream:
-        """The FastStream application: consumers, `/health` and the AsyncAPI docs."""
+        """The FastStream application: consumers, `/health`, `/metrics` and the AsyncAPI docs."""
         configure_logging(self.name, self.settings.log_level)
 
         @get
@@ -244,7 +270,7 @@ class ServiceRuntime:
 
         return AsgiFastStream(
             self.broker,
-            asgi_routes=[("/health", health)],
+            asgi_routes=[("/health", health), ("/metrics", metrics_asgi())],
             asyncapi_path="/docs/asyncapi",
             on_startup=[self.start],
             after_shutdown=[self.stop],

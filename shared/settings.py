@@ -85,6 +85,11 @@ class CardDeskSettings(BaseSettings):
     # A service unhealthy this long without a break exits (status 70) for its supervisor to
     # restart it; 0 never exits.
     unhealthy_exit_seconds: float = Field(default=60.0, ge=0)
+    # How often the outbox backlog and the consumer lag are sampled for /metrics (seconds).
+    metrics_interval_seconds: float = Field(default=5.0, gt=0)
+    # Where spans are exported (OTLP over HTTP, e.g. http://collector:4318/v1/traces);
+    # unset: spans are made for their trace ids (logs, Kafka headers) and not exported.
+    otlp_endpoint: str | None = None
 
     @property
     def sealed_fields_required(self) -> bool:

@@ -7,20 +7,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import structlog
 import uvicorn
 import uvloop
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from services.status.adapters import StatusWriter, status_ddl
 from services.status.api import QueryBackend, create_app
 from services.status.settings import StatusSettings
-from shared.consumer import EventConsumer
+from shared.consumer import EventConsumer, Inbound
 from shared.contracts import KNOWN_EVENT_TYPES
+from shared.envelope import EventEnvelope
 from shared.logging import configure_logging
+from shared.metrics import exposition, projection_applied
 from shared.production import UnsafeConfigurationError, exit_refused, refuse_unsafe_configuration
 from shared.runtime import STOP_STEP_TIMEOUT_S, MessageHandler, ServiceRuntime, supervise
 
@@ -53,6 +58,7 @@ class StatusService:
                                    description=f"Projects {contract_topic} into card_status")
         backend = QueryBackend(settings, lambda: self.runtime.pool, self.runtime.problems)
         self.app: Starlette = create_app(backend, lifespan=self._lifespan)
+        self.app.router.routes.append(Route("/metrics", metrics, methods=["GET"]))
 
     async def _build_consumers(self) -> None:
         for contract_topic, topic in self.settings.consumed_topics().items():
@@ -65,7 +71,19 @@ class StatusService:
                 known_types=KNOWN_EVENT_TYPES[contract_topic],
                 max_attempts=self.settings.consumer_max_attempts,
                 batch_handler=self.writer.batch_handler_for(contract_topic),
+                on_applied=self._projected(contract_topic),
+                log_applied=True,
             )
+
+    def _projected(self, topic: str) -> Callable[[Sequence[tuple[Inbound, EventEnvelope]]], None]:
+        """Projection lag: the newest occurred_at applied from `topic`."""
+        schema = self.settings.status_schema
+
+        def applied(events: Sequence[tuple[Inbound, EventEnvelope]]) -> None:
+            newest = max(envelope.occurred_at for _, envelope in events)
+            projection_applied(schema, topic, newest.timestamp())
+
+        return applied
 
     def _handler(self, topic: str) -> Callable[[], MessageHandler]:
         def current() -> MessageHandler:
@@ -104,6 +122,12 @@ class StatusService:
         config = uvicorn.Config(self.app, host=self.settings.http_host,
                                 port=self.settings.http_port, log_config=None)
         await uvicorn.Server(config).serve()
+
+
+async def metrics(_request: Request) -> Response:
+    """`/metrics`: the process's `carddesk_*` series for Prometheus."""
+    body, content_type = exposition()
+    return Response(body, media_type=content_type)
 
 
 def build(settings: StatusSettings | None = None) -> StatusService:

@@ -7,7 +7,7 @@ import asyncio
 import json
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -108,7 +108,8 @@ class Harness:
         ))
 
     async def command(self, command_type: str, payload: dict[str, Any], *,
-                      request_id: str | None = None) -> dict[str, Any]:
+                      request_id: str | None = None,
+                      headers: Sequence[tuple[str, bytes]] = ()) -> dict[str, Any]:
         """Send a signed command on loss.commands and return the reply to this sending."""
         request_id = request_id or str(uuid.uuid4())
         seen = len(self.replies.records)
@@ -118,7 +119,8 @@ class Harness:
         await self.producer.send_and_wait(
             "loss.commands", value=value, key=request_id.encode(),
             headers=[("x-channel-id", CHANNEL.encode()),
-                     ("x-signature", sign(self.channel_secret, value).encode())],
+                     ("x-signature", sign(self.channel_secret, value).encode()),
+                     *headers],
         )
         return await self.replies.wait_for(lambda r: r["request_id"] == request_id, after=seen)
 
