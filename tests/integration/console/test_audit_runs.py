@@ -4,19 +4,37 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
+import asyncpg
 import pytest
 
 from services.console.audits import AuditBusyError, AuditRunner
+from services.status.adapters import status_ddl
+from shared.eventstore import migrate
 from shared.settings import CardDeskSettings
+from tests.support import unique
 
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture
+async def status_schema(settings: CardDeskSettings) -> AsyncIterator[str]:
+    """An empty status projection of its own: the replay compares the log with it."""
+    schema = unique("st")
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=1)
+    try:
+        await migrate(pool, schema, status_ddl(schema))
+        yield schema
+    finally:
+        await pool.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        await pool.close()
+
+
 async def test_a_verification_runs_to_its_end_with_progress_and_a_summary(
-        settings: CardDeskSettings) -> None:
-    runner = AuditRunner(settings, "status", lambda: datetime.now(UTC))
+        settings: CardDeskSettings, status_schema: str) -> None:
+    runner = AuditRunner(settings, status_schema, lambda: datetime.now(UTC))
     job = runner.start("verify", None, "auditor-1")
     with pytest.raises(AuditBusyError):
         runner.start("replay", None, "auditor-2")
