@@ -16,7 +16,7 @@ def console_spec(settings: CardDeskSettings, logs_dir: Path,
     """`python -m services.console.main` on CARDDESK_CONSOLE_PORT, healthy when its
     `/health` answers; `credentials`, its Kafka user and password."""
     port = ConsoleSettings().console_port
-    env = {"CARDDESK_CONSOLE_PORT": str(port)}
+    env = {"CARDDESK_CONSOLE_PORT": str(port), "CARDDESK_HEALTH_PORT": str(port)}
     if credentials is not None:
         env["CARDDESK_KAFKA_USER"], env["CARDDESK_KAFKA_PASSWORD"] = credentials
     module = "services.console.main"

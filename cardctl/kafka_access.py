@@ -42,8 +42,9 @@ from shared.kafka import ADMIN, AUDITOR
 from shared.topics import SERVICES, command_topic, dlq_topic, event_topic
 
 STATUS = "status"
-# The bureau console's own principal: it follows review.events for its review queue (its
-# commands go out as its bureau channel, under that channel's credentials).
+# The bureau console's own principal: it follows review.events for its review queue and
+# reads the event topics for the audits it runs (its commands go out as its bureau channel,
+# under that channel's credentials).
 CONSOLE = "console"
 # Every principal the stack generates credentials for, in credentials.json.
 GENERATED_PRINCIPALS: tuple[str, ...] = (ADMIN, AUDITOR, *SERVICES, STATUS, CONSOLE)
@@ -98,7 +99,8 @@ def _consumed(service: str) -> tuple[str, ...]:
         "review": (command_topic("review"), event_topic("loss")),
         "issuance": (command_topic("issuance"), event_topic("review")),
         STATUS: tuple(event_topic(s) for s in SERVICES),
-        CONSOLE: (event_topic("review"),),
+        # review.events for its queue; every events topic for the audits it runs.
+        CONSOLE: tuple(event_topic(s) for s in SERVICES),
     }[service]
 
 

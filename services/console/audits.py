@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from cardctl.audit import replay_log, verify_log
-from shared.kafka import AUDITOR, as_principal, client_options
+from shared.kafka import client_options
 from shared.settings import CardDeskSettings
 
 log = structlog.get_logger()
@@ -94,8 +94,9 @@ class AuditRunner:
                  state=job.state)
 
     def _auditor(self) -> dict[str, Any]:
-        """An audit reads the event topics as the auditor principal (DESIGN 8)."""
-        return client_options(as_principal(self.settings, AUDITOR))
+        """An audit reads the event topics as the console's own principal, which may read
+        them (and nothing else) for the auditors who use it."""
+        return client_options(self.settings)
 
     async def _verify(self, job: AuditJob) -> tuple[bool, list[str]]:
         report = await verify_log(self.settings.kafka_bootstrap, security=self._auditor(),
