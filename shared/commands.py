@@ -318,6 +318,6 @@ def _request_id_of(msg: Inbound) -> str:
         body = json.loads(msg.value)
         if isinstance(body, dict) and isinstance(body.get("request_id"), str):
             return str(body["request_id"])[:100]
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        pass
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        pass  # RecursionError: nested too deeply; the key names the request then
     return (msg.key or b"").decode("utf-8", "replace")[:100]

@@ -133,6 +133,8 @@ def parse_event(msg: Inbound, known_types: Collection[str] | None) -> EventEnvel
         body = json.loads(msg.value)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise Rejected("malformed_json", f"not JSON: {exc}") from exc
+    except RecursionError as exc:  # deep nesting: json's own limit, not a passing fault
+        raise Rejected("malformed_json", "not JSON: nested too deeply") from exc
     if not isinstance(body, dict):
         raise Rejected("malformed_event", "an event must be a JSON object")
     try:
