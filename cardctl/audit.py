@@ -115,6 +115,9 @@ class LogVerifier:
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
             self._fail(msg, f"unparseable: not JSON ({exc})")
             return
+        except RecursionError:
+            self._fail(msg, "unparseable: JSON nested too deeply")
+            return
         if not isinstance(body, dict):
             self._fail(msg, "unparseable: not a JSON object")
             return
@@ -321,7 +324,7 @@ class LogReplayer:
     def _concerns(value: bytes, ref: str) -> bool:
         try:
             body = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):
             return False
         return isinstance(body, dict) and body.get("citizen_ref") == ref
 
