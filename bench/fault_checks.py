@@ -246,9 +246,11 @@ class VerifyVerdict:
         return not self.unexpected and not self.unflagged_poison
 
 
-def verify_verdict(failures: Iterable[tuple[Position, str]],
-                   poison: Iterable[Position]) -> VerifyVerdict:
-    planted = set(poison)
+def verify_verdict(failures: Iterable[tuple[Position, str]], poison: Iterable[Position],
+                   must_flag: Iterable[Position] = ()) -> VerifyVerdict:
+    """`poison`: every planted message in the log (earlier runs' too, for the log keeps
+    everything); `must_flag`: this run's, each of which verify must have reported."""
+    planted = set(poison) | set(must_flag)
     flagged: set[Position] = set()
     unexpected = []
     for position, description in failures:
@@ -256,7 +258,7 @@ def verify_verdict(failures: Iterable[tuple[Position, str]],
             flagged.add(position)
         else:
             unexpected.append(description)
-    return VerifyVerdict(len(flagged), unexpected, sorted(planted - flagged))
+    return VerifyVerdict(len(flagged), unexpected, sorted(set(must_flag) - flagged))
 
 
 @dataclass(frozen=True, slots=True)

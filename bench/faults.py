@@ -77,7 +77,9 @@ from shared.settings import CardDeskSettings
 from shared.topics import SERVICES, command_topic, dlq_topic, event_topic
 
 COMMAND_SERVICES: tuple[str, ...] = SERVICES
-# Who consumes each event topic: a command service's followers and the status projection.
+# A command of each service that poison pretends to be.
+POISON_COMMAND = {"auth": "AuthorizeElectronicCard", "loss": "ReportLoss",
+                  "review": "SubmitReissueApplication", "issuance": "CollectCard"}
 POISON_KEY_PREFIX = "poison:"
 # Refusals that only mean another service has not caught up yet; each retry is a new request.
 # A citizen's next round may start before loss and review have seen the last one end.
@@ -99,6 +101,7 @@ class FaultPlan:
     race_rounds: int = 40
     poison: bool = True
     gap_seconds: tuple[float, float] = (5.0, 15.0)  # load between faults, drawn at random
+    think_seconds: tuple[float, float] = (0.0, 1.0)  # a citizen's pause between steps
     reply_timeout_s: float = 10.0   # no reply within this: the same request_id again
     step_budget_s: float = 240.0    # a step with no reply (or only "not yet") for this long fails
     come_back_s: float = 15.0       # a killed process may come back by itself within this
@@ -237,8 +240,9 @@ class LoadDriver:
     """Each citizen goes round after round (log in … collect) until told to stop."""
 
     def __init__(self, journey: FaultJourney, sessions: Sequence[Session],
-                 rng: random.Random) -> None:
+                 rng: random.Random, think: tuple[float, float] = (0.0, 0.0)) -> None:
         self.journey = journey
+        self.think = think
         self.sessions = sessions
         self.rng = rng
         self.stop = asyncio.Event()
@@ -288,6 +292,7 @@ class LoadDriver:
         race_code = ""
         for step, action in steps:
             self.under_way[s.citizen_ref] = step
+            await asyncio.sleep(self.rng.uniform(*self.think))
             try:
                 outcome = await action()
             except (NoReplyError, RefusedError) as error:
@@ -300,10 +305,16 @@ class LoadDriver:
         """Approve, and report a new loss at a random moment while the loss service's
         follower applies the `CardReissued` that the approval leads to."""
         async def report() -> str:
-            await asyncio.sleep(self.rng.uniform(0.0, 0.4))
+            await asyncio.sleep(max(0.0, lag))
             return await self.journey.race_report_loss(s)
 
-        _, code = await asyncio.gather(self.journey.approve(s), report())
+        async def approve() -> None:
+            await asyncio.sleep(max(0.0, -lag))
+            await self.journey.approve(s)
+
+        # The follower applies CardReissued some tens of ms after the approval's reply.
+        lag = self.rng.uniform(-0.05, 0.25)
+        _, code = await asyncio.gather(approve(), report())
         return code
 
 
@@ -516,6 +527,7 @@ class Injector:
         sender = PoisonSender(self.settings, self.sim)
         async with sender:
             self.poison += await sender.everything()
+        started = asyncio.get_running_loop().time()  # recovery counts from the last one
         unanswered = [p for p in self.poison if p.kind.startswith("signed") and
                       p.reply_code is None]
         if unanswered:
@@ -575,20 +587,21 @@ class PoisonSender:
                                  ("x-signature", b"0" * 64)]),
         ):
             key = _poison_key()
-            records.append(await self._raw(topic, kind, self._command(channel.channel_id),
+            records.append(await self._raw(topic, kind, self._command(topic, channel.channel_id),
                                            headers, key))
         for kind in ("signed malformed JSON", "signed not UTF-8", "signed deep nesting",
                      "signed wrong types", "signed huge value"):
             key, request_id = _poison_key(), str(uuid.uuid4())
-            value, readable = self._signed_value(kind, channel.channel_id, request_id)
+            value, readable = self._signed_value(kind, topic, channel.channel_id, request_id)
             # A body without a readable request id is answered under the message key.
             records.append(await self._signed(topic, kind, value, channel.channel_id, key,
                                               request_id if readable else key.decode()))
         return records
 
-    def _signed_value(self, kind: str, channel_id: str, request_id: str) -> tuple[bytes, bool]:
+    def _signed_value(self, kind: str, topic: str, channel_id: str,
+                      request_id: str) -> tuple[bytes, bool]:
         """A correctly signed poison body, and whether its request id can be read."""
-        envelope = json.loads(self._command(channel_id, request_id))
+        envelope = json.loads(self._command(topic, channel_id, request_id))
         match kind:
             case "signed malformed JSON":
                 return b'{"request_id": "' + request_id.encode() + b'", ', False
@@ -599,14 +612,14 @@ class PoisonSender:
                         + _deep(100_000).encode() + b"}"), False
             case "signed wrong types":
                 return json.dumps({**envelope, "payload": {
-                    "session_token": 12, "kind": ["formal"]}}).encode(), True
+                    "session_token": 12, "application_id": ["a"], "kind": {}}}).encode(), True
             case _:
                 return json.dumps({**envelope, "payload": {
-                    "session_token": "x" * 900_000, "kind": "formal"}}).encode(), True
+                    "session_token": "x" * 900_000, "application_id": "x"}}).encode(), True
 
-    def _command(self, channel_id: str, request_id: str | None = None) -> bytes:
-        return self.sim.envelope(channel_id, "ReportLoss", {"session_token": "poison",
-                                                            "kind": "formal"}, request_id)
+    def _command(self, topic: str, channel_id: str, request_id: str | None = None) -> bytes:
+        return self.sim.envelope(channel_id, POISON_COMMAND[topic.split(".")[0]],
+                                 {"session_token": "poison"}, request_id)
 
     async def _signed(self, topic: str, kind: str, value: bytes, channel_id: str, key: bytes,
                       reply_to: str) -> PoisonRecord:
@@ -723,11 +736,15 @@ async def wait_drained(settings: CardDeskSettings, bound_s: float) -> float | No
         await admin.close()
 
 
-async def read_events(settings: CardDeskSettings) -> list[tuple[Position, LoggedEvent]]:
+async def read_events(settings: CardDeskSettings,
+                      poison: set[Position]) -> list[tuple[Position, LoggedEvent]]:
+    """Every readable event of the log; the positions of poison (this run's and any earlier
+    run's, told by its key) go to `poison`."""
     events: list[tuple[Position, LoggedEvent]] = []
 
     def sink(msg: Inbound) -> None:
         if (msg.key or b"").startswith(POISON_KEY_PREFIX.encode()):
+            poison.add((msg.topic, msg.partition, msg.offset))
             return
         try:
             event = LoggedEvent.parse(json.loads(msg.value))
@@ -809,7 +826,8 @@ async def check(settings: CardDeskSettings, plan: FaultPlan, driver: LoadDriver,
     found.drained_after_s = await wait_drained(settings, plan.drain_bound_s)
 
     console.print("reading the event log …")
-    logged = await read_events(settings)
+    planted: set[Position] = set()
+    logged = await read_events(settings, planted)
     events = [event for _, event in logged]
     ours = {s.citizen_ref for s in driver.sessions}
     effect_list = effect_findings(ledger.sent, events)
@@ -834,11 +852,11 @@ async def check(settings: CardDeskSettings, plan: FaultPlan, driver: LoadDriver,
 
     console.print("audit verify …")
     report = await verify_log(settings.kafka_bootstrap)
-    poison_positions = [p.position for p in injector.poison
-                        if p.position is not None and p.topic.endswith(".events")]
+    this_run = {p.position for p in injector.poison
+                if p.position is not None and p.topic.endswith(".events")}
     verdict = verify_verdict(
         (((f.topic, f.partition, f.offset), f.describe()) for f in report.failures),
-        poison_positions)
+        planted, must_flag=this_run)
     found.verify = (f"{report.streams} streams, {report.events} events, {report.duplicates} "
                     f"benign duplicates; {verdict.expected} planted poison flagged, "
                     f"{len(verdict.unexpected)} other failure(s)")
@@ -875,14 +893,14 @@ async def run(settings: CardDeskSettings, plan: FaultPlan,
     report(f"seeding {plan.citizens} citizens …")
     people: list[SyntheticCitizen] = await seed(
         settings, plan.citizens, settings.state_dir / "fault-citizens.jsonl",
-        seed_value=rng.randrange(2**32), report=lambda _: None)
+        report=lambda _: None)  # fresh citizens every run, even with --seed
     pepper = settings.citizen_ref_pepper.get_secret_value()
     sessions = [Session(c, citizen_ref=citizen_ref(pepper, c.id_number)) for c in people]
     dlq_start = await dlq_ends(settings)
     ledger = Ledger()
     async with ChannelSimulator.for_settings(settings) as sim:
         journey = FaultJourney(PatientChannel(sim, ledger, plan), plan)
-        driver = LoadDriver(journey, sessions, rng)
+        driver = LoadDriver(journey, sessions, rng, plan.think_seconds)
         injector = Injector(stack, settings, plan, ledger, sim, driver)
         faults: list[Callable[[], Awaitable[FaultRecord]]] = [
             *(_bind(injector.kill, name) for name in plan.kill_services),
@@ -1005,6 +1023,9 @@ def print_findings(plan: FaultPlan, found: Findings) -> None:
 
 def findings_json(plan: FaultPlan, found: Findings) -> dict[str, Any]:
     result = asdict(found)
+    # asdict rebuilds a Counter from (key, count) pairs, counting the pairs: keep the originals.
+    for name in ("race_outcomes", "poison_replies", "not_yet"):
+        result[name] = dict(getattr(found, name))
     result["faults"] = [{**asdict(f), "recovery_s": f.recovery_s} for f in found.faults]
     result["plan"] = {k: v for k, v in asdict(plan).items() if k != "environment"}
     result["missed"] = found.missed()
