@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import random
 import signal
@@ -1056,6 +1057,8 @@ def main() -> int:
                      race_rounds=args.race_rounds, poison=not args.no_poison,
                      reply_timeout_s=args.reply_timeout, come_back_s=args.come_back)
     configure_logging("bench", "WARNING")
+    # The broker is killed on purpose: its clients' reconnect errors would bury the report.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     settings = CardDeskSettings()
     started = time.monotonic()
     found = uvloop.run(run(settings, plan))
