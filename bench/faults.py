@@ -101,6 +101,7 @@ class FaultPlan:
     pause_seconds: float = 30.0
     race_rounds: int = 40
     poison: bool = True
+    repeat: int = 1  # the whole set of faults, this many times
     gap_seconds: tuple[float, float] = (5.0, 15.0)  # load between faults, drawn at random
     think_seconds: tuple[float, float] = (0.0, 1.0)  # a citizen's pause between steps
     reply_timeout_s: float = 10.0   # no reply within this: the same request_id again
@@ -903,7 +904,7 @@ async def run(settings: CardDeskSettings, plan: FaultPlan,
         journey = FaultJourney(PatientChannel(sim, ledger, plan), plan)
         driver = LoadDriver(journey, sessions, rng, plan.think_seconds)
         injector = Injector(stack, settings, plan, ledger, sim, driver)
-        faults: list[Callable[[], Awaitable[FaultRecord]]] = [
+        one_of_each: list[Callable[[], Awaitable[FaultRecord]]] = [
             *(_bind(injector.kill, name) for name in plan.kill_services),
             *([_bind(injector.kill, "kafka")] if plan.kill_kafka else []),
             *([_bind(injector.kill, "postgres")] if plan.kill_postgres else []),
@@ -911,7 +912,11 @@ async def run(settings: CardDeskSettings, plan: FaultPlan,
             *([injector.race] if plan.race_rounds else []),
             *([injector.poison_all] if plan.poison else []),
         ]
-        rng.shuffle(faults)
+        # Timing-dependent faults hide in one run of two: `repeat` rounds, each shuffled.
+        faults = []
+        for _ in range(plan.repeat):
+            rng.shuffle(one_of_each)
+            faults += one_of_each
         load = asyncio.create_task(driver.run())
         try:
             for fault in faults:
@@ -1047,6 +1052,8 @@ def main() -> int:
     parser.add_argument("--no-kafka-kill", action="store_true")
     parser.add_argument("--no-postgres-kill", action="store_true")
     parser.add_argument("--no-poison", action="store_true")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="inject the whole set of faults this many times, each in a new order")
     parser.add_argument("--reply-timeout", type=float, default=10.0)
     parser.add_argument("--come-back", type=float, default=15.0,
                         help="seconds a killed process has to come back by itself")
@@ -1055,6 +1062,7 @@ def main() -> int:
                      kill_kafka=not args.no_kafka_kill, kill_postgres=not args.no_postgres_kill,
                      pause=tuple(args.pause), pause_seconds=args.pause_seconds,
                      race_rounds=args.race_rounds, poison=not args.no_poison,
+                     repeat=args.repeat,
                      reply_timeout_s=args.reply_timeout, come_back_s=args.come_back)
     configure_logging("bench", "WARNING")
     # The broker is killed on purpose: its clients' reconnect errors would bury the report.
