@@ -1057,12 +1057,14 @@ def main() -> int:
     parser.add_argument("--reply-timeout", type=float, default=10.0)
     parser.add_argument("--come-back", type=float, default=15.0,
                         help="seconds a killed process has to come back by itself")
+    parser.add_argument("--recovery-bound", type=float, default=240.0,
+                        help="seconds a fault has to be healthy and progressing again")
     args = parser.parse_args()
     plan = FaultPlan(citizens=args.citizens, seed=args.seed, kill_services=tuple(args.kill),
                      kill_kafka=not args.no_kafka_kill, kill_postgres=not args.no_postgres_kill,
                      pause=tuple(args.pause), pause_seconds=args.pause_seconds,
                      race_rounds=args.race_rounds, poison=not args.no_poison,
-                     repeat=args.repeat,
+                     repeat=args.repeat, recovery_bound_s=args.recovery_bound,
                      reply_timeout_s=args.reply_timeout, come_back_s=args.come_back)
     configure_logging("bench", "WARNING")
     # The broker is killed on purpose: its clients' reconnect errors would bury the report.
