@@ -299,6 +299,9 @@ class LoadDriver:
                 outcome = await action()
             except (NoReplyError, RefusedError) as error:
                 return RoundResult(s.citizen_ref, False, step, str(error)[:120], race_code), False
+            except Exception as error:  # anything else ends the round, never the whole run
+                return RoundResult(s.citizen_ref, False, step,
+                                   f"{type(error).__name__}: {error}"[:120], race_code), False
             if step == "approve + race":
                 race_code = str(outcome)
         return RoundResult(s.citizen_ref, True, race=race_code), race_code == "accepted"
