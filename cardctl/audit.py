@@ -113,9 +113,12 @@ class LogVerifier:
         self.messages[msg.topic] += 1
         try:
             body = json.loads(msg.value)
-        # JSONDecodeError and UnicodeDecodeError alike; a poison `[[[…` recurses too deep.
-        except (ValueError, RecursionError) as exc:
+        # JSONDecodeError and UnicodeDecodeError alike.
+        except ValueError as exc:
             self._fail(msg, f"unparseable: not JSON ({str(exc)[:200]})")
+            return
+        except RecursionError:  # a poison `[[[…` nested deeper than the parser goes
+            self._fail(msg, "unparseable: JSON nested too deeply")
             return
         if not isinstance(body, dict):
             self._fail(msg, "unparseable: not a JSON object")

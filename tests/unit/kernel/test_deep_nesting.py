@@ -1,0 +1,39 @@
+"""JSON nested deeper than the parser's recursion limit is poison like any malformed body:
+refused at once with its code, never retried as if the fault might pass."""
+
+from __future__ import annotations
+
+import pytest
+
+from cardctl.audit import LogReplayer, LogVerifier, event_topics
+from shared.commands import _request_id_of
+from shared.consumer import Inbound, MessageLimits, Rejected, parse_event
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+def test_an_event_nested_too_deeply_is_rejected_at_once() -> None:
+    with pytest.raises(Rejected) as rejected:
+        parse_event(Inbound("loss.events", 0, 7, b"k", DEEP), None)
+    assert rejected.value.code == "too_deeply_nested"
+
+
+def test_a_command_nested_too_deeply_is_answered_under_its_message_key() -> None:
+    value = b'{"request_id": "r-1", "x": ' + DEEP + b"}"
+    message = Inbound("loss.commands", 0, 7, b"poison-key", value)
+    assert _request_id_of(message, MessageLimits()) == "poison-key"
+
+
+def test_the_auditors_tools_flag_or_skip_a_deeply_nested_message_instead_of_crashing() -> None:
+    message = Inbound("loss.events", 2, 9, b"k", DEEP)
+    verifier = LogVerifier()
+    verifier.feed(message)
+    [failure] = verifier.report().failures
+    assert (failure.topic, failure.partition, failure.offset) == ("loss.events", 2, 9)
+    assert "nested too deeply" in failure.reason
+    replayer = LogReplayer(event_topics(""), only="someone")
+    replayer.feed(message)
+    assert replayer.events == 0
+    everyone = LogReplayer(event_topics(""))
+    everyone.feed(message)
+    assert everyone.skipped == {"malformed_json": 1}
