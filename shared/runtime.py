@@ -6,7 +6,6 @@ Nothing connects at import time: resources are created in the app's startup hook
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from datetime import timedelta
@@ -202,31 +201,23 @@ class ServiceRuntime:
         return self._sampler
 
     async def stop(self) -> None:
+        """Every step bounded: a loop retrying a dead database or a Kafka client still
+        reconnecting is left behind, never waited for."""
         if self._relay is not None:
             self._relay.stop()
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=STOP_STEP_TIMEOUT_S)
         self._tasks.clear()
         if self._sampler is not None:
-            with contextlib.suppress(Exception):
-                await self._sampler.stop()
+            await stop_step("metrics sampler", self._sampler.stop())
         for barrier in self._barriers:
-            with contextlib.suppress(Exception):
-                await barrier.stop()
+            await stop_step("follower barrier", barrier.stop())
         if self._producer is not None:
-            try:
-                await asyncio.wait_for(self._producer.stop(), STOP_STEP_TIMEOUT_S)
-            except TimeoutError:
-                log.warning("service.producer_stop_timed_out")
-        if self._pool is not None:
-            try:  # close() waits for every connection to be released: bounded
-                await asyncio.wait_for(self._pool.close(), STOP_STEP_TIMEOUT_S)
-            except TimeoutError:
-                log.warning("service.pool_close_timed_out")
-                self._pool.terminate()
+            await stop_step("producer", self._producer.stop())
+        if self._pool is not None and not await stop_step("pool", self._pool.close()):
+            self._pool.terminate()  # close() waits for every connection to be released
         log.info("service.stopped")
 
     async def problems(self, *, kafka: bool = True) -> dict[str, str | None]:
@@ -275,6 +266,23 @@ class ServiceRuntime:
             on_startup=[self.start],
             after_shutdown=[self.stop],
         )
+
+
+async def stop_step(step: str, work: Awaitable[Any],
+                    timeout_s: float = STOP_STEP_TIMEOUT_S) -> bool:
+    """Run one step of stopping for at most `timeout_s`; False (logged) when it failed or
+    ran out. The step is cancelled then, but not waited for: it may ignore cancellation."""
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if not done:
+        task.cancel()
+        log.warning("service.stop_step_timed_out", step=step, timeout_s=timeout_s)
+        return False
+    if task.cancelled() or task.exception() is not None:
+        log.warning("service.stop_step_failed", step=step,
+                    error=None if task.cancelled() else type(task.exception()).__name__)
+        return False
+    return True
 
 
 async def parse_leniently(records: tuple[ConsumerRecord[Any, Any], ...],

@@ -23,7 +23,7 @@ from shared.envelope import GENESIS_HASH, EventEnvelope
 from shared.events import DomainEvent, EventMeta, to_pending
 from shared.kafka import client_options
 from shared.outbox import make_producer
-from shared.runtime import ServiceRuntime
+from shared.runtime import ServiceRuntime, stop_step
 from shared.settings import CardDeskSettings
 from shared.topics import TopicSpec
 
@@ -127,18 +127,27 @@ async def isolated_status_service(
                     headers={"Authorization": f"Bearer {status_settings.caller_key()}"}) as http:
                 yield service, http, producer
     finally:
-        await producer.stop()
-        conn = await asyncpg.connect(settings.database_url)
-        try:
-            await conn.execute(f"DROP SCHEMA IF EXISTS {status_settings.status_schema} CASCADE")
-        finally:
-            await conn.close()
-        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **kafka_options())
-        await admin.start()
-        try:
-            await admin.delete_topics(all_topics)
-        finally:
-            await admin.close()
+        # Bounded, each step: a teardown that waits for ever hides the failure behind it.
+        await stop_step("test producer", producer.stop())
+        await stop_step("drop schema", drop_schema(settings, status_settings.status_schema))
+        await stop_step("delete topics", delete_topics(settings, all_topics))
+
+
+async def drop_schema(settings: CardDeskSettings, schema: str) -> None:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    finally:
+        await conn.close()
+
+
+async def delete_topics(settings: CardDeskSettings, topics: Sequence[str]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **kafka_options())
+    await admin.start()
+    try:
+        await admin.delete_topics(list(topics))
+    finally:
+        await admin.close()
 
 
 async def partitions_of(bootstrap: str, topics: Sequence[str]) -> list[TopicPartition]:

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
@@ -27,7 +26,13 @@ from shared.envelope import EventEnvelope
 from shared.logging import configure_logging
 from shared.metrics import exposition, projection_applied
 from shared.production import UnsafeConfigurationError, exit_refused, refuse_unsafe_configuration
-from shared.runtime import STOP_STEP_TIMEOUT_S, MessageHandler, ServiceRuntime, supervise
+from shared.runtime import (
+    STOP_STEP_TIMEOUT_S,
+    MessageHandler,
+    ServiceRuntime,
+    stop_step,
+    supervise,
+)
 
 log = structlog.get_logger()
 
@@ -101,13 +106,10 @@ class StatusService:
     async def stop(self) -> None:
         if self._broker_task is not None:
             self._broker_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._broker_task
+            await asyncio.wait({self._broker_task}, timeout=STOP_STEP_TIMEOUT_S)
             self._broker_task = None
-        try:  # a consumer stuck retrying a dead database must not hold the stop for ever
-            await asyncio.wait_for(self.runtime.broker.stop(), 2 * STOP_STEP_TIMEOUT_S)
-        except TimeoutError:
-            log.warning("status.broker_stop_timed_out")
+        # A consumer stuck retrying a dead database must not hold the stop for ever.
+        await stop_step("broker", self.runtime.broker.stop(), 2 * STOP_STEP_TIMEOUT_S)
         await self.runtime.stop()
 
     @asynccontextmanager
