@@ -7,7 +7,6 @@ channel client and the pages, in one process.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -29,7 +28,7 @@ from shared.channels import ChannelRegistry
 from shared.consumer import EventConsumer
 from shared.contracts import KNOWN_EVENT_TYPES
 from shared.logging import configure_logging
-from shared.runtime import MessageHandler, ServiceRuntime, supervise
+from shared.runtime import STOP_STEP_TIMEOUT_S, MessageHandler, ServiceRuntime, stop_step, supervise
 
 log = structlog.get_logger()
 
@@ -137,15 +136,15 @@ class ConsoleService:
         ]
 
     async def stop(self) -> None:
+        """Every step bounded, as the other services' (shared.runtime.stop_step)."""
         for task in self._tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=STOP_STEP_TIMEOUT_S)
         self._tasks = []
-        await self.runtime.broker.stop()
-        with contextlib.suppress(Exception):
-            await self.channel.stop()
-        await self.status.close()
+        await stop_step("broker", self.runtime.broker.stop(), 2 * STOP_STEP_TIMEOUT_S)
+        await stop_step("console channel", self.channel.stop())
+        await stop_step("status client", self.status.close())
         await self.runtime.stop()
 
     @asynccontextmanager
