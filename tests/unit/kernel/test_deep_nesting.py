@@ -36,4 +36,4 @@ def test_the_auditors_tools_flag_or_skip_a_deeply_nested_message_instead_of_cras
     assert replayer.events == 0
     everyone = LogReplayer(event_topics(""))
     everyone.feed(message)
-    assert everyone.skipped == {"malformed_json": 1}
+    assert everyone.skipped == {"too_deeply_nested": 1}
