@@ -261,8 +261,10 @@ class ServiceRuntime:
 
         return AsgiFastStream(
             self.broker,
+            # No AsyncAPI page here: FastStream's loads its viewer from a public CDN, and
+            # bureaus run on closed networks. The status service serves the whole contract's
+            # document with the viewer vendored (`/docs/asyncapi`).
             asgi_routes=[("/health", health), ("/metrics", metrics_asgi())],
-            asyncapi_path="/docs/asyncapi",
             on_startup=[self.start],
             after_shutdown=[self.stop],
         )
