@@ -2,15 +2,18 @@
 
 The console runs as its own process beside the other services (this package's `services`);
 staff accounts are made with `cardctl staff add`; citizens are driven to the review and the
-counter through Kafka as a channel would. Each page is saved under docs/console/.
+counter through Kafka as a channel would. Each page is saved as a screenshot
+(under docs/console/ with CARDDESK_SCREENSHOTS=docs/console, for the README).
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 import re
 import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -35,7 +38,10 @@ if CHROMIUM is None or importlib.util.find_spec("playwright") is None:
 
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright  # noqa: E402
 
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "console"
+# The README's screenshots are refreshed on request (CARDDESK_SCREENSHOTS=docs/console);
+# otherwise a run keeps its pictures out of the working tree.
+SCREENSHOTS = Path(os.environ.get("CARDDESK_SCREENSHOTS")
+                   or Path(tempfile.gettempdir()) / "carddesk-console-screenshots")
 PASSWORD = "browser-test-password"
 WAIT_MS = 30_000
 
@@ -129,7 +135,7 @@ async def desks(browser: Browser) -> AsyncIterator[Desks]:
 
 
 async def shot(page: Page, name: str) -> None:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    # Playwright makes the folder if it is missing.
     await page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
 
 
