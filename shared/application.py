@@ -1,112 +1,90 @@
-"""The one generic command handler: load the stream, fold, decide, append, retry on conflict."""
+"""The one generic command path: load the stream, fold, decide, append, retry on conflict.
+
+`Streams` is one service's per-citizen streams: its `Decider`, its schema and events topic,
+and the cache of folded states that only this service's process fills.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import TypeVar, cast
+from typing import Generic, TypeVar, cast
 from uuid import UUID, uuid4
 
+import asyncpg
+
+from shared.decider import Decider
 from shared.envelope import GENESIS_HASH, EventEnvelope
 from shared.errors import DomainError
 from shared.events import DomainEvent, EventMeta, to_pending
-from shared.eventstore import ConcurrencyError, EventStore
+from shared.eventstore import ConcurrencyError, EventStore, PostgresEventStore
 
+C = TypeVar("C")
 S = TypeVar("S")
 E = TypeVar("E")
+X = TypeVar("X")
 
-
-def fold(initial: S, evolve: Callable[[S, E], S], events: Sequence[E]) -> S:
-    state = initial
-    for event in events:
-        state = evolve(state, event)
-    return state
-
-
-async def load(
-    store: EventStore,
-    stream_id: str,
-    decode: Callable[[EventEnvelope], E],
-    initial: S,
-    evolve: Callable[[S, E], S],
-) -> tuple[S, int]:
-    """The stream's current state and version."""
-    state, version, _ = await current_state(store, stream_id, decode, initial, evolve)
-    return state, version
+Decision = Callable[[S], Sequence[DomainEvent]]
 
 
 class StateCache:
     """Folded states of recently used streams, so a command reads one row instead of the
     whole stream. An entry is used only while the stream's head still has the cached version
     *and hash*: the hash chain names the exact history, so a state cached from a write that
-    was rolled back can never be mistaken for the committed one."""
+    was rolled back can never be mistaken for the committed one. One cache serves one store
+    (one schema); `Streams` owns it."""
 
     def __init__(self, capacity: int = 20_000) -> None:
         self.capacity = capacity
-        self._entries: OrderedDict[tuple[object, ...], tuple[int, str, object]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[int, str, object]] = OrderedDict()
 
-    def get(self, key: tuple[object, ...]) -> tuple[int, str, object] | None:
-        entry = self._entries.get(key)
+    def get(self, stream_id: str) -> tuple[int, str, object] | None:
+        entry = self._entries.get(stream_id)
         if entry is not None:
-            self._entries.move_to_end(key)
+            self._entries.move_to_end(stream_id)
         return entry
 
-    def put(self, key: tuple[object, ...], version: int, last_hash: str, state: object) -> None:
-        self._entries[key] = (version, last_hash, state)
-        self._entries.move_to_end(key)
+    def put(self, stream_id: str, version: int, last_hash: str, state: object) -> None:
+        self._entries[stream_id] = (version, last_hash, state)
+        self._entries.move_to_end(stream_id)
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
 
 
-STATES = StateCache()
-
-
-def _key(store: EventStore, stream_id: str, evolve: object) -> tuple[object, ...]:
-    return (getattr(store, "schema", id(store)), stream_id, evolve)
-
-
 async def current_state(
-    store: EventStore,
-    stream_id: str,
-    decode: Callable[[EventEnvelope], E],
-    initial: S,
-    evolve: Callable[[S, E], S],
-    cache: StateCache = STATES,
+    store: EventStore, decider: Decider[C, S, E, X], stream_id: str, cache: StateCache,
 ) -> tuple[S, int, str]:
     """The stream's state, version and last hash: from the cache when the head matches,
     else by folding only the events after the cached version (or all of them)."""
-    key = _key(store, stream_id, evolve)
     version, last_hash = await store.head(stream_id)
-    cached = cache.get(key)
+    cached = cache.get(stream_id)
     if cached is not None and cached[0] == version and cached[1] == last_hash:
         return cast(S, cached[2]), version, last_hash
-    state, after, expected_prev = initial, 0, GENESIS_HASH
+    state, after, expected_prev = decider.initial, 0, GENESIS_HASH
     if cached is not None and cached[0] < version:
         state, after, expected_prev = cast(S, cached[2]), cached[0], cached[1]
     envelopes = await store.read_stream(stream_id, after_version=after)
     if after and (not envelopes or envelopes[0].prev_hash != expected_prev):
         # The cached history is not this stream's history: fold it all again.
-        state, envelopes = initial, await store.read_stream(stream_id)
-    state = fold(state, evolve, [decode(e) for e in envelopes])
+        state, envelopes = decider.initial, await store.read_stream(stream_id)
+    state = decider.fold([decider.decode(e) for e in envelopes], state)
     if envelopes:
         version, last_hash = envelopes[-1].version, envelopes[-1].hash
-    cache.put(key, version, last_hash, state)
+    cache.put(stream_id, version, last_hash, state)
     return state, version, last_hash
 
 
 async def handle_command(
     store: EventStore,
+    decider: Decider[C, S, E, X],
     stream_id: str,
-    *,
-    decode: Callable[[EventEnvelope], E],
-    initial: S,
-    evolve: Callable[[S, E], S],
-    decide: Callable[[S], Sequence[DomainEvent]],
+    decide: Decision[S],
     meta: EventMeta,
+    cache: StateCache,
+    *,
     new_id: Callable[[], UUID] = uuid4,
     max_attempts: int = 5,
-    cache: StateCache = STATES,
 ) -> list[EventEnvelope]:
     """Decide against the latest state; a concurrent writer makes us re-read and decide again.
 
@@ -118,19 +96,17 @@ async def handle_command(
     Domain errors raised by `decide` propagate unchanged; a conflict that persists past
     `max_attempts` propagates as `ConcurrencyError`, never as a silent merge.
     """
-    key = _key(store, stream_id, evolve)
-    cached = cache.get(key)
+    cached = cache.get(stream_id)
     if cached is not None:
         version, last_hash, state = cached[0], cached[1], cast(S, cached[2])
         with contextlib.suppress(DomainError, ConcurrencyError):
             pending = [to_pending(event, meta, new_id()) for event in decide(state)]
             if pending:
                 appended = await store.append(stream_id, version, pending, last_hash=last_hash)
-                _remember(cache, key, state, evolve, decode, appended)
+                _remember(cache, decider, stream_id, state, appended)
                 return appended
     for attempt in range(1, max_attempts + 1):
-        state, version, last_hash = await current_state(store, stream_id, decode, initial,
-                                                        evolve, cache)
+        state, version, last_hash = await current_state(store, decider, stream_id, cache)
         pending = [to_pending(event, meta, new_id()) for event in decide(state)]
         try:
             appended = await store.append(stream_id, version, pending, last_hash=last_hash)
@@ -139,13 +115,50 @@ async def handle_command(
                 raise
             continue
         if appended:
-            _remember(cache, key, state, evolve, decode, appended)
+            _remember(cache, decider, stream_id, state, appended)
         return appended
     raise AssertionError("unreachable")
 
 
-def _remember(cache: StateCache, key: tuple[object, ...], state: S, evolve: Callable[[S, E], S],
-              decode: Callable[[EventEnvelope], E], appended: Sequence[EventEnvelope]) -> None:
+def _remember(cache: StateCache, decider: Decider[C, S, E, X], stream_id: str, state: S,
+              appended: Sequence[EventEnvelope]) -> None:
     """Cache the state after an append, under the new head's version and hash."""
-    cache.put(key, appended[-1].version, appended[-1].hash,
-              fold(state, evolve, [decode(e) for e in appended]))
+    cache.put(stream_id, appended[-1].version, appended[-1].hash,
+              decider.fold([decider.decode(e) for e in appended], state))
+
+
+class Streams(Generic[C, S, E, X]):
+    """One service's per-citizen streams in its schema: read, decide and append them."""
+
+    def __init__(self, decider: Decider[C, S, E, X], schema: str, events_topic: str,
+                 cache: StateCache | None = None) -> None:
+        self.decider = decider
+        self.schema = schema
+        self.events_topic = events_topic
+        self.cache = cache or StateCache()
+
+    def store(self, conn: asyncpg.Connection) -> PostgresEventStore:
+        return PostgresEventStore(conn, self.schema, self.events_topic)
+
+    async def state(self, conn: asyncpg.Connection, citizen_ref: str) -> S:
+        state, _, _ = await current_state(self.store(conn), self.decider,
+                                          self.decider.stream_id(citizen_ref), self.cache)
+        return state
+
+    async def erased(self, conn: asyncpg.Connection, citizen_ref: str) -> bool:
+        """Whether the citizen's stream here records an erasure."""
+        return self.decider.is_erased(await self.state(conn, citizen_ref))
+
+    async def decide(self, conn: asyncpg.Connection, command: C, context: X,
+                     meta: EventMeta) -> list[EventEnvelope]:
+        """Decide `command` for `meta.citizen_ref` and append what it decided."""
+        return await self.apply(
+            conn, lambda state: self.decider.decide(command, state, context), meta)
+
+    async def apply(self, conn: asyncpg.Connection, decide: Decision[S],
+                    meta: EventMeta) -> list[EventEnvelope]:
+        """Append what `decide` makes of the citizen's latest state (one decision that is
+        not the decider's own, such as erasure or several commands in turn)."""
+        return await handle_command(self.store(conn), self.decider,
+                                    self.decider.stream_id(meta.citizen_ref), decide, meta,
+                                    self.cache)

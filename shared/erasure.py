@@ -10,23 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import asyncpg
 import structlog
 
-from shared.application import handle_command, load
+from shared.application import Streams
 from shared.commands import CommandContext, CommandRoute
 from shared.contracts.common import EraseSubject, SubjectErased
 from shared.crypto import Vault
-from shared.envelope import EventEnvelope
 from shared.events import DomainEvent, EventMeta
-from shared.eventstore import EventStore
 
 log = structlog.get_logger()
-
-S = TypeVar("S")
-E = TypeVar("E")
 
 
 def decide_erasure(already_erased: bool, reason: str) -> list[DomainEvent]:
@@ -35,40 +30,24 @@ def decide_erasure(already_erased: bool, reason: str) -> list[DomainEvent]:
 
 
 @dataclass(frozen=True, slots=True)
-class ErasableStreams(Generic[S, E]):
-    """One service's per-citizen stream, its fold, and the vault holding its data keys."""
+class Erasure:
+    """How one service forgets a citizen: its streams, and the vault holding its data keys."""
 
+    streams: Streams[Any, Any, Any, Any]
     vault: Vault
-    store_for: Callable[[asyncpg.Connection], EventStore]
-    stream_id: Callable[[str], str]
-    decode: Callable[[EventEnvelope], E]
-    initial: S
-    evolve: Callable[[S, E], S]
-    is_erased: Callable[[S], bool]
     # Service-local clean-up in the same transaction (e.g. void pending timers).
     on_erased: Callable[[asyncpg.Connection, str], Awaitable[None]] | None = None
-
-    async def erased(self, conn: asyncpg.Connection, citizen_ref: str) -> bool:
-        """Whether the citizen's stream in this service records an erasure."""
-        state, _ = await load(self.store_for(conn), self.stream_id(citizen_ref), self.decode,
-                              self.initial, self.evolve)
-        return self.is_erased(state)
 
     async def erase(
         self, conn: asyncpg.Connection, ctx: CommandContext, command: EraseSubject
     ) -> dict[str, Any]:
         ref = command.citizen_ref
         structlog.contextvars.bind_contextvars(citizen_ref=ref)
-        stream_id = self.stream_id(ref)
-        appended = await handle_command(
-            self.store_for(conn),
-            stream_id,
-            decode=self.decode,
-            initial=self.initial,
-            evolve=self.evolve,
-            decide=lambda state: decide_erasure(self.is_erased(state), command.reason),
-            meta=EventMeta(citizen_ref=ref, occurred_at=ctx.received_at,
-                           correlation_id=ctx.correlation_id, causation_id=ctx.causation_id),
+        is_erased = self.streams.decider.is_erased
+        appended = await self.streams.apply(
+            conn, lambda state: decide_erasure(is_erased(state), command.reason),
+            EventMeta(citizen_ref=ref, occurred_at=ctx.received_at,
+                      correlation_id=ctx.correlation_id, causation_id=ctx.causation_id),
         )
         if appended:
             # Same transaction as the event: a key is destroyed exactly when the log says so.
@@ -76,11 +55,11 @@ class ErasableStreams(Generic[S, E]):
             if self.on_erased is not None:
                 await self.on_erased(conn, ref)
         log.info("subject.erased", schema=self.vault.schema, already_erased=not appended)
-        return {"citizen_ref": ref, "stream_id": stream_id, "already_erased": not appended}
+        return {"citizen_ref": ref, "stream_id": self.streams.decider.stream_id(ref),
+                "already_erased": not appended}
 
 
-
-def erase_route(streams: ErasableStreams[Any, Any]) -> CommandRoute:
+def erase_route(erasure: Erasure) -> CommandRoute:
     """The `EraseSubject` entry of a service's routes table: bureau channels only."""
-    return CommandRoute(EraseSubject, streams.erase, bureau_only=True,
+    return CommandRoute(EraseSubject, erasure.erase, bureau_only=True,
                         accepted_message="personal data erased")

@@ -43,13 +43,16 @@ MessageHandler = Callable[[Inbound], Awaitable[None]]
 class ServiceRuntime:
     """One service process: its schema, its broker, its relay and its background tasks."""
 
-    def __init__(self, name: str, settings: CardDeskSettings, *, extra_ddl: str = "",
+    def __init__(self, name: str, settings: CardDeskSettings, *, schema: str | None = None,
+                 group: str | None = None, extra_ddl: str = "",
                  secrets: Collection[str] = (), shipped_in_use: Iterable[str] = ()) -> None:
-        """`secrets` names the secret settings the service reads (`shared.production`), so
-        that start-up refuses development values of exactly those in production;
-        `shipped_in_use` names its own settings found holding a shipped value."""
+        """`schema` and `group` default to the service's own (tests isolate themselves with
+        others); `secrets` names the secret settings the service reads
+        (`shared.production`), so that start-up refuses development values of exactly those
+        in production; `shipped_in_use` names its own settings found holding a shipped value."""
         self.name = name
-        self.schema = name
+        self.schema = schema or name
+        self.group = group or f"carddesk-{name}"
         self.settings = settings
         self.extra_ddl = extra_ddl
         self.secrets = frozenset(secrets)
@@ -84,11 +87,6 @@ class ServiceRuntime:
     @property
     def events_topic(self) -> str:
         return self.settings.event_topic(self.name)
-
-    @property
-    def group(self) -> str:
-        """The service's consumer group, unless a subscription names another."""
-        return f"carddesk-{self.name}"
 
     def barrier(self, topics: Sequence[str], *, group: str | None = None) -> FollowerBarrier:
         """What the service's commands wait on: its followers of `topics` caught up

@@ -16,6 +16,7 @@ from shared.contracts.loss import (
     TemporaryLossExpired,
 )
 from shared.contracts.upcasters import UPCASTERS
+from shared.decider import Context, Decider
 from shared.errors import DomainError, SubjectErasedError
 from shared.events import DomainEvent, EventDecoder
 
@@ -44,7 +45,7 @@ class Erased:
 
 
 LossState = NoLoss | TemporaryLoss | FormalLoss | Erased
-INITIAL_STATE: LossState = NoLoss()
+INITIAL: LossState = NoLoss()
 
 
 def is_erased(state: LossState) -> bool:
@@ -73,7 +74,6 @@ class Verification:
 @dataclass(frozen=True, slots=True)
 class ReportLoss:
     kind: Literal["temporary", "formal"]
-    loss_id: str  # used when this opens a new case
     channel: str
     verification: Verification
 
@@ -110,10 +110,9 @@ class LossPolicy:
 
 
 @dataclass(frozen=True, slots=True)
-class DecisionContext:
-    """What the decider knows besides the stream: the time and the local read tables."""
+class DecisionContext(Context):
+    """What the decider knows besides the stream: the time, new ids, the local read tables."""
 
-    now: datetime
     card_no: str | None
     application_status: ApplicationStatus
     policy: LossPolicy
@@ -182,7 +181,7 @@ def _report(command: ReportLoss, state: LossState, context: DecisionContext) -> 
         case NoLoss():
             if command.kind == "formal":
                 _require_recent_portrait(command.verification, context)
-            return [_reported(command, command.loss_id, context, supersedes_temporary=False)]
+            return [_reported(command, context.new_id(), context, supersedes_temporary=False)]
         case _:
             assert_never(state)
 
@@ -270,3 +269,7 @@ def evolve(state: LossState, event: LossEvent) -> LossState:
 
 
 decode: EventDecoder[LossEvent] = EventDecoder(LOSS_EVENTS, UPCASTERS)
+
+DECIDER: Decider[LossCommand, LossState, LossEvent, DecisionContext] = Decider(
+    initial=INITIAL, evolve=evolve, decide=decide, decode=decode, stream_id=stream_id,
+    is_erased=is_erased)

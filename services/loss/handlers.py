@@ -4,10 +4,9 @@ issuance and review. Each runs in one transaction: read tables, decide, append, 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TypeVar, assert_never
-from uuid import uuid4
 
 import asyncpg
 import structlog
@@ -16,7 +15,7 @@ from pydantic import ValidationError
 from services.loss import domain
 from services.loss.adapters import Applications, Cards, DueTimer, ExpiryTimers
 from services.loss.settings import LossSettings
-from shared.application import handle_command
+from shared.application import Streams
 from shared.commands import CommandContext
 from shared.consumer import Rejected, describe_validation_error
 from shared.contracts import loss as contract
@@ -41,15 +40,14 @@ from shared.contracts.review import (
 from shared.contracts.upcasters import UPCASTERS
 from shared.crypto import MasterKeys, Vault
 from shared.envelope import EventEnvelope
-from shared.erasure import ErasableStreams
+from shared.erasure import Erasure
 from shared.events import EventDecoder, EventMeta
-from shared.eventstore import PostgresEventStore
 from shared.locks import citizen_namespace, lock_citizens
+from shared.service import Kit
 from shared.tokens import TokenVerifier
 
 log = structlog.get_logger()
 
-Clock = Callable[[], datetime]
 E = TypeVar("E")
 
 _decode_issuance: EventDecoder[IssuanceEvent] = EventDecoder(ISSUANCE_EVENTS, UPCASTERS)
@@ -57,12 +55,11 @@ _decode_review: EventDecoder[ReviewEvent] = EventDecoder(REVIEW_EVENTS, UPCASTER
 
 
 class LossHandlers:
-    def __init__(
-        self, settings: LossSettings, schema: str, events_topic: str, clock: Clock
-    ) -> None:
-        self.schema = schema
-        self.events_topic = events_topic
-        self.clock = clock
+    def __init__(self, kit: Kit[LossSettings]) -> None:
+        settings = kit.settings
+        self.schema = kit.schema
+        self.clock = kit.clock
+        self.ids = kit.ids
         self.verifier = TokenVerifier.from_settings(settings)
         self.policy = domain.LossPolicy(
             temporary_period=settings.loss_temporary_period,
@@ -71,14 +68,12 @@ class LossHandlers:
         )
         self.batch_size = settings.loss_expiry_batch_size
         self.scan_interval = settings.loss_expiry_scan_interval.total_seconds()
-        self.cards = Cards(schema)
-        self.applications = Applications(schema)
-        self.timers = ExpiryTimers(schema)
-        self.erasure = ErasableStreams(
-            vault=Vault(schema, MasterKeys.from_settings(settings)),
-            store_for=lambda conn: PostgresEventStore(conn, schema, events_topic),
-            stream_id=domain.stream_id, decode=domain.decode, initial=domain.INITIAL_STATE,
-            evolve=domain.evolve, is_erased=domain.is_erased,
+        self.cards = Cards(kit.schema)
+        self.applications = Applications(kit.schema)
+        self.timers = ExpiryTimers(kit.schema)
+        self.streams = Streams(domain.DECIDER, kit.schema, kit.events_topic)
+        self.erasure = Erasure(
+            self.streams, Vault(kit.schema, MasterKeys.from_settings(settings)),
             on_erased=self.timers.disarm_all,  # a pending expiry of an erased case is void
         )
 
@@ -92,7 +87,6 @@ class LossHandlers:
         structlog.contextvars.bind_contextvars(citizen_ref=claims.citizen_ref)
         command = domain.ReportLoss(
             kind=payload.kind,
-            loss_id=str(uuid4()),
             channel=ctx.channel.channel_id,
             verification=domain.Verification(claims.level, claims.portrait_verified_at),
         )
@@ -158,7 +152,7 @@ class LossHandlers:
         citizen_ref = envelope.citizen_ref
         if not isinstance(event, CardIssued | CardReissued):
             return  # the other card events change nothing here; skip the erasure lookup too
-        if await self.erasure.erased(conn, citizen_ref):
+        if await self.streams.erased(conn, citizen_ref):
             log.info("loss.ignored_for_erased_subject", event_type=envelope.type)
             return
         match event:
@@ -181,7 +175,7 @@ class LossHandlers:
     async def on_review_event(self, conn: asyncpg.Connection, envelope: EventEnvelope) -> None:
         event = _decoded(_decode_review, envelope)
         citizen_ref = envelope.citizen_ref
-        if await self.erasure.erased(conn, citizen_ref):
+        if await self.streams.erased(conn, citizen_ref):
             log.info("loss.ignored_for_erased_subject", event_type=envelope.type)
             return
         match event:
@@ -211,20 +205,12 @@ class LossHandlers:
         await lock_citizens(conn, citizen_namespace(self.schema), [meta.citizen_ref])
         context = domain.DecisionContext(
             now=now,
+            new_id=self.ids,
             card_no=await self.cards.card_of(conn, meta.citizen_ref),
             application_status=await self.applications.status_of(conn, meta.citizen_ref),
             policy=self.policy,
         )
-        store = PostgresEventStore(conn, self.schema, self.events_topic)
-        sealed = await handle_command(
-            store,
-            domain.stream_id(meta.citizen_ref),
-            decode=domain.decode,
-            initial=domain.INITIAL_STATE,
-            evolve=domain.evolve,
-            decide=lambda state: domain.decide(command, state, context),
-            meta=meta,
-        )
+        sealed = await self.streams.decide(conn, command, context, meta)
         events = [domain.decode(e) for e in sealed]
         await self._sync_timers(conn, sealed, events)
         return events

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import httpx
 
-from services.loss.main import build
+from services.loss.main import SPEC
 from services.loss.settings import LossSettings
+from shared.service import bootstrap
 
 
 async def test_a_command_service_serves_no_asyncapi_page_of_its_own() -> None:
-    app = build(LossSettings()).app()
+    app = bootstrap(SPEC, LossSettings()).runtime.app()
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                  base_url="http://loss") as http:
         for path in ("/docs/asyncapi", "/docs/asyncapi.json"):

@@ -19,7 +19,7 @@ from pydantic import Field
 from cardctl.keys import generate_key_set
 from services.auth.main import SECRETS as AUTH_SECRETS
 from services.auth.settings import AuthSettings
-from services.loss.main import SECRETS as LOSS_SECRETS
+from services.loss.main import SPEC as LOSS
 from services.status.main import build as build_status
 from services.status.settings import DEV_AUDITOR_API_KEY, StatusSettings
 from shared.channels import DEV_CHANNELS_FILE
@@ -89,7 +89,7 @@ def test_a_service_is_refused_only_the_secrets_it_reads(
         production: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     # loss verifies tokens but never signs them: it need not (and should not) hold the seed.
     monkeypatch.setenv("CARDDESK_SESSION_SIGNING_KEY", shipped_value(SESSION_SIGNING_KEY))
-    assert configuration_problems(AuthSettings(), LOSS_SECRETS) == []
+    assert configuration_problems(AuthSettings(), LOSS.secrets) == []
     assert configuration_problems(AuthSettings(), AUTH_SECRETS)
 
 

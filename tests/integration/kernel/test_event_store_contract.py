@@ -14,6 +14,7 @@ import pytest
 
 from shared.application import StateCache, handle_command
 from shared.contracts.loss import LossCancelled
+from shared.decider import Decider
 from shared.envelope import GENESIS_HASH, EventEnvelope, PendingEvent, verify_stream
 from shared.events import EventMeta
 from shared.eventstore import ConcurrencyError, EventStore, InMemoryEventStore, PostgresEventStore
@@ -163,18 +164,16 @@ async def test_a_command_decided_on_a_cached_state_of_a_rolled_back_write_is_dec
     async def append_one() -> list[EventEnvelope]:
         async with pool.acquire() as conn, conn.transaction():
             return await handle_command(
-                PostgresEventStore(conn, schema, "probe.events"), "cached", decode=_identity,
-                initial=0, evolve=_count, decide=lambda _: [LossCancelled(loss_id="l")],
-                meta=meta, cache=cache)
+                PostgresEventStore(conn, schema, "probe.events"), _COUNTER, "cached",
+                lambda _: [LossCancelled(loss_id="l")], meta, cache)
 
     await append_one()
     # A second write that was rolled back left its state in the cache: version 2.
     with contextlib.suppress(RuntimeError):
         async with pool.acquire() as conn, conn.transaction():
             await handle_command(
-                PostgresEventStore(conn, schema, "probe.events"), "cached", decode=_identity,
-                initial=0, evolve=_count, decide=lambda _: [LossCancelled(loss_id="l")],
-                meta=meta, cache=cache)
+                PostgresEventStore(conn, schema, "probe.events"), _COUNTER, "cached",
+                lambda _: [LossCancelled(loss_id="l")], meta, cache)
             raise RuntimeError("rolled back")
     [appended] = await append_one()
     assert appended.version == 2
@@ -189,3 +188,8 @@ def _identity(envelope: EventEnvelope) -> EventEnvelope:
 
 def _count(state: int, _event: EventEnvelope) -> int:
     return state + 1
+
+
+_COUNTER: Decider[None, int, EventEnvelope, None] = Decider(
+    initial=0, evolve=_count, decide=lambda _c, _s, _x: [], decode=_identity,
+    stream_id=lambda ref: ref, is_erased=lambda _s: False)

@@ -19,13 +19,14 @@ from aiokafka import (
 )
 
 from cardctl.stack import ensure_topics
-from services.loss.main import build
+from services.loss.main import SPEC
 from services.loss.settings import LossSettings
 from shared.channels import ChannelRegistry, sign
 from shared.envelope import GENESIS_HASH, EventEnvelope
 from shared.events import DomainEvent, EventMeta, to_pending
 from shared.eventstore import event_message
 from shared.runtime import ServiceRuntime
+from shared.service import bootstrap
 from shared.tokens import SessionClaims, TokenSigner
 from shared.topics import all_topics, reply_topic
 from tests.support import TopicTail, kafka_options, partitions_of, session_settings
@@ -154,18 +155,18 @@ class Harness:
 async def harness(loss_settings: LossSettings) -> AsyncIterator[Harness]:
     suffix = uuid.uuid4().hex[:10]
     schema, group = f"loss_test_{suffix}", f"carddesk-loss-test-{suffix}"
-    bootstrap = loss_settings.kafka_bootstrap
-    await ensure_topics(session_settings(bootstrap),
+    brokers = loss_settings.kafka_bootstrap
+    await ensure_topics(session_settings(brokers),
                         all_topics(loss_settings.partitions, [CHANNEL]))
-    await _skip_history(bootstrap, group)
-    replies = Tail(bootstrap, reply_topic(CHANNEL))
-    loss_events = Tail(bootstrap, "loss.events")
+    await _skip_history(brokers, group)
+    replies = Tail(brokers, reply_topic(CHANNEL))
+    loss_events = Tail(brokers, "loss.events")
     await replies.start()
     await loss_events.start()
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **kafka_options())
+    producer = AIOKafkaProducer(bootstrap_servers=brokers, **kafka_options())
     await producer.start()
     db = await asyncpg.create_pool(loss_settings.database_url, min_size=1, max_size=2)
-    runtime = build(loss_settings, schema=schema, consumer_group=group)
+    runtime = bootstrap(SPEC, loss_settings, schema=schema, group=group).runtime
     await runtime.start()
     await runtime.broker.start()
     try:

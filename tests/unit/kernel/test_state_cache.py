@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 
 from shared.application import StateCache, current_state, handle_command
 from shared.contracts.loss import LossCancelled
+from shared.decider import Decider
 from shared.envelope import EventEnvelope
 from shared.errors import DomainError
 from shared.events import EventMeta
@@ -22,6 +23,12 @@ def identity(envelope: EventEnvelope) -> EventEnvelope:
     return envelope
 
 
+# A stream whose state counts its events.
+COUNTER: Decider[None, int, EventEnvelope, None] = Decider(
+    initial=0, evolve=count, decide=lambda _c, _s, _x: [], decode=identity,
+    stream_id=lambda ref: ref, is_erased=lambda _s: False)
+
+
 class CountingStore(InMemoryEventStore):
     def __init__(self) -> None:
         super().__init__()
@@ -33,15 +40,15 @@ class CountingStore(InMemoryEventStore):
 
 
 async def append_one(store: InMemoryEventStore, cache: StateCache) -> None:
-    await handle_command(store, "s", decode=identity, initial=0, evolve=count,
-                         decide=lambda _: [LossCancelled(loss_id="l")], meta=META, cache=cache)
+    await handle_command(store, COUNTER, "s", lambda _: [LossCancelled(loss_id="l")], META,
+                         cache)
 
 
 async def test_a_stream_unchanged_since_the_last_command_is_not_read_again() -> None:
     store, cache = CountingStore(), StateCache()
     await append_one(store, cache)
     await append_one(store, cache)
-    state, version, _ = await current_state(store, "s", identity, 0, count, cache)
+    state, version, _ = await current_state(store, COUNTER, "s", cache)
     assert (state, version) == (2, 2)
     assert store.reads == [0]  # only the very first command read the (empty) stream
 
@@ -50,7 +57,7 @@ async def test_events_written_by_another_process_are_folded_onto_the_cached_stat
     store, cache = CountingStore(), StateCache()
     await append_one(store, cache)
     await append_one(store, StateCache())  # another process, another cache
-    state, version, _ = await current_state(store, "s", identity, 0, count, cache)
+    state, version, _ = await current_state(store, COUNTER, "s", cache)
     assert (state, version) == (2, 2)
     assert store.reads[-1] == 1  # only what came after the cached version
 
@@ -59,29 +66,28 @@ async def test_a_cached_state_whose_hash_differs_from_the_stream_is_never_used()
     store, cache = CountingStore(), StateCache()
     await append_one(store, cache)
     # What a rolled-back write would leave: the right version, another history.
-    cache.put((id(store), "s", count), 1, "f" * 64, 999)
-    state, version, _ = await current_state(store, "s", identity, 0, count, cache)
+    cache.put("s", 1, "f" * 64, 999)
+    state, version, _ = await current_state(store, COUNTER, "s", cache)
     assert (state, version) == (1, 1)
 
 
 async def test_a_cache_never_grows_past_its_capacity() -> None:
     cache = StateCache(capacity=3)
     for i in range(10):
-        cache.put(("k", i), 1, "h", i)
-    assert cache.get(("k", 9)) is not None
-    assert cache.get(("k", 0)) is None
+        cache.put(f"k{i}", 1, "h", i)
+    assert cache.get("k9") is not None
+    assert cache.get("k0") is None
 
 
 async def test_a_refusal_decided_on_an_unproven_cached_state_is_decided_again() -> None:
     store, cache = CountingStore(), StateCache()
     await append_one(store, cache)
-    cache.put((id(store), "s", count), 1, "f" * 64, 999)  # left by a write rolled back
+    cache.put("s", 1, "f" * 64, 999)  # left by a write rolled back
 
     def decide(state: int) -> list[LossCancelled]:
         if state == 999:
             raise DomainError("only the stale state refuses this")
         return [LossCancelled(loss_id="l")]
 
-    [appended] = await handle_command(store, "s", decode=identity, initial=0, evolve=count,
-                                      decide=decide, meta=META, cache=cache)
+    [appended] = await handle_command(store, COUNTER, "s", decide, META, cache)
     assert appended.version == 2

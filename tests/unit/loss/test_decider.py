@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 import pytest
 
-from services.loss import domain
 from services.loss.domain import (
+    DECIDER,
     AlreadyLostError,
     ApplicationStatus,
     CancelLoss,
@@ -19,6 +18,7 @@ from services.loss.domain import (
     ExpireTemporaryLoss,
     LossCommand,
     LossPolicy,
+    LossState,
     NoActiveLossError,
     NoCardError,
     PortraitRequiredError,
@@ -34,8 +34,9 @@ from shared.contracts.loss import (
     LossReported,
     TemporaryLossExpired,
 )
-from shared.errors import DomainError, SubjectErasedError
-from shared.events import DomainEvent
+from shared.errors import SubjectErasedError
+from tests.deciders import Given
+from tests.deciders import given as spec
 
 NOW = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
 PERIOD = timedelta(days=15)
@@ -43,17 +44,22 @@ PORTRAIT_MAX_AGE = timedelta(minutes=10)
 CARD = "A12345678"
 POLICY = LossPolicy(temporary_period=PERIOD, portrait_max_age=PORTRAIT_MAX_AGE,
                     financial_freeze=True)
-CONTEXT = DecisionContext(now=NOW, card_no=CARD, application_status="none", policy=POLICY)
+CONTEXT = DecisionContext(now=NOW, new_id=lambda: "L2", card_no=CARD, application_status="none",
+                          policy=POLICY)
+
+
+def opening(loss_id: str) -> DecisionContext:
+    """The context in which a new case gets `loss_id`."""
+    return replace(CONTEXT, new_id=lambda: loss_id)
 
 REALNAME = Verification("realname")
 FRESH_PORTRAIT = Verification("portrait", NOW - timedelta(minutes=2))
 
 
 def report(
-    kind: Literal["temporary", "formal"], verification: Verification = REALNAME,
-    loss_id: str = "L2",
+    kind: Literal["temporary", "formal"], verification: Verification = REALNAME
 ) -> ReportLoss:
-    return ReportLoss(kind=kind, loss_id=loss_id, channel="wechat-oa", verification=verification)
+    return ReportLoss(kind=kind, channel="wechat-oa", verification=verification)
 
 
 def temporary_reported(loss_id: str = "L1", at: datetime = NOW - timedelta(days=1)) -> LossReported:
@@ -67,33 +73,8 @@ def formal_reported(loss_id: str = "L1", *, supersedes: bool = False) -> LossRep
                         supersedes_temporary=supersedes)
 
 
-@dataclass(frozen=True)
-class Scenario:
-    history: Sequence[LossEvent]
-    command: LossCommand | None = None
-    context: DecisionContext = CONTEXT
-
-    def when(self, command: LossCommand, context: DecisionContext = CONTEXT) -> Scenario:
-        return replace(self, command=command, context=context)
-
-    def _decide(self) -> list[DomainEvent]:
-        assert self.command is not None, "when(...) first"
-        state = domain.INITIAL_STATE
-        for event in self.history:
-            state = domain.evolve(state, event)
-        return domain.decide(self.command, state, self.context)
-
-    def then(self, *expected: DomainEvent) -> None:
-        assert self._decide() == list(expected)
-
-    def then_refused(self, error: type[DomainError]) -> None:
-        with pytest.raises(error) as raised:
-            self._decide()
-        assert raised.value.code == error.code
-
-
-def given(*history: LossEvent) -> Scenario:
-    return Scenario(history)
+def given(*history: LossEvent) -> Given[LossCommand, LossState, LossEvent, DecisionContext]:
+    return spec(DECIDER, *history, context=CONTEXT)
 
 
 # ----------------------------------------------------------------------------- report
@@ -108,7 +89,7 @@ def test_a_temporary_loss_freezes_the_card_until_the_period_ends() -> None:
 
 def test_the_financial_freeze_follows_the_regions_policy() -> None:
     no_freeze = replace(CONTEXT, policy=replace(POLICY, financial_freeze=False))
-    [event] = given().when(report("temporary"), no_freeze)._decide()
+    [event] = given().when(report("temporary"), no_freeze).decided()
     assert isinstance(event, LossReported)
     assert event.financial_freeze is False
 
@@ -135,13 +116,13 @@ def test_a_formal_loss_is_refused_when_the_portrait_verification_is_too_old() ->
 
 def test_a_portrait_verification_exactly_at_the_limit_still_counts() -> None:
     edge = Verification("portrait", NOW - PORTRAIT_MAX_AGE)
-    [event] = given().when(report("formal", edge))._decide()
+    [event] = given().when(report("formal", edge)).decided()
     assert isinstance(event, LossReported)
     assert event.kind == "formal"
 
 
 def test_a_temporary_loss_made_formal_keeps_its_case_and_loses_its_expiry() -> None:
-    given(temporary_reported("L1")).when(report("formal", FRESH_PORTRAIT, loss_id="L9")).then(
+    given(temporary_reported("L1")).when(report("formal", FRESH_PORTRAIT), opening("L9")).then(
         formal_reported("L1", supersedes=True)
     )
 
@@ -166,8 +147,8 @@ def test_a_temporary_loss_is_refused_while_a_formal_one_is_in_force() -> None:
 
 def test_a_new_loss_may_be_reported_after_the_last_one_was_cancelled() -> None:
     [event] = given(temporary_reported("L1"), LossCancelled(loss_id="L1")).when(
-        report("temporary", loss_id="L3")
-    )._decide()
+        report("temporary"), opening("L3")
+    ).decided()
     assert isinstance(event, LossReported)
     assert event.loss_id == "L3"
 
@@ -260,8 +241,8 @@ def test_a_reissued_card_without_a_loss_in_force_changes_nothing() -> None:
 
 def test_after_a_reissue_a_new_loss_may_be_reported() -> None:
     [event] = given(formal_reported("L1"), LossClosed(loss_id="L1", new_card_no="B1")).when(
-        report("temporary", loss_id="L5"), replace(CONTEXT, card_no="B1")
-    )._decide()
+        report("temporary"), replace(opening("L5"), card_no="B1")
+    ).decided()
     assert isinstance(event, LossReported)
     assert (event.loss_id, event.card_no) == ("L5", "B1")
 
@@ -294,7 +275,4 @@ def test_after_an_erasure_a_reissued_card_closes_nothing() -> None:
 
 
 def test_events_after_an_erasure_do_not_reopen_the_case() -> None:
-    state = domain.INITIAL_STATE
-    for event in (ERASED, formal_reported()):
-        state = domain.evolve(state, event)
-    assert domain.is_erased(state)
+    assert DECIDER.is_erased(given(ERASED, formal_reported()).state)
