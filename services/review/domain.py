@@ -292,6 +292,7 @@ def _submit(
     loss = context.loss
     if loss is None or not loss.is_formal_in_force:
         raise NoFormalLossError()
+    resubmission_of = _resubmission_of(state, loss)
     application_id = context.new_id()
     applied = ReissueApplied(
         application_id=application_id,
@@ -302,7 +303,7 @@ def _submit(
         photo_ref=command.photo_ref,
         pickup_bureau=command.pickup_bureau,
         channel=command.channel,
-        resubmission_of=_resubmission_of(state, loss),
+        resubmission_of=resubmission_of,
     )
     rule = context.rule
     if not rule.approves(_history(state).rejections_for(loss.loss_id), command.pickup_bureau):
@@ -320,8 +321,8 @@ def _submit(
 
 
 def _resubmission_of(state: ReviewState, loss: LossView) -> str | None:
-    """The rejected application a new one for `loss` resubmits, if any; refuses a new one
-    while the last is pending or approved for the same loss."""
+    """The rejected application that a new one for `loss` resubmits, if any. Refused while
+    an application is pending, or once one for the same loss was approved."""
     match state:
         case Pending():
             raise ApplicationPendingError()
