@@ -1,8 +1,10 @@
-"""Reissue applications, decided purely: `decide(command, state, rule)`, `evolve(state, event)`.
+"""Reissue applications, decided purely: `decide(command, state, context)`, `evolve(state,
+event)`, and the `DECIDER` that holds them.
 
 The state is one citizen's stream `review-{citizen_ref}`: their latest application and what
 earlier ones left behind. Whether a formal loss is in force comes from loss.events (tracked by
-`track_loss`) and enters `decide` with the command. No I/O, no clock, no id generation here.
+`track_loss`) and enters `decide` in the context, with the time, new application ids and the
+region's approval rule. No I/O, no clock, no id generation here.
 """
 
 from __future__ import annotations
@@ -20,13 +22,17 @@ from shared.contracts.loss import (
     TemporaryLossExpired,
 )
 from shared.contracts.review import (
+    REVIEW_EVENTS,
     ApplicationWithdrawn,
     ReissueApplied,
     ReviewApproved,
     ReviewEvent,
     ReviewRejected,
 )
+from shared.contracts.upcasters import UPCASTERS
+from shared.decider import Context, Decider
 from shared.errors import BureauNotServedError, DomainError, SubjectErasedError
+from shared.events import DomainEvent, EventDecoder
 
 # The stable reason recorded when a cancelled loss takes its application with it.
 WITHDRAWN_LOSS_CANCELLED = "loss_cancelled"
@@ -107,15 +113,23 @@ MANUAL_ONLY = AutoApprovalRule(enabled=False, max_rejections=0, bureaus=frozense
                                reviewer_id="auto-rule")
 
 
+@dataclass(frozen=True, slots=True)
+class DecisionContext(Context):
+    """What the decider knows besides the stream: the time, new application ids, the
+    citizen's loss case as loss.events told review, and the region's approval rule."""
+
+    loss: LossView | None
+    rule: AutoApprovalRule
+
+
 # --- commands -----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class SubmitApplication:
-    """Personal fields arrive already encrypted (`enc:v1:`): the domain never sees plaintext."""
+    """Personal fields arrive already encrypted (`enc:v1:`): the domain never sees plaintext.
+    The application's id is the context's next one."""
 
-    application_id: str
-    loss: LossView | None
     address: str
     phone: str
     photo_ref: str
@@ -257,11 +271,11 @@ def evolve(state: ReviewState, event: ReviewEvent) -> ReviewState:
 
 
 def decide(
-    command: ReviewCommand, state: ReviewState, rule: AutoApprovalRule = MANUAL_ONLY
-) -> list[ReviewEvent]:
+    command: ReviewCommand, state: ReviewState, context: DecisionContext
+) -> list[DomainEvent]:
     match command:
         case SubmitApplication():
-            return _submit(command, state, rule)
+            return _submit(command, state, context)
         case DecideApplication():
             return _decide(command, state)
         case WithdrawApplication():
@@ -271,30 +285,17 @@ def decide(
 
 
 def _submit(
-    command: SubmitApplication, state: ReviewState, rule: AutoApprovalRule
-) -> list[ReviewEvent]:
+    command: SubmitApplication, state: ReviewState, context: DecisionContext
+) -> list[DomainEvent]:
     if isinstance(state, Erased):
         raise SubjectErasedError()
-    loss = command.loss
+    loss = context.loss
     if loss is None or not loss.is_formal_in_force:
         raise NoFormalLossError()
-    resubmission_of: str | None = None
-    match state:
-        case Pending():
-            raise ApplicationPendingError()
-        case Approved(application=previous):
-            # A card lost again after its reissue is a new loss case, with a new application.
-            if previous.loss_id == loss.loss_id:
-                raise AlreadyApprovedError()
-        case Rejected(application=previous):
-            if previous.loss_id == loss.loss_id:
-                resubmission_of = previous.application_id
-        case NoOpenApplication():
-            pass
-        case _:
-            assert_never(state)
+    resubmission_of = _resubmission_of(state, loss)
+    application_id = context.new_id()
     applied = ReissueApplied(
-        application_id=command.application_id,
+        application_id=application_id,
         loss_id=loss.loss_id,
         old_card_no=loss.card_no,
         address=command.address,
@@ -304,12 +305,13 @@ def _submit(
         channel=command.channel,
         resubmission_of=resubmission_of,
     )
+    rule = context.rule
     if not rule.approves(_history(state).rejections_for(loss.loss_id), command.pickup_bureau):
         return [applied]
     return [
         applied,
         ReviewApproved(
-            application_id=command.application_id,
+            application_id=application_id,
             reviewer_id=rule.reviewer_id,
             automatic=True,
             pickup_bureau=command.pickup_bureau,
@@ -318,19 +320,30 @@ def _submit(
     ]
 
 
-def _decide(command: DecideApplication, state: ReviewState) -> list[ReviewEvent]:
+def _resubmission_of(state: ReviewState, loss: LossView) -> str | None:
+    """The rejected application that a new one for `loss` resubmits, if any. Refused while
+    an application is pending, or once one for the same loss was approved."""
+    match state:
+        case Pending():
+            raise ApplicationPendingError()
+        case Approved(application=previous):
+            # A card lost again after its reissue is a new loss case, with a new application.
+            if previous.loss_id == loss.loss_id:
+                raise AlreadyApprovedError()
+            return None
+        case Rejected(application=previous):
+            return previous.application_id if previous.loss_id == loss.loss_id else None
+        case NoOpenApplication() | Erased():
+            return None
+        case _:
+            assert_never(state)
+
+
+def _decide(command: DecideApplication, state: ReviewState) -> list[DomainEvent]:
     if isinstance(state, Erased):
         raise SubjectErasedError()
     # Before anything else about the application, so another bureau learns nothing of it.
-    match state:
-        case Pending(application=known) | Approved(application=known) | Rejected(application=known):
-            if (known.application_id == command.application_id
-                    and not bureau_served(command.bureaus, known.pickup_bureau)):
-                raise BureauNotServedError()
-        case NoOpenApplication():
-            pass
-        case _:
-            assert_never(state)
+    _require_bureau_served(command, state)
     if not isinstance(state, Pending) or state.application.application_id != command.application_id:
         if command.application_id in _history(state).application_ids:
             raise AlreadyDecidedError()
@@ -362,7 +375,20 @@ def _decide(command: DecideApplication, state: ReviewState) -> list[ReviewEvent]
             assert_never(command.decision)
 
 
-def _withdraw(command: WithdrawApplication, state: ReviewState) -> list[ReviewEvent]:
+def _require_bureau_served(command: DecideApplication, state: ReviewState) -> None:
+    """A channel bound to other bureaus may not decide the stream's latest application."""
+    match state:
+        case Pending(application=known) | Approved(application=known) | Rejected(application=known):
+            if (known.application_id == command.application_id
+                    and not bureau_served(command.bureaus, known.pickup_bureau)):
+                raise BureauNotServedError()
+        case NoOpenApplication() | Erased():
+            pass
+        case _:
+            assert_never(state)
+
+
+def _withdraw(command: WithdrawApplication, state: ReviewState) -> list[DomainEvent]:
     match state:
         case Pending(application=application) | Rejected(application=application):
             if application.loss_id == command.loss_id:
@@ -407,3 +433,10 @@ def withdrawal_for(event: LossEvent) -> WithdrawApplication | None:
     if isinstance(event, LossCancelled):
         return WithdrawApplication(loss_id=event.loss_id, reason=WITHDRAWN_LOSS_CANCELLED)
     return None
+
+
+decode: EventDecoder[ReviewEvent] = EventDecoder(REVIEW_EVENTS, UPCASTERS)
+
+DECIDER: Decider[ReviewCommand, ReviewState, ReviewEvent, DecisionContext] = Decider(
+    initial=INITIAL, evolve=evolve, decide=decide, decode=decode, stream_id=stream_id,
+    is_erased=is_erased)

@@ -1,11 +1,12 @@
-"""Application layer of review: command handlers (run by the intake) and the loss.events
-handler (run by the event consumer), each inside the caller's transaction."""
+"""The review application layer: channel commands (run by the intake) and what review learns
+from loss.events (run by its follower). Each runs in the caller's transaction: lock the
+citizen, read what review knows of their loss, decide, append."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
-from uuid import uuid4
 
 import asyncpg
 import structlog
@@ -13,78 +14,48 @@ from pydantic import ValidationError
 
 from services.review import domain
 from services.review.adapters import ReviewTables
-from shared.application import handle_command
+from services.review.settings import ReviewSettings
+from shared.application import Streams
 from shared.commands import CommandContext
 from shared.consumer import Rejected, describe_validation_error
 from shared.contracts.loss import LOSS_EVENTS, LossEvent
 from shared.contracts.review import (
-    REVIEW_EVENTS,
     ApplicationWithdrawn,
     DecideReview,
+    ReissueApplied,
     ReviewApproved,
     ReviewEvent,
     ReviewRejected,
     SubmitReissueApplication,
 )
 from shared.contracts.upcasters import UPCASTERS
-from shared.crypto import DataKeyDestroyedError, Vault
+from shared.crypto import DataKeyDestroyedError, MasterKeys, Vault
 from shared.envelope import EventEnvelope
-from shared.erasure import ErasableStreams
+from shared.erasure import Erasure
 from shared.errors import SubjectErasedError
 from shared.events import EventDecoder, EventMeta
-from shared.eventstore import PostgresEventStore
 from shared.locks import citizen_namespace, lock_citizens
+from shared.service import Kit
 from shared.tokens import TokenVerifier
 
 log = structlog.get_logger()
 
-decode_review_event: EventDecoder[ReviewEvent] = EventDecoder(REVIEW_EVENTS, UPCASTERS)
-decode_loss_event: EventDecoder[LossEvent] = EventDecoder(LOSS_EVENTS, UPCASTERS)
+_decode_loss: EventDecoder[LossEvent] = EventDecoder(LOSS_EVENTS, UPCASTERS)
 
 
 class ReviewHandlers:
-    def __init__(
-        self,
-        *,
-        schema: str,
-        events_topic: str,
-        verifier: TokenVerifier,
-        vault: Vault,
-        rule: domain.AutoApprovalRule,
-    ) -> None:
-        self.schema = schema
-        self.events_topic = events_topic
-        self.verifier = verifier
-        self.vault = vault
-        self.rule = rule
-        self.tables = ReviewTables(schema)
-        self.erasure = ErasableStreams(
-            vault=vault, store_for=self._store, stream_id=domain.stream_id,
-            decode=decode_review_event, initial=domain.INITIAL, evolve=domain.evolve,
-            is_erased=domain.is_erased,
-        )
+    def __init__(self, kit: Kit[ReviewSettings]) -> None:
+        settings = kit.settings
+        self.schema = kit.schema
+        self.ids = kit.ids
+        self.verifier = TokenVerifier.from_settings(settings)
+        self.vault = Vault(kit.schema, MasterKeys.from_settings(settings))
+        self.rule = settings.auto_approval_rule()
+        self.tables = ReviewTables(kit.schema)
+        self.streams = Streams(domain.DECIDER, kit.schema, kit.events_topic)
+        self.erasure = Erasure(self.streams, self.vault)
 
-    def _store(self, conn: asyncpg.Connection) -> PostgresEventStore:
-        return PostgresEventStore(conn, self.schema, self.events_topic)
-
-    async def _lock(self, conn: asyncpg.Connection, citizen_ref: str) -> None:
-        """Before reading the loss facts: the loss.events follower holds the same lock."""
-        await lock_citizens(conn, citizen_namespace(self.schema), [citizen_ref])
-
-    async def _run(
-        self, conn: asyncpg.Connection, citizen_ref: str, command: domain.ReviewCommand,
-        meta: EventMeta,
-    ) -> list[ReviewEvent]:
-        envelopes = await handle_command(
-            self._store(conn),
-            domain.stream_id(citizen_ref),
-            decode=decode_review_event,
-            initial=domain.INITIAL,
-            evolve=domain.evolve,
-            decide=lambda state: domain.decide(command, state, self.rule),
-            meta=meta,
-        )
-        return [decode_review_event(e) for e in envelopes]
+    # ------------------------------------------------------------------------- commands
 
     async def submit(
         self, conn: asyncpg.Connection, ctx: CommandContext, payload: SubmitReissueApplication
@@ -93,23 +64,20 @@ class ReviewHandlers:
                                       channel=ctx.channel.channel_id)
         citizen_ref = claims.citizen_ref
         structlog.contextvars.bind_contextvars(citizen_ref=citizen_ref)
-        await self._lock(conn, citizen_ref)
-        application_id = str(uuid4())
         try:
             address, phone, photo_ref = await self.vault.encrypt_all(
                 conn, citizen_ref, [payload.address, payload.phone, payload.photo_ref])
         except DataKeyDestroyedError as exc:
             raise SubjectErasedError() from exc
         command = domain.SubmitApplication(
-            application_id=application_id,
-            loss=await self.tables.loss_of(conn, citizen_ref),
             address=address,
             phone=phone,
             photo_ref=photo_ref,
             pickup_bureau=payload.pickup_bureau,
             channel=ctx.channel.channel_id,
         )
-        events = await self._run(conn, citizen_ref, command, _command_meta(citizen_ref, ctx))
+        events = await self._run(conn, command, _command_meta(citizen_ref, ctx), ctx.received_at)
+        application_id = next(e for e in events if isinstance(e, ReissueApplied)).application_id
         await self.tables.record_application(conn, application_id, citizen_ref)
         log.info("review.applied", application_id=application_id,
                  pickup_bureau=payload.pickup_bureau)
@@ -123,7 +91,6 @@ class ReviewHandlers:
         if citizen_ref is None:
             raise domain.UnknownApplicationError()
         structlog.contextvars.bind_contextvars(citizen_ref=citizen_ref)
-        await self._lock(conn, citizen_ref)
         command = domain.DecideApplication(
             application_id=payload.application_id,
             reviewer_id=payload.reviewer_id,
@@ -131,18 +98,17 @@ class ReviewHandlers:
             reason=payload.reason,
             bureaus=ctx.channel.bureaus,
         )
-        events = await self._run(conn, citizen_ref, command, _command_meta(citizen_ref, ctx))
+        events = await self._run(conn, command, _command_meta(citizen_ref, ctx), ctx.received_at)
         _log_decisions(events)
         return {"application_id": payload.application_id, "decision": payload.decision}
 
+    # ------------------------------------------------------------------------- followers
+
     async def on_loss_event(self, conn: asyncpg.Connection, envelope: EventEnvelope) -> None:
         """Track the citizen's loss case; a cancelled loss withdraws its application."""
-        try:
-            event = decode_loss_event(envelope)
-        except ValidationError as exc:
-            raise Rejected("invalid_event", describe_validation_error(exc)) from exc
+        event = _decoded_loss(envelope)
         citizen_ref = envelope.citizen_ref
-        if await self.erasure.erased(conn, citizen_ref):
+        if await self.streams.erased(conn, citizen_ref):
             log.info("review.ignored_for_erased_subject", event_type=envelope.type)
             return
         current = await self.tables.loss_of(conn, citizen_ref)
@@ -157,10 +123,37 @@ class ReviewHandlers:
         meta = EventMeta(citizen_ref=citizen_ref, occurred_at=envelope.occurred_at,
                          correlation_id=envelope.correlation_id,
                          causation_id=str(envelope.event_id))
-        for recorded in await self._run(conn, citizen_ref, withdrawal, meta):
+        for recorded in await self._run(conn, withdrawal, meta, envelope.occurred_at):
             if isinstance(recorded, ApplicationWithdrawn):
                 log.info("review.withdrawn", application_id=recorded.application_id,
                          reason=recorded.reason)
+
+    # ------------------------------------------------------------------------- the one path
+
+    async def _run(
+        self, conn: asyncpg.Connection, command: domain.ReviewCommand, meta: EventMeta,
+        now: datetime,
+    ) -> list[ReviewEvent]:
+        """Load the citizen's applications, decide, append.
+
+        The citizen's lock comes first: the loss.events follower holds it too, so the loss
+        case read here is the one its latest applied event left."""
+        await lock_citizens(conn, citizen_namespace(self.schema), [meta.citizen_ref])
+        context = domain.DecisionContext(
+            now=now,
+            new_id=self.ids,
+            loss=await self.tables.loss_of(conn, meta.citizen_ref),
+            rule=self.rule,
+        )
+        sealed = await self.streams.decide(conn, command, context, meta)
+        return [domain.decode(e) for e in sealed]
+
+
+def _decoded_loss(envelope: EventEnvelope) -> LossEvent:
+    try:
+        return _decode_loss(envelope)
+    except ValidationError as exc:
+        raise Rejected("invalid_event", describe_validation_error(exc)) from exc
 
 
 def _command_meta(citizen_ref: str, ctx: CommandContext) -> EventMeta:

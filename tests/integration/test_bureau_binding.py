@@ -17,6 +17,7 @@ from services.issuance.settings import IssuanceSettings
 from services.review import domain as review_domain
 from services.review.adapters import ReviewTables, review_ddl
 from services.review.handlers import ReviewHandlers
+from services.review.settings import ReviewSettings
 from shared.channels import Channel
 from shared.commands import CommandContext
 from shared.contracts.issuance import CollectCard
@@ -26,8 +27,8 @@ from shared.errors import BureauNotServedError
 from shared.events import EventMeta, to_pending
 from shared.eventstore import PostgresEventStore, migrate
 from shared.identity import citizen_ref
+from shared.service import Kit
 from shared.settings import CardDeskSettings
-from shared.tokens import TokenVerifier
 from tests.integration.auth.citizens import random_id_number
 from tests.support import make_events, unique
 
@@ -75,14 +76,12 @@ async def pending_application(pool: asyncpg.Pool, schema: str, bureau: str) -> s
 
 
 async def test_a_reviewer_at_another_bureau_can_neither_approve_nor_reject(
-    pool: asyncpg.Pool, schema: str, settings: CardDeskSettings,
+    pool: asyncpg.Pool, schema: str,
 ) -> None:
     await migrate(pool, schema, review_ddl(schema))
-    handlers = ReviewHandlers(
-        schema=schema, events_topic=f"{schema}.events",
-        verifier=TokenVerifier.from_settings(settings),
-        vault=Vault(schema, settings.master_key.get_secret_value()),
-        rule=review_domain.MANUAL_ONLY)
+    # Automatic approval off (the default): every decision here is a reviewer's.
+    handlers = ReviewHandlers(Kit(ReviewSettings(review_auto_approve=False), schema,
+                                  f"{schema}.events"))
     application_id = await pending_application(pool, schema, "futian")
 
     for decision in ("approve", "reject"):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import pytest
 from aiokafka import (
     AIOKafkaConsumer,
@@ -21,13 +22,14 @@ from aiokafka import (
 )
 
 from cardctl.stack import ensure_topics
-from services.review.main import build
+from services.review.main import SPEC
 from services.review.settings import ReviewSettings
 from shared.channels import ChannelRegistry, sign
 from shared.contracts.loss import LossCancelled, LossReported
 from shared.envelope import GENESIS_HASH, EventEnvelope
 from shared.events import DomainEvent, EventMeta, to_pending
 from shared.runtime import ServiceRuntime
+from shared.service import bootstrap
 from shared.tokens import SessionClaims, TokenSigner
 from shared.topics import all_topics, reply_topic
 from tests.support import TopicTail, follower_paused, kafka_options, until_consistent
@@ -77,6 +79,7 @@ async def start_group_at_end(
 class Harness:
     settings: ReviewSettings
     runtime: ServiceRuntime
+    schema: str
     producer: AIOKafkaProducer
     channels: ChannelRegistry
     replies: dict[str, Tail]
@@ -100,7 +103,8 @@ class Harness:
         deadline = asyncio.get_running_loop().time() + WAIT_S
         while asyncio.get_running_loop().time() < deadline:
             found = await self.runtime.pool.fetchval(
-                "SELECT in_force FROM review.losses WHERE citizen_ref = $1", citizen_ref)
+                f"SELECT in_force FROM {self.schema}.losses WHERE citizen_ref = $1",
+                citizen_ref)
             if found is in_force:
                 return
             await asyncio.sleep(0.05)
@@ -153,19 +157,25 @@ async def review() -> AsyncIterator[Harness]:
     for tail in replies.values():
         await tail.start()
     await events.start()
-    group = f"carddesk-review-test-{uuid.uuid4().hex[:10]}"
+    suffix = uuid.uuid4().hex[:10]
+    schema, group = f"review_test_{suffix}", f"carddesk-review-test-{suffix}"
     await start_group_at_end(settings.kafka_bootstrap, group,
                              ["review.commands", "loss.events"], producer)
-    runtime = build(settings, group=group)
+    runtime = bootstrap(SPEC, settings, schema=schema, group=group).runtime
     await runtime.start()
     await runtime.broker.start()
     try:
-        yield Harness(settings, runtime, producer,
+        yield Harness(settings, runtime, schema, producer,
                       ChannelRegistry.from_file(settings.channels_file), replies, events)
     finally:
         await producer.stop()
         await runtime.broker.stop()
         await runtime.stop()
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        finally:
+            await conn.close()
         for tail in replies.values():
             await tail.stop()
         await events.stop()

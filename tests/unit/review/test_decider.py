@@ -1,15 +1,18 @@
-"""The review decider, given/when/then: past review events, a command, the events it decides."""
+"""The review decider, given/when/then: past review events, a command (in a context: the
+time, the next application id, the citizen's loss case, the region's approval rule), the
+events it decides or its refusal."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Literal
 
 import pytest
 
 from services.review.domain import (
-    INITIAL,
+    DECIDER,
     MANUAL_ONLY,
     WITHDRAWN_LOSS_CANCELLED,
     AlreadyApprovedError,
@@ -17,20 +20,18 @@ from services.review.domain import (
     ApplicationPendingError,
     AutoApprovalRule,
     DecideApplication,
+    DecisionContext,
     LossView,
     NoFormalLossError,
     ReasonRequiredError,
     ReviewCommand,
+    ReviewState,
     SubmitApplication,
     UnknownApplicationError,
     WithdrawApplication,
-    decide,
-    evolve,
-    is_erased,
     track_loss,
     withdrawal_for,
 )
-from shared.application import fold
 from shared.contracts.common import SubjectErased
 from shared.contracts.loss import LossCancelled, LossClosed, LossReported, TemporaryLossExpired
 from shared.contracts.review import (
@@ -41,44 +42,31 @@ from shared.contracts.review import (
     ReviewRejected,
 )
 from shared.erasure import decide_erasure
-from shared.errors import BureauNotServedError, DomainError, SubjectErasedError
+from shared.errors import BureauNotServedError, SubjectErasedError
+from tests.deciders import Given
+from tests.deciders import given as spec
 
+NOW = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
 LOSS = LossView(loss_id="loss-1", kind="formal", card_no="C0001", in_force=True)
 AUTO = AutoApprovalRule(enabled=True, max_rejections=0, bureaus=frozenset(),
                         reviewer_id="auto-rule")
+CONTEXT = DecisionContext(now=NOW, new_id=lambda: "app-1", loss=LOSS, rule=MANUAL_ONLY)
 
 
-@dataclass(frozen=True)
-class Scenario:
-    history: Sequence[ReviewEvent]
-    command: ReviewCommand | None = None
-    rule: AutoApprovalRule = MANUAL_ONLY
-
-    def when(self, command: ReviewCommand, rule: AutoApprovalRule = MANUAL_ONLY) -> Scenario:
-        return Scenario(self.history, command, rule)
-
-    def _decide(self) -> list[ReviewEvent]:
-        assert self.command is not None
-        return decide(self.command, fold(INITIAL, evolve, self.history), self.rule)
-
-    def then(self, *expected: ReviewEvent) -> None:
-        assert self._decide() == list(expected)
-
-    def then_refused(self, error: type[DomainError]) -> None:
-        with pytest.raises(error) as raised:
-            self._decide()
-        assert raised.value.code == error.code
+def context(application_id: str = "app-1", *, loss: LossView | None = LOSS,
+            rule: AutoApprovalRule = MANUAL_ONLY) -> DecisionContext:
+    """The usual context, in which a new application gets `application_id`."""
+    return replace(CONTEXT, new_id=lambda: application_id, loss=loss, rule=rule)
 
 
-def given(*events: ReviewEvent) -> Scenario:
-    return Scenario(events)
+def given(*history: ReviewEvent) -> Given[ReviewCommand, ReviewState, ReviewEvent,
+                                          DecisionContext]:
+    return spec(DECIDER, *history, context=CONTEXT)
 
 
-def submit(application_id: str = "app-1", loss: LossView | None = LOSS,
-           bureau: str = "bureau-1") -> SubmitApplication:
-    return SubmitApplication(application_id=application_id, loss=loss, address="enc:v1:a",
-                             phone="enc:v1:p", photo_ref="enc:v1:f", pickup_bureau=bureau,
-                             channel="wechat-oa")
+def submit(bureau: str = "bureau-1") -> SubmitApplication:
+    return SubmitApplication(address="enc:v1:a", phone="enc:v1:p", photo_ref="enc:v1:f",
+                             pickup_bureau=bureau, channel="wechat-oa")
 
 
 def applied(application_id: str = "app-1", resubmission_of: str | None = None,
@@ -127,37 +115,42 @@ def test_a_citizen_with_a_formal_loss_in_force_applies_and_the_application_await
     given().when(submit()).then(applied())
 
 
+def test_a_new_application_takes_the_next_id_the_context_gives() -> None:
+    given().when(submit(), context("app-9")).then(applied("app-9"))
+
+
 def test_an_application_without_any_loss_is_refused_as_no_formal_loss() -> None:
-    given().when(submit(loss=None)).then_refused(NoFormalLossError)
+    given().when(submit(), context(loss=None)).then_refused(NoFormalLossError)
 
 
 def test_an_application_under_a_temporary_loss_is_refused_as_no_formal_loss() -> None:
     temporary = LossView(loss_id="loss-1", kind="temporary", card_no="C0001", in_force=True)
-    given().when(submit(loss=temporary)).then_refused(NoFormalLossError)
+    given().when(submit(), context(loss=temporary)).then_refused(NoFormalLossError)
 
 
 def test_an_application_after_the_formal_loss_ended_is_refused_as_no_formal_loss() -> None:
     ended = LossView(loss_id="loss-1", kind="formal", card_no="C0001", in_force=False)
-    given().when(submit(loss=ended)).then_refused(NoFormalLossError)
+    given().when(submit(), context(loss=ended)).then_refused(NoFormalLossError)
 
 
 def test_a_second_application_while_one_is_pending_is_refused() -> None:
-    given(applied()).when(submit("app-2")).then_refused(ApplicationPendingError)
+    given(applied()).when(submit(), context("app-2")).then_refused(ApplicationPendingError)
 
 
 def test_an_application_after_approval_for_the_same_loss_is_refused() -> None:
-    given(applied(), approved()).when(submit("app-2")).then_refused(AlreadyApprovedError)
+    given(applied(), approved()).when(submit(), context("app-2")).then_refused(
+        AlreadyApprovedError)
 
 
 def test_a_new_loss_after_an_approved_reissue_allows_a_new_application() -> None:
     new_loss = LossView(loss_id="loss-2", kind="formal", card_no="C0001", in_force=True)
-    given(applied(), approved()).when(submit("app-2", loss=new_loss)).then(
+    given(applied(), approved()).when(submit(), context("app-2", loss=new_loss)).then(
         applied("app-2", loss_id="loss-2")
     )
 
 
 def test_a_rejected_application_can_be_resubmitted_and_names_the_rejected_one() -> None:
-    given(applied(), rejected()).when(submit("app-2")).then(
+    given(applied(), rejected()).when(submit(), context("app-2")).then(
         applied("app-2", resubmission_of="app-1")
     )
 
@@ -176,11 +169,11 @@ def test_an_erased_citizen_cannot_apply() -> None:
 
 
 def test_with_automatic_approval_off_a_clean_case_waits_for_a_reviewer() -> None:
-    given().when(submit(), MANUAL_ONLY).then(applied())
+    given().when(submit(), context(rule=MANUAL_ONLY)).then(applied())
 
 
 def test_with_automatic_approval_on_a_clean_case_is_applied_and_approved_at_once() -> None:
-    given().when(submit(), AUTO).then(
+    given().when(submit(), context(rule=AUTO)).then(
         applied(), approved(automatic=True, reviewer_id="auto-rule")
     )
 
@@ -188,13 +181,13 @@ def test_with_automatic_approval_on_a_clean_case_is_applied_and_approved_at_once
 def test_automatic_approval_records_the_configured_reviewer_id() -> None:
     rule = AutoApprovalRule(enabled=True, max_rejections=0, bureaus=frozenset(),
                             reviewer_id="region-42-rule")
-    given().when(submit(), rule).then(
+    given().when(submit(), context(rule=rule)).then(
         applied(), approved(automatic=True, reviewer_id="region-42-rule")
     )
 
 
 def test_a_resubmission_after_a_rejection_is_not_a_clean_case() -> None:
-    given(applied(), rejected()).when(submit("app-2"), AUTO).then(
+    given(applied(), rejected()).when(submit(), context("app-2", rule=AUTO)).then(
         applied("app-2", resubmission_of="app-1")
     )
 
@@ -202,7 +195,7 @@ def test_a_resubmission_after_a_rejection_is_not_a_clean_case() -> None:
 def test_a_region_may_tolerate_earlier_rejections_in_automatic_approval() -> None:
     tolerant = AutoApprovalRule(enabled=True, max_rejections=1, bureaus=frozenset(),
                                 reviewer_id="auto-rule")
-    given(applied(), rejected()).when(submit("app-2"), tolerant).then(
+    given(applied(), rejected()).when(submit(), context("app-2", rule=tolerant)).then(
         applied("app-2", resubmission_of="app-1"),
         approved("app-2", automatic=True, reviewer_id="auto-rule"),
     )
@@ -211,8 +204,9 @@ def test_a_region_may_tolerate_earlier_rejections_in_automatic_approval() -> Non
 def test_automatic_approval_applies_only_to_the_allowed_pickup_bureaus() -> None:
     only_b1 = AutoApprovalRule(enabled=True, max_rejections=0, bureaus=frozenset({"bureau-1"}),
                                reviewer_id="auto-rule")
-    given().when(submit(bureau="bureau-9"), only_b1).then(applied(bureau="bureau-9"))
-    given().when(submit(bureau="bureau-1"), only_b1).then(
+    given().when(submit(bureau="bureau-9"), context(rule=only_b1)).then(
+        applied(bureau="bureau-9"))
+    given().when(submit(bureau="bureau-1"), context(rule=only_b1)).then(
         applied(), approved(automatic=True, reviewer_id="auto-rule")
     )
 
@@ -275,7 +269,7 @@ def test_cancelling_another_loss_case_leaves_the_application_alone() -> None:
 
 def test_after_a_withdrawal_a_new_formal_loss_allows_a_fresh_application() -> None:
     new_loss = LossView(loss_id="loss-2", kind="formal", card_no="C0001", in_force=True)
-    given(applied(), rejected(), withdrawn()).when(submit("app-2", loss=new_loss)).then(
+    given(applied(), rejected(), withdrawn()).when(submit(), context("app-2", loss=new_loss)).then(
         applied("app-2", loss_id="loss-2")
     )
 
@@ -334,11 +328,11 @@ def test_a_cancelled_loss_withdraws_nothing_for_an_erased_citizen() -> None:
 
 
 def test_erasing_a_review_stream_twice_records_subject_erased_once() -> None:
-    before = fold(INITIAL, evolve, [applied()])
-    history: list[ReviewEvent] = [applied(), SubjectErased(reason="request")]
-    after = fold(INITIAL, evolve, history)
-    assert decide_erasure(is_erased(before), "request") == [SubjectErased(reason="request")]
-    assert decide_erasure(is_erased(after), "request") == []
+    before = given(applied()).state
+    after = given(applied(), SubjectErased(reason="request")).state
+    assert decide_erasure(DECIDER.is_erased(before), "request") == [
+        SubjectErased(reason="request")]
+    assert decide_erasure(DECIDER.is_erased(after), "request") == []
 
 
 # --- a bureau channel bound to the bureaus it serves ---------------------------------------
