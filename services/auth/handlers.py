@@ -195,18 +195,24 @@ class AuthHandlers:
 
     # ------------------------------------------------------------------------- purge
 
-    async def purge_expired(self, pool: asyncpg.Pool) -> None:
+    async def purge(self, pool: asyncpg.Pool) -> tuple[int, int]:
+        """Delete expired captchas and failed logins outside every window; returns how many
+        of each."""
+        now = self.clock()
+        async with pool.acquire() as conn:
+            purged = await self.captchas.purge(conn, now - self.settings.captcha_ttl)
+            forgotten = await self.login_failures.purge(
+                conn, now - self.settings.login_failure_window)
+        if purged:
+            log.info("auth.captchas_purged", count=purged)
+        if forgotten:
+            log.info("auth.login_failures_purged", count=forgotten)
+        return purged, forgotten
+
+    async def purge_loop(self, pool: asyncpg.Pool) -> None:
         """Expired captchas and failed logins outside the window serve no purpose; keep the
         tables small."""
         while True:
-            async with pool.acquire() as conn:
-                now = self.clock()
-                purged = await self.captchas.purge(conn, now - self.settings.captcha_ttl)
-                forgotten = await self.login_failures.purge(
-                    conn, now - self.settings.login_failure_window)
-            if purged:
-                log.info("auth.captchas_purged", count=purged)
-            if forgotten:
-                log.info("auth.login_failures_purged", count=forgotten)
+            await self.purge(pool)
             await asyncio.sleep(min(self.settings.captcha_ttl_seconds,
                                     self.settings.login_failure_window_seconds))

@@ -45,7 +45,7 @@ def wire(kit: Kit[AuthSettings]) -> Wiring:
         },
         commands="IssueCaptcha, StartSession, AuthorizeElectronicCard, VerifyPortrait from the "
                  "channels; EraseSubject (bureau)",
-        loops=[handlers.purge_expired],
+        loops=[handlers.purge_loop],
     )
 
 

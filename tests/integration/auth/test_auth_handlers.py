@@ -448,3 +448,32 @@ async def test_failed_logins_on_one_channel_are_throttled_for_that_channel_only(
 
 def citizen_ref_of(citizen: Citizen, settings: AuthSettings) -> str:
     return citizen_ref(settings.citizen_ref_pepper.get_secret_value(), citizen.id_number)
+
+
+# --- the purge loop ------------------------------------------------------------------------
+
+
+async def test_the_purge_forgets_expired_captchas_and_failures_outside_the_window_only(
+    pool: asyncpg.Pool, kit: Kit[AuthSettings], citizen: Citizen, now: datetime,
+    auth_schema: str
+) -> None:
+    settings = AuthSettings(captcha_ttl_seconds=60, login_failure_window_seconds=600)
+    later = now + settings.login_failure_window + timedelta(seconds=1)
+    handlers = AuthHandlers(replace(kit, settings=settings, clock=lambda: later))
+    channel = own_channel()
+    expired = await captcha(pool, handlers, now)
+    await login(pool, handlers, citizen, now, name=citizen.name + "甲", channel=channel)
+    current = await captcha(pool, handlers, later)
+    await login(pool, handlers, citizen, later, name=citizen.name + "甲", channel=channel)
+
+    purged, forgotten = await handlers.purge(pool)
+
+    assert purged >= 2 and forgotten >= 2  # this test's; other tests' leftovers may go too
+    kept = await pool.fetch(
+        f"SELECT captcha_id FROM {auth_schema}.captchas WHERE captcha_id = ANY($1::text[])",
+        [expired["captcha_id"], current["captcha_id"]])
+    assert [r["captcha_id"] for r in kept] == [current["captcha_id"]]
+    failed_at = await pool.fetch(
+        f"SELECT failed_at FROM {auth_schema}.login_failures WHERE subject = $1",
+        channel.channel_id)
+    assert [r["failed_at"] for r in failed_at] == [later]
