@@ -20,45 +20,47 @@ from services.auth.settings import AuthSettings
 from shared.crypto import MasterKeys, Vault, data_keys_ddl
 from shared.identity import citizen_ref, name_digest, normalise_name
 
+# The service's own schema; a test runs the service in one of its own.
 SCHEMA = "auth"
 
-CAPTCHAS_DDL = f"""
-CREATE TABLE IF NOT EXISTS {SCHEMA}.captchas (
-    captcha_id  text        PRIMARY KEY,
-    code_digest text        NOT NULL,
-    expires_at  timestamptz NOT NULL,
-    used_at     timestamptz
-);
-CREATE INDEX IF NOT EXISTS captchas_expires_at ON {SCHEMA}.captchas (expires_at);
-"""
 
-REGISTRY_DDL = f"""
-CREATE SCHEMA IF NOT EXISTS {SCHEMA};
-{data_keys_ddl(SCHEMA)}
-CREATE TABLE IF NOT EXISTS {SCHEMA}.registry (
-    citizen_ref       text        PRIMARY KEY,
-    name_digest       text        NOT NULL,
-    name_enc          text        NOT NULL,
-    face_template_enc text        NOT NULL,
-    enrolled_at       timestamptz NOT NULL DEFAULT now()
-);
-"""
+def registry_ddl(schema: str) -> str:
+    return f"""
+    CREATE SCHEMA IF NOT EXISTS {schema};
+    {data_keys_ddl(schema)}
+    CREATE TABLE IF NOT EXISTS {schema}.registry (
+        citizen_ref       text        PRIMARY KEY,
+        name_digest       text        NOT NULL,
+        name_enc          text        NOT NULL,
+        face_template_enc text        NOT NULL,
+        enrolled_at       timestamptz NOT NULL DEFAULT now()
+    );
+    """
 
-# One row per failed login and per scope: the citizen (by citizen_ref, never the ID number)
-# and the channel. Rows older than the window count for nothing and are purged.
-LOGIN_FAILURES_DDL = f"""
-CREATE TABLE IF NOT EXISTS {SCHEMA}.login_failures (
-    scope     text        NOT NULL CHECK (scope IN ('citizen', 'channel')),
-    subject   text        NOT NULL,
-    failed_at timestamptz NOT NULL
-);
-CREATE INDEX IF NOT EXISTS login_failures_by_subject
-    ON {SCHEMA}.login_failures (scope, subject, failed_at);
-CREATE INDEX IF NOT EXISTS login_failures_by_time ON {SCHEMA}.login_failures (failed_at);
-"""
 
-# What `ServiceRuntime` runs after the event store's tables.
-AUTH_DDL = REGISTRY_DDL + CAPTCHAS_DDL + LOGIN_FAILURES_DDL
+def auth_ddl(schema: str) -> str:
+    """What `ServiceRuntime` runs after the event store's tables: the registry, captchas
+    and failed logins."""
+    return registry_ddl(schema) + f"""
+    CREATE TABLE IF NOT EXISTS {schema}.captchas (
+        captcha_id  text        PRIMARY KEY,
+        code_digest text        NOT NULL,
+        expires_at  timestamptz NOT NULL,
+        used_at     timestamptz
+    );
+    CREATE INDEX IF NOT EXISTS captchas_expires_at ON {schema}.captchas (expires_at);
+
+    -- One row per failed login and per scope: the citizen (by citizen_ref, never the ID
+    -- number) and the channel. Rows older than the window count for nothing and are purged.
+    CREATE TABLE IF NOT EXISTS {schema}.login_failures (
+        scope     text        NOT NULL CHECK (scope IN ('citizen', 'channel')),
+        subject   text        NOT NULL,
+        failed_at timestamptz NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS login_failures_by_subject
+        ON {schema}.login_failures (scope, subject, failed_at);
+    CREATE INDEX IF NOT EXISTS login_failures_by_time ON {schema}.login_failures (failed_at);
+    """
 
 
 # --- captchas -----------------------------------------------------------------------------
@@ -71,7 +73,8 @@ def new_captcha_code(length: int) -> str:
 class CaptchaStore:
     """Captchas keep only a keyed digest of their code; a code works once."""
 
-    def __init__(self, pepper: str) -> None:
+    def __init__(self, schema: str, pepper: str) -> None:
+        self.schema = schema
         self._pepper = pepper.encode()
 
     def digest(self, captcha_id: str, code: str) -> str:
@@ -82,7 +85,7 @@ class CaptchaStore:
         self, conn: asyncpg.Connection, captcha_id: str, code: str, expires_at: datetime
     ) -> None:
         await conn.execute(
-            f"INSERT INTO {SCHEMA}.captchas (captcha_id, code_digest, expires_at)"
+            f"INSERT INTO {self.schema}.captchas (captcha_id, code_digest, expires_at)"
             " VALUES ($1, $2, $3)",
             captcha_id,
             self.digest(captcha_id, code),
@@ -95,7 +98,7 @@ class CaptchaStore:
         """The captcha as it was before this attempt; marks it used whatever the attempt's
         outcome, so a code cannot be guessed twice."""
         row = await conn.fetchrow(
-            f"SELECT captcha_id, code_digest, expires_at, used_at FROM {SCHEMA}.captchas"
+            f"SELECT captcha_id, code_digest, expires_at, used_at FROM {self.schema}.captchas"
             " WHERE captcha_id = $1 FOR UPDATE",
             captcha_id,
         )
@@ -103,7 +106,7 @@ class CaptchaStore:
             return None
         if row["used_at"] is None:
             await conn.execute(
-                f"UPDATE {SCHEMA}.captchas SET used_at = $2 WHERE captcha_id = $1",
+                f"UPDATE {self.schema}.captchas SET used_at = $2 WHERE captcha_id = $1",
                 captcha_id,
                 now,
             )
@@ -117,7 +120,7 @@ class CaptchaStore:
     async def purge(self, conn: asyncpg.Connection, expired_before: datetime) -> int:
         """Delete captchas that expired before the given time; returns how many."""
         deleted = await conn.fetch(
-            f"DELETE FROM {SCHEMA}.captchas WHERE expires_at < $1 RETURNING 1", expired_before
+            f"DELETE FROM {self.schema}.captchas WHERE expires_at < $1 RETURNING 1", expired_before
         )
         return len(deleted)
 
@@ -128,13 +131,16 @@ class CaptchaStore:
 class LoginFailureLog:
     """Failed logins per citizen and per channel, in auth's schema (so they survive a restart)."""
 
+    def __init__(self, schema: str) -> None:
+        self.schema = schema
+
     async def count(self, conn: asyncpg.Connection, citizen_ref: str | None, channel: str,
                     since: datetime) -> LoginFailures:
         """Failures after `since`: the citizen's (none without a citizen_ref) and the channel's."""
         row = await conn.fetchrow(
             "SELECT count(*) FILTER (WHERE scope = 'citizen') AS citizen,"
             " count(*) FILTER (WHERE scope = 'channel') AS channel"
-            f" FROM {SCHEMA}.login_failures WHERE failed_at > $3"
+            f" FROM {self.schema}.login_failures WHERE failed_at > $3"
             " AND ((scope = 'citizen' AND subject = $1) OR (scope = 'channel' AND subject = $2))",
             citizen_ref, channel, since,
         )
@@ -144,7 +150,7 @@ class LoginFailureLog:
     async def record(self, conn: asyncpg.Connection, citizen_ref: str | None, channel: str,
                      at: datetime) -> None:
         await conn.execute(
-            f"INSERT INTO {SCHEMA}.login_failures (scope, subject, failed_at)"
+            f"INSERT INTO {self.schema}.login_failures (scope, subject, failed_at)"
             " SELECT * FROM (VALUES ('channel', $2::text, $3::timestamptz),"
             " ('citizen', $1::text, $3::timestamptz)) AS f (scope, subject, failed_at)"
             " WHERE subject IS NOT NULL",
@@ -154,14 +160,14 @@ class LoginFailureLog:
     async def clear_citizen(self, conn: asyncpg.Connection, citizen_ref: str) -> None:
         """A successful login forgives the citizen's earlier failures (not the channel's)."""
         await conn.execute(
-            f"DELETE FROM {SCHEMA}.login_failures WHERE scope = 'citizen' AND subject = $1",
+            f"DELETE FROM {self.schema}.login_failures WHERE scope = 'citizen' AND subject = $1",
             citizen_ref,
         )
 
     async def purge(self, conn: asyncpg.Connection, before: datetime) -> int:
         """Delete failures from before `before` (outside every window); returns how many."""
         deleted = await conn.fetch(
-            f"DELETE FROM {SCHEMA}.login_failures WHERE failed_at < $1 RETURNING 1", before)
+            f"DELETE FROM {self.schema}.login_failures WHERE failed_at < $1 RETURNING 1", before)
         return len(deleted)
 
 
@@ -191,6 +197,7 @@ class PostgresRegistry:
     def __init__(self, conn: asyncpg.Connection, vault: Vault, pepper: str) -> None:
         self.conn = conn
         self.vault = vault
+        self.schema = vault.schema  # the registry lives beside the data keys that seal it
         self.pepper = pepper
 
     async def enroll(self, citizen_ref: str, name: str, face_template: Sequence[float]) -> None:
@@ -199,7 +206,7 @@ class PostgresRegistry:
             self.conn, citizen_ref, json.dumps([float(x) for x in face_template])
         )
         await self.conn.execute(
-            f"INSERT INTO {SCHEMA}.registry"
+            f"INSERT INTO {self.schema}.registry"
             " (citizen_ref, name_digest, name_enc, face_template_enc) VALUES ($1, $2, $3, $4)"
             " ON CONFLICT (citizen_ref) DO UPDATE SET name_digest = EXCLUDED.name_digest,"
             " name_enc = EXCLUDED.name_enc, face_template_enc = EXCLUDED.face_template_enc,"
@@ -212,13 +219,13 @@ class PostgresRegistry:
 
     async def name_matches(self, citizen_ref: str, name: str) -> bool:
         stored = await self.conn.fetchval(
-            f"SELECT name_digest FROM {SCHEMA}.registry WHERE citizen_ref = $1", citizen_ref
+            f"SELECT name_digest FROM {self.schema}.registry WHERE citizen_ref = $1", citizen_ref
         )
         return _digest_matches(stored, name_digest(self.pepper, name))
 
     async def face_template(self, citizen_ref: str) -> list[float] | None:
         sealed = await self.conn.fetchval(
-            f"SELECT face_template_enc FROM {SCHEMA}.registry WHERE citizen_ref = $1",
+            f"SELECT face_template_enc FROM {self.schema}.registry WHERE citizen_ref = $1",
             citizen_ref,
         )
         if sealed is None:
@@ -266,19 +273,20 @@ def _template(raw: str) -> list[float]:
     return [float(v) for v in values]
 
 
-def postgres_registry(conn: asyncpg.Connection, settings: AuthSettings) -> PostgresRegistry:
+def postgres_registry(conn: asyncpg.Connection, settings: AuthSettings,
+                      schema: str = SCHEMA) -> PostgresRegistry:
     return PostgresRegistry(
         conn,
-        Vault(SCHEMA, MasterKeys.from_settings(settings)),
+        Vault(schema, MasterKeys.from_settings(settings)),
         settings.citizen_ref_pepper.get_secret_value(),
     )
 
 
-async def ensure_registry_tables(conn: asyncpg.Connection) -> None:
+async def ensure_registry_tables(conn: asyncpg.Connection, schema: str = SCHEMA) -> None:
     """Create the registry's tables if the auth service has never run (`cardctl seed`)."""
     async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", SCHEMA)
-        await conn.execute(REGISTRY_DDL)
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", schema)
+        await conn.execute(registry_ddl(schema))
 
 
 async def enroll(
@@ -287,6 +295,8 @@ async def enroll(
     name: str,
     face_embedding: Sequence[float],
     settings: AuthSettings | None = None,
+    *,
+    schema: str = SCHEMA,
 ) -> str:
     """Load one citizen into the registry and return their citizen_ref.
 
@@ -295,6 +305,6 @@ async def enroll(
     settings = settings or AuthSettings()
     normalised = require_valid_id_number(id_number)
     ref = citizen_ref(settings.citizen_ref_pepper.get_secret_value(), normalised)
-    await ensure_registry_tables(conn)
-    await postgres_registry(conn, settings).enroll(ref, name, face_embedding)
+    await ensure_registry_tables(conn, schema)
+    await postgres_registry(conn, settings, schema).enroll(ref, name, face_embedding)
     return ref

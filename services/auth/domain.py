@@ -1,6 +1,7 @@
 """The auth decider: pure rules for sessions, portrait verification and the portrait lockout.
 
-No I/O, no clock: time, ids and the similarity score arrive as arguments.
+No I/O, no clock: the time and new ids arrive in the context, the similarity score in the
+command.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from enum import StrEnum
 from typing import Literal, assert_never
 
 from shared.contracts.auth import (
+    AUTH_EVENTS,
     AuthEvent,
     ElectronicCardAuthorized,
     IdentityLocked,
@@ -22,7 +24,11 @@ from shared.contracts.auth import (
     SessionStarted,
 )
 from shared.contracts.common import SubjectErased
+from shared.contracts.upcasters import UPCASTERS
+from shared.decider import Context, Decider
+from shared.envelope import EventEnvelope
 from shared.errors import DomainError, SubjectErasedError
+from shared.events import EventDecoder
 from shared.identity import is_valid_id_number, normalise_id_number
 
 # --- errors -------------------------------------------------------------------------------
@@ -176,6 +182,10 @@ def is_erased(state: AuthState) -> bool:
     return state.status is AuthStatus.ERASED
 
 
+def stream_id(citizen_ref: str) -> str:
+    return f"auth-{citizen_ref}"
+
+
 def evolve(state: AuthState, recorded: Recorded) -> AuthState:
     event = recorded.event
     match event:
@@ -196,9 +206,9 @@ def evolve(state: AuthState, recorded: Recorded) -> AuthState:
 
 @dataclass(frozen=True, slots=True)
 class BeginSession:
-    """The citizen passed the captcha and the registry check (done by the handler)."""
+    """The citizen passed the captcha and the registry check (done by the handler); the new
+    session's id comes from the context."""
 
-    session_id: str
     channel: str
     expires_at: datetime
 
@@ -231,22 +241,28 @@ class PortraitPolicy:
     lockout: timedelta
 
 
-def decide(
-    command: AuthCommand, state: AuthState, *, now: datetime, policy: PortraitPolicy
-) -> list[AuthEvent]:
+@dataclass(frozen=True, slots=True)
+class DecisionContext(Context):
+    """What the decider knows besides the stream: the time, new ids, the region's policy."""
+
+    policy: PortraitPolicy
+
+
+def decide(command: AuthCommand, state: AuthState, context: DecisionContext) -> list[AuthEvent]:
     _require_active(state)
     match command:
         case BeginSession():
+            session_id = context.new_id()
             return [
-                SessionStarted(session_id=command.session_id, channel=command.channel,
+                SessionStarted(session_id=session_id, channel=command.channel,
                                expires_at=command.expires_at),
-                IdentityVerified(method="realname", session_id=command.session_id),
+                IdentityVerified(method="realname", session_id=session_id),
             ]
         case AuthorizeCard():
             return [ElectronicCardAuthorized(session_id=command.session_id,
                                              channel=command.channel)]
         case AttemptPortrait():
-            return _attempt_portrait(command, state, now, policy)
+            return _attempt_portrait(command, state, context.now, context.policy)
         case _:
             assert_never(command)
 
@@ -296,3 +312,18 @@ def refusal_for(events: Sequence[AuthEvent]) -> DomainError | None:
                 case _:
                     assert_never(event.reason)
     return None
+
+
+# --- the decider --------------------------------------------------------------------------
+
+decode_event: EventDecoder[AuthEvent] = EventDecoder(AUTH_EVENTS, UPCASTERS)
+
+
+def decode(envelope: EventEnvelope) -> Recorded:
+    """A stored event with the time it happened, as `evolve` folds it."""
+    return Recorded(event=decode_event(envelope), at=envelope.occurred_at)
+
+
+DECIDER: Decider[AuthCommand, AuthState, Recorded, DecisionContext] = Decider(
+    initial=INITIAL, evolve=evolve, decide=decide, decode=decode, stream_id=stream_id,
+    is_erased=is_erased)

@@ -7,54 +7,42 @@ any other `DomainError` undoes the handler's writes.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
-from uuid import UUID, uuid4
 
 import asyncpg
 import structlog
 
 from services.auth import domain
 from services.auth.adapters import (
-    SCHEMA,
     CaptchaStore,
     LoginFailureLog,
     PopulationRegistry,
     new_captcha_code,
+    postgres_registry,
 )
 from services.auth.settings import AuthSettings
-from shared.application import handle_command
+from shared.application import Streams
 from shared.commands import CommandContext, Refusal
 from shared.contracts.auth import (
-    AUTH_EVENTS,
     AuthEvent,
     AuthorizeElectronicCard,
     IssueCaptcha,
+    SessionStarted,
     StartSession,
     VerifyPortrait,
 )
-from shared.contracts.upcasters import UPCASTERS
 from shared.crypto import DataKeyDestroyedError, MasterKeys, Vault
-from shared.envelope import EventEnvelope
-from shared.erasure import ErasableStreams
+from shared.erasure import Erasure
 from shared.errors import DomainError, SubjectErasedError
-from shared.events import EventDecoder, EventMeta
-from shared.eventstore import EventStore, PostgresEventStore
+from shared.events import EventMeta
 from shared.identity import citizen_ref, is_valid_id_number
+from shared.service import Kit
 from shared.tokens import SessionClaims, TokenSigner, TokenVerifier
 
 log = structlog.get_logger()
-
-decode_event: EventDecoder[AuthEvent] = EventDecoder(AUTH_EVENTS, UPCASTERS)
-
-
-def decode_recorded(envelope: EventEnvelope) -> domain.Recorded:
-    return domain.Recorded(event=decode_event(envelope), at=envelope.occurred_at)
-
-
-def stream_id(ref: str) -> str:
-    return f"auth-{ref}"
 
 
 def portrait_policy(settings: AuthSettings) -> domain.PortraitPolicy:
@@ -80,41 +68,36 @@ def bind_citizen(ref: str) -> None:
 
 
 class AuthHandlers:
-    """The application layer of auth: one method per command type."""
+    """The application layer of auth: one method per command type, and the purge loop."""
 
     def __init__(
         self,
-        settings: AuthSettings,
+        kit: Kit[AuthSettings],
         *,
-        registry_for: Callable[[asyncpg.Connection], PopulationRegistry],
-        store_for: Callable[[asyncpg.Connection], EventStore] | None = None,
-        new_id: Callable[[], UUID] = uuid4,
+        registry_for: Callable[[asyncpg.Connection], PopulationRegistry] | None = None,
         new_code: Callable[[int], str] = new_captcha_code,
     ) -> None:
+        settings = kit.settings
         self.settings = settings
-        self.registry_for = registry_for
-        self.store_for = store_for or (
-            lambda conn: PostgresEventStore(conn, SCHEMA, settings.event_topic(SCHEMA))
-        )
-        self.new_id = new_id
+        self.clock = kit.clock
+        self.ids = kit.ids
+        self.registry_for = registry_for or (
+            lambda conn: postgres_registry(conn, settings, kit.schema))
         self.new_code = new_code
         self.pepper = settings.citizen_ref_pepper.get_secret_value()
-        self.captchas = CaptchaStore(self.pepper)
+        self.captchas = CaptchaStore(kit.schema, self.pepper)
         self.signer = TokenSigner.from_settings(settings)
         self.verifier = TokenVerifier.from_settings(settings)
         self.policy = portrait_policy(settings)
         self.login_policy = login_policy(settings)
-        self.login_failures = LoginFailureLog()
-        self.erasure = ErasableStreams(
-            vault=Vault(SCHEMA, MasterKeys.from_settings(settings)),
-            store_for=self.store_for, stream_id=stream_id, decode=decode_recorded,
-            initial=domain.INITIAL, evolve=domain.evolve, is_erased=domain.is_erased,
-        )
+        self.login_failures = LoginFailureLog(kit.schema)
+        self.streams = Streams(domain.DECIDER, kit.schema, kit.events_topic)
+        self.erasure = Erasure(self.streams, Vault(kit.schema, MasterKeys.from_settings(settings)))
 
     async def issue_captcha(
         self, conn: asyncpg.Connection, ctx: CommandContext, _cmd: IssueCaptcha
     ) -> dict[str, Any]:
-        captcha_id = str(self.new_id())
+        captcha_id = self.ids()
         code = self.new_code(self.settings.captcha_code_length)
         expires_at = ctx.received_at + self.settings.captcha_ttl
         await self.captchas.issue(conn, captcha_id, code, expires_at)
@@ -145,10 +128,10 @@ class AuthHandlers:
             bind_citizen(ref)
             if not await self.registry_for(conn).name_matches(ref, cmd.name):
                 raise domain.IdentityMismatchError()
-            session_id = str(self.new_id())
             expires_at = now + self.settings.session_ttl
-            await self._decide(conn, ctx, ref, domain.BeginSession(
-                session_id=session_id, channel=ctx.channel.channel_id, expires_at=expires_at))
+            events = await self._decide(conn, ctx, ref, domain.BeginSession(
+                channel=ctx.channel.channel_id, expires_at=expires_at))
+            session_id = next(e for e in events if isinstance(e, SessionStarted)).session_id
         except DomainError as exc:
             await self.login_failures.record(conn, presented, ctx.channel.channel_id, now)
             log.info("auth.session_refused", code=exc.code)
@@ -204,15 +187,32 @@ class AuthHandlers:
         self, conn: asyncpg.Connection, ctx: CommandContext, ref: str, command: domain.AuthCommand
     ) -> list[AuthEvent]:
         now: datetime = ctx.received_at
-        envelopes = await handle_command(
-            self.store_for(conn),
-            stream_id(ref),
-            decode=decode_recorded,
-            initial=domain.INITIAL,
-            evolve=domain.evolve,
-            decide=lambda state: domain.decide(command, state, now=now, policy=self.policy),
-            meta=EventMeta(citizen_ref=ref, occurred_at=now,
-                           correlation_id=ctx.correlation_id, causation_id=ctx.causation_id),
-            new_id=self.new_id,
-        )
-        return [decode_event(e) for e in envelopes]
+        context = domain.DecisionContext(now=now, new_id=self.ids, policy=self.policy)
+        envelopes = await self.streams.decide(conn, command, context, EventMeta(
+            citizen_ref=ref, occurred_at=now,
+            correlation_id=ctx.correlation_id, causation_id=ctx.causation_id))
+        return [domain.decode_event(e) for e in envelopes]
+
+    # ------------------------------------------------------------------------- purge
+
+    async def purge(self, pool: asyncpg.Pool) -> tuple[int, int]:
+        """Delete expired captchas and failed logins outside every window; returns how many
+        of each."""
+        now = self.clock()
+        async with pool.acquire() as conn:
+            purged = await self.captchas.purge(conn, now - self.settings.captcha_ttl)
+            forgotten = await self.login_failures.purge(
+                conn, now - self.settings.login_failure_window)
+        if purged:
+            log.info("auth.captchas_purged", count=purged)
+        if forgotten:
+            log.info("auth.login_failures_purged", count=forgotten)
+        return purged, forgotten
+
+    async def purge_loop(self, pool: asyncpg.Pool) -> None:
+        """Expired captchas and failed logins outside the window serve no purpose; keep the
+        tables small."""
+        while True:
+            await self.purge(pool)
+            await asyncio.sleep(min(self.settings.captcha_ttl_seconds,
+                                    self.settings.login_failure_window_seconds))

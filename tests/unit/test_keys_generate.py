@@ -13,7 +13,7 @@ from dotenv import dotenv_values
 from typer.testing import CliRunner
 
 from cardctl.main import app
-from services.auth.main import SECRETS as AUTH_SECRETS
+from services.auth.main import SPEC as AUTH
 from services.auth.settings import AuthSettings
 from shared.crypto import MasterKeys
 from shared.production import configuration_problems
@@ -64,7 +64,7 @@ def test_a_generated_set_starts_in_production(
     for name, value in dotenv_values(out).items():
         monkeypatch.setenv(name, value or "")
     monkeypatch.setenv("CARDDESK_CHANNELS_FILE", str(channels))
-    assert configuration_problems(AuthSettings(), AUTH_SECRETS) == []
+    assert configuration_problems(AuthSettings(), AUTH.secrets) == []
 
 
 def test_rotation_keeps_the_pepper_and_retires_the_master_and_session_keys(

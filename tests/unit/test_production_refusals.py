@@ -17,7 +17,7 @@ import yaml
 from pydantic import Field
 
 from cardctl.keys import generate_key_set
-from services.auth.main import SECRETS as AUTH_SECRETS
+from services.auth.main import SPEC as AUTH
 from services.auth.settings import AuthSettings
 from services.loss.main import SPEC as LOSS
 from services.status.main import build as build_status
@@ -59,7 +59,7 @@ def production(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, str
 
 
 def test_production_starts_with_a_freshly_generated_key_set(production: dict[str, str]) -> None:
-    assert configuration_problems(AuthSettings(), AUTH_SECRETS) == []
+    assert configuration_problems(AuthSettings(), AUTH.secrets) == []
 
 
 @pytest.mark.parametrize("field", SECRET_SETTINGS)
@@ -82,7 +82,7 @@ def test_production_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CARDDESK_ENV")
     settings = AuthSettings()
     assert settings.env == "production"
-    assert configuration_problems(settings, AUTH_SECRETS)
+    assert configuration_problems(settings, AUTH.secrets)
 
 
 def test_a_service_is_refused_only_the_secrets_it_reads(
@@ -90,14 +90,14 @@ def test_a_service_is_refused_only_the_secrets_it_reads(
     # loss verifies tokens but never signs them: it need not (and should not) hold the seed.
     monkeypatch.setenv("CARDDESK_SESSION_SIGNING_KEY", shipped_value(SESSION_SIGNING_KEY))
     assert configuration_problems(AuthSettings(), LOSS.secrets) == []
-    assert configuration_problems(AuthSettings(), AUTH_SECRETS)
+    assert configuration_problems(AuthSettings(), AUTH.secrets)
 
 
 def test_the_retired_master_keys_may_not_hold_the_shipped_one(
         production: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CARDDESK_RETIRED_MASTER_KEYS",
                        json.dumps({"dev": shipped_value("master_key")}))
-    problems = configuration_problems(AuthSettings(), AUTH_SECRETS)
+    problems = configuration_problems(AuthSettings(), AUTH.secrets)
     assert any("CARDDESK_RETIRED_MASTER_KEYS" in problem for problem in problems)
 
 
@@ -125,7 +125,7 @@ def test_production_refuses_the_development_channels_file(
     else:
         path = _copy_reusing_one_secret(tmp_path)
     monkeypatch.setenv("CARDDESK_CHANNELS_FILE", str(path))
-    problems = configuration_problems(AuthSettings(), AUTH_SECRETS)
+    problems = configuration_problems(AuthSettings(), AUTH.secrets)
     assert [p for p in problems if "CARDDESK_CHANNELS_FILE" in p], problems
 
 
@@ -135,7 +135,7 @@ def test_a_session_public_key_that_does_not_match_the_seed_is_refused(
     monkeypatch.setenv("CARDDESK_ENV", env)
     other = generate_key_set(datetime.now(UTC))["CARDDESK_SESSION_PUBLIC_KEY"]
     monkeypatch.setenv("CARDDESK_SESSION_PUBLIC_KEY", other)
-    problems = configuration_problems(AuthSettings(), AUTH_SECRETS)
+    problems = configuration_problems(AuthSettings(), AUTH.secrets)
     assert problems == [f"{setting_name(SESSION_PUBLIC_KEY)} is not the public key of"
                         f" {setting_name(SESSION_SIGNING_KEY)}"]
 
@@ -144,7 +144,7 @@ def test_a_sealing_public_key_that_does_not_match_is_refused(
         production: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     other = generate_key_set(datetime.now(UTC))["CARDDESK_COMMAND_SEALING_PUBLIC_KEY"]
     monkeypatch.setenv("CARDDESK_COMMAND_SEALING_PUBLIC_KEY", other)
-    problems = configuration_problems(AuthSettings(), AUTH_SECRETS)
+    problems = configuration_problems(AuthSettings(), AUTH.secrets)
     assert any(p.startswith("CARDDESK_COMMAND_SEALING_PUBLIC_KEY is not") for p in problems)
 
 
@@ -187,7 +187,7 @@ def test_an_installed_image_without_the_dev_file_still_recognises_its_secrets(
     reused = _copy_reusing_one_secret(tmp_path)
     monkeypatch.setattr("shared.production.DEV_CHANNELS_FILE", tmp_path / "absent.json")
     monkeypatch.setenv("CARDDESK_CHANNELS_FILE", str(reused))
-    problems = configuration_problems(AuthSettings(), AUTH_SECRETS)
+    problems = configuration_problems(AuthSettings(), AUTH.secrets)
     assert problems == ["CARDDESK_CHANNELS_FILE: channel 'wechat-oa' uses a api_key shipped in"
                         " the repository's development channels file"]
 
@@ -225,7 +225,7 @@ def test_the_session_public_keys_may_not_hold_the_shipped_one(
         production: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CARDDESK_SESSION_PUBLIC_KEYS",
                        json.dumps({"dev": shipped_value(SESSION_PUBLIC_KEY)}))
-    problems = configuration_problems(WithSessionKeys(), AUTH_SECRETS)
+    problems = configuration_problems(WithSessionKeys(), AUTH.secrets)
     assert any(p.startswith("CARDDESK_SESSION_PUBLIC_KEYS holds") for p in problems)
     monkeypatch.setenv("CARDDESK_SESSION_PUBLIC_KEYS", production["CARDDESK_SESSION_PUBLIC_KEYS"])
-    assert configuration_problems(WithSessionKeys(), AUTH_SECRETS) == []
+    assert configuration_problems(WithSessionKeys(), AUTH.secrets) == []

@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import pytest
 
-from services.auth.adapters import SCHEMA, enroll, postgres_registry
-from services.auth.handlers import AuthHandlers, stream_id
+from services.auth.adapters import enroll
+from services.auth.domain import stream_id
+from services.auth.handlers import AuthHandlers
 from services.auth.settings import AuthSettings
 from shared.channels import Channel
 from shared.commands import CommandContext, Refusal
@@ -25,6 +27,7 @@ from shared.contracts.auth import (
 )
 from shared.errors import DomainError
 from shared.identity import citizen_ref
+from shared.service import Kit
 from shared.tokens import TokenVerifier
 from tests.integration.auth.citizens import (
     Citizen,
@@ -40,9 +43,8 @@ Outcome = dict[str, Any] | Refusal | None
 
 
 @pytest.fixture
-def handlers(auth_settings: AuthSettings) -> AuthHandlers:
-    return AuthHandlers(auth_settings,
-                        registry_for=lambda conn: postgres_registry(conn, auth_settings))
+def handlers(kit: Kit[AuthSettings]) -> AuthHandlers:
+    return AuthHandlers(kit)
 
 
 @pytest.fixture
@@ -51,10 +53,11 @@ def now() -> datetime:
 
 
 @pytest.fixture
-async def citizen(pool: asyncpg.Pool, auth_settings: AuthSettings) -> Citizen:
+async def citizen(pool: asyncpg.Pool, auth_settings: AuthSettings, auth_schema: str) -> Citizen:
     person = new_citizen()
     async with pool.acquire() as conn:
-        await enroll(conn, person.id_number, person.name, person.face, auth_settings)
+        await enroll(conn, person.id_number, person.name, person.face, auth_settings,
+                     schema=auth_schema)
     return person
 
 
@@ -95,9 +98,9 @@ async def login(pool: asyncpg.Pool, handlers: AuthHandlers, citizen: Citizen, at
         channel=channel)
 
 
-async def stream_types(pool: asyncpg.Pool, ref: str) -> list[str]:
+async def stream_types(pool: asyncpg.Pool, schema: str, ref: str) -> list[str]:
     rows = await pool.fetch(
-        f"SELECT type FROM {SCHEMA}.events WHERE stream_id = $1 ORDER BY version", stream_id(ref))
+        f"SELECT type FROM {schema}.events WHERE stream_id = $1 ORDER BY version", stream_id(ref))
     return [r["type"] for r in rows]
 
 
@@ -105,12 +108,13 @@ async def stream_types(pool: asyncpg.Pool, ref: str) -> list[str]:
 
 
 async def test_a_captcha_has_the_configured_length_and_only_its_digest_is_stored(
-    pool: asyncpg.Pool, handlers: AuthHandlers, auth_settings: AuthSettings, now: datetime
+    pool: asyncpg.Pool, handlers: AuthHandlers, auth_settings: AuthSettings, now: datetime,
+    auth_schema: str
 ) -> None:
     issued = await captcha(pool, handlers, now)
     assert len(issued["code"]) == auth_settings.captcha_code_length
     assert issued["code"].isdigit()
-    row = await pool.fetchrow(f"SELECT * FROM {SCHEMA}.captchas WHERE captcha_id = $1",
+    row = await pool.fetchrow(f"SELECT * FROM {auth_schema}.captchas WHERE captcha_id = $1",
                               issued["captcha_id"])
     assert row is not None
     assert issued["code"] not in row["code_digest"]
@@ -160,7 +164,7 @@ async def test_an_expired_captcha_is_refused(
 
 async def test_a_login_starts_a_realname_session_with_a_verifiable_token(
     pool: asyncpg.Pool, handlers: AuthHandlers, citizen: Citizen, auth_settings: AuthSettings,
-    now: datetime
+    now: datetime, auth_schema: str
 ) -> None:
     data = accepted(await login(pool, handlers, citizen, now))
     claims = TokenVerifier.from_settings(auth_settings).verify(
@@ -169,17 +173,20 @@ async def test_a_login_starts_a_realname_session_with_a_verifiable_token(
     assert claims.level == "realname"
     assert claims.expires_at == now + auth_settings.session_ttl
     assert datetime.fromisoformat(data["expires_at"]) == claims.expires_at
-    assert await stream_types(pool, claims.citizen_ref) == ["SessionStarted", "IdentityVerified"]
+    assert await stream_types(pool, auth_schema, claims.citizen_ref) \
+        == ["SessionStarted", "IdentityVerified"]
 
 
 async def test_a_lower_case_x_check_character_logs_in_the_same_citizen(
-    pool: asyncpg.Pool, handlers: AuthHandlers, auth_settings: AuthSettings, now: datetime
+    pool: asyncpg.Pool, handlers: AuthHandlers, auth_settings: AuthSettings, now: datetime,
+    auth_schema: str
 ) -> None:
     person = new_citizen()
     while person.id_number[-1] != "X":
         person = new_citizen()
     async with pool.acquire() as conn:
-        ref = await enroll(conn, person.id_number, person.name, person.face, auth_settings)
+        ref = await enroll(conn, person.id_number, person.name, person.face, auth_settings,
+                           schema=auth_schema)
     data = accepted(await login(pool, handlers, person, now, id_number=person.id_number.lower()))
     assert data["citizen_ref"] == ref
 
@@ -206,18 +213,20 @@ async def test_a_wrong_name_and_an_unknown_citizen_get_the_same_refusal(
 
 
 async def test_a_session_authorises_the_electronic_card(
-    pool: asyncpg.Pool, handlers: AuthHandlers, citizen: Citizen, now: datetime
+    pool: asyncpg.Pool, handlers: AuthHandlers, citizen: Citizen, now: datetime,
+    auth_schema: str
 ) -> None:
     data = accepted(await login(pool, handlers, citizen, now))
     outcome = await run(pool, handlers.authorize_electronic_card,
                         AuthorizeElectronicCard(session_token=data["session_token"]), now)
     assert outcome is None
-    assert (await stream_types(pool, data["citizen_ref"]))[-1] == "ElectronicCardAuthorized"
+    assert (await stream_types(pool, auth_schema, data["citizen_ref"]))[-1] \
+        == "ElectronicCardAuthorized"
 
 
 async def test_a_forged_or_expired_token_authorises_nothing(
     pool: asyncpg.Pool, handlers: AuthHandlers, citizen: Citizen, auth_settings: AuthSettings,
-    now: datetime
+    now: datetime, auth_schema: str
 ) -> None:
     data = accepted(await login(pool, handlers, citizen, now))
     token = data["session_token"]
@@ -229,7 +238,8 @@ async def test_a_forged_or_expired_token_authorises_nothing(
     assert refused_with(await run(pool, handlers.authorize_electronic_card,
                                   AuthorizeElectronicCard(session_token=token), later)) \
         == "session_expired"
-    assert await stream_types(pool, data["citizen_ref"]) == ["SessionStarted", "IdentityVerified"]
+    assert await stream_types(pool, auth_schema, data["citizen_ref"]) \
+        == ["SessionStarted", "IdentityVerified"]
 
 
 # --- portrait -----------------------------------------------------------------------------
@@ -241,7 +251,7 @@ def portrait(token: str, face: list[float], liveness: float = 0.95) -> VerifyPor
 
 async def test_the_right_face_upgrades_the_token_and_no_embedding_is_kept(
     pool: asyncpg.Pool, handlers: AuthHandlers, citizen: Citizen, auth_settings: AuthSettings,
-    now: datetime
+    now: datetime, auth_schema: str
 ) -> None:
     data = accepted(await login(pool, handlers, citizen, now))
     later = now + timedelta(minutes=1)
@@ -252,7 +262,7 @@ async def test_the_right_face_upgrades_the_token_and_no_embedding_is_kept(
     assert claims.level == "portrait"
     assert claims.portrait_verified_at == later
     assert claims.expires_at == now + auth_settings.session_ttl
-    rows = await pool.fetch(f"SELECT body FROM {SCHEMA}.events WHERE stream_id = $1",
+    rows = await pool.fetch(f"SELECT body FROM {auth_schema}.events WHERE stream_id = $1",
                             stream_id(data["citizen_ref"]))
     last = json.loads(rows[-1]["body"])
     assert last["type"] == "IdentityVerified"
@@ -272,18 +282,20 @@ async def test_an_embedding_of_another_length_is_a_face_mismatch(
 
 
 async def test_low_liveness_is_refused_and_recorded(
-    pool: asyncpg.Pool, handlers: AuthHandlers, citizen: Citizen, now: datetime
+    pool: asyncpg.Pool, handlers: AuthHandlers, citizen: Citizen, now: datetime,
+    auth_schema: str
 ) -> None:
     data = accepted(await login(pool, handlers, citizen, now))
     outcome = await run(pool, handlers.verify_portrait,
                         portrait(data["session_token"], citizen.face, liveness=0.2), now)
     assert refused_with(outcome) == "liveness_too_low"
-    assert (await stream_types(pool, data["citizen_ref"]))[-1] == "IdentityVerificationFailed"
+    assert (await stream_types(pool, auth_schema, data["citizen_ref"]))[-1] \
+        == "IdentityVerificationFailed"
 
 
 async def test_three_failures_lock_the_portrait_for_the_lockout_then_it_opens_again(
     pool: asyncpg.Pool, handlers: AuthHandlers, citizen: Citizen, auth_settings: AuthSettings,
-    now: datetime
+    now: datetime, auth_schema: str
 ) -> None:
     codes = []
     for minute in range(3):
@@ -303,7 +315,7 @@ async def test_three_failures_lock_the_portrait_for_the_lockout_then_it_opens_ag
     token = accepted(await login(pool, handlers, citizen, reopened))["session_token"]
     accepted(await run(pool, handlers.verify_portrait, portrait(token, citizen.face), reopened))
     ref = accepted(await login(pool, handlers, citizen, reopened))["citizen_ref"]
-    portrait_events = [t for t in await stream_types(pool, ref)
+    portrait_events = [t for t in await stream_types(pool, auth_schema, ref)
                        if t not in ("SessionStarted", "IdentityVerified")]
     assert portrait_events == ["IdentityVerificationFailed"] * 3 + ["IdentityLocked"]
 
@@ -322,12 +334,14 @@ async def test_a_full_width_id_number_is_refused_though_its_checksum_holds(
 
 
 async def test_a_decomposed_name_logs_in_the_citizen_enrolled_with_its_composed_form(
-    pool: asyncpg.Pool, handlers: AuthHandlers, auth_settings: AuthSettings, now: datetime
+    pool: asyncpg.Pool, handlers: AuthHandlers, auth_settings: AuthSettings, now: datetime,
+    auth_schema: str
 ) -> None:
     person = new_citizen()
     composed = person.name + "Zoë"
     async with pool.acquire() as conn:
-        ref = await enroll(conn, person.id_number, composed, person.face, auth_settings)
+        ref = await enroll(conn, person.id_number, composed, person.face, auth_settings,
+                           schema=auth_schema)
     decomposed = person.name + "Zoe\u0308"
     data = accepted(await login(pool, handlers, person, now, name=decomposed))
     assert data["citizen_ref"] == ref
@@ -338,11 +352,20 @@ async def test_a_decomposed_name_logs_in_the_citizen_enrolled_with_its_composed_
 # --- login throttling ---------------------------------------------------------------------
 
 
-def throttled_handlers(*, per_citizen: int = 3, per_channel: int = 1000) -> AuthHandlers:
-    settings = AuthSettings(login_max_failures_per_citizen=per_citizen,
-                            login_max_failures_per_channel=per_channel,
-                            login_failure_window_seconds=600)
-    return AuthHandlers(settings, registry_for=lambda conn: postgres_registry(conn, settings))
+Throttled = Callable[..., AuthHandlers]
+
+
+@pytest.fixture
+def throttled_handlers(kit: Kit[AuthSettings]) -> Throttled:
+    """Handlers with login limits of the test's choosing (each call a new process)."""
+
+    def make(*, per_citizen: int = 3, per_channel: int = 1000) -> AuthHandlers:
+        settings = AuthSettings(login_max_failures_per_citizen=per_citizen,
+                                login_max_failures_per_channel=per_channel,
+                                login_failure_window_seconds=600)
+        return AuthHandlers(replace(kit, settings=settings))
+
+    return make
 
 
 def own_channel() -> Channel:
@@ -351,7 +374,8 @@ def own_channel() -> Channel:
 
 
 async def test_failed_logins_for_one_id_number_are_throttled_at_the_limit_until_the_window_ends(
-    pool: asyncpg.Pool, citizen: Citizen, now: datetime
+    pool: asyncpg.Pool, throttled_handlers: Throttled, citizen: Citizen, now: datetime,
+    auth_schema: str
 ) -> None:
     handlers, channel = throttled_handlers(per_citizen=3), own_channel()
     wrong = [await login(pool, handlers, citizen, now, name=citizen.name + "甲", channel=channel)
@@ -365,14 +389,15 @@ async def test_failed_logins_for_one_id_number_are_throttled_at_the_limit_until_
     # Another citizen on the same channel is not affected.
     other = new_citizen()
     async with pool.acquire() as conn:
-        await enroll(conn, other.id_number, other.name, other.face)
+        await enroll(conn, other.id_number, other.name, other.face, schema=auth_schema)
     accepted(await login(pool, handlers, other, now, channel=channel))
     # Refused attempts were not failures: the window counts from the third failure.
     accepted(await login(pool, handlers, citizen, now + timedelta(seconds=600), channel=channel))
 
 
 async def test_the_counts_live_in_the_auth_schema_by_citizen_ref_and_survive_a_restart(
-    pool: asyncpg.Pool, citizen: Citizen, auth_settings: AuthSettings, now: datetime
+    pool: asyncpg.Pool, throttled_handlers: Throttled, citizen: Citizen,
+    auth_settings: AuthSettings, now: datetime, auth_schema: str
 ) -> None:
     channel = own_channel()
     before_restart = throttled_handlers(per_citizen=2)
@@ -381,18 +406,18 @@ async def test_the_counts_live_in_the_auth_schema_by_citizen_ref_and_survive_a_r
     after_restart = throttled_handlers(per_citizen=2)  # a new process: nothing in memory
     assert refused_with(await login(pool, after_restart, citizen, now, channel=channel)) \
         == "too_many_attempts"
-    rows = await pool.fetch(f"SELECT scope, subject FROM {SCHEMA}.login_failures"
+    rows = await pool.fetch(f"SELECT scope, subject FROM {auth_schema}.login_failures"
                             " WHERE subject = ANY($1::text[])",
                             [citizen_ref_of(citizen, auth_settings), channel.channel_id])
     assert sorted((r["scope"], r["subject"]) for r in rows) == sorted(
         [("citizen", citizen_ref_of(citizen, auth_settings))] * 2
         + [("channel", channel.channel_id)] * 2)
-    dump = str(await pool.fetch(f"SELECT * FROM {SCHEMA}.login_failures"))
+    dump = str(await pool.fetch(f"SELECT * FROM {auth_schema}.login_failures"))
     assert citizen.id_number not in dump and citizen.id_number[:17] not in dump
 
 
 async def test_a_successful_login_forgives_the_citizens_earlier_failures(
-    pool: asyncpg.Pool, citizen: Citizen, now: datetime
+    pool: asyncpg.Pool, throttled_handlers: Throttled, citizen: Citizen, now: datetime
 ) -> None:
     handlers, channel = throttled_handlers(per_citizen=3), own_channel()
     for _ in range(2):
@@ -404,7 +429,7 @@ async def test_a_successful_login_forgives_the_citizens_earlier_failures(
 
 
 async def test_failed_logins_on_one_channel_are_throttled_for_that_channel_only(
-    pool: asyncpg.Pool, citizen: Citizen, now: datetime
+    pool: asyncpg.Pool, throttled_handlers: Throttled, citizen: Citizen, now: datetime
 ) -> None:
     handlers, noisy, quiet = throttled_handlers(per_channel=4), own_channel(), own_channel()
     # Malformed ID numbers name no citizen but still count against the channel, as do
@@ -423,3 +448,32 @@ async def test_failed_logins_on_one_channel_are_throttled_for_that_channel_only(
 
 def citizen_ref_of(citizen: Citizen, settings: AuthSettings) -> str:
     return citizen_ref(settings.citizen_ref_pepper.get_secret_value(), citizen.id_number)
+
+
+# --- the purge loop ------------------------------------------------------------------------
+
+
+async def test_the_purge_forgets_expired_captchas_and_failures_outside_the_window_only(
+    pool: asyncpg.Pool, kit: Kit[AuthSettings], citizen: Citizen, now: datetime,
+    auth_schema: str
+) -> None:
+    settings = AuthSettings(captcha_ttl_seconds=60, login_failure_window_seconds=600)
+    later = now + settings.login_failure_window + timedelta(seconds=1)
+    handlers = AuthHandlers(replace(kit, settings=settings, clock=lambda: later))
+    channel = own_channel()
+    expired = await captcha(pool, handlers, now)
+    await login(pool, handlers, citizen, now, name=citizen.name + "甲", channel=channel)
+    current = await captcha(pool, handlers, later)
+    await login(pool, handlers, citizen, later, name=citizen.name + "甲", channel=channel)
+
+    purged, forgotten = await handlers.purge(pool)
+
+    assert purged >= 2 and forgotten >= 2  # this test's; other tests' leftovers may go too
+    kept = await pool.fetch(
+        f"SELECT captcha_id FROM {auth_schema}.captchas WHERE captcha_id = ANY($1::text[])",
+        [expired["captcha_id"], current["captcha_id"]])
+    assert [r["captcha_id"] for r in kept] == [current["captcha_id"]]
+    failed_at = await pool.fetch(
+        f"SELECT failed_at FROM {auth_schema}.login_failures WHERE subject = $1",
+        channel.channel_id)
+    assert [r["failed_at"] for r in failed_at] == [later]

@@ -15,27 +15,36 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from services.auth.adapters import SCHEMA, enroll
-from services.auth.handlers import stream_id
-from services.auth.main import COMMANDS_TOPIC, build
+from services.auth.adapters import enroll
+from services.auth.domain import stream_id
+from services.auth.main import SPEC
 from services.auth.settings import AuthSettings
 from shared.channels import ChannelRegistry, sign
 from shared.commands import Reply
 from shared.outbox import make_producer
 from shared.runtime import ServiceRuntime
+from shared.service import bootstrap
 from shared.tokens import TokenVerifier
-from shared.topics import reply_topic
+from shared.topics import command_topic, reply_topic
 from tests.integration.auth.citizens import (
     Citizen,
     new_citizen,
     random_face,
     with_wrong_check_char,
 )
-from tests.support import create_topics, eventually, kafka_options
+from tests.support import (
+    create_topics,
+    drop_schema,
+    eventually,
+    kafka_options,
+    partitions_of,
+    unique,
+)
 
 pytestmark = pytest.mark.integration
 
 CHANNEL = "wechat-oa"
+COMMANDS_TOPIC = command_topic("auth")
 REPLIES_TOPIC = reply_topic(CHANNEL)
 REPLY_TIMEOUT_S = 60.0
 
@@ -144,17 +153,38 @@ def settings_for_service(stack: object) -> AuthSettings:
     return AuthSettings()
 
 
+async def skip_history(bootstrap: str, group: str) -> None:
+    """A fresh group would read `auth.commands` from offset 0 and answer other runs'
+    commands; commit the current ends so the service sees only what this module sends."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, **kafka_options(), group_id=group,
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = await partitions_of(bootstrap, [COMMANDS_TOPIC])
+        ends = await consumer.end_offsets(partitions)
+        consumer.assign(partitions)
+        await consumer.commit(ends)
+    finally:
+        await consumer.stop()
+
+
 @pytest.fixture(scope="module")
 async def service(settings_for_service: AuthSettings) -> AsyncIterator[ServiceRuntime]:
+    """The auth service in a schema and consumer group of this module's own."""
+    schema, group = unique("auth_test"), unique("carddesk-auth-test")
     await create_topics(settings_for_service.kafka_bootstrap,
                         [COMMANDS_TOPIC, "auth.events", REPLIES_TOPIC, f"{COMMANDS_TOPIC}.dlq"],
                         partitions=settings_for_service.partitions)
-    runtime = build(settings_for_service)
+    await skip_history(settings_for_service.kafka_bootstrap, group)
+    runtime = bootstrap(SPEC, settings_for_service, schema=schema, group=group).runtime
     await runtime.start()
     await runtime.broker.start()
-    yield runtime
-    await runtime.broker.stop()
-    await runtime.stop()
+    try:
+        yield runtime
+    finally:
+        await runtime.broker.stop()
+        await runtime.stop()
+        await drop_schema(settings_for_service, schema)
 
 
 @pytest.fixture(scope="module")
@@ -178,22 +208,28 @@ async def db(service: ServiceRuntime) -> asyncpg.Pool:
 
 
 @pytest.fixture
-async def citizen(db: asyncpg.Pool, settings_for_service: AuthSettings) -> Citizen:
+async def schema(service: ServiceRuntime) -> str:
+    return service.schema
+
+
+@pytest.fixture
+async def citizen(db: asyncpg.Pool, settings_for_service: AuthSettings, schema: str) -> Citizen:
     person = new_citizen()
     async with db.acquire() as conn:
-        await enroll(conn, person.id_number, person.name, person.face, settings_for_service)
+        await enroll(conn, person.id_number, person.name, person.face, settings_for_service,
+                     schema=schema)
     return person
 
 
-async def event_types(db: asyncpg.Pool, ref: str) -> list[str]:
-    rows = await db.fetch(f"SELECT type FROM {SCHEMA}.events WHERE stream_id = $1"
+async def event_types(db: asyncpg.Pool, schema: str, ref: str) -> list[str]:
+    rows = await db.fetch(f"SELECT type FROM {schema}.events WHERE stream_id = $1"
                           " ORDER BY version", stream_id(ref))
     return [r["type"] for r in rows]
 
 
 async def test_a_citizen_gets_a_captcha_logs_in_and_the_token_verifies(
     channel: ChannelClient, citizen: Citizen, settings_for_service: AuthSettings,
-    db: asyncpg.Pool
+    db: asyncpg.Pool, schema: str
 ) -> None:
     reply = await channel.login(citizen)
     assert (reply.status, reply.code) == ("accepted", "accepted")
@@ -204,15 +240,15 @@ async def test_a_citizen_gets_a_captcha_logs_in_and_the_token_verifies(
     card = await channel.send("AuthorizeElectronicCard",
                               {"session_token": reply.data["session_token"]})
     assert card.status == "accepted", card
-    assert await event_types(db, claims.citizen_ref) == [
+    assert await event_types(db, schema, claims.citizen_ref) == [
         "SessionStarted", "IdentityVerified", "ElectronicCardAuthorized"]
 
     async def published() -> bool:
         unsent = await db.fetchval(
-            f"SELECT count(*) FROM {SCHEMA}.outbox WHERE topic = 'auth.events'"
+            f"SELECT count(*) FROM {schema}.outbox WHERE topic = 'auth.events'"
             " AND key = $1 AND sent_at IS NULL", claims.citizen_ref.encode())
         sent = await db.fetchval(
-            f"SELECT count(*) FROM {SCHEMA}.outbox WHERE topic = 'auth.events'"
+            f"SELECT count(*) FROM {schema}.outbox WHERE topic = 'auth.events'"
             " AND key = $1 AND sent_at IS NOT NULL", claims.citizen_ref.encode())
         return bool(unsent == 0 and sent == 3)
 
@@ -238,7 +274,7 @@ async def test_a_wrong_name_a_bad_checksum_and_a_reused_captcha_are_refused_with
 
 async def test_three_failed_portraits_lock_the_citizen_out_even_with_the_right_face(
     channel: ChannelClient, citizen: Citizen, settings_for_service: AuthSettings,
-    db: asyncpg.Pool
+    db: asyncpg.Pool, schema: str
 ) -> None:
     token = await channel.token(citizen)
     verified = await channel.portrait(token, citizen.face)
@@ -252,14 +288,14 @@ async def test_three_failed_portraits_lock_the_citizen_out_even_with_the_right_f
     assert codes == ["face_mismatch", "face_mismatch", "portrait_locked"]
     fourth = await channel.portrait(token, citizen.face)
     assert (fourth.status, fourth.code) == ("rejected", "portrait_locked")
-    assert await event_types(db, upgraded.citizen_ref) == [
+    assert await event_types(db, schema, upgraded.citizen_ref) == [
         "SessionStarted", "IdentityVerified", "IdentityVerified",
         "IdentityVerificationFailed", "IdentityVerificationFailed",
         "IdentityVerificationFailed", "IdentityLocked"]
 
 
 async def test_a_repeated_request_gets_the_identical_reply_and_records_nothing_more(
-    channel: ChannelClient, citizen: Citizen, db: asyncpg.Pool
+    channel: ChannelClient, citizen: Citizen, db: asyncpg.Pool, schema: str
 ) -> None:
     issued = await channel.captcha()
     request_id, raw = channel.envelope("StartSession", {
@@ -272,7 +308,7 @@ async def test_a_repeated_request_gets_the_identical_reply_and_records_nothing_m
     assert both[0] == both[1] == first[0]
     reply = Reply.model_validate_json(first[0])
     assert reply.status == "accepted"
-    assert await event_types(db, reply.data["citizen_ref"]) == [
+    assert await event_types(db, schema, reply.data["citizen_ref"]) == [
         "SessionStarted", "IdentityVerified"]
 
 

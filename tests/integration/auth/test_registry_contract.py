@@ -9,7 +9,6 @@ import asyncpg
 import pytest
 
 from services.auth.adapters import (
-    SCHEMA,
     InMemoryRegistry,
     PopulationRegistry,
     enroll,
@@ -26,7 +25,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(params=["in-memory", "postgres"])
 async def registry(
-    request: pytest.FixtureRequest, pool: asyncpg.Pool, auth_settings: AuthSettings
+    request: pytest.FixtureRequest, pool: asyncpg.Pool, auth_settings: AuthSettings,
+    auth_schema: str,
 ) -> AsyncIterator[PopulationRegistry]:
     if request.param == "in-memory":
         yield InMemoryRegistry(auth_settings.citizen_ref_pepper.get_secret_value())
@@ -35,7 +35,7 @@ async def registry(
         transaction = conn.transaction()
         await transaction.start()
         try:
-            yield postgres_registry(conn, auth_settings)
+            yield postgres_registry(conn, auth_settings, auth_schema)
         finally:
             await transaction.rollback()
 
@@ -89,7 +89,7 @@ async def test_enrolling_again_replaces_the_name_and_template(
 
 
 async def test_the_registry_keeps_neither_name_nor_template_readable(
-    pool: asyncpg.Pool, auth_settings: AuthSettings
+    pool: asyncpg.Pool, auth_settings: AuthSettings, auth_schema: str
 ) -> None:
     citizen = new_citizen()
     async with pool.acquire() as conn:
@@ -97,9 +97,9 @@ async def test_the_registry_keeps_neither_name_nor_template_readable(
         await transaction.start()
         try:
             ref = await enroll(conn, citizen.id_number.lower(), citizen.name, citizen.face,
-                               auth_settings)
+                               auth_settings, schema=auth_schema)
             row = await conn.fetchrow(
-                f"SELECT * FROM {SCHEMA}.registry WHERE citizen_ref = $1", ref)
+                f"SELECT * FROM {auth_schema}.registry WHERE citizen_ref = $1", ref)
         finally:
             await transaction.rollback()  # nothing of this test stays
     assert row is not None
@@ -112,17 +112,17 @@ async def test_the_registry_keeps_neither_name_nor_template_readable(
 
 
 async def test_enrolment_refuses_an_id_number_that_fails_the_checksum(
-    pool: asyncpg.Pool, auth_settings: AuthSettings
+    pool: asyncpg.Pool, auth_settings: AuthSettings, auth_schema: str
 ) -> None:
     citizen = new_citizen()
     async with pool.acquire() as conn:
         with pytest.raises(InvalidIdNumberError):
             await enroll(conn, with_wrong_check_char(citizen.id_number), citizen.name,
-                         citizen.face, auth_settings)
+                         citizen.face, auth_settings, schema=auth_schema)
 
 
 async def test_an_erased_citizens_template_can_no_longer_be_read(
-    pool: asyncpg.Pool, auth_settings: AuthSettings
+    pool: asyncpg.Pool, auth_settings: AuthSettings, auth_schema: str
 ) -> None:
     citizen = new_citizen()
     async with pool.acquire() as conn:
@@ -130,9 +130,10 @@ async def test_an_erased_citizens_template_can_no_longer_be_read(
         await transaction.start()
         try:
             ref = await enroll(conn, citizen.id_number, citizen.name, citizen.face,
-                               auth_settings)
-            await Vault(SCHEMA, auth_settings.master_key.get_secret_value()).destroy(conn, ref)
+                               auth_settings, schema=auth_schema)
+            vault = Vault(auth_schema, auth_settings.master_key.get_secret_value())
+            await vault.destroy(conn, ref)
             with pytest.raises(DataKeyDestroyedError):
-                await postgres_registry(conn, auth_settings).face_template(ref)
+                await postgres_registry(conn, auth_settings, auth_schema).face_template(ref)
         finally:
             await transaction.rollback()

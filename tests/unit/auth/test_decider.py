@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from services.auth import domain
 from services.auth.domain import (
-    INITIAL,
+    DECIDER,
     AttemptPortrait,
     AuthCommand,
     AuthorizeCard,
@@ -20,6 +19,7 @@ from services.auth.domain import (
     CaptchaMismatchError,
     CaptchaRecord,
     CaptchaUsedError,
+    DecisionContext,
     FaceMismatchError,
     InvalidIdNumberError,
     LivenessTooLowError,
@@ -28,13 +28,10 @@ from services.auth.domain import (
     Recorded,
     check_captcha,
     cosine_similarity,
-    decide,
-    evolve,
     is_erased,
     refusal_for,
     require_valid_id_number,
 )
-from shared.application import fold
 from shared.contracts.auth import (
     AuthEvent,
     ElectronicCardAuthorized,
@@ -47,6 +44,9 @@ from shared.contracts.common import SubjectErased
 from shared.erasure import decide_erasure
 from shared.errors import DomainError, SubjectErasedError
 from shared.identity import check_char
+from tests.deciders import Given
+from tests.deciders import given as spec
+from tests.support import make_events
 
 NOW = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
 DAY = timedelta(hours=24)
@@ -58,6 +58,18 @@ POLICY = PortraitPolicy(
     lockout=DAY,
 )
 LOCKED_UNTIL = NOW + DAY
+CONTEXT = DecisionContext(now=NOW, new_id=lambda: "s1", policy=POLICY)
+
+
+def at(now: datetime) -> DecisionContext:
+    """The usual context, at another time."""
+    return replace(CONTEXT, now=now)
+
+
+def given(*history: tuple[datetime, AuthEvent]
+          ) -> Given[AuthCommand, AuthState, Recorded, DecisionContext]:
+    """Each past event with the time it was recorded: the failure window counts on it."""
+    return spec(DECIDER, *(Recorded(event=e, at=t) for t, e in history), context=CONTEXT)
 
 
 def matching_face(liveness: float = 0.95) -> AttemptPortrait:
@@ -72,37 +84,7 @@ def mismatch(failures: int) -> IdentityVerificationFailed:
     return IdentityVerificationFailed(reason="face_mismatch", failures_in_window=failures)
 
 
-@dataclass(frozen=True)
-class Scenario:
-    history: Sequence[tuple[datetime, AuthEvent]]
-
-    @property
-    def state(self) -> AuthState:
-        return fold(INITIAL, evolve, [Recorded(event=e, at=at) for at, e in self.history])
-
-    def when(self, command: AuthCommand, at: datetime = NOW) -> Outcome:
-        return Outcome(self.state, command, at)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    state: AuthState
-    command: AuthCommand
-    at: datetime
-
-    def then(self, expected: Sequence[AuthEvent]) -> None:
-        assert decide(self.command, self.state, now=self.at, policy=POLICY) == list(expected)
-
-    def then_refused(self, error: type[DomainError]) -> None:
-        with pytest.raises(error):
-            decide(self.command, self.state, now=self.at, policy=POLICY)
-
-
-def given(*history: tuple[datetime, AuthEvent]) -> Scenario:
-    return Scenario(history)
-
-
-def three_failures_ending_now() -> Scenario:
+def three_failures_ending_now() -> Given[AuthCommand, AuthState, Recorded, DecisionContext]:
     return given(
         (NOW - timedelta(minutes=2), mismatch(1)),
         (NOW - timedelta(minutes=1), mismatch(2)),
@@ -116,22 +98,21 @@ def three_failures_ending_now() -> Scenario:
 
 def test_a_verified_login_starts_a_session_and_records_realname_verification() -> None:
     expires = NOW + timedelta(minutes=30)
-    given().when(BeginSession(session_id="s1", channel="wechat-oa", expires_at=expires)).then([
+    given().when(BeginSession(channel="wechat-oa", expires_at=expires)).then(
         SessionStarted(session_id="s1", channel="wechat-oa", expires_at=expires),
         IdentityVerified(method="realname", session_id="s1"),
-    ])
+    )
 
 
 def test_a_session_authorises_the_electronic_card() -> None:
-    given().when(AuthorizeCard(session_id="s1", channel="mobile-app")).then([
+    given().when(AuthorizeCard(session_id="s1", channel="mobile-app")).then(
         ElectronicCardAuthorized(session_id="s1", channel="mobile-app"),
-    ])
+    )
 
 
 def test_an_erased_citizen_can_do_nothing() -> None:
     erased = given((NOW - DAY, SubjectErased(reason="request")))
-    erased.when(BeginSession(session_id="s1", channel="x", expires_at=NOW)).then_refused(
-        SubjectErasedError)
+    erased.when(BeginSession(channel="x", expires_at=NOW)).then_refused(SubjectErasedError)
     erased.when(AuthorizeCard(session_id="s1", channel="x")).then_refused(SubjectErasedError)
     erased.when(matching_face()).then_refused(SubjectErasedError)
 
@@ -140,30 +121,30 @@ def test_an_erased_citizen_can_do_nothing() -> None:
 
 
 def test_a_live_matching_face_verifies_the_portrait_with_its_similarity() -> None:
-    given().when(matching_face()).then([
+    given().when(matching_face()).then(
         IdentityVerified(method="portrait", session_id="s1", similarity=0.97),
-    ])
+    )
 
 
 def test_a_face_below_the_similarity_threshold_is_a_recorded_mismatch() -> None:
-    given().when(other_face()).then([mismatch(1)])
+    given().when(other_face()).then(mismatch(1))
 
 
 def test_an_embedding_that_cannot_be_compared_is_a_mismatch() -> None:
     given().when(AttemptPortrait(session_id="s1", liveness_score=0.95, similarity=None)).then(
-        [mismatch(1)])
+        mismatch(1))
 
 
 def test_low_liveness_fails_even_with_the_right_face() -> None:
-    given().when(matching_face(liveness=0.5)).then([
+    given().when(matching_face(liveness=0.5)).then(
         IdentityVerificationFailed(reason="low_liveness", failures_in_window=1),
-    ])
+    )
 
 
 def test_thresholds_are_inclusive() -> None:
-    given().when(AttemptPortrait(session_id="s1", liveness_score=0.8, similarity=0.85)).then([
+    given().when(AttemptPortrait(session_id="s1", liveness_score=0.8, similarity=0.85)).then(
         IdentityVerified(method="portrait", session_id="s1", similarity=0.85),
-    ])
+    )
 
 
 def test_the_third_failure_within_the_window_locks_portrait_verification() -> None:
@@ -171,38 +152,38 @@ def test_the_third_failure_within_the_window_locks_portrait_verification() -> No
         (NOW - timedelta(hours=5), mismatch(1)),
         (NOW - timedelta(hours=1), IdentityVerificationFailed(reason="low_liveness",
                                                               failures_in_window=2)),
-    ).when(other_face()).then([
+    ).when(other_face()).then(
         mismatch(3),
         IdentityLocked(locked_until=LOCKED_UNTIL),
-    ])
+    )
 
 
 def test_a_fourth_attempt_is_refused_even_with_the_right_face() -> None:
-    three_failures_ending_now().when(matching_face(), at=NOW + timedelta(minutes=5)).then_refused(
-        PortraitLockedError)
+    three_failures_ending_now().when(
+        matching_face(), at(NOW + timedelta(minutes=5))).then_refused(PortraitLockedError)
 
 
 def test_the_lock_holds_until_its_last_instant() -> None:
     three_failures_ending_now().when(
-        matching_face(), at=LOCKED_UNTIL - timedelta(seconds=1)).then_refused(PortraitLockedError)
+        matching_face(), at(LOCKED_UNTIL - timedelta(seconds=1))).then_refused(PortraitLockedError)
 
 
 def test_the_lock_expires_after_the_lockout_and_the_right_face_passes() -> None:
-    three_failures_ending_now().when(matching_face(), at=LOCKED_UNTIL).then([
+    three_failures_ending_now().when(matching_face(), at(LOCKED_UNTIL)).then(
         IdentityVerified(method="portrait", session_id="s1", similarity=0.97),
-    ])
+    )
 
 
 def test_after_a_lock_expires_failures_are_counted_afresh() -> None:
-    three_failures_ending_now().when(other_face(), at=LOCKED_UNTIL + timedelta(minutes=1)).then(
-        [mismatch(1)])
+    three_failures_ending_now().when(
+        other_face(), at(LOCKED_UNTIL + timedelta(minutes=1))).then(mismatch(1))
 
 
 def test_failures_older_than_the_window_do_not_count() -> None:
     given(
         (NOW - DAY - timedelta(minutes=1), mismatch(1)),
         (NOW - DAY, mismatch(2)),
-    ).when(other_face()).then([mismatch(1)])
+    ).when(other_face()).then(mismatch(1))
 
 
 def test_a_success_between_failures_does_not_reset_the_window() -> None:
@@ -211,7 +192,7 @@ def test_a_success_between_failures_does_not_reset_the_window() -> None:
         (NOW - timedelta(hours=2), IdentityVerified(method="portrait", session_id="s0",
                                                     similarity=0.9)),
         (NOW - timedelta(hours=1), mismatch(2)),
-    ).when(other_face()).then([mismatch(3), IdentityLocked(locked_until=LOCKED_UNTIL)])
+    ).when(other_face()).then(mismatch(3), IdentityLocked(locked_until=LOCKED_UNTIL))
 
 
 # --- the reply a portrait attempt gets -------------------------------------------------------
@@ -293,6 +274,16 @@ def test_cosine_similarity_compares_directions_not_lengths() -> None:
 def test_embeddings_of_different_lengths_or_zero_vectors_cannot_be_compared() -> None:
     assert cosine_similarity([1.0, 0.0], [1.0, 0.0, 0.0]) is None
     assert cosine_similarity([0.0, 0.0], [1.0, 0.0]) is None
+
+
+# --- the stored stream --------------------------------------------------------------------
+
+
+def test_a_stored_event_is_folded_with_the_time_it_was_recorded() -> None:
+    [envelope] = make_events(DECIDER.stream_id("ref-1"), "ref-1", [mismatch(1)])
+    assert envelope.stream_id == "auth-ref-1"
+    assert DECIDER.decode(envelope) == Recorded(event=mismatch(1), at=envelope.occurred_at)
+    assert DECIDER.fold([DECIDER.decode(envelope)]).failures == (envelope.occurred_at,)
 
 
 # --- erasure (shared.erasure decides with this service's fold) -----------------------------
