@@ -116,7 +116,8 @@ async def isolated_status_service(
     topics = list(status_settings.consumed_topics().values())
     all_topics = [*topics, *(f"{t}.dlq" for t in topics)]
     await create_topics(settings.kafka_bootstrap, all_topics, partitions=settings.partitions)
-    service = bootstrap(STATUS, status_settings, schema=schema, group=f"carddesk-{schema}")
+    service = bootstrap(STATUS, status_settings, schema=schema,
+                        group=f"carddesk-status-{schema}")
     app = query_app(service)
     producer = make_producer(settings)
     await producer.start()
