@@ -50,6 +50,12 @@ class Kit(Generic[T]):
     ids: IdSource = new_uuid
 
 
+def follower_name(service: str, topic: str) -> str:
+    """The name `service`'s follower of `topic` keeps its processed rows under (a projection
+    rebuilt out of process writes the same)."""
+    return f"{service}:{topic}"
+
+
 @dataclass(frozen=True, slots=True)
 class Follow:
     """An event topic the service follows: each event applied once, in the transaction that
@@ -136,7 +142,7 @@ def bootstrap(
                 max_attempts=settings.consumer_max_attempts, barrier=barrier)
         for follow in wiring.follows:
             service.followers[follow.topic] = EventConsumer(
-                runtime.pool, schema, f"{spec.name}:{follow.topic}", follow.handler,
+                runtime.pool, schema, follower_name(spec.name, follow.topic), follow.handler,
                 runtime.dead_letters, known_types=KNOWN_EVENT_TYPES[follow.topic],
                 max_attempts=settings.consumer_max_attempts,
                 batch_handler=follow.batch_handler, on_applied=follow.on_applied,

@@ -15,8 +15,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.admin import AIOKafkaAdminClient
 
 from cardctl.stack import ensure_topics
-from services.status.main import StatusService
-from services.status.main import build as build_status
+from services.status.main import SPEC as STATUS
+from services.status.main import query_app
 from services.status.settings import StatusSettings
 from shared.consumer import Inbound
 from shared.envelope import GENESIS_HASH, EventEnvelope
@@ -24,6 +24,7 @@ from shared.events import DomainEvent, EventMeta, to_pending
 from shared.kafka import client_options
 from shared.outbox import make_producer
 from shared.runtime import ServiceRuntime, stop_step
+from shared.service import Service, bootstrap
 from shared.settings import CardDeskSettings
 from shared.topics import TopicSpec
 
@@ -107,20 +108,23 @@ async def eventually(check: Callable[[], object], timeout_s: float = 30.0) -> No
 
 @asynccontextmanager
 async def isolated_status_service(
-    settings: CardDeskSettings, status_settings: StatusSettings,
-) -> AsyncIterator[tuple[StatusService, httpx.AsyncClient, AIOKafkaProducer]]:
-    """The status service in-process on its own schema, group and prefixed topics (created
-    here and deleted afterwards), with an HTTP client on its app and a producer for events."""
+    settings: CardDeskSettings, status_settings: StatusSettings, *, schema: str,
+) -> AsyncIterator[tuple[Service[StatusSettings], httpx.AsyncClient, AIOKafkaProducer]]:
+    """The status service in-process on its own `schema`, group and topics (`status_settings`
+    prefixes them; created here and deleted afterwards), with an HTTP client on its query
+    API and a producer for events."""
     topics = list(status_settings.consumed_topics().values())
     all_topics = [*topics, *(f"{t}.dlq" for t in topics)]
     await create_topics(settings.kafka_bootstrap, all_topics, partitions=settings.partitions)
-    service = build_status(status_settings)
+    service = bootstrap(STATUS, status_settings, schema=schema,
+                        group=f"carddesk-status-{schema}")
+    app = query_app(service)
     producer = make_producer(settings)
     await producer.start()
     try:
         # The Starlette lifespan starts the runtime and the broker, as uvicorn would.
-        async with service.app.router.lifespan_context(service.app):
-            transport = httpx.ASGITransport(app=service.app)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
             # Every request authenticates as the auditor; tests of the keys pass their own.
             async with httpx.AsyncClient(
                     transport=transport, base_url="http://status",
@@ -129,7 +133,7 @@ async def isolated_status_service(
     finally:
         # Bounded, each step: a teardown that waits for ever hides the failure behind it.
         await stop_step("test producer", producer.stop())
-        await stop_step("drop schema", drop_schema(settings, status_settings.status_schema))
+        await stop_step("drop schema", drop_schema(settings, schema))
         await stop_step("delete topics", delete_topics(settings, all_topics))
 
 

@@ -7,13 +7,10 @@ channel client and the pages, in one process.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import structlog
-import uvicorn
 import uvloop
 from starlette.applications import Starlette
 
@@ -28,7 +25,8 @@ from shared.channels import ChannelRegistry
 from shared.consumer import EventConsumer
 from shared.contracts import KNOWN_EVENT_TYPES
 from shared.logging import configure_logging
-from shared.runtime import STOP_STEP_TIMEOUT_S, MessageHandler, ServiceRuntime, stop_step, supervise
+from shared.runtime import MessageHandler, ServiceRuntime
+from shared.webapp import runtime_lifespan, serve
 
 log = structlog.get_logger()
 
@@ -75,8 +73,8 @@ class ConsoleService:
         self.status = StatusReader(settings.status_url(), channel.api_key)
         self._staff: StaffDirectory | None = None
         self._queue: QueueReader | None = None
-        self._tasks: list[asyncio.Task[None]] = []
         self.runtime.on_ready(self._build)
+        self.runtime.background(self._purge_sessions)
         self.runtime.subscribe(settings.review_events_topic(), self._handler,
                                group=settings.console_consumer_group,
                                title=f"{settings.review_events_topic()}:console",
@@ -86,7 +84,11 @@ class ConsoleService:
             status=lambda: self.status,
             audits=AuditRunner(settings, settings.status_schema, now), clock=now,
             database_answers=self._database_answers)
-        self.app: Starlette = create_app(self.console, lifespan=self._lifespan)
+        # Every step of stopping bounded, as the other services' (shared.runtime.stop_step).
+        self.app: Starlette = create_app(self.console, lifespan=runtime_lifespan(
+            self.runtime, started=self.channel.start,
+            stopping=[("console channel", self.channel.stop),
+                      ("status client", self.status.close)]))
 
     def staff(self) -> StaffDirectory:
         assert self._staff is not None, "the console has not started"
@@ -127,39 +129,9 @@ class ConsoleService:
             await self.staff().purge_expired(now())
             await asyncio.sleep(300)
 
-    async def start(self) -> None:
-        await self.runtime.start()
-        await self.channel.start()
-        self._tasks = [
-            asyncio.create_task(supervise("console.broker", self.runtime.broker.start)),
-            asyncio.create_task(supervise("console.sessions", self._purge_sessions)),
-        ]
-
-    async def stop(self) -> None:
-        """Every step bounded, as the other services' (shared.runtime.stop_step)."""
-        for task in self._tasks:
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=STOP_STEP_TIMEOUT_S)
-        self._tasks = []
-        await stop_step("broker", self.runtime.broker.stop(), 2 * STOP_STEP_TIMEOUT_S)
-        await stop_step("console channel", self.channel.stop())
-        await stop_step("status client", self.status.close())
-        await self.runtime.stop()
-
-    @asynccontextmanager
-    async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
-        await self.start()
-        try:
-            yield
-        finally:
-            await self.stop()
-
     async def serve(self) -> None:
-        config = uvicorn.Config(self.app, host=self.settings.http_host,
-                                port=self.settings.console_port, log_config=None,
-                                access_log=False)
-        await uvicorn.Server(config).serve()
+        await serve(self.app, self.settings.http_host, self.settings.console_port,
+                    access_log=False)
 
 
 def build(settings: ConsoleSettings | None = None) -> ConsoleService:

@@ -20,8 +20,21 @@ from shared.consumer import (
     Rejected,
     describe_validation_error,
 )
+from shared.contracts import EVENT_TOPICS
 from shared.envelope import EventEnvelope
 from shared.locks import lock_citizens
+from shared.service import follower_name
+
+SERVICE = "status"
+
+# The one name the four followers shared before each had its own (issue 10).
+FORMER_FOLLOWER = "carddesk-status"
+
+
+def status_follower(topic: str) -> str:
+    """The name the follower of `topic` (the contract's name) keeps its processed rows
+    under, as `shared.service.bootstrap` names it; the rebuild writes the same."""
+    return follower_name(SERVICE, topic)
 
 
 def status_ddl(schema: str) -> str:
@@ -52,7 +65,21 @@ def status_ddl(schema: str) -> str:
     );
     CREATE INDEX IF NOT EXISTS card_timeline_in_order
         ON {schema}.card_timeline (citizen_ref, occurred_at, stream_id, version);
-    """
+    """ + _processed_renamed(schema)
+
+
+def _processed_renamed(schema: str) -> str:
+    """Processed rows kept under the former shared name move to their follower's own (the
+    timeline row of the event names its topic), so that nothing is applied twice after an
+    upgrade; once moved, this finds nothing."""
+    return "".join(
+        f"""
+    UPDATE {schema}.processed p SET consumer = '{status_follower(topic)}'
+      FROM {schema}.card_timeline t
+     WHERE p.consumer = '{FORMER_FOLLOWER}' AND t.event_id = p.message_id
+       AND t.topic = '{topic}' AND NOT EXISTS (SELECT 1 FROM {schema}.processed q
+           WHERE q.consumer = '{status_follower(topic)}' AND q.message_id = p.message_id);"""
+        for topic in EVENT_TOPICS.values())
 
 
 CARD_COLUMNS = ("citizen_ref", "card_no_masked", "status", "e_card_status", "loss_kind",

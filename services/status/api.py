@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import asyncpg
@@ -28,12 +27,12 @@ from services.status.settings import StatusSettings
 from shared.channels import ChannelRegistry
 from shared.contracts.common import CITIZEN_REF_PATTERN
 from shared.health import summarise
+from shared.webapp import Lifespan
 
 log = structlog.get_logger()
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
-Lifespan = Callable[[Starlette], AbstractAsyncContextManager[None]]
 Endpoint = Callable[[Request, Caller, str], Awaitable[Response]]
 
 # A citizen_ref is HMAC-SHA256 in lower-case hex (shared/identity.py).
@@ -41,13 +40,14 @@ CITIZEN_REF = re.compile(CITIZEN_REF_PATTERN)
 
 
 class QueryBackend:
-    """What the routes need from the running service: its pool and its health checks
-    (database, Kafka and every consumer, each None when fine)."""
+    """What the routes need from the running service: the schema of its read models, its
+    pool and its health checks (database, Kafka and every consumer, each None when fine)."""
 
-    def __init__(self, settings: StatusSettings, pool: Callable[[], asyncpg.Pool],
+    def __init__(self, settings: StatusSettings, schema: str, pool: Callable[[], asyncpg.Pool],
                  problems: Callable[[], Awaitable[Mapping[str, str | None]]], *,
                  keys: ApiKeys | None = None, limiter: RateLimiter | None = None) -> None:
         self.settings = settings
+        self.schema = schema
         self.pool = pool
         self.problems = problems
         self.keys = keys or ApiKeys.of(
@@ -89,7 +89,7 @@ def guarded(backend: QueryBackend, endpoint: Endpoint) -> Callable[[Request], Aw
 
 
 def create_app(backend: QueryBackend, lifespan: Lifespan | None = None) -> Starlette:
-    settings, schema = backend.settings, backend.settings.status_schema
+    settings, schema = backend.settings, backend.schema
 
     async def card(_request: Request, _caller: Caller, citizen_ref: str) -> Response:
         row = await fetch_card(backend.pool(), schema, citizen_ref)

@@ -32,7 +32,12 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import Field, ValidationError
 
-from services.status.adapters import CARD_COLUMNS, card_record
+from services.status.adapters import (
+    CARD_COLUMNS,
+    FORMER_FOLLOWER,
+    card_record,
+    status_follower,
+)
 from services.status.projection import SubStates, decode_known, evolve, status_row
 from services.status.settings import StatusSettings
 from services.status.timeline import description
@@ -164,10 +169,11 @@ class ProjectionFold:
     A message the live consumer would dead-letter (`parse_event` refuses it, its data does
     not decode) is skipped; an event id seen before is skipped, as the `processed` table
     does. Per citizen only the sub-states and the latest `(occurred_at, event_id)` are kept:
-    `status_row` of those is the row `project` reaches event by event.
+    `status_row` of those is the row `project` reaches event by event. Processed rows go
+    under the name of the live follower of the event's topic, `consumer(contract_topic)`.
     """
 
-    def __init__(self, consumer: str) -> None:
+    def __init__(self, consumer: Callable[[str], str] = status_follower) -> None:
         self.consumer = consumer
         self.citizens: dict[str, _Citizen] = {}
         self.seen: set[str] = set()
@@ -207,7 +213,7 @@ class ProjectionFold:
         self._timeline.append((ref, event_id, envelope.type, occurred_at,
                                description(envelope, event), contract_topic,
                                envelope.stream_id, envelope.version))
-        self._processed.append((self.consumer, event_id))
+        self._processed.append((self.consumer(contract_topic), event_id))
         self.applied += 1
 
     @property
@@ -495,7 +501,7 @@ async def rebuild(settings: RebuildSettings, *, keep_old: bool = False,
     schema = settings.status_schema
     started = time.monotonic()
     report = RebuildReport()
-    fold = ProjectionFold(settings.status_consumer_group)
+    fold = ProjectionFold()
     tables = NextTables(schema)
     reader = TopicReader(settings)
     pool = await asyncpg.create_pool(settings.database_url, min_size=2, max_size=4)
@@ -644,7 +650,8 @@ async def _swap(settings: RebuildSettings, conn: asyncpg.Connection, reader: Top
                 # Rows other consumers recorded in this schema's processed table stay.
                 await conn.execute(
                     f"INSERT INTO {schema}.processed{NEXT} SELECT * FROM {schema}.processed"
-                    " WHERE consumer <> $1", fold.consumer)
+                    " WHERE consumer <> ALL($1::text[])",
+                    [FORMER_FOLLOWER, *map(fold.consumer, settings.consumed_topics())])
                 tag = time.strftime("%Y%m%d%H%M%S")
                 old_tables = await tables.swap(conn, tag)
             log.info("rebuild.swapped", attempt=attempt, events=phase.events,

@@ -12,12 +12,13 @@ DEV_AUDITOR_API_KEY = "carddesk-dev-auditor-key"
 
 
 class StatusSettings(CardDeskSettings):
-    """The projection's schema, consumer group, the topics it reads, and the query API's
+    """Where the read models live, the topics they are read from, and the query API's
     callers: auditors (their own keys) beside the channels (their `api_key`)."""
 
+    # The service's schema; the rebuild, `cardctl audit replay` and the console read it.
     status_schema: str = Field(default="status", pattern=r"^[a-z_][a-z0-9_]*$")
-    status_consumer_group: str = "carddesk-status"
-    # Prepended to every consumed topic; empty in production, unique in isolated tests.
+    # Prepended to every consumed topic; empty in production. A rebuild or an audit replay
+    # reads a copy of the log with it; isolated tests publish to topics of their own.
     status_topic_prefix: str = ""
     # JSON {"auditor-id": "api key"}: auditors may query every citizen.
     auditor_api_keys: dict[str, SecretStr] = Field(

@@ -23,6 +23,9 @@ from services.status.settings import StatusSettings
 from shared.settings import CardDeskSettings
 from tests.support import BUREAU_CHANNEL, CITIZEN_CHANNEL, eventually, kafka_options
 
+# The running status service's consumer group (`carddesk-<name>`, shared.service).
+STATUS_GROUP = "carddesk-status"
+
 pytestmark = pytest.mark.integration
 
 
@@ -108,7 +111,7 @@ async def projection_caught_up(settings: StatusSettings) -> None:
     await admin.start()
     try:
         async def committed_all() -> bool:
-            committed = await admin.list_consumer_group_offsets(settings.status_consumer_group)
+            committed = await admin.list_consumer_group_offsets(STATUS_GROUP)
             return not [tp for tp, end in ends.items()
                         if end > 0 and (tp not in committed or committed[tp].offset < end)]
 

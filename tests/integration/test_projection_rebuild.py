@@ -17,8 +17,7 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from services.status.adapters import card_record
-from services.status.main import StatusService
+from services.status.adapters import card_record, status_follower
 from services.status.projection import CardStatusRow, project
 from services.status.rebuild import (
     CARD_STATUS_COLUMNS,
@@ -27,10 +26,12 @@ from services.status.rebuild import (
     RebuildSettings,
     rebuild,
 )
+from services.status.settings import StatusSettings
 from services.status.timeline import timeline_entry
-from shared.contracts import auth, issuance, loss, review
+from shared.contracts import EVENT_TOPICS, auth, issuance, loss, review
 from shared.envelope import GENESIS_HASH, EventEnvelope
 from shared.events import DomainEvent, EventMeta, to_pending
+from shared.service import Service
 from shared.settings import CardDeskSettings
 from tests.support import eventually, isolated_status_service, unique
 
@@ -87,7 +88,7 @@ class Citizen:
 class Isolated:
     """The in-process status service on its own schema and topics, and what was sent."""
 
-    service: StatusService
+    service: Service[StatusSettings]
     http: httpx.AsyncClient
     producer: AIOKafkaProducer
     settings: RebuildSettings
@@ -138,11 +139,11 @@ def comparable(record: tuple[Any, ...]) -> tuple[Any, ...]:
 class Tables:
     status: dict[str, tuple[Any, ...]]
     timeline: set[tuple[Any, ...]]
-    processed: set[str]
+    processed: set[tuple[str, str]]  # (consumer, message_id) of the status followers
     names: set[str]
 
 
-async def read_tables(settings: CardDeskSettings, schema: str, consumer: str) -> Tables:
+async def read_tables(settings: CardDeskSettings, schema: str) -> Tables:
     conn = await asyncpg.connect(settings.database_url)
     try:
         status = await conn.fetch(
@@ -150,7 +151,8 @@ async def read_tables(settings: CardDeskSettings, schema: str, consumer: str) ->
         timeline = await conn.fetch(
             f"SELECT {', '.join(TIMELINE_COLUMNS)} FROM {schema}.card_timeline")
         processed = await conn.fetch(
-            f"SELECT message_id FROM {schema}.processed WHERE consumer = $1", consumer)
+            f"SELECT consumer, message_id FROM {schema}.processed WHERE consumer = ANY($1)",
+            [status_follower(topic) for topic in EVENT_TOPICS.values()])
         names = await conn.fetch(
             "SELECT relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
             " WHERE n.nspname = $1 AND c.relkind IN ('r', 'i')", schema)
@@ -159,7 +161,7 @@ async def read_tables(settings: CardDeskSettings, schema: str, consumer: str) ->
     return Tables(
         status={r["citizen_ref"]: comparable(tuple(r.values())) for r in status},
         timeline={tuple(r.values()) for r in timeline},
-        processed={r["message_id"] for r in processed},
+        processed={(r["consumer"], r["message_id"]) for r in processed},
         names={r["relname"] for r in names},
     )
 
@@ -171,12 +173,13 @@ async def isolated(settings: CardDeskSettings) -> AsyncIterator[Isolated]:
         kafka_bootstrap=settings.kafka_bootstrap,
         database_url=settings.database_url,
         status_schema=suffix,
-        status_consumer_group=f"carddesk-status-{suffix}",
         status_topic_prefix=f"{suffix}.",
         rebuild_batch_rows=7,  # several COPY batches even for a few events
         rebuild_swap_max_lag=0,
     )
-    async with isolated_status_service(settings, rebuild_settings) as (service, http, producer):
+    # The service's schema is the one its rebuild settings name.
+    async with isolated_status_service(settings, rebuild_settings,
+                                       schema=suffix) as (service, http, producer):
         yield Isolated(service, http, producer, rebuild_settings)
 
 
@@ -192,16 +195,17 @@ async def test_after_the_swap_the_rows_are_those_of_the_live_tables_and_of_a_pur
     tampered = first.to_json_dict() | {"type": "CardReissued"}
     await isolated.send_raw(topic, json.dumps(tampered).encode(), first.citizen_ref)
     await isolated.all_applied()
-    schema, consumer = isolated.settings.status_schema, isolated.settings.status_consumer_group
-    before = await read_tables(settings, schema, consumer)
+    schema = isolated.settings.status_schema
+    before = await read_tables(settings, schema)
 
     report = await rebuild(isolated.settings)
 
-    after = await read_tables(settings, schema, consumer)
+    after = await read_tables(settings, schema)
     status, timeline = isolated.pure_fold()
     assert after.status == before.status == status
     assert after.timeline == before.timeline == timeline
-    assert after.processed == before.processed == {str(e.event_id) for _, e in isolated.sent}
+    assert after.processed == before.processed == {
+        (status_follower(topic), str(e.event_id)) for topic, e in isolated.sent}
     assert after.names == before.names  # the same tables and index names; none old, none next
     assert (report.applied, report.duplicates, report.skipped) == (len(isolated.sent), 1, 1)
     assert report.citizens == len(citizens)
@@ -221,8 +225,7 @@ async def test_the_running_service_applies_new_events_to_the_new_tables(
     await isolated.all_applied()
     response = await isolated.http.get(f"/v1/citizens/{early.ref}/card")
     assert response.json()["status"] == "READY_FOR_PICKUP"
-    tables = await read_tables(settings, isolated.settings.status_schema,
-                               isolated.settings.status_consumer_group)
+    tables = await read_tables(settings, isolated.settings.status_schema)
     status, timeline = isolated.pure_fold()
     assert tables.status == status
     assert tables.timeline == timeline
@@ -257,8 +260,7 @@ async def test_events_written_during_the_rebuild_end_up_in_the_swapped_tables(
     await isolated.send(more[half + 10:])
     await isolated.all_applied()
 
-    tables = await read_tables(settings, isolated.settings.status_schema,
-                               isolated.settings.status_consumer_group)
+    tables = await read_tables(settings, isolated.settings.status_schema)
     status, timeline = isolated.pure_fold()
     assert tables.status == status
     assert tables.timeline == timeline
@@ -272,14 +274,14 @@ async def test_a_failed_rebuild_leaves_the_live_tables_as_they_were(
     citizen = Citizen()
     await isolated.send(citizen.journey(3))
     await isolated.all_applied()
-    schema, consumer = isolated.settings.status_schema, isolated.settings.status_consumer_group
-    before = await read_tables(settings, schema, consumer)
+    schema = isolated.settings.status_schema
+    before = await read_tables(settings, schema)
     missing_topics = isolated.settings.model_copy(update={"status_topic_prefix": unique("no")})
 
     with pytest.raises(RebuildError, match="do not exist"):
         await rebuild(missing_topics)
 
-    after = await read_tables(settings, schema, consumer)
+    after = await read_tables(settings, schema)
     assert after == before
 
 
@@ -288,7 +290,7 @@ async def test_live_rows_the_topics_do_not_explain_stop_the_swap(
 ) -> None:
     await isolated.send(Citizen().journey(2))
     await isolated.all_applied()
-    schema, consumer = isolated.settings.status_schema, isolated.settings.status_consumer_group
+    schema = isolated.settings.status_schema
     conn = await asyncpg.connect(settings.database_url)
     try:  # as if the service had been fed from other topics
         await conn.execute(
@@ -297,11 +299,11 @@ async def test_live_rows_the_topics_do_not_explain_stop_the_swap(
             f" pickup_bureau, updated_at, last_event_id, sub_states FROM {schema}.card_status")
     finally:
         await conn.close()
-    before = await read_tables(settings, schema, consumer)
+    before = await read_tables(settings, schema)
 
     with pytest.raises(RebuildError, match="1 citizens of the live card_status"):
         await rebuild(isolated.settings)
 
-    assert await read_tables(settings, schema, consumer) == before
+    assert await read_tables(settings, schema) == before
     await rebuild(isolated.settings, allow_shrink=True)
-    assert "cr-elsewhere" not in (await read_tables(settings, schema, consumer)).status
+    assert "cr-elsewhere" not in (await read_tables(settings, schema)).status

@@ -20,7 +20,7 @@ from cardctl.keys import generate_key_set
 from services.auth.main import SPEC as AUTH
 from services.auth.settings import AuthSettings
 from services.loss.main import SPEC as LOSS
-from services.status.main import build as build_status
+from services.status.main import SPEC as STATUS
 from services.status.settings import DEV_AUDITOR_API_KEY, StatusSettings
 from shared.channels import DEV_CHANNELS_FILE
 from shared.production import (
@@ -34,6 +34,7 @@ from shared.production import (
     setting_name,
     shipped_value,
 )
+from shared.service import bootstrap
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -153,9 +154,9 @@ def test_the_status_service_refuses_the_shipped_auditor_key_in_production(
     monkeypatch.setenv("CARDDESK_AUDITOR_API_KEYS",
                        json.dumps({"auditor": DEV_AUDITOR_API_KEY}))
     with pytest.raises(UnsafeConfigurationError, match="CARDDESK_AUDITOR_API_KEYS"):
-        build_status(StatusSettings()).runtime.check_configuration()
+        bootstrap(STATUS, StatusSettings()).runtime.check_configuration()
     monkeypatch.setenv("CARDDESK_AUDITOR_API_KEYS", production["CARDDESK_AUDITOR_API_KEYS"])
-    build_status(StatusSettings()).runtime.check_configuration()
+    bootstrap(STATUS, StatusSettings()).runtime.check_configuration()
 
 
 @pytest.mark.parametrize("service", ["auth", "loss", "review", "issuance", "status"])

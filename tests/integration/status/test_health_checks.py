@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
-from services.status.main import StatusService
 from services.status.settings import StatusSettings
+from shared.service import Service
 from shared.settings import CardDeskSettings
 from tests.support import eventually, isolated_status_service, unique
 
@@ -18,14 +18,14 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-async def running(settings: CardDeskSettings) -> AsyncIterator[tuple[StatusService,
+async def running(settings: CardDeskSettings) -> AsyncIterator[tuple[Service[StatusSettings],
                                                                       httpx.AsyncClient]]:
     suffix = unique("hc")
     status_settings = StatusSettings(
         kafka_bootstrap=settings.kafka_bootstrap, database_url=settings.database_url,
-        status_schema=suffix, status_consumer_group=f"carddesk-status-{suffix}",
         status_topic_prefix=f"{suffix}.", health_timeout_seconds=2.0)
-    async with isolated_status_service(settings, status_settings) as (service, http, _):
+    async with isolated_status_service(settings, status_settings,
+                                       schema=suffix) as (service, http, _):
         yield service, http
 
 
@@ -35,7 +35,7 @@ async def health(http: httpx.AsyncClient) -> tuple[int, dict[str, Any]]:
 
 
 async def test_health_lists_every_consumer_and_is_ok_once_all_consume(
-    running: tuple[StatusService, httpx.AsyncClient],
+    running: tuple[Service[StatusSettings], httpx.AsyncClient],
 ) -> None:
     service, http = running
 
@@ -45,11 +45,11 @@ async def test_health_lists_every_consumer_and_is_ok_once_all_consume(
     await eventually(ok, timeout_s=45)
     _, body = await health(http)
     assert set(body["checks"]) == {"database", "kafka", *(
-        f"consumer:{topic}" for topic in service.settings.consumed_topics().values())}
+        f"consumer:{topic}" for topic in service.kit.settings.consumed_topics().values())}
 
 
 async def test_a_stopped_consumer_makes_health_503_naming_it(
-    running: tuple[StatusService, httpx.AsyncClient],
+    running: tuple[Service[StatusSettings], httpx.AsyncClient],
 ) -> None:
     service, http = running
     watch = service.runtime.watches[0]
@@ -62,7 +62,7 @@ async def test_a_stopped_consumer_makes_health_503_naming_it(
 
 
 async def test_a_database_that_cannot_answer_makes_health_503(
-    running: tuple[StatusService, httpx.AsyncClient],
+    running: tuple[Service[StatusSettings], httpx.AsyncClient],
 ) -> None:
     service, http = running
     service.runtime.pool.terminate()  # close() would wait for the relay to let go

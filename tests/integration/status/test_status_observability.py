@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from cardctl.top import parse, total
+from services.status.adapters import status_follower
 from services.status.settings import StatusSettings
 from shared.contracts import issuance
 from shared.settings import CardDeskSettings
@@ -23,9 +24,9 @@ async def running(settings: CardDeskSettings) -> AsyncIterator[Running]:
     suffix = unique("obs")
     status_settings = StatusSettings(
         kafka_bootstrap=settings.kafka_bootstrap, database_url=settings.database_url,
-        status_schema=suffix, status_consumer_group=f"carddesk-status-{suffix}",
         status_topic_prefix=f"{suffix}.")
-    async with isolated_status_service(settings, status_settings) as (service, http, producer):
+    async with isolated_status_service(settings, status_settings,
+                                       schema=suffix) as (service, http, producer):
         yield Running(service, http, producer, status_settings)
 
 
@@ -53,7 +54,7 @@ async def test_metrics_are_served_on_the_query_api_port_with_the_projection_lag(
 ) -> None:
     citizen = Citizen()
     issued = citizen.event("issuance.events", issuance.CardIssued(card_no="A07654321"))
-    schema = running.settings.status_schema
+    schema = running.service.kit.schema
     await running.send("issuance.events", issued)
     await running.wait_for_status(citizen.ref, "ACTIVE")
 
@@ -67,6 +68,6 @@ async def test_metrics_are_served_on_the_query_api_port_with_the_projection_lag(
     await eventually(lag_reported)
     response = await running.http.get("/metrics", headers={"Authorization": ""})
     samples = parse(response.text)
-    assert total(samples, "carddesk_events_applied_total", consumer=running.settings
-                 .status_consumer_group, topic=running.topic("issuance.events")) >= 1
+    assert total(samples, "carddesk_events_applied_total", consumer=status_follower(
+                 "issuance.events"), topic=running.topic("issuance.events")) >= 1
     assert total(samples, "carddesk_db_pool_connections", service=schema) >= 1

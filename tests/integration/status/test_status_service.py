@@ -14,11 +14,11 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from services.status.main import StatusService
 from services.status.settings import StatusSettings
 from shared.contracts import EVENT_TOPICS, auth, issuance, loss
 from shared.envelope import GENESIS_HASH, EventEnvelope, chain_hash
 from shared.events import DomainEvent, EventMeta, to_pending
+from shared.service import Service
 from shared.settings import CardDeskSettings
 from shared.topics import all_topics
 from tests.support import eventually, isolated_status_service, read_topic, unique
@@ -31,7 +31,7 @@ STREAM_PREFIX = {"auth.events": "auth", "loss.events": "loss", "review.events": 
 
 @dataclass
 class Running:
-    service: StatusService
+    service: Service[StatusSettings]
     http: httpx.AsyncClient
     producer: AIOKafkaProducer
     settings: StatusSettings
@@ -107,11 +107,10 @@ async def running(settings: CardDeskSettings) -> AsyncIterator[Running]:
     status_settings = StatusSettings(
         kafka_bootstrap=settings.kafka_bootstrap,
         database_url=settings.database_url,
-        status_schema=suffix,
-        status_consumer_group=f"carddesk-status-{suffix}",
         status_topic_prefix=f"{suffix}.",
     )
-    async with isolated_status_service(settings, status_settings) as (service, http, producer):
+    async with isolated_status_service(settings, status_settings,
+                                       schema=suffix) as (service, http, producer):
         yield Running(service, http, producer, status_settings)
 
 

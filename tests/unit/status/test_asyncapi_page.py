@@ -26,7 +26,7 @@ def client() -> httpx.AsyncClient:
     async def no_kafka() -> dict[str, str | None]:
         return {"kafka": "does not answer"}
 
-    app = create_app(QueryBackend(StatusSettings(), no_pool, no_kafka))
+    app = create_app(QueryBackend(StatusSettings(), "status", no_pool, no_kafka))
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://docs")
 
 

@@ -68,7 +68,7 @@ def pool() -> FakePool:
 @pytest.fixture
 async def api(pool: FakePool, clock: Clock) -> AsyncIterator[httpx.AsyncClient]:
     settings = StatusSettings(api_rate_limit_per_second=1.0, api_rate_limit_burst=3)
-    backend = QueryBackend(settings, lambda: cast(asyncpg.Pool, pool), kafka_down,
+    backend = QueryBackend(settings, "status", lambda: cast(asyncpg.Pool, pool), kafka_down,
                            limiter=RateLimiter(1.0, 3, clock=clock))
     transport = httpx.ASGITransport(app=create_app(backend))
     async with httpx.AsyncClient(transport=transport, base_url="http://status") as client:

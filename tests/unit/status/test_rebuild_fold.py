@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import pytest
 
-from services.status.adapters import card_record
+from services.status.adapters import card_record, status_follower
 from services.status.projection import CardStatusRow, project
 from services.status.rebuild import ProjectionFold, accept, canonical_bytes
 from services.status.timeline import timeline_entry
@@ -18,8 +18,6 @@ from shared.consumer import Inbound, Rejected, parse_event
 from shared.contracts import KNOWN_EVENT_TYPES, loss, review
 from shared.envelope import EventEnvelope, canonical_json, chain_hash
 from tests.unit.status.events import T0, Streams, interleave, whole_journey
-
-CONSUMER = "carddesk-status"
 
 
 def message(topic: str, value: bytes, offset: int = 0) -> Inbound:
@@ -158,7 +156,7 @@ def test_the_fold_gives_the_rows_and_timeline_of_project_event_by_event(seed: in
         if not queues[key]:
             del queues[key]
 
-    fold = ProjectionFold(CONSUMER)
+    fold = ProjectionFold()
     for offset, (topic, envelope) in enumerate(mixed):
         fold.add(topic, message(topic, envelope.to_bytes(), offset))
     delta = fold.take(with_status=True)
@@ -166,14 +164,14 @@ def test_the_fold_gives_the_rows_and_timeline_of_project_event_by_event(seed: in
     assert {row[0]: row for row in delta.status} == live_fold(mixed)
     assert delta.timeline == [
         tuple(timeline_entry(e, topic).model_dump().values()) for topic, e in mixed]
-    assert delta.processed == [(CONSUMER, str(e.event_id)) for _, e in mixed]
+    assert delta.processed == [(status_follower(topic), str(e.event_id)) for topic, e in mixed]
 
 
 def test_a_redelivered_event_and_unprocessable_messages_are_skipped() -> None:
     s = Streams()
     first = s.emit("loss.events", loss.LossCancelled(loss_id="l1"))
     bad = first.to_json_dict() | {"data": {"loss_id": 7}}
-    fold = ProjectionFold(CONSUMER)
+    fold = ProjectionFold()
     fold.add("loss.events", message("loss.events", first.to_bytes()))
     fold.add("loss.events", message("loss.events", first.to_bytes(), 1))
     fold.add("loss.events", message("loss.events", b"{}", 2))
