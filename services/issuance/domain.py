@@ -218,6 +218,7 @@ class StartProduction:
 @dataclass(frozen=True, slots=True)
 class FinishProduction:
     application_id: str
+    # Drawn from the schema's card number sequence before deciding (the decider makes none).
     new_card_no: str
 
 
