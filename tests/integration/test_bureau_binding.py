@@ -22,7 +22,6 @@ from shared.channels import Channel
 from shared.commands import CommandContext
 from shared.contracts.issuance import CollectCard
 from shared.contracts.review import DecideReview, ReissueApplied, ReviewApproved
-from shared.crypto import Vault
 from shared.errors import BureauNotServedError
 from shared.events import EventMeta, to_pending
 from shared.eventstore import PostgresEventStore, migrate
