@@ -1,4 +1,5 @@
-"""A citizen's card as pure functions: the state, `evolve`, and `decide` (no I/O, no clock).
+"""A citizen's card as pure functions: the state, `evolve`, and `decide` (no I/O, no clock:
+the time comes in the `DecisionContext`, new card numbers in the commands that need one).
 
 Raw ID numbers never enter here: the handler hands over a `PresentedId` (does the checksum
 hold, and whose citizen_ref is it), and the proxy's particulars arrive already encrypted.
@@ -8,28 +9,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import assert_never
 
 from shared.channels import bureau_served
 from shared.contracts.common import SubjectErased
 from shared.contracts.issuance import (
+    ISSUANCE_EVENTS,
     CardCollected,
     CardIssued,
     CardProductionStarted,
     CardReadyForPickup,
     CardReissued,
+    IssuanceEvent,
 )
+from shared.contracts.upcasters import UPCASTERS
+from shared.decider import Context, Decider
 from shared.errors import BureauNotServedError, DomainError, SubjectErasedError
-
-IssuanceEvent = (
-    CardIssued
-    | CardProductionStarted
-    | CardReissued
-    | CardReadyForPickup
-    | CardCollected
-    | SubjectErased
-)
+from shared.events import EventDecoder
 
 
 def stream_id(citizen_ref: str) -> str:
@@ -216,12 +213,12 @@ class StartProduction:
     pickup_bureau: str
     # The card the review saw the citizen holding; adopted if issuance never knew it.
     old_card_no: str | None
-    ready_by: datetime
 
 
 @dataclass(frozen=True, slots=True)
 class FinishProduction:
     application_id: str
+    # Drawn from the schema's card number sequence before deciding (the decider makes none).
     new_card_no: str
 
 
@@ -248,6 +245,14 @@ class HandOverCard:
 IssuanceCommand = RecordImportedCard | StartProduction | FinishProduction | HandOverCard
 
 
+@dataclass(frozen=True, slots=True)
+class DecisionContext(Context):
+    """What the decider knows besides the stream: the time, and how long a card takes to make
+    (the region's setting)."""
+
+    production_time: timedelta
+
+
 def require_valid(presented: PresentedId) -> str:
     """The citizen_ref of a presented ID number whose checksum holds."""
     if not presented.valid or presented.citizen_ref is None:
@@ -255,14 +260,16 @@ def require_valid(presented: PresentedId) -> str:
     return presented.citizen_ref
 
 
-def decide(command: IssuanceCommand, state: CardState) -> list[IssuanceEvent]:
+def decide(
+    command: IssuanceCommand, state: CardState, context: DecisionContext
+) -> list[IssuanceEvent]:
     if isinstance(state, Erased):
         raise SubjectErasedError
     match command:
         case RecordImportedCard():
             return _import(command, state)
         case StartProduction():
-            return _start_production(command, state)
+            return _start_production(command, state, context)
         case FinishProduction():
             return _finish_production(command, state)
         case HandOverCard():
@@ -271,13 +278,14 @@ def decide(command: IssuanceCommand, state: CardState) -> list[IssuanceEvent]:
             assert_never(command)
 
 
-def decide_all(commands: Sequence[IssuanceCommand], state: CardState) -> list[IssuanceEvent]:
+def decide_all(
+    commands: Sequence[IssuanceCommand], state: CardState, context: DecisionContext
+) -> list[IssuanceEvent]:
     """Decide several commands in turn, each against the state the previous ones left."""
     events: list[IssuanceEvent] = []
     for command in commands:
-        decided = decide(command, state)
-        for event in decided:
-            state = evolve(state, event)
+        decided = decide(command, state, context)
+        state = DECIDER.fold(decided, state)
         events.extend(decided)
     return events
 
@@ -301,12 +309,14 @@ def _known_applications(state: CardState) -> frozenset[str]:
             assert_never(state)
 
 
-def _start_production(command: StartProduction, state: CardState) -> list[IssuanceEvent]:
+def _start_production(
+    command: StartProduction, state: CardState, context: DecisionContext
+) -> list[IssuanceEvent]:
     if command.application_id in _known_applications(state):
         return []  # the same approval again: production already started
     started = CardProductionStarted(application_id=command.application_id,
                                     pickup_bureau=command.pickup_bureau,
-                                    ready_by=command.ready_by)
+                                    ready_by=context.now + context.production_time)
     match state:
         case NoCard() if command.old_card_no is not None:
             # A legacy card never imported: record it, so the reissue can invalidate it.
@@ -337,49 +347,71 @@ def _finish_production(command: FinishProduction, state: CardState) -> list[Issu
 
 
 def _hand_over(command: HandOverCard, state: CardState) -> list[IssuanceEvent]:
-    # A channel acts only at the bureaus it serves, and learns nothing of another's cards.
+    _require_served(command, state)
+    ready = _ready_card(command.application_id, state)
+    if command.bureau_id != ready.pickup_bureau:
+        raise WrongBureauError
+    if command.proxy is not None:
+        _require_proxy(command.proxy, command.holder_ref)
+    if require_valid(command.presented) != command.holder_ref:
+        raise IdMismatchError
+    return [_collected(command, ready)]
+
+
+def _require_served(command: HandOverCard, state: CardState) -> None:
+    """A channel acts only at the bureaus it serves, and learns nothing of another's cards."""
     if not bureau_served(command.bureaus, command.bureau_id):
         raise BureauNotServedError
-    app = command.application_id
     match state:
-        case InProduction(application_id=known) | Ready(application_id=known) if known == app:
+        case InProduction(application_id=known) | Ready(application_id=known) if (
+                known == command.application_id):
             if not bureau_served(command.bureaus, state.pickup_bureau):
                 raise BureauNotServedError
         case NoCard() | Active() | InProduction() | Ready() | Erased():
             pass
         case _:
             assert_never(state)
-    if app in _done(state):
+
+
+def _ready_card(application_id: str, state: CardState) -> Ready:
+    """The card of `application_id` waiting for pickup, or why there is none to hand over."""
+    if application_id in _done(state):
         raise AlreadyCollectedError
     match state:
-        case Ready(application_id=ready_app) if ready_app == app:
-            ready = state
-        case InProduction(application_id=producing) if producing == app:
+        case Ready(application_id=ready_app) if ready_app == application_id:
+            return state
+        case InProduction(application_id=producing) if producing == application_id:
             raise NotReadyForPickupError
         case NoCard() | Active() | InProduction() | Ready() | Erased():
             raise UnknownApplicationError
         case _:
             assert_never(state)
-    if command.bureau_id != ready.pickup_bureau:
-        raise WrongBureauError
+
+
+def _require_proxy(proxy: ProxyCredentials, holder_ref: str) -> None:
+    """A proxy is someone else, with a valid ID number and the holder's authorisation."""
+    if require_valid(proxy.presented) == holder_ref:
+        raise ProxyIsHolderError
+    if not proxy.authorisation_ref.strip():
+        raise AuthorisationRequiredError
+
+
+def _collected(command: HandOverCard, ready: Ready) -> CardCollected:
     proxy = command.proxy
-    if proxy is not None:
-        proxy_ref = require_valid(proxy.presented)
-        if proxy_ref == command.holder_ref:
-            raise ProxyIsHolderError
-        if not proxy.authorisation_ref.strip():
-            raise AuthorisationRequiredError
-    if require_valid(command.presented) != command.holder_ref:
-        raise IdMismatchError
-    return [
-        CardCollected(
-            application_id=app,
-            bureau_id=command.bureau_id,
-            card_no=ready.card_no,
-            by_proxy=proxy is not None,
-            collected_by="proxy" if proxy is not None else "holder",
-            proxy_id_number=proxy.id_number_enc if proxy else None,
-            proxy_name=proxy.name_enc if proxy else None,
-            authorisation_ref=proxy.authorisation_ref.strip() if proxy else None,
-        )
-    ]
+    return CardCollected(
+        application_id=ready.application_id,
+        bureau_id=command.bureau_id,
+        card_no=ready.card_no,
+        by_proxy=proxy is not None,
+        collected_by="proxy" if proxy is not None else "holder",
+        proxy_id_number=proxy.id_number_enc if proxy else None,
+        proxy_name=proxy.name_enc if proxy else None,
+        authorisation_ref=proxy.authorisation_ref.strip() if proxy else None,
+    )
+
+
+decode: EventDecoder[IssuanceEvent] = EventDecoder(ISSUANCE_EVENTS, UPCASTERS)
+
+DECIDER: Decider[IssuanceCommand, CardState, IssuanceEvent, DecisionContext] = Decider(
+    initial=INITIAL, evolve=evolve, decide=decide, decode=decode, stream_id=stream_id,
+    is_erased=is_erased)

@@ -1,30 +1,35 @@
 """Issuance's application layer: the command handlers, the review.events follower and the
-production timer. Each loads the card stream, decides in the domain and appends."""
+production timer. Each runs in one transaction: read tables, decide, append, timers."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 
 import asyncpg
 import structlog
 from pydantic import ValidationError
 
-from services.issuance import adapters, domain
+from services.issuance import domain
+from services.issuance.adapters import (
+    Applications,
+    CardNumbers,
+    ProductionTimer,
+    ProductionTimers,
+)
 from services.issuance.settings import IssuanceSettings
-from shared.application import handle_command
+from shared.application import Streams
 from shared.commands import CommandContext
 from shared.consumer import Rejected, describe_validation_error
-from shared.contracts.issuance import ISSUANCE_EVENTS, CollectCard, ImportCard
+from shared.contracts.issuance import CardProductionStarted, CollectCard, ImportCard
 from shared.contracts.review import REVIEW_EVENTS, ReviewApproved, ReviewEvent
 from shared.contracts.upcasters import UPCASTERS
-from shared.crypto import DataKeyDestroyedError, Vault
+from shared.crypto import DataKeyDestroyedError, MasterKeys, Vault
 from shared.envelope import EventEnvelope
-from shared.erasure import ErasableStreams
+from shared.erasure import Erasure
 from shared.errors import DomainError, SubjectErasedError
 from shared.events import EventDecoder, EventMeta
-from shared.eventstore import PostgresEventStore
 from shared.identity import (
     citizen_ref,
     is_valid_id_number,
@@ -33,84 +38,28 @@ from shared.identity import (
 )
 from shared.locks import citizen_namespace, lock_citizens
 from shared.masking import mask_card_no
+from shared.service import Kit
 
 log = structlog.get_logger()
 
-decode_issuance: EventDecoder[domain.IssuanceEvent] = EventDecoder(ISSUANCE_EVENTS, UPCASTERS)
 decode_review: EventDecoder[ReviewEvent] = EventDecoder(REVIEW_EVENTS, UPCASTERS)
-
-Clock = Callable[[], datetime]
 
 
 class IssuanceHandlers:
-    """Everything issuance does in response to a message or a timer, bound to its settings."""
+    """Everything issuance does in response to a message or a timer, built from its kit."""
 
-    def __init__(self, settings: IssuanceSettings, vault: Vault, clock: Clock) -> None:
-        self.settings = settings
-        self.schema = settings.issuance_schema
-        self.events_topic = settings.issuance_events_topic
-        self.vault = vault
-        self.clock = clock
-        self.erasure = ErasableStreams(
-            vault=vault, store_for=self._store, stream_id=domain.stream_id,
-            decode=decode_issuance, initial=domain.INITIAL, evolve=domain.evolve,
-            is_erased=domain.is_erased,
-        )
-
-    # --- helpers ---------------------------------------------------------------------------
-
-    def present(self, id_number: str) -> domain.PresentedId:
-        """What the domain may know of an ID number: valid or not, and whose."""
-        if not is_valid_id_number(id_number):
-            return domain.PresentedId(valid=False, citizen_ref=None)
-        pepper = self.settings.citizen_ref_pepper.get_secret_value()
-        return domain.PresentedId(valid=True, citizen_ref=citizen_ref(pepper, id_number))
-
-    def _store(self, conn: asyncpg.Connection) -> PostgresEventStore:
-        return PostgresEventStore(conn, self.schema, self.events_topic)
-
-    async def _decide(
-        self,
-        conn: asyncpg.Connection,
-        ref: str,
-        commands: Sequence[domain.IssuanceCommand],
-        meta: EventMeta,
-    ) -> list[EventEnvelope]:
-        return await handle_command(
-            self._store(conn),
-            domain.stream_id(ref),
-            decode=decode_issuance,
-            initial=domain.INITIAL,
-            evolve=domain.evolve,
-            decide=lambda state: domain.decide_all(commands, state),
-            meta=meta,
-        )
-
-    async def _new_card_no(self, conn: asyncpg.Connection) -> str:
-        number = await adapters.next_card_number(conn, self.schema)
-        s = self.settings
-        return domain.format_card_no(s.issuance_card_no_prefix, s.issuance_region_code, number,
-                                     s.issuance_card_no_digits)
-
-    def _log_outcome(self, envelopes: Sequence[EventEnvelope]) -> None:
-        for e in envelopes:
-            match e.type:
-                case "CardIssued":
-                    log.info("issuance.card_issued", card_no=mask_card_no(e.data["card_no"]))
-                case "CardProductionStarted":
-                    log.info("issuance.production_started",
-                             application_id=e.data["application_id"],
-                             ready_by=e.data["ready_by"])
-                case "CardReissued":
-                    log.info("issuance.reissued", application_id=e.data["application_id"],
-                             new_card_no=mask_card_no(e.data["new_card_no"]))
-                case "CardReadyForPickup":
-                    log.info("issuance.ready_for_pickup",
-                             application_id=e.data["application_id"],
-                             pickup_bureau=e.data["pickup_bureau"])
-                case "CardCollected":
-                    log.info("issuance.collected", application_id=e.data["application_id"],
-                             bureau_id=e.data["bureau_id"], by_proxy=e.data["by_proxy"])
+    def __init__(self, kit: Kit[IssuanceSettings]) -> None:
+        self.settings = kit.settings
+        self.schema = kit.schema
+        self.clock = kit.clock
+        self.ids = kit.ids
+        self.applications = Applications(kit.schema)
+        self.timers = ProductionTimers(kit.schema)
+        self.card_numbers = CardNumbers(kit.schema)
+        self.vault = Vault(kit.schema, MasterKeys.from_settings(kit.settings))
+        self.streams = Streams(domain.DECIDER, kit.schema, kit.events_topic)
+        # A pending production timer of an erased citizen is voided when it fires.
+        self.erasure = Erasure(self.streams, self.vault)
 
     # --- commands --------------------------------------------------------------------------
 
@@ -120,46 +69,56 @@ class IssuanceHandlers:
         ref = domain.require_valid(self.present(payload.id_number))
         structlog.contextvars.bind_contextvars(citizen_ref=ref)
         meta = EventMeta(ref, ctx.received_at, ctx.correlation_id, ctx.causation_id)
-        stored = await self._decide(conn, ref, [domain.RecordImportedCard(payload.card_no)], meta)
-        self._log_outcome(stored)
+        stored = await self._decide(conn, [domain.RecordImportedCard(payload.card_no)], meta)
         return {"citizen_ref": ref, "already_imported": not stored}
 
     async def collect_card(
         self, conn: asyncpg.Connection, ctx: CommandContext, payload: CollectCard
     ) -> dict[str, object]:
-        ref = await adapters.holder_of(conn, self.schema, payload.application_id)
+        ref = await self.applications.holder_of(conn, payload.application_id)
         if ref is None:
             raise domain.UnknownApplicationError
         structlog.contextvars.bind_contextvars(citizen_ref=ref)
         # The review.events follower holds the same lock while it starts production.
         await lock_citizens(conn, citizen_namespace(self.schema), [ref])
-        proxy = None
-        if payload.proxy is not None:
-            try:  # under the holder's key: erasing the holder erases their proxy's record too
-                id_number_enc, name_enc = await self.vault.encrypt_all(conn, ref, [
-                    normalise_id_number(payload.proxy.id_number),
-                    normalise_name(payload.proxy.name)])
-                proxy = domain.ProxyCredentials(
-                    presented=self.present(payload.proxy.id_number),
-                    authorisation_ref=payload.proxy.authorisation_ref,
-                    id_number_enc=id_number_enc,
-                    name_enc=name_enc,
-                )
-            except DataKeyDestroyedError as exc:
-                raise SubjectErasedError from exc
         command = domain.HandOverCard(
             application_id=payload.application_id,
             bureau_id=payload.bureau_id,
             holder_ref=ref,
             presented=self.present(payload.presented_id_number),
-            proxy=proxy,
+            proxy=await self._proxy(conn, ref, payload),
             bureaus=ctx.channel.bureaus,
         )
         meta = EventMeta(ref, ctx.received_at, ctx.correlation_id, ctx.causation_id)
-        stored = await self._decide(conn, ref, [command], meta)
-        self._log_outcome(stored)
+        stored = await self._decide(conn, [command], meta)
         card_no = stored[-1].data["card_no"] if stored else None
         return {"application_id": payload.application_id, "card_no": card_no}
+
+    def present(self, id_number: str) -> domain.PresentedId:
+        """What the domain may know of an ID number: valid or not, and whose."""
+        if not is_valid_id_number(id_number):
+            return domain.PresentedId(valid=False, citizen_ref=None)
+        pepper = self.settings.citizen_ref_pepper.get_secret_value()
+        return domain.PresentedId(valid=True, citizen_ref=citizen_ref(pepper, id_number))
+
+    async def _proxy(self, conn: asyncpg.Connection, holder_ref: str,
+                     payload: CollectCard) -> domain.ProxyCredentials | None:
+        """The proxy's particulars, encrypted under the holder's key: erasing the holder
+        erases their proxy's record too."""
+        if payload.proxy is None:
+            return None
+        try:
+            id_number_enc, name_enc = await self.vault.encrypt_all(conn, holder_ref, [
+                normalise_id_number(payload.proxy.id_number),
+                normalise_name(payload.proxy.name)])
+        except DataKeyDestroyedError as exc:
+            raise SubjectErasedError from exc
+        return domain.ProxyCredentials(
+            presented=self.present(payload.proxy.id_number),
+            authorisation_ref=payload.proxy.authorisation_ref,
+            id_number_enc=id_number_enc,
+            name_enc=name_enc,
+        )
 
     # --- review.events ---------------------------------------------------------------------
 
@@ -170,7 +129,7 @@ class IssuanceHandlers:
             raise Rejected("malformed_event", describe_validation_error(exc)) from exc
         if not isinstance(event, ReviewApproved):
             return  # only an approval starts anything here
-        if await self.erasure.erased(conn, envelope.citizen_ref):
+        if await self.streams.erased(conn, envelope.citizen_ref):
             log.info("issuance.ignored_for_erased_subject", event_type=envelope.type)
             return
         try:
@@ -182,44 +141,41 @@ class IssuanceHandlers:
         self, conn: asyncpg.Connection, envelope: EventEnvelope, approved: ReviewApproved
     ) -> None:
         ref = envelope.citizen_ref
-        holder = await adapters.record_application(conn, self.schema, approved.application_id, ref)
+        holder = await self.applications.record(conn, approved.application_id, ref)
         if holder != ref:
             raise Rejected("application_conflict",
                            f"application {approved.application_id} belongs to another citizen")
-        now = self.clock()
-        production_time = self.settings.production_time
-        commands: list[domain.IssuanceCommand] = [
-            domain.StartProduction(
-                application_id=approved.application_id,
-                pickup_bureau=approved.pickup_bureau,
-                old_card_no=approved.old_card_no,
-                ready_by=now + production_time,
-            )
-        ]
-        if not production_time:
+        commands: list[domain.IssuanceCommand] = [domain.StartProduction(
+            application_id=approved.application_id, pickup_bureau=approved.pickup_bureau,
+            old_card_no=approved.old_card_no)]
+        if not self.settings.production_time:
+            # No production time: the card is ready in the approval's own transaction.
             commands.append(domain.FinishProduction(approved.application_id,
                                                     await self._new_card_no(conn)))
-        meta = EventMeta(ref, now, envelope.correlation_id, str(envelope.event_id))
-        stored = await self._decide(conn, ref, commands, meta)
-        self._log_outcome(stored)
-        started = [e for e in stored if e.type == "CardProductionStarted"]
-        if production_time and started:
-            await adapters.schedule_production(conn, self.schema, adapters.ProductionTimer(
-                application_id=approved.application_id,
-                citizen_ref=ref,
-                due_at=now + production_time,
-                correlation_id=envelope.correlation_id,
-                causation_id=str(started[0].event_id),
-            ))
+        meta = EventMeta(ref, self.clock(), envelope.correlation_id, str(envelope.event_id))
+        for stored in await self._decide(conn, commands, meta):
+            event = domain.decode(stored)
+            if isinstance(event, CardProductionStarted) and self.settings.production_time:
+                # The card is ready when the decider says; the timer falls due then.
+                await self.timers.arm(conn, ProductionTimer(
+                    application_id=event.application_id, citizen_ref=ref,
+                    due_at=event.ready_by, correlation_id=stored.correlation_id,
+                    causation_id=str(stored.event_id)))
 
     # --- the production timer --------------------------------------------------------------
+
+    async def production_timer(self, pool: asyncpg.Pool) -> None:
+        """Durable: timers live in the database, so a restart loses none."""
+        while True:
+            if not await self.finish_due_productions(pool, self.clock()):
+                await asyncio.sleep(self.settings.issuance_timer_scan_seconds)
 
     async def finish_due_productions(self, pool: asyncpg.Pool, now: datetime) -> int:
         """Finish every production due by `now`; returns how many timers fired."""
         fired = 0
         while True:
             async with pool.acquire() as conn, conn.transaction():
-                timer = await adapters.claim_due_timer(conn, self.schema, now)
+                timer = await self.timers.claim_due(conn, now)
                 if timer is None:
                     return fired
                 structlog.contextvars.bind_contextvars(
@@ -232,22 +188,56 @@ class IssuanceHandlers:
                     # Keep the timer (durable) but let the others run first.
                     log.exception("issuance.production_timer_failed",
                                   application_id=timer.application_id)
-                    await adapters.postpone_timer(conn, self.schema, timer.application_id,
-                                                  now + self.settings.timer_retry_delay)
+                    await self.timers.postpone(conn, timer.application_id,
+                                               now + self.settings.timer_retry_delay)
                     continue
-                await adapters.delete_timer(conn, self.schema, timer.application_id)
+                await self.timers.disarm(conn, timer.application_id)
                 fired += 1
 
-    async def _finish(self, conn: asyncpg.Connection, timer: adapters.ProductionTimer) -> None:
-        if await self.erasure.erased(conn, timer.citizen_ref):
+    async def _finish(self, conn: asyncpg.Connection, timer: ProductionTimer) -> None:
+        if await self.streams.erased(conn, timer.citizen_ref):
             log.info("issuance.production_void_erased", application_id=timer.application_id)
             return  # the card of an erased citizen is never finished; the timer goes
         command = domain.FinishProduction(timer.application_id, await self._new_card_no(conn))
         meta = EventMeta(timer.citizen_ref, self.clock(), timer.correlation_id,
                          timer.causation_id)
-        self._log_outcome(await self._decide(conn, timer.citizen_ref, [command], meta))
+        await self._decide(conn, [command], meta)
 
-    async def run_production_timer(self, pool: asyncpg.Pool) -> None:
-        while True:
-            if not await self.finish_due_productions(pool, self.clock()):
-                await asyncio.sleep(self.settings.issuance_timer_scan_seconds)
+    # --- the one path ----------------------------------------------------------------------
+
+    async def _decide(
+        self, conn: asyncpg.Connection, commands: Sequence[domain.IssuanceCommand],
+        meta: EventMeta,
+    ) -> list[EventEnvelope]:
+        """Decide `commands` in turn for `meta.citizen_ref`, append, and log what happened."""
+        context = domain.DecisionContext(now=meta.occurred_at, new_id=self.ids,
+                                         production_time=self.settings.production_time)
+        stored = await self.streams.apply(
+            conn, lambda state: domain.decide_all(commands, state, context), meta)
+        _log_outcome(stored)
+        return stored
+
+    async def _new_card_no(self, conn: asyncpg.Connection) -> str:
+        s = self.settings
+        return domain.format_card_no(s.issuance_card_no_prefix, s.issuance_region_code,
+                                     await self.card_numbers.next(conn),
+                                     s.issuance_card_no_digits)
+
+
+def _log_outcome(envelopes: Sequence[EventEnvelope]) -> None:
+    for e in envelopes:
+        match e.type:
+            case "CardIssued":
+                log.info("issuance.card_issued", card_no=mask_card_no(e.data["card_no"]))
+            case "CardProductionStarted":
+                log.info("issuance.production_started",
+                         application_id=e.data["application_id"], ready_by=e.data["ready_by"])
+            case "CardReissued":
+                log.info("issuance.reissued", application_id=e.data["application_id"],
+                         new_card_no=mask_card_no(e.data["new_card_no"]))
+            case "CardReadyForPickup":
+                log.info("issuance.ready_for_pickup", application_id=e.data["application_id"],
+                         pickup_bureau=e.data["pickup_bureau"])
+            case "CardCollected":
+                log.info("issuance.collected", application_id=e.data["application_id"],
+                         bureau_id=e.data["bureau_id"], by_proxy=e.data["by_proxy"])

@@ -1,104 +1,46 @@
-"""Issuance service entry point: `python -m services.issuance.main`.
+"""The issuance service, declared: `python -m services.issuance.main` runs it, tests
+`shared.service.bootstrap(SPEC, ...)`.
 
-Wires the routes table (issuance.commands), the review.events follower and the durable
-production timer onto a ServiceRuntime.
+Commands on `issuance.commands` (bureau channels only); it follows review (an approval starts
+a card's production); its durable production timer makes the card ready when it is made.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
-from services.issuance import adapters
+from services.issuance.adapters import issuance_ddl
 from services.issuance.handlers import IssuanceHandlers
 from services.issuance.settings import IssuanceSettings
-from shared.channels import ChannelRegistry
-from shared.commands import CommandIntake, CommandRoute
-from shared.consumer import EventConsumer
-from shared.contracts import KNOWN_EVENT_TYPES
+from shared.commands import CommandRoute
 from shared.contracts.issuance import CollectCard, ImportCard
-from shared.crypto import MasterKeys, Vault
 from shared.erasure import erase_route
 from shared.production import MASTER_KEY, PEPPER, SEALING_KEY
-from shared.runtime import ServiceRuntime, run_service
-
-# The secret settings this service reads; production refuses their shipped values.
-SECRETS = (PEPPER, MASTER_KEY, SEALING_KEY)
-
-def clock() -> datetime:
-    return datetime.now(UTC)
+from shared.service import Follow, Kit, ServiceSpec, Wiring, run
 
 
-def routes(handlers: IssuanceHandlers) -> dict[str, CommandRoute]:
-    return {
-        "ImportCard": CommandRoute(ImportCard, handlers.import_card, bureau_only=True,
-                                   accepted_message="card recorded"),
-        "CollectCard": CommandRoute(CollectCard, handlers.collect_card, bureau_only=True,
-                                    accepted_message="card handed over"),
-        "EraseSubject": erase_route(handlers.erasure),
-    }
+def wire(kit: Kit[IssuanceSettings]) -> Wiring:
+    handlers = IssuanceHandlers(kit)
+    return Wiring(
+        routes={
+            "ImportCard": CommandRoute(ImportCard, handlers.import_card, bureau_only=True,
+                                       accepted_message="card recorded"),
+            "CollectCard": CommandRoute(CollectCard, handlers.collect_card, bureau_only=True,
+                                        accepted_message="card handed over"),
+            "EraseSubject": erase_route(handlers.erasure),
+        },
+        commands="ImportCard, CollectCard and EraseSubject from bureau channels",
+        follows=[
+            Follow("review.events", handlers.on_review_event,
+                   "ReviewApproved starts a card's production"),
+        ],
+        loops=[handlers.production_timer],
+    )
 
 
-class IssuanceService:
-    """Holds what exists only once the runtime has a pool and a producer."""
-
-    def __init__(self, runtime: ServiceRuntime, settings: IssuanceSettings) -> None:
-        self.runtime = runtime
-        self.barrier = runtime.barrier([settings.issuance_review_events_topic],
-                                       group=settings.issuance_consumer_group)
-        self.settings = settings
-        vault = Vault(settings.issuance_schema, MasterKeys.from_settings(settings))
-        self.handlers = IssuanceHandlers(settings, vault, clock)
-        self._intake: CommandIntake | None = None
-        self._review: EventConsumer | None = None
-
-    @property
-    def intake(self) -> CommandIntake:
-        assert self._intake is not None, "the runtime has not started"
-        return self._intake
-
-    @property
-    def review_follower(self) -> EventConsumer:
-        assert self._review is not None, "the runtime has not started"
-        return self._review
-
-    async def ready(self) -> None:
-        rt, s = self.runtime, self.settings
-        self._intake = CommandIntake(
-            rt.pool, rt.schema, ChannelRegistry.from_file(s.channels_file),
-            routes(self.handlers), rt.dead_letters, clock,
-            max_attempts=s.consumer_max_attempts, barrier=self.barrier,
-        )
-        self._review = EventConsumer(
-            rt.pool, rt.schema, "review.events", self.handlers.on_review_event,
-            rt.dead_letters, known_types=KNOWN_EVENT_TYPES["review.events"],
-            max_attempts=s.consumer_max_attempts,
-        )
-
-    async def purge_stored_replies(self) -> None:
-        await self.intake.purge_loop()
-
-    async def production_timer(self) -> None:
-        await self.handlers.run_production_timer(self.runtime.pool)
-
-
-def build(settings: IssuanceSettings | None = None) -> ServiceRuntime:
-    settings = settings or IssuanceSettings()
-    runtime = ServiceRuntime("issuance", settings, secrets=SECRETS,
-                             extra_ddl=adapters.ddl(settings.issuance_schema))
-    runtime.schema = settings.issuance_schema  # "issuance" unless a test isolates itself
-    service = IssuanceService(runtime, settings)
-    runtime.on_ready(service.ready)
-    runtime.subscribe(settings.issuance_commands_topic, lambda: service.intake.handle,
-                      group=settings.issuance_consumer_group,
-                      description="ImportCard, CollectCard and EraseSubject from bureau channels")
-    runtime.subscribe(settings.issuance_review_events_topic,
-                      lambda: service.review_follower.handle,
-                      group=settings.issuance_consumer_group,
-                      description="ReviewApproved starts a card's production")
-    runtime.background(service.production_timer)
-    runtime.background(service.purge_stored_replies)
-    return runtime
+SPEC = ServiceSpec(
+    name="issuance", settings=IssuanceSettings, wire=wire, health_port=8084, ddl=issuance_ddl,
+    secrets=(PEPPER, MASTER_KEY, SEALING_KEY),
+)
 
 
 if __name__ == "__main__":
-    run_service(build(), default_health_port=8084)
+    run(SPEC)

@@ -1,4 +1,4 @@
-"""Issuance settings (`CARDDESK_ISSUANCE_*`): production time, card numbers, timers, wiring."""
+"""Issuance settings (`CARDDESK_ISSUANCE_*`): production time, card numbers, timers."""
 
 from __future__ import annotations
 
@@ -20,12 +20,6 @@ class IssuanceSettings(CardDeskSettings):
     # whose completion failed waits before it is tried again.
     issuance_timer_scan_seconds: float = Field(default=1.0, gt=0.0)
     issuance_timer_retry_seconds: float = Field(default=30.0, gt=0.0)
-    # Wiring: the contract's names by default; tests give an isolated set.
-    issuance_schema: str = Field(default="issuance", pattern=r"^[a-z_][a-z0-9_]*$")
-    issuance_commands_topic: str = "issuance.commands"
-    issuance_events_topic: str = "issuance.events"
-    issuance_review_events_topic: str = "review.events"
-    issuance_consumer_group: str = "carddesk-issuance"
 
     @property
     def production_time(self) -> timedelta:
@@ -34,8 +28,3 @@ class IssuanceSettings(CardDeskSettings):
     @property
     def timer_retry_delay(self) -> timedelta:
         return timedelta(seconds=self.issuance_timer_retry_seconds)
-
-    def event_topic(self, service: str) -> str:
-        if service == "issuance":
-            return self.issuance_events_topic
-        return super().event_topic(service)

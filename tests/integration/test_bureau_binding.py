@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
-from services.issuance import adapters as issuance_adapters
+from services.issuance.adapters import issuance_ddl
 from services.issuance.handlers import IssuanceHandlers
 from services.issuance.settings import IssuanceSettings
 from services.review import domain as review_domain
@@ -22,7 +22,6 @@ from shared.channels import Channel
 from shared.commands import CommandContext
 from shared.contracts.issuance import CollectCard
 from shared.contracts.review import DecideReview, ReissueApplied, ReviewApproved
-from shared.crypto import Vault
 from shared.errors import BureauNotServedError
 from shared.events import EventMeta, to_pending
 from shared.eventstore import PostgresEventStore, migrate
@@ -110,11 +109,9 @@ async def test_a_reviewer_at_another_bureau_can_neither_approve_nor_reject(
 async def test_a_card_waiting_at_one_bureau_cannot_be_collected_through_another(
     pool: asyncpg.Pool, schema: str,
 ) -> None:
-    settings = IssuanceSettings(issuance_schema=schema,
-                                issuance_events_topic=f"{schema}.events")
-    await migrate(pool, schema, issuance_adapters.ddl(schema))
-    handlers = IssuanceHandlers(settings, Vault(schema, settings.master_key.get_secret_value()),
-                                lambda: datetime.now(UTC))
+    settings = IssuanceSettings()
+    await migrate(pool, schema, issuance_ddl(schema))
+    handlers = IssuanceHandlers(Kit(settings, schema, f"{schema}.events"))
     id_number = random_id_number()
     ref = citizen_ref(settings.citizen_ref_pepper.get_secret_value(), id_number)
     application_id = str(uuid.uuid4())

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from services.issuance.handlers import decode_issuance
+from services.issuance.domain import decode as decode_issuance
 from services.status.projection import project
 from services.status.timeline import timeline_entry
 from shared.contracts.issuance import ISSUANCE_EVENTS, CardCollected

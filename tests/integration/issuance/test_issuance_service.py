@@ -1,9 +1,9 @@
-"""The issuance service in-process against the real Kafka and PostgreSQL: signed commands in,
-replies and events out, review.events followed once, and the durable production timer."""
+"""The issuance service in-process against the real Kafka and PostgreSQL, isolated by its own
+schema and consumer group: signed commands in, replies and events out, review.events
+followed once, and the durable production timer."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import uuid
@@ -14,12 +14,12 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from services.issuance.adapters import ddl
+from cardctl.stack import ensure_topics
+from services.issuance.adapters import issuance_ddl
 from services.issuance.handlers import IssuanceHandlers
-from services.issuance.main import build
+from services.issuance.main import SPEC
 from services.issuance.settings import IssuanceSettings
 from shared.channels import ChannelRegistry, sign
 from shared.contracts.review import ReviewApproved, ReviewRejected
@@ -29,12 +29,15 @@ from shared.events import DomainEvent, EventMeta, to_pending
 from shared.eventstore import migrate
 from shared.identity import check_char, citizen_ref
 from shared.runtime import ServiceRuntime
-from shared.topics import reply_topic
+from shared.service import Kit, bootstrap
+from shared.topics import all_topics, reply_topic
 from tests.support import (
-    create_topics,
+    TopicTail,
     eventually,
     follower_paused,
     kafka_options,
+    partitions_of,
+    session_settings,
     unique,
     until_consistent,
 )
@@ -42,6 +45,8 @@ from tests.support import (
 pytestmark = pytest.mark.integration
 
 BUREAU = "bureau-futian"
+CHANNELS = ("bureau-counter", "wechat-oa", "mobile-app")
+CONSUMED = ("issuance.commands", "review.events")
 WAIT_S = 30.0
 
 
@@ -56,61 +61,30 @@ def bad_checksum(id_number: str) -> str:
     return id_number[:-1] + wrong
 
 
-class Tap:
-    """Everything published on some topics from now on (or from the start), kept in memory."""
+async def waited_for(tail: TopicTail, match: Callable[[Any], bool], count: int = 1) -> list[Any]:
+    """The records of `tail` that `match`, once there are `count` of them."""
+    found: list[Any] = []
 
-    def __init__(self, bootstrap: str, topics: list[str], *, from_start: bool) -> None:
-        self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, **kafka_options(),
-                                         group_id=None,
-                                         enable_auto_commit=False)
-        self.bootstrap = bootstrap
-        self.topics = topics
-        self.from_start = from_start
-        self.records: list[Any] = []
-        self._task: asyncio.Task[None] | None = None
+    async def enough() -> bool:
+        found[:] = [r for r in tail.records if match(r)]
+        return len(found) >= count
 
-    async def start(self) -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, **kafka_options())
-        await admin.start()
-        try:
-            described = await admin.describe_topics(self.topics)
-        finally:
-            await admin.close()
-        partitions = [TopicPartition(d["topic"], p["partition"])
-                      for d in described for p in d["partitions"]]
-        assert {tp.topic for tp in partitions} == set(self.topics)
-        await self.consumer.start()
-        self.consumer.assign(partitions)
-        if self.from_start:
-            await self.consumer.seek_to_beginning(*partitions)
-        else:
-            await self.consumer.seek_to_end(*partitions)
-        for tp in partitions:  # resolve the positions now, before anything is sent
-            await self.consumer.position(tp)
-        self._task = asyncio.create_task(self._run())
+    await eventually(enough, WAIT_S)
+    return found
 
-    async def _run(self) -> None:
-        while True:
-            batch = await self.consumer.getmany(timeout_ms=200)
-            for records in batch.values():
-                self.records.extend(records)
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await self._task
-        await self.consumer.stop()
-
-    async def wait_for(self, match: Callable[[Any], bool], count: int = 1) -> list[Any]:
-        found: list[Any] = []
-
-        async def enough() -> bool:
-            found[:] = [r for r in self.records if match(r)]
-            return len(found) >= count
-
-        await eventually(enough, WAIT_S)
-        return found
+async def skip_history(bootstrap: str, group: str) -> None:
+    """A fresh group would read the shared topics from offset 0 and replay other runs'
+    commands; commit the current ends so the service sees only what this module sends."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, **kafka_options(), group_id=group,
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = await partitions_of(bootstrap, CONSUMED)
+        consumer.assign(partitions)
+        await consumer.commit(await consumer.end_offsets(partitions))
+    finally:
+        await consumer.stop()
 
 
 @dataclass
@@ -118,14 +92,14 @@ class Harness:
     settings: IssuanceSettings
     runtime: ServiceRuntime
     producer: AIOKafkaProducer
-    replies: Tap
-    events: Tap
+    replies: dict[str, TopicTail]
+    events: TopicTail
     channels: ChannelRegistry
     review_heads: dict[str, tuple[int, str]] = field(default_factory=dict)
 
     @property
     def schema(self) -> str:
-        return self.settings.issuance_schema
+        return self.runtime.schema
 
     def ref(self, id_number: str) -> str:
         return citizen_ref(self.settings.citizen_ref_pepper.get_secret_value(), id_number)
@@ -140,10 +114,11 @@ class Harness:
         known = self.channels.get(channel)
         assert known is not None
         await self.producer.send_and_wait(
-            self.settings.issuance_commands_topic, raw, key=request_id.encode(),
+            "issuance.commands", raw, key=request_id.encode(),
             headers=[("x-channel-id", channel.encode()),
                      ("x-signature", sign(known.secret, raw).encode())])
-        [reply] = await self.replies.wait_for(lambda r: r.key == request_id.encode())
+        [reply] = await waited_for(self.replies[channel],
+                                   lambda r: r.key == request_id.encode())
         return dict(json.loads(reply.value))
 
     async def review_event(self, ref: str, event: DomainEvent) -> EventEnvelope:
@@ -161,11 +136,11 @@ class Harness:
         return envelope
 
     async def publish_review(self, envelope: EventEnvelope) -> None:
-        await self.producer.send_and_wait(self.settings.issuance_review_events_topic,
-                                          envelope.to_bytes(), key=envelope.citizen_ref.encode())
+        await self.producer.send_and_wait("review.events", envelope.to_bytes(),
+                                          key=envelope.citizen_ref.encode())
 
     async def events_of(self, ref: str, count: int) -> list[dict[str, Any]]:
-        records = await self.events.wait_for(lambda r: r.key == ref.encode(), count)
+        records = await waited_for(self.events, lambda r: r.key == ref.encode(), count)
         return [json.loads(r.value) for r in records]
 
     async def stream_types(self, ref: str) -> list[str]:
@@ -196,50 +171,34 @@ class Harness:
 @pytest.fixture(scope="module")
 async def harness() -> AsyncIterator[Harness]:
     suffix = uuid.uuid4().hex[:10]
-    settings = IssuanceSettings(
-        issuance_schema=f"issuance_t{suffix}",
-        issuance_commands_topic=f"issuance.commands.t{suffix}",
-        issuance_events_topic=f"issuance.events.t{suffix}",
-        issuance_review_events_topic=f"review.events.t{suffix}",
-        issuance_consumer_group=f"carddesk-issuance-t{suffix}",
-        issuance_production_seconds=0,
-    )
-    own_topics = [settings.issuance_commands_topic, settings.issuance_events_topic,
-                  settings.issuance_review_events_topic,
-                  f"{settings.issuance_commands_topic}.dlq",
-                  f"{settings.issuance_review_events_topic}.dlq"]
-    reply_topics = [reply_topic(c) for c in ("bureau-counter", "wechat-oa", "mobile-app")]
-    await create_topics(settings.kafka_bootstrap, [*own_topics, *reply_topics],
-                        settings.partitions)
-    runtime = build(settings)
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, **kafka_options())
-    replies = Tap(settings.kafka_bootstrap, reply_topics, from_start=False)
-    events = Tap(settings.kafka_bootstrap, [settings.issuance_events_topic], from_start=True)
+    schema, group = f"issuance_t{suffix}", f"carddesk-issuance-t{suffix}"
+    settings = IssuanceSettings(issuance_production_seconds=0)
+    brokers = settings.kafka_bootstrap
+    await ensure_topics(session_settings(brokers), all_topics(settings.partitions, CHANNELS))
+    await skip_history(brokers, group)
+    replies = {channel: TopicTail(brokers, reply_topic(channel)) for channel in CHANNELS}
+    events = TopicTail(brokers, "issuance.events")
+    for tail in [*replies.values(), events]:
+        await tail.start()
+    producer = AIOKafkaProducer(bootstrap_servers=brokers, **kafka_options())
+    await producer.start()
+    runtime = bootstrap(SPEC, settings, schema=schema, group=group).runtime
     try:
         await runtime.start()
         await runtime.broker.start()
-        await producer.start()
-        await replies.start()
-        await events.start()
         yield Harness(settings, runtime, producer, replies, events,
                       ChannelRegistry.from_file(settings.channels_file))
     finally:
-        await replies.stop()
-        await events.stop()
-        await producer.stop()
         await runtime.broker.stop()
         await runtime.stop()
+        await producer.stop()
+        for tail in [*replies.values(), events]:
+            await tail.stop()
         conn = await asyncpg.connect(settings.database_url)
         try:
-            await conn.execute(f"DROP SCHEMA {settings.issuance_schema} CASCADE")
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         finally:
             await conn.close()
-        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **kafka_options())
-        await admin.start()
-        try:
-            await admin.delete_topics(own_topics)
-        finally:
-            await admin.close()
 
 
 async def test_an_imported_card_is_issued_once_and_a_repeat_changes_nothing(
@@ -407,12 +366,11 @@ async def test_with_a_production_time_the_card_is_ready_only_when_the_timer_fire
 ) -> None:
     schema = unique("issuance_timer")
     now = datetime.now(UTC)
-    settings = IssuanceSettings(issuance_schema=schema, issuance_production_seconds=7 * 86400)
+    settings = IssuanceSettings(issuance_production_seconds=7 * 86400)
     pool = harness.runtime.pool
-    await migrate(pool, schema, ddl(schema))
+    await migrate(pool, schema, issuance_ddl(schema))
     try:
-        handlers = IssuanceHandlers(
-            settings, Vault(schema, settings.master_key.get_secret_value()), lambda: now)
+        handlers = IssuanceHandlers(Kit(settings, schema, "issuance.events", clock=lambda: now))
         ref = uuid.uuid4().hex
         approved = ReviewApproved(application_id=str(uuid.uuid4()), reviewer_id="r",
                                   pickup_bureau=BUREAU, old_card_no="L000001")
@@ -449,7 +407,7 @@ async def test_a_collection_waits_for_the_approval_the_review_follower_has_not_a
     collect = {"application_id": application_id, "bureau_id": BUREAU,
                "presented_id_number": id_number}
 
-    async with follower_paused(harness.runtime, harness.settings.issuance_review_events_topic):
+    async with follower_paused(harness.runtime, "review.events"):
         await harness.review_event(ref, ReviewApproved(
             application_id=application_id, reviewer_id="reviewer-7", pickup_bureau=BUREAU,
             old_card_no=old))
