@@ -182,6 +182,23 @@ async def sustained(journey: Journey, meter: Meter, sessions: list[Session],
     return time.monotonic() - started
 
 
+async def visible_after(client: httpx.AsyncClient, meter: Meter, session: Session,
+                        sent: float) -> None:
+    """Poll the status API until the citizen's card shows LOST; the time since `sent` is
+    one visibility latency."""
+    seen = "no answer"
+    while time.monotonic() - sent < VISIBLE_TIMEOUT_S:
+        response = await client.get(f"/v1/citizens/{session.citizen_ref}/card")
+        seen = f"HTTP {response.status_code}"
+        if response.status_code == 200:
+            seen = f"status {response.json()['status']}"
+            if response.json()["status"] == "LOST":
+                meter.visible_latencies.append(time.monotonic() - sent)
+                return
+        await asyncio.sleep(0.01)
+    raise TimeoutError(f"not LOST after {VISIBLE_TIMEOUT_S:.0f} s; last seen {seen}")
+
+
 async def paced(journey: Journey, meter: Meter, sessions: list[Session], rate: float,
                 seconds: float, status: str) -> tuple[float, int]:
     """Open loop at `rate` commands/s for `seconds`: a journey starts every 1/(rate/6) s
@@ -195,19 +212,6 @@ async def paced(journey: Journey, meter: Meter, sessions: list[Session], rate: f
         idle.put_nowait(session)
     client = httpx.AsyncClient(base_url=status, timeout=10.0, headers=journey.api_headers)
 
-    async def visible_after(session: Session, sent: float) -> None:
-        seen = "no answer"
-        while time.monotonic() - sent < VISIBLE_TIMEOUT_S:
-            response = await client.get(f"/v1/citizens/{session.citizen_ref}/card")
-            seen = f"HTTP {response.status_code}"
-            if response.status_code == 200:
-                seen = f"status {response.json()['status']}"
-                if response.json()["status"] == "LOST":
-                    meter.visible_latencies.append(time.monotonic() - sent)
-                    return
-            await asyncio.sleep(0.01)
-        raise TimeoutError(f"not LOST after {VISIBLE_TIMEOUT_S:.0f} s; last seen {seen}")
-
     async def one(session: Session, sampled: bool) -> None:
         steps = Steps()
         try:
@@ -216,7 +220,7 @@ async def paced(journey: Journey, meter: Meter, sessions: list[Session], rate: f
             sent = time.monotonic()
             await steps.run("report_loss", journey.report_loss(session, "formal"))
             if sampled:
-                await steps.run("wait_for_LOST", visible_after(session, sent))
+                await steps.run("wait_for_LOST", visible_after(client, meter, session, sent))
             await steps.run("apply_for_reissue", journey.apply_for_reissue(session))
             await steps.run("collect", journey.collect(session))
             meter.journeys += 1

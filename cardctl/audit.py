@@ -23,7 +23,14 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 from services.status.adapters import fetch_card, fetch_timeline
 from services.status.projection import CardStatusRow, project
@@ -111,40 +118,14 @@ class LogVerifier:
 
     def feed(self, msg: Inbound) -> None:
         self.messages[msg.topic] += 1
-        try:
-            body = json.loads(msg.value)
-        # JSONDecodeError and UnicodeDecodeError alike.
-        except ValueError as exc:
-            self._fail(msg, f"unparseable: not JSON ({str(exc)[:200]})")
+        body = self._chain_fields(msg)
+        if body is None:
             return
-        except RecursionError:  # a poison `[[[…` nested deeper than the parser goes
-            self._fail(msg, "unparseable: JSON nested too deeply")
-            return
-        if not isinstance(body, dict):
-            self._fail(msg, "unparseable: not a JSON object")
-            return
-        stream_id, version = body.get("stream_id"), body.get("version")
-        wrong = [name for name, kind in _CHAIN_FIELDS
-                 if not isinstance(body.get(name), kind) or isinstance(body.get(name), bool)]
-        if wrong or not isinstance(stream_id, str) or not isinstance(version, int):
-            self._fail(msg, f"unparseable: envelope field(s) {', '.join(wrong)} missing or"
-                       " mistyped", stream_id if isinstance(stream_id, str) else None,
-                       version if type(version) is int else None)
-            return
-        event_id: str = body["event_id"]
-        digest = hashlib.blake2b(msg.value, digest_size=16).digest()
-        seen = self._seen.get(event_id)
-        if seen is None:
-            self._seen[event_id] = _Seen(digest, msg.topic, msg.partition)
-        elif seen.digest == digest and (seen.topic, seen.partition) == (msg.topic, msg.partition):
+        stream_id: str = body["stream_id"]
+        version: int = body["version"]
+        if self._is_redelivery(msg, body["event_id"], stream_id, version):
             self.duplicates += 1
             return
-        elif seen.digest == digest:
-            self._fail(msg, f"event id {event_id} copied from {seen.topic}[{seen.partition}]",
-                       stream_id, version)
-        else:
-            self._fail(msg, f"event id {event_id} reused with different content",
-                       stream_id, version)
         stream = self._streams.get(stream_id)
         if stream is None:
             stream = self._streams[stream_id] = _Stream(StreamCursor(stream_id), msg.topic,
@@ -155,6 +136,48 @@ class LogVerifier:
         for chain_break in stream.cursor.check(body):
             self._fail(msg, chain_break.reason, stream_id, version)
         self.events += 1
+
+    def _chain_fields(self, msg: Inbound) -> dict[str, Any] | None:
+        """The message as a JSON object with every field of `_CHAIN_FIELDS` of its type, or
+        None (and a failure) when it is not one."""
+        try:
+            body = json.loads(msg.value)
+        # JSONDecodeError and UnicodeDecodeError alike.
+        except ValueError as exc:
+            self._fail(msg, f"unparseable: not JSON ({str(exc)[:200]})")
+            return None
+        except RecursionError:  # a poison `[[[…` nested deeper than the parser goes
+            self._fail(msg, "unparseable: JSON nested too deeply")
+            return None
+        if not isinstance(body, dict):
+            self._fail(msg, "unparseable: not a JSON object")
+            return None
+        stream_id, version = body.get("stream_id"), body.get("version")
+        wrong = [name for name, kind in _CHAIN_FIELDS
+                 if not isinstance(body.get(name), kind) or isinstance(body.get(name), bool)]
+        if wrong or not isinstance(stream_id, str) or not isinstance(version, int):
+            self._fail(msg, f"unparseable: envelope field(s) {', '.join(wrong)} missing or"
+                       " mistyped", stream_id if isinstance(stream_id, str) else None,
+                       version if type(version) is int else None)
+            return None
+        return body
+
+    def _is_redelivery(self, msg: Inbound, event_id: str, stream_id: str, version: int) -> bool:
+        """Whether `msg` repeats, byte for byte and in the same partition, an event already
+        seen; an event id seen with other bytes or elsewhere is a failure (and not skipped)."""
+        digest = hashlib.blake2b(msg.value, digest_size=16).digest()
+        seen = self._seen.get(event_id)
+        if seen is None:
+            self._seen[event_id] = _Seen(digest, msg.topic, msg.partition)
+        elif seen.digest == digest and (seen.topic, seen.partition) == (msg.topic, msg.partition):
+            return True
+        elif seen.digest == digest:
+            self._fail(msg, f"event id {event_id} copied from {seen.topic}[{seen.partition}]",
+                       stream_id, version)
+        else:
+            self._fail(msg, f"event id {event_id} reused with different content",
+                       stream_id, version)
+        return False
 
     def _fail(self, msg: Inbound, reason: str, stream_id: str | None = None,
               version: int | None = None) -> None:
@@ -220,44 +243,68 @@ async def read_log(
     await consumer.start()
     try:
         consumer.assign(partitions)
-        first = await consumer.beginning_offsets(partitions)
-        end = await consumer.end_offsets(partitions)
-        total = sum(end[tp] - first[tp] for tp in partitions)
-        task = progress.add_task("reading the log", total=total) if progress else None
-        remaining = set()
+        reader = _PartitionsReader(consumer, sink, progress)
+        await reader.start(partitions)
+        await reader.read_to_end(stall_timeout_s)
+        return missing
+    finally:
+        await consumer.stop()
+
+
+class _PartitionsReader:
+    """`read_log`'s loop over an assigned consumer: each partition from its first offset up
+    to the end offset seen at the start, then paused."""
+
+    def __init__(self, consumer: AIOKafkaConsumer, sink: Sink,
+                 progress: Progress | None) -> None:
+        self.consumer = consumer
+        self.sink = sink
+        self.progress = progress
+        self.task: TaskID | None = None
+        self.end: dict[TopicPartition, int] = {}
+        self.remaining: set[TopicPartition] = set()
+
+    async def start(self, partitions: Sequence[TopicPartition]) -> None:
+        first = await self.consumer.beginning_offsets(partitions)
+        self.end = await self.consumer.end_offsets(partitions)
+        total = sum(self.end[tp] - first[tp] for tp in partitions)
+        if self.progress is not None:
+            self.task = self.progress.add_task("reading the log", total=total)
         for tp in partitions:
-            consumer.seek(tp, first[tp])
-            if end[tp] > first[tp]:
-                remaining.add(tp)
+            self.consumer.seek(tp, first[tp])
+            if self.end[tp] > first[tp]:
+                self.remaining.add(tp)
             else:
-                consumer.pause(tp)
+                self.consumer.pause(tp)
+
+    async def read_to_end(self, stall_timeout_s: float) -> None:
         loop = asyncio.get_running_loop()
         last_progress = loop.time()
-        while remaining:
-            batch = await consumer.getmany(timeout_ms=500, max_records=5000)
+        while self.remaining:
+            batch = await self.consumer.getmany(timeout_ms=500, max_records=5000)
             if batch:
                 last_progress = loop.time()
             elif loop.time() - last_progress > stall_timeout_s:
                 raise LogReadError(f"no message for {stall_timeout_s:.0f}s with "
-                                   f"{len(remaining)} partition(s) not read to their end")
+                                   f"{len(self.remaining)} partition(s) not read to their end")
             for tp, records in batch.items():
-                if tp not in remaining:
-                    continue
-                read = 0
-                for record in records:
-                    if record.offset >= end[tp]:
-                        break
-                    sink(Inbound(record.topic, record.partition, record.offset, record.key,
-                                 record.value or b""))
-                    read += 1
-                if progress is not None and task is not None:
-                    progress.advance(task, read)
-                if await consumer.position(tp) >= end[tp]:
-                    remaining.discard(tp)
-                    consumer.pause(tp)
-        return missing
-    finally:
-        await consumer.stop()
+                if tp in self.remaining:
+                    await self._feed(tp, records)
+
+    async def _feed(self, tp: TopicPartition, records: Sequence[Any]) -> None:
+        end = self.end[tp]
+        read = 0
+        for record in records:
+            if record.offset >= end:
+                break
+            self.sink(Inbound(record.topic, record.partition, record.offset, record.key,
+                              record.value or b""))
+            read += 1
+        if self.progress is not None and self.task is not None:
+            self.progress.advance(self.task, read)
+        if await self.consumer.position(tp) >= end:
+            self.remaining.discard(tp)
+            self.consumer.pause(tp)
 
 
 def event_topics(prefix: str) -> dict[str, str]:

@@ -984,21 +984,9 @@ class Stack:
         supervisor = self.supervisor_pid()
         if supervisor is not None:
             if wanted is None:
-                self.report(f"stopping the supervisor (pid {supervisor}) and its programs")
-                os.kill(supervisor, signal.SIGTERM)
-                if not _wait_gone({supervisor}, STOP_TIMEOUT_S * 3):
-                    raise StackError(f"the supervisor (pid {supervisor}) did not stop")
+                self._stop_supervisor(supervisor)
             else:
-                keep = [spec for spec in self._every_spec()
-                        if spec.name in self.supervised() and spec.name not in wanted]
-                self._supervise(keep, self.instances())
-                if not keep:  # nothing left to supervise: the supervisor goes too
-                    os.kill(supervisor, signal.SIGTERM)
-                    _wait_gone({supervisor}, STOP_TIMEOUT_S * 3)
-                gone = [s for s in self._every_spec() if s.name in wanted]
-                deadline = time.monotonic() + STOP_TIMEOUT_S * 2
-                while any(self.running_pid(s) for s in gone) and time.monotonic() < deadline:
-                    time.sleep(0.2)
+                self._unsupervise(supervisor, wanted)
         stopped = [name for name in running if wanted is None or name in wanted]
         for spec in reversed(self._every_spec()):
             if wanted is not None and spec.name not in wanted:
@@ -1011,11 +999,34 @@ class Stack:
             for name in (PROGRAMS_FILE, STATE_FILE):
                 (self.run_dir / name).unlink(missing_ok=True)
         if purge:
-            for path in (self.kafka_dir, self.pg_dir):
-                shutil.rmtree(path, ignore_errors=True)
-                self.report(f"purged {path}")
+            self._purge()
         order = [spec.name for spec in reversed(self._every_spec())]
         return sorted(stopped, key=lambda name: order.index(name) if name in order else 0)
+
+    def _stop_supervisor(self, supervisor: int) -> None:
+        self.report(f"stopping the supervisor (pid {supervisor}) and its programs")
+        os.kill(supervisor, signal.SIGTERM)
+        if not _wait_gone({supervisor}, STOP_TIMEOUT_S * 3):
+            raise StackError(f"the supervisor (pid {supervisor}) did not stop")
+
+    def _unsupervise(self, supervisor: int, wanted: set[str]) -> None:
+        """Have the supervisor stop `wanted` and keep the rest; it goes too when nothing is
+        left. Waits (bounded) for `wanted` to be gone."""
+        keep = [spec for spec in self._every_spec()
+                if spec.name in self.supervised() and spec.name not in wanted]
+        self._supervise(keep, self.instances())
+        if not keep:  # nothing left to supervise: the supervisor goes too
+            os.kill(supervisor, signal.SIGTERM)
+            _wait_gone({supervisor}, STOP_TIMEOUT_S * 3)
+        gone = [s for s in self._every_spec() if s.name in wanted]
+        deadline = time.monotonic() + STOP_TIMEOUT_S * 2
+        while any(self.running_pid(s) for s in gone) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def _purge(self) -> None:
+        for path in (self.kafka_dir, self.pg_dir):
+            shutil.rmtree(path, ignore_errors=True)
+            self.report(f"purged {path}")
 
     def _every_spec(self) -> list[ProcessSpec]:
         """The infrastructure and every service instance that may be running."""

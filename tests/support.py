@@ -6,7 +6,6 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -19,8 +18,6 @@ from services.status.main import SPEC as STATUS
 from services.status.main import query_app
 from services.status.settings import StatusSettings
 from shared.consumer import Inbound
-from shared.envelope import GENESIS_HASH, EventEnvelope
-from shared.events import DomainEvent, EventMeta, to_pending
 from shared.kafka import client_options
 from shared.outbox import make_producer
 from shared.runtime import ServiceRuntime, stop_step
@@ -46,21 +43,6 @@ def kafka_options() -> dict[str, Any]:
 
 def unique(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:10]}"
-
-
-def make_events(
-    stream_id: str, citizen_ref: str, events: Sequence[DomainEvent], *, start_version: int = 1,
-    prev_hash: str = GENESIS_HASH,
-) -> list[EventEnvelope]:
-    """Sealed envelopes as a service would store them, for feeding consumers directly."""
-    meta = EventMeta(citizen_ref, datetime.now(UTC), str(uuid.uuid4()), str(uuid.uuid4()))
-    sealed: list[EventEnvelope] = []
-    for offset, event in enumerate(events):
-        envelope = EventEnvelope.seal(to_pending(event, meta, uuid.uuid4()), stream_id,
-                                      start_version + offset, prev_hash)
-        sealed.append(envelope)
-        prev_hash = envelope.hash
-    return sealed
 
 
 async def create_topics(bootstrap: str, names: Sequence[str], partitions: int = 6) -> None:

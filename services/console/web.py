@@ -59,6 +59,7 @@ NAV = (("review", "nav_review", Area.REVIEW), ("counter", "nav_counter", Area.CO
 
 
 Endpoint = Callable[[Request, StaffSession], Awaitable[Response]]
+ASGIEndpoint = Callable[[Request], Awaitable[Response]]
 
 
 class CommandSender(Protocol):
@@ -162,14 +163,26 @@ async def read_form(request: Request, limit: int) -> dict[str, str]:
     return form
 
 
-def create_app(console: Console, lifespan: Callable[[Starlette],
-               AbstractAsyncContextManager[None]] | None = None) -> Starlette:
-    settings = console.settings
-    session_cookie, login_cookie = cookie_names(settings)
-    templates = Environment(loader=FileSystemLoader(HERE / "templates"),
-                            autoescape=select_autoescape(["html"]), auto_reload=False)
+def same_origin(request: Request) -> bool:
+    origin = request.headers.get("origin")
+    if origin is None:  # older browsers send none on same-origin posts; CSRF token decides
+        return True
+    host = request.headers.get("host", "")
+    return origin in (f"http://{host}", f"https://{host}")
 
-    def render(request: Request, template: str, staff: StaffSession | None,
+
+class Pages:
+    """What every page has to hand: templates, the staff session, CSRF-checked forms, the
+    role guard, and a citizen's card and timeline. Each area of the console is a subclass
+    holding its pages' endpoints; `create_app` lists the routes."""
+
+    def __init__(self, console: Console, templates: Environment) -> None:
+        self.console = console
+        self.settings = console.settings
+        self.templates = templates
+        self.session_cookie, self.login_cookie = cookie_names(console.settings)
+
+    def render(self, request: Request, template: str, staff: StaffSession | None,
                status_code: int = 200, **context: Any) -> HTMLResponse:
         lang = choose_language(request.cookies.get("cd_lang"),
                                request.headers.get("accept-language"))
@@ -177,37 +190,38 @@ def create_app(console: Console, lifespan: Callable[[Starlette],
         message = context.pop("message", None)
         nav = [(path, label) for path, label, area in NAV
                if staff is not None and may_use(staff.role, area)]
-        page = templates.get_template(template).render(
+        page = self.templates.get_template(template).render(
             t=t, lang=lang, staff=staff, nav=nav, message=t(message) if message else None,
             **context)
         return HTMLResponse(page, status_code=status_code)
 
-    async def current(request: Request) -> StaffSession | None:
-        token = request.cookies.get(session_cookie)
+    async def current(self, request: Request) -> StaffSession | None:
+        token = request.cookies.get(self.session_cookie)
         if not token:
             return None
-        return await console.staff().session(token, console.clock())
+        return await self.console.staff().session(token, self.console.clock())
 
-    def same_origin(request: Request) -> bool:
-        origin = request.headers.get("origin")
-        if origin is None:  # older browsers send none on same-origin posts; CSRF token decides
-            return True
-        host = request.headers.get("host", "")
-        return origin in (f"http://{host}", f"https://{host}")
-
-    async def checked_form(request: Request, staff: StaffSession) -> dict[str, str]:
+    async def checked_form(self, request: Request, staff: StaffSession) -> dict[str, str]:
         if not same_origin(request):
             raise RefusedError(403, "csrf_refused")
-        form = await read_form(request, settings.console_max_form_bytes)
+        form = await read_form(request, self.settings.console_max_form_bytes)
         if not hmac.compare_digest(form.get("csrf_token", "").encode(),
                                    staff.csrf_token.encode()):
             log.warning("console.csrf_refused", staff_id=staff.staff_id, path=request.url.path)
             raise RefusedError(403, "csrf_refused")
         return form
 
-    def guarded(area: Area | None, endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
+    def page(self, path: str, area: Area | None, *, get: Endpoint | None = None,
+             post: Endpoint | None = None) -> list[Route]:
+        """The routes of a page for signed-in staff whose role may use `area` (any role when
+        None): its GET and its POST endpoint."""
+        methods = (("GET", get), ("POST", post))
+        return [Route(path, self.guarded(area, endpoint), methods=[method])
+                for method, endpoint in methods if endpoint is not None]
+
+    def guarded(self, area: Area | None, endpoint: Endpoint) -> ASGIEndpoint:
         async def handle(request: Request) -> Response:
-            staff = await current(request)
+            staff = await self.current(request)
             if staff is None:
                 if request.method == "POST":
                     raise RefusedError(403, "csrf_refused")
@@ -215,85 +229,18 @@ def create_app(console: Console, lifespan: Callable[[Starlette],
             if area is not None and not may_use(staff.role, area):
                 log.warning("console.forbidden", staff_id=staff.staff_id, role=staff.role.value,
                             path=request.url.path)
-                return render(request, "error.html", staff, 403, message="forbidden")
+                return self.render(request, "error.html", staff, 403, message="forbidden")
             return await endpoint(request, staff)
 
         return handle
 
-    # --- sign-in --------------------------------------------------------------------------
+    def citizen_ref(self, id_number: str) -> str:
+        return citizen_ref(self.settings.citizen_ref_pepper.get_secret_value(), id_number)
 
-    async def sign_in_page(request: Request) -> Response:
-        if await current(request) is not None:
-            return RedirectResponse("/", status_code=303)
-        return sign_in_form(request)
-
-    def sign_in_form(request: Request, status_code: int = 200,
-                     message: str | None = None) -> Response:
-        token = secrets.token_urlsafe(32)
-        response = render(request, "sign_in.html", None, status_code, login_csrf=token,
-                          message=message, message_kind="error")
-        response.set_cookie(login_cookie, token, max_age=3600, httponly=True,
-                            secure=settings.console_cookie_secure, samesite="strict")
-        return response
-
-    async def sign_in(request: Request) -> Response:
-        if not same_origin(request):
-            raise RefusedError(403, "csrf_refused")
-        form = await read_form(request, settings.console_max_form_bytes)
-        expected = request.cookies.get(login_cookie, "")
-        if not expected or not hmac.compare_digest(form.get("csrf_token", "").encode(),
-                                                   expected.encode()):
-            raise RefusedError(403, "csrf_refused")
-        staff_id = form.get("staff_id", "").strip().lower()
-        result = await console.staff().sign_in(staff_id, form.get("password", ""),
-                                               console.clock())
-        log.info("console.sign_in", staff_id=staff_id, outcome=result.outcome)
-        if result.outcome == "locked":
-            return sign_in_form(request, 423, "locked")
-        if result.outcome != "ok" or result.session is None or result.session_token is None:
-            return sign_in_form(request, 401, "bad_credentials")
-        response = RedirectResponse(HOME[result.session.role], status_code=303)
-        response.set_cookie(session_cookie, result.session_token, httponly=True,
-                            secure=settings.console_cookie_secure, samesite="strict",
-                            max_age=int(settings.console_session_max_hours * 3600))
-        response.delete_cookie(login_cookie, secure=settings.console_cookie_secure,
-                               httponly=True, samesite="strict")
-        return response
-
-    async def sign_out(request: Request, staff: StaffSession) -> Response:
-        await checked_form(request, staff)
-        await console.staff().sign_out(request.cookies.get(session_cookie, ""))
-        log.info("console.sign_out", staff_id=staff.staff_id)
-        response = RedirectResponse("/sign-in", status_code=303)
-        response.delete_cookie(session_cookie, secure=settings.console_cookie_secure,
-                               httponly=True, samesite="strict")
-        return response
-
-    async def home(request: Request, staff: StaffSession) -> Response:
-        return RedirectResponse(HOME[staff.role], status_code=303)
-
-    async def language(request: Request) -> Response:
-        lang = request.path_params["lang"]
-        response = RedirectResponse("/", status_code=303)
-        if lang in LANGUAGES:
-            response.set_cookie("cd_lang", lang, max_age=365 * 86400, httponly=True,
-                                secure=settings.console_cookie_secure, samesite="strict")
-        return response
-
-    # --- review ---------------------------------------------------------------------------
-
-    async def review_queue(request: Request, staff: StaffSession) -> Response:
-        bureau = request.query_params.get("bureau") or None
-        if bureau is not None and len(bureau) > 64:
-            raise RefusedError(400, "bad_form")
-        queue = console.queue()
-        return render(request, "queue.html", staff, current="review", bureau=bureau,
-                      applications=await queue.pending(bureau), bureaus=await queue.bureaus())
-
-    async def citizen_view(citizen: str) -> dict[str, Any]:
+    async def citizen_view(self, citizen: str) -> dict[str, Any]:
         try:
-            card = await console.status().card(citizen)
-            timeline = await console.status().timeline(citizen)
+            card = await self.console.status().card(citizen)
+            timeline = await self.console.status().timeline(citizen)
         except StatusUnavailableError:
             return {"card": None, "timeline": [], "message": "status_unavailable"}
         portrait = [e["occurred_at"][:19].replace("T", " ") for e in timeline
@@ -302,133 +249,248 @@ def create_app(console: Console, lifespan: Callable[[Starlette],
         return {"card": card, "timeline": timeline, "portrait_at": portrait[-1] if portrait
                 else None}
 
-    async def application_page(request: Request, staff: StaffSession,
+    async def health(self, _request: Request) -> JSONResponse:
+        if await self.console.database_answers():
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable"}, status_code=503)
+
+    async def refused(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RefusedError)
+        staff = None
+        try:
+            staff = await self.current(request)
+        except Exception:  # the refusal is shown even when the database does not answer
+            log.warning("console.session_unreadable", exc_info=True)
+        return self.render(request, "error.html", staff, exc.status_code,
+                           message=exc.label, message_kind="error")
+
+
+class AccountPages(Pages):
+    """Signing in and out, the home redirect and the language switch."""
+
+    async def sign_in_page(self, request: Request) -> Response:
+        if await self.current(request) is not None:
+            return RedirectResponse("/", status_code=303)
+        return self.sign_in_form(request)
+
+    def sign_in_form(self, request: Request, status_code: int = 200,
+                     message: str | None = None) -> Response:
+        token = secrets.token_urlsafe(32)
+        response = self.render(request, "sign_in.html", None, status_code, login_csrf=token,
+                               message=message, message_kind="error")
+        response.set_cookie(self.login_cookie, token, max_age=3600, httponly=True,
+                            secure=self.settings.console_cookie_secure, samesite="strict")
+        return response
+
+    async def sign_in(self, request: Request) -> Response:
+        if not same_origin(request):
+            raise RefusedError(403, "csrf_refused")
+        form = await read_form(request, self.settings.console_max_form_bytes)
+        expected = request.cookies.get(self.login_cookie, "")
+        if not expected or not hmac.compare_digest(form.get("csrf_token", "").encode(),
+                                                   expected.encode()):
+            raise RefusedError(403, "csrf_refused")
+        staff_id = form.get("staff_id", "").strip().lower()
+        result = await self.console.staff().sign_in(staff_id, form.get("password", ""),
+                                                    self.console.clock())
+        log.info("console.sign_in", staff_id=staff_id, outcome=result.outcome)
+        if result.outcome == "locked":
+            return self.sign_in_form(request, 423, "locked")
+        if result.outcome != "ok" or result.session is None or result.session_token is None:
+            return self.sign_in_form(request, 401, "bad_credentials")
+        secure = self.settings.console_cookie_secure
+        response = RedirectResponse(HOME[result.session.role], status_code=303)
+        response.set_cookie(self.session_cookie, result.session_token, httponly=True,
+                            secure=secure, samesite="strict",
+                            max_age=int(self.settings.console_session_max_hours * 3600))
+        response.delete_cookie(self.login_cookie, secure=secure, httponly=True,
+                               samesite="strict")
+        return response
+
+    async def sign_out(self, request: Request, staff: StaffSession) -> Response:
+        await self.checked_form(request, staff)
+        await self.console.staff().sign_out(request.cookies.get(self.session_cookie, ""))
+        log.info("console.sign_out", staff_id=staff.staff_id)
+        response = RedirectResponse("/sign-in", status_code=303)
+        response.delete_cookie(self.session_cookie, secure=self.settings.console_cookie_secure,
+                               httponly=True, samesite="strict")
+        return response
+
+    async def home(self, request: Request, staff: StaffSession) -> Response:
+        return RedirectResponse(HOME[staff.role], status_code=303)
+
+    async def language(self, request: Request) -> Response:
+        lang = request.path_params["lang"]
+        response = RedirectResponse("/", status_code=303)
+        if lang in LANGUAGES:
+            response.set_cookie("cd_lang", lang, max_age=365 * 86400, httponly=True,
+                                secure=self.settings.console_cookie_secure, samesite="strict")
+        return response
+
+
+class ReviewPages(Pages):
+    """The review queue, one application, and the reviewer's decision on it."""
+
+    async def queue(self, request: Request, staff: StaffSession) -> Response:
+        bureau = request.query_params.get("bureau") or None
+        if bureau is not None and len(bureau) > 64:
+            raise RefusedError(400, "bad_form")
+        queue = self.console.queue()
+        return self.render(request, "queue.html", staff, current="review", bureau=bureau,
+                           applications=await queue.pending(bureau),
+                           bureaus=await queue.bureaus())
+
+    async def application_page(self, request: Request, staff: StaffSession,
                                reply: Reply | None = None, status_code: int = 200,
                                message: str | None = None) -> Response:
         application_id = request.path_params["application_id"]
         if not APPLICATION_ID.fullmatch(application_id):
             raise RefusedError(404, "not_found")
-        application = await console.queue().get(application_id)
+        application = await self.console.queue().get(application_id)
         if application is None:
             raise RefusedError(404, "not_found")
-        view = await citizen_view(application.citizen_ref)
+        view = await self.citizen_view(application.citizen_ref)
         if message is not None:
             view["message"] = message
-        return render(request, "application.html", staff, status_code, current="review",
-                      application=application, reply=reply, **view)
+        return self.render(request, "application.html", staff, status_code, current="review",
+                           application=application, reply=reply, **view)
 
-    async def application(request: Request, staff: StaffSession) -> Response:
-        return await application_page(request, staff)
+    async def application(self, request: Request, staff: StaffSession) -> Response:
+        return await self.application_page(request, staff)
 
-    async def decide(request: Request, staff: StaffSession) -> Response:
-        form = await checked_form(request, staff)
+    async def decide(self, request: Request, staff: StaffSession) -> Response:
+        form = await self.checked_form(request, staff)
         application_id = request.path_params["application_id"]
         decision, reason = form.get("decision", ""), form.get("reason", "").strip()
         if decision not in ("approve", "reject") or not APPLICATION_ID.fullmatch(application_id):
             raise RefusedError(400, "bad_form")
         if decision == "reject" and not reason:
-            return await application_page(request, staff, status_code=400,
-                                          message="reason_required")
+            return await self.application_page(request, staff, status_code=400,
+                                               message="reason_required")
         try:
-            reply = await console.channel().send_until_decided(
+            reply = await self.console.channel().send_until_decided(
                 "review", "DecideReview",
                 {"application_id": application_id, "reviewer_id": staff.staff_id,
-                 "decision": decision, "reason": reason}, issued_at=console.clock())
+                 "decision": decision, "reason": reason}, issued_at=self.console.clock())
         except ReplyTimeoutError:
             log.warning("console.no_reply", staff_id=staff.staff_id, command="DecideReview",
                         application_id=application_id)
-            return await application_page(request, staff, status_code=504, message="no_reply")
+            return await self.application_page(request, staff, status_code=504,
+                                               message="no_reply")
         log.info("console.review_decided", staff_id=staff.staff_id,
                  application_id=application_id, decision=decision, code=reply.code)
-        return await application_page(request, staff, reply=reply)
+        return await self.application_page(request, staff, reply=reply)
 
-    # --- counter --------------------------------------------------------------------------
 
-    async def counter(request: Request, staff: StaffSession) -> Response:
-        return render(request, "counter.html", staff, current="counter")
+class CounterPages(Pages):
+    """The bureau counter: find a citizen by ID number, hand over a card ready for pickup."""
 
-    async def counter_find(request: Request, staff: StaffSession) -> Response:
-        form = await checked_form(request, staff)
+    def counter_page(self, request: Request, staff: StaffSession, status_code: int = 200,
+                     **context: Any) -> HTMLResponse:
+        return self.render(request, "counter.html", staff, status_code, current="counter",
+                           **context)
+
+    def invalid_id_number(self, request: Request, staff: StaffSession) -> HTMLResponse:
+        return self.counter_page(request, staff, 400, message="invalid_id_number",
+                                 message_kind="error")
+
+    async def show(self, request: Request, staff: StaffSession) -> Response:
+        return self.counter_page(request, staff)
+
+    async def find(self, request: Request, staff: StaffSession) -> Response:
+        form = await self.checked_form(request, staff)
         id_number = form.get("id_number", "")
         if not is_valid_id_number(id_number):
-            return render(request, "counter.html", staff, 400, current="counter",
-                          message="invalid_id_number", message_kind="error")
-        ref = citizen_ref(settings.citizen_ref_pepper.get_secret_value(), id_number)
-        view = await citizen_view(ref)
+            return self.invalid_id_number(request, staff)
+        ref = self.citizen_ref(id_number)
+        view = await self.citizen_view(ref)
         log.info("console.counter_lookup", staff_id=staff.staff_id, citizen_ref=ref,
                  found=view["card"] is not None)
-        return render(request, "counter.html", staff, current="counter", found=True,
-                      masked_id=mask_id_number(normalise_id_number(id_number)), **view)
+        return self.counter_page(request, staff, found=True,
+                                 masked_id=mask_id_number(normalise_id_number(id_number)),
+                                 **view)
 
-    async def counter_collect(request: Request, staff: StaffSession) -> Response:
-        form = await checked_form(request, staff)
+    async def collect(self, request: Request, staff: StaffSession) -> Response:
+        form = await self.checked_form(request, staff)
         ref, application_id = form.get("citizen_ref", ""), form.get("application_id", "")
         presented = form.get("presented_id_number", "")
         if not CITIZEN_REF.fullmatch(ref) or not APPLICATION_ID.fullmatch(application_id):
             raise RefusedError(400, "bad_form")
         if not is_valid_id_number(presented):
-            return render(request, "counter.html", staff, 400, current="counter",
-                          message="invalid_id_number", message_kind="error")
-        view = await citizen_view(ref)
+            return self.invalid_id_number(request, staff)
+        view = await self.citizen_view(ref)
         card = view["card"]
         if card is None or card.get("application_id") != application_id \
                 or card.get("status") != "READY_FOR_PICKUP":
-            return render(request, "counter.html", staff, 409, current="counter", found=True,
-                          **view)
+            return self.counter_page(request, staff, 409, found=True, **view)
         payload: dict[str, Any] = {"application_id": application_id,
                                    "bureau_id": card["pickup_bureau"],
                                    "presented_id_number": normalise_id_number(presented)}
         if form.get("by_proxy") == "yes":
             proxy_id = form.get("proxy_id_number", "")
             if not is_valid_id_number(proxy_id):
-                return render(request, "counter.html", staff, 400, current="counter",
-                              message="invalid_id_number", message_kind="error")
+                return self.invalid_id_number(request, staff)
             payload["proxy"] = {"id_number": normalise_id_number(proxy_id),
                                 "name": form.get("proxy_name", "").strip(),
                                 "authorisation_ref": form.get("authorisation_ref", "").strip()}
         try:
-            reply = await console.channel().send_until_decided(
-                "issuance", "CollectCard", payload, issued_at=console.clock())
+            reply = await self.console.channel().send_until_decided(
+                "issuance", "CollectCard", payload, issued_at=self.console.clock())
         except ReplyTimeoutError:
             log.warning("console.no_reply", staff_id=staff.staff_id, command="CollectCard",
                         citizen_ref=ref, application_id=application_id)
-            return render(request, "counter.html", staff, 504, current="counter",
-                          message="no_reply", message_kind="error")
+            return self.counter_page(request, staff, 504, message="no_reply",
+                                     message_kind="error")
         log.info("console.card_collection", staff_id=staff.staff_id, citizen_ref=ref,
                  application_id=application_id, by_proxy="proxy" in payload, code=reply.code)
-        return render(request, "counter.html", staff, current="counter", reply=reply,
-                      card=card)
+        return self.counter_page(request, staff, reply=reply, card=card)
 
-    # --- lookup ---------------------------------------------------------------------------
 
-    async def lookup(request: Request, staff: StaffSession) -> Response:
-        return render(request, "lookup.html", staff, current="lookup")
+class LookupPages(Pages):
+    """A citizen's card and timeline, by ID number or citizen reference."""
 
-    async def lookup_search(request: Request, staff: StaffSession) -> Response:
-        form = await checked_form(request, staff)
+    async def show(self, request: Request, staff: StaffSession) -> Response:
+        return self.render(request, "lookup.html", staff, current="lookup")
+
+    async def search(self, request: Request, staff: StaffSession) -> Response:
+        form = await self.checked_form(request, staff)
         query = form.get("query", "").strip()
         if CITIZEN_REF.fullmatch(query.lower()):
             ref = query.lower()
         elif is_valid_id_number(query):
-            ref = citizen_ref(settings.citizen_ref_pepper.get_secret_value(), query)
+            ref = self.citizen_ref(query)
         else:
-            return render(request, "lookup.html", staff, 400, current="lookup",
-                          message="invalid_id_number", message_kind="error")
+            return self.render(request, "lookup.html", staff, 400, current="lookup",
+                               message="invalid_id_number", message_kind="error")
         log.info("console.citizen_lookup", staff_id=staff.staff_id, citizen_ref=ref)
-        return render(request, "lookup.html", staff, current="lookup", searched=True,
-                      **await citizen_view(ref))
+        return self.render(request, "lookup.html", staff, current="lookup", searched=True,
+                           **await self.citizen_view(ref))
 
-    # --- audit ----------------------------------------------------------------------------
 
-    def recent_jobs() -> list[Any]:
-        return sorted(console.audits.jobs.values(), key=lambda j: j.started_at,
+class AuditPages(Pages):
+    """The auditor's runs of `verify` and `replay`, and their progress."""
+
+    def audit_page(self, request: Request, staff: StaffSession, status_code: int = 200,
+                   **context: Any) -> HTMLResponse:
+        return self.render(request, "audit.html", staff, status_code, current="audit",
+                           jobs=self.recent_jobs(), **context)
+
+    def recent_jobs(self) -> list[Any]:
+        return sorted(self.console.audits.jobs.values(), key=lambda j: j.started_at,
                       reverse=True)[:10]
 
-    async def audit(request: Request, staff: StaffSession) -> Response:
-        return render(request, "audit.html", staff, current="audit", jobs=recent_jobs())
+    def job_of(self, request: Request) -> Any:
+        job_id = request.path_params["job_id"]
+        job = self.console.audits.jobs.get(job_id) if JOB_ID.fullmatch(job_id) else None
+        if job is None:
+            raise RefusedError(404, "not_found")
+        return job
 
-    async def audit_start(request: Request, staff: StaffSession) -> Response:
-        form = await checked_form(request, staff)
+    async def show(self, request: Request, staff: StaffSession) -> Response:
+        return self.audit_page(request, staff)
+
+    async def start(self, request: Request, staff: StaffSession) -> Response:
+        form = await self.checked_form(request, staff)
         kind, scope = form.get("kind", ""), form.get("scope", "all")
         if kind not in ("verify", "replay") or scope not in ("all", "one"):
             raise RefusedError(400, "bad_form")
@@ -436,74 +498,56 @@ def create_app(console: Console, lifespan: Callable[[Starlette],
         if kind == "replay" and scope == "one":
             id_number = form.get("id_number", "")
             if not is_valid_id_number(id_number):
-                return render(request, "audit.html", staff, 400, current="audit",
-                              jobs=recent_jobs(), message="invalid_id_number",
-                              message_kind="error")
-            ref = citizen_ref(settings.citizen_ref_pepper.get_secret_value(), id_number)
+                return self.audit_page(request, staff, 400, message="invalid_id_number",
+                                       message_kind="error")
+            ref = self.citizen_ref(id_number)
         try:
-            job = console.audits.start("verify" if kind == "verify" else "replay", ref,
-                                       staff.staff_id)
+            job = self.console.audits.start("verify" if kind == "verify" else "replay", ref,
+                                            staff.staff_id)
         except AuditBusyError:
-            return render(request, "audit.html", staff, 409, current="audit",
-                          jobs=recent_jobs(), message="audit_busy", message_kind="error")
+            return self.audit_page(request, staff, 409, message="audit_busy",
+                                   message_kind="error")
         return RedirectResponse(f"/audit/{job.job_id}", status_code=303)
 
-    def job_of(request: Request) -> Any:
-        job_id = request.path_params["job_id"]
-        job = console.audits.jobs.get(job_id) if JOB_ID.fullmatch(job_id) else None
-        if job is None:
-            raise RefusedError(404, "not_found")
-        return job
+    async def job(self, request: Request, staff: StaffSession) -> Response:
+        return self.render(request, "audit_job.html", staff, current="audit",
+                           job=self.job_of(request))
 
-    async def audit_job(request: Request, staff: StaffSession) -> Response:
-        return render(request, "audit_job.html", staff, current="audit", job=job_of(request))
+    async def progress(self, request: Request, staff: StaffSession) -> Response:
+        return self.render(request, "_audit_progress.html", staff, job=self.job_of(request))
 
-    async def audit_progress(request: Request, staff: StaffSession) -> Response:
-        return render(request, "_audit_progress.html", staff, job=job_of(request))
 
-    # --- plumbing -------------------------------------------------------------------------
-
-    async def health(_request: Request) -> JSONResponse:
-        if await console.database_answers():
-            return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "unavailable"}, status_code=503)
-
-    async def refused(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, RefusedError)
-        staff = None
-        try:
-            staff = await current(request)
-        except Exception:  # the refusal is shown even when the database does not answer
-            log.warning("console.session_unreadable", exc_info=True)
-        return render(request, "error.html", staff, exc.status_code,
-                      message=exc.label, message_kind="error")
-
-    def page(path: str, area: Area | None, endpoint: Endpoint, methods: list[str]) -> Route:
-        return Route(path, guarded(area, endpoint), methods=methods)
-
+def create_app(console: Console, lifespan: Callable[[Starlette],
+               AbstractAsyncContextManager[None]] | None = None) -> Starlette:
+    templates = Environment(loader=FileSystemLoader(HERE / "templates"),
+                            autoescape=select_autoescape(["html"]), auto_reload=False)
+    pages = Pages(console, templates)
+    account = AccountPages(console, templates)
+    review = ReviewPages(console, templates)
+    counter = CounterPages(console, templates)
+    lookup = LookupPages(console, templates)
+    audit = AuditPages(console, templates)
     app = Starlette(
         routes=[
-            Route("/health", health, methods=["GET"]),
-            Route("/sign-in", sign_in_page, methods=["GET"]),
-            Route("/sign-in", sign_in, methods=["POST"]),
-            Route("/lang/{lang}", language, methods=["GET"]),
-            page("/", None, home, ["GET"]),
-            page("/sign-out", None, sign_out, ["POST"]),
-            page("/review", Area.REVIEW, review_queue, ["GET"]),
-            page("/review/{application_id}", Area.REVIEW, application, ["GET"]),
-            page("/review/{application_id}/decision", Area.REVIEW, decide, ["POST"]),
-            page("/counter", Area.COUNTER, counter, ["GET"]),
-            page("/counter/find", Area.COUNTER, counter_find, ["POST"]),
-            page("/counter/collect", Area.COUNTER, counter_collect, ["POST"]),
-            page("/lookup", Area.LOOKUP, lookup, ["GET"]),
-            page("/lookup", Area.LOOKUP, lookup_search, ["POST"]),
-            page("/audit", Area.AUDIT, audit, ["GET"]),
-            page("/audit", Area.AUDIT, audit_start, ["POST"]),
-            page("/audit/{job_id}", Area.AUDIT, audit_job, ["GET"]),
-            page("/audit/{job_id}/progress", Area.AUDIT, audit_progress, ["GET"]),
+            Route("/health", pages.health, methods=["GET"]),
+            Route("/sign-in", account.sign_in_page, methods=["GET"]),
+            Route("/sign-in", account.sign_in, methods=["POST"]),
+            Route("/lang/{lang}", account.language, methods=["GET"]),
+            *pages.page("/", None, get=account.home),
+            *pages.page("/sign-out", None, post=account.sign_out),
+            *pages.page("/review", Area.REVIEW, get=review.queue),
+            *pages.page("/review/{application_id}", Area.REVIEW, get=review.application),
+            *pages.page("/review/{application_id}/decision", Area.REVIEW, post=review.decide),
+            *pages.page("/counter", Area.COUNTER, get=counter.show),
+            *pages.page("/counter/find", Area.COUNTER, post=counter.find),
+            *pages.page("/counter/collect", Area.COUNTER, post=counter.collect),
+            *pages.page("/lookup", Area.LOOKUP, get=lookup.show, post=lookup.search),
+            *pages.page("/audit", Area.AUDIT, get=audit.show, post=audit.start),
+            *pages.page("/audit/{job_id}", Area.AUDIT, get=audit.job),
+            *pages.page("/audit/{job_id}/progress", Area.AUDIT, get=audit.progress),
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
         ],
-        exception_handlers={RefusedError: refused},
+        exception_handlers={RefusedError: pages.refused},
         lifespan=lifespan,
     )
     app.add_middleware(SecurityHeaders)

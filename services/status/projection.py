@@ -165,6 +165,12 @@ def card_ref(card_no: str | None) -> str | None:
     return hashlib.sha256(card_no.encode()).hexdigest()[:16]
 
 
+_LossEvent = LossReported | LossCancelled | TemporaryLossExpired | LossClosed
+_ReviewEvent = ReissueApplied | ReviewApproved | ReviewRejected | ApplicationWithdrawn
+_IssuanceEvent = (CardIssued | CardProductionStarted | CardReissued | CardReadyForPickup
+                 | CardCollected)
+
+
 def evolve(sub: SubStates, event: StatusEvent) -> SubStates:
     """Fold one event into the sub-state of the topic it belongs to."""
     match event:
@@ -173,53 +179,75 @@ def evolve(sub: SubStates, event: StatusEvent) -> SubStates:
             return sub
         case ElectronicCardAuthorized():
             return sub.model_copy(update={"e_card_authorized": True})
-        case LossReported(loss_id=loss_id, kind=kind, expires_at=expires_at, card_no=card_no):
-            loss = LossState(loss_id=loss_id, kind=kind, expires_at=expires_at,
-                             card_ref=card_ref(card_no))
-            return sub.model_copy(update={"loss": loss})
-        case LossCancelled() | TemporaryLossExpired() | LossClosed():
-            return sub.model_copy(update={"loss": None})
-        case ReissueApplied(application_id=application_id, pickup_bureau=bureau):
-            application = ApplicationState(application_id=application_id, status="pending",
-                                           pickup_bureau=bureau)
+        case LossReported() | LossCancelled() | TemporaryLossExpired() | LossClosed():
+            return sub.model_copy(update={"loss": _fold_loss(event)})
+        case ReissueApplied() | ReviewApproved() | ReviewRejected() | ApplicationWithdrawn():
+            application = _fold_application(sub.application, event)
             return sub.model_copy(update={"application": application})
-        case ReviewApproved(application_id=application_id, pickup_bureau=bureau):
-            application = ApplicationState(application_id=application_id, status="approved",
-                                           pickup_bureau=bureau)
-            return sub.model_copy(update={"application": application})
-        case ReviewRejected(application_id=application_id):
-            bureau = sub.application.pickup_bureau if sub.application else ""
-            application = ApplicationState(application_id=application_id, status="rejected",
-                                           pickup_bureau=bureau)
-            return sub.model_copy(update={"application": application})
-        case ApplicationWithdrawn():
-            return sub.model_copy(update={"application": None})
-        case CardIssued(card_no=card_no):
-            card = CardState(card_ref=card_ref(card_no), card_no_masked=mask_card_no(card_no))
-            return sub.model_copy(update={"card": card})
-        case CardProductionStarted(application_id=application_id, pickup_bureau=bureau):
-            card = sub.card.model_copy(update={"stage": "in_production",
-                                               "application_id": application_id,
-                                               "pickup_bureau": bureau})
-            return sub.model_copy(update={"card": card})
-        case CardReissued(application_id=application_id, new_card_no=new_card_no):
-            card = sub.card.model_copy(update={"stage": "in_production",
-                                               "application_id": application_id,
-                                               "card_ref": card_ref(new_card_no),
-                                               "card_no_masked": mask_card_no(new_card_no)})
-            return sub.model_copy(update={"card": card})
-        case CardReadyForPickup(application_id=application_id, pickup_bureau=bureau):
-            card = sub.card.model_copy(update={"stage": "ready", "application_id": application_id,
-                                               "pickup_bureau": bureau})
-            return sub.model_copy(update={"card": card})
-        case CardCollected(application_id=application_id, card_no=card_no):
-            card = sub.card.model_copy(update={"stage": "collected",
-                                               "application_id": application_id,
-                                               "card_ref": card_ref(card_no),
-                                               "card_no_masked": mask_card_no(card_no)})
-            return sub.model_copy(update={"card": card})
+        case (CardIssued() | CardProductionStarted() | CardReissued() | CardReadyForPickup()
+              | CardCollected()):
+            return sub.model_copy(update={"card": _fold_card(sub.card, event)})
         case SubjectErased():
             return sub.model_copy(update={"erased": True})
+        case _:
+            assert_never(event)
+
+
+def _fold_loss(event: _LossEvent) -> LossState | None:
+    """loss.events: the loss in force after `event`."""
+    match event:
+        case LossReported(loss_id=loss_id, kind=kind, expires_at=expires_at, card_no=card_no):
+            return LossState(loss_id=loss_id, kind=kind, expires_at=expires_at,
+                             card_ref=card_ref(card_no))
+        case LossCancelled() | TemporaryLossExpired() | LossClosed():
+            return None
+        case _:
+            assert_never(event)
+
+
+def _fold_application(latest: ApplicationState | None,
+                      event: _ReviewEvent) -> ApplicationState | None:
+    """review.events: the latest application after `event`."""
+    match event:
+        case ReissueApplied(application_id=application_id, pickup_bureau=bureau):
+            return ApplicationState(application_id=application_id, status="pending",
+                                    pickup_bureau=bureau)
+        case ReviewApproved(application_id=application_id, pickup_bureau=bureau):
+            return ApplicationState(application_id=application_id, status="approved",
+                                    pickup_bureau=bureau)
+        case ReviewRejected(application_id=application_id):
+            return ApplicationState(application_id=application_id, status="rejected",
+                                    pickup_bureau=latest.pickup_bureau if latest else "")
+        case ApplicationWithdrawn():
+            return None
+        case _:
+            assert_never(event)
+
+
+def _another_card(card: CardState, stage: Literal["in_production", "collected"],
+                  application_id: str, card_no: str) -> CardState:
+    """The card after a new number was assigned (`CardReissued`) or handed over."""
+    return card.model_copy(update={"stage": stage, "application_id": application_id,
+                                   "card_ref": card_ref(card_no),
+                                   "card_no_masked": mask_card_no(card_no)})
+
+
+def _fold_card(card: CardState, event: _IssuanceEvent) -> CardState:
+    """issuance.events: the card held or awaited after `event`."""
+    match event:
+        case CardIssued(card_no=card_no):
+            return CardState(card_ref=card_ref(card_no), card_no_masked=mask_card_no(card_no))
+        case CardProductionStarted(application_id=application_id, pickup_bureau=bureau):
+            return card.model_copy(update={"stage": "in_production",
+                                           "application_id": application_id,
+                                           "pickup_bureau": bureau})
+        case CardReadyForPickup(application_id=application_id, pickup_bureau=bureau):
+            return card.model_copy(update={"stage": "ready", "application_id": application_id,
+                                           "pickup_bureau": bureau})
+        case CardReissued(application_id=application_id, new_card_no=card_no):
+            return _another_card(card, "in_production", application_id, card_no)
+        case CardCollected(application_id=application_id, card_no=card_no):
+            return _another_card(card, "collected", application_id, card_no)
         case _:
             assert_never(event)
 

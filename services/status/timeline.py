@@ -6,36 +6,16 @@ passed through `mask_text`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any, NamedTuple, assert_never
+from typing import Any, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
 from services.status.projection import StatusEvent, decode_known
-from shared.contracts.auth import (
-    ElectronicCardAuthorized,
-    IdentityLocked,
-    IdentityVerificationFailed,
-    IdentityVerified,
-    SessionStarted,
-)
+from shared.contracts import auth, issuance, loss, review
 from shared.contracts.common import SubjectErased
-from shared.contracts.issuance import (
-    CardCollected,
-    CardIssued,
-    CardProductionStarted,
-    CardReadyForPickup,
-    CardReissued,
-)
-from shared.contracts.loss import LossCancelled, LossClosed, LossReported, TemporaryLossExpired
-from shared.contracts.review import (
-    ApplicationWithdrawn,
-    ReissueApplied,
-    ReviewApproved,
-    ReviewRejected,
-)
 from shared.envelope import EventEnvelope
 from shared.masking import mask_card_no, mask_text
 
@@ -63,60 +43,85 @@ def _card(card_no: str | None) -> str:
     return f"card {mask_card_no(card_no)}" if card_no else "the card"
 
 
+def _identity_verified(event: auth.IdentityVerified) -> str:
+    if event.method == "realname":
+        return "Real-name identity verified"
+    return "Portrait verification passed"
+
+
+def _loss_reported(event: loss.LossReported) -> str:
+    text = f"{event.kind.capitalize()} loss reported for {_card(event.card_no)}"
+    if event.expires_at is not None:
+        text += f", expires {_day(event.expires_at)}"
+    return text + ("; financial functions frozen" if event.financial_freeze else "")
+
+
+def _review_rejected(event: review.ReviewRejected) -> str:
+    text = f"Reissue application {event.application_id} rejected"
+    return f"{text}: {mask_text(event.reason)}" if event.reason else text
+
+
+def _card_reissued(event: issuance.CardReissued) -> str:
+    text = f"New {_card(event.new_card_no)} assigned"
+    return f"{text}; {_card(event.old_card_no)} invalidated" if event.old_card_no else text
+
+
+def _card_collected(event: issuance.CardCollected) -> str:
+    who = " by an authorised proxy" if event.collected_by == "proxy" else ""
+    return f"{_card(event.card_no).capitalize()} collected at bureau {event.bureau_id}{who}"
+
+
+_E = TypeVar("_E", bound=BaseModel)
+Describer = Callable[[Any], str]
+
+
+def _line(kind: type[_E], describer: Callable[[_E], str]) -> tuple[str, Describer]:
+    """A row of `DESCRIBERS`, typed: `describer` takes the event `kind` it is filed under."""
+    return kind.model_fields["type"].default, describer
+
+
+# Event type → its line, one row per type of `StatusEvent`.
+DESCRIBERS: Mapping[str, Describer] = MappingProxyType(dict([
+    # auth.events
+    _line(auth.SessionStarted, lambda e: f"Signed in through {e.channel}"),
+    _line(auth.IdentityVerified, _identity_verified),
+    _line(auth.IdentityVerificationFailed, lambda e: (
+        f"Portrait verification failed ({e.reason.replace('_', ' ')}),"
+        f" attempt {e.failures_in_window}")),
+    _line(auth.IdentityLocked,
+          lambda e: f"Portrait verification locked until {e.locked_until.isoformat()}"),
+    _line(auth.ElectronicCardAuthorized, lambda _: "Electronic social security card authorised"),
+    # loss.events
+    _line(loss.LossReported, _loss_reported),
+    _line(loss.LossCancelled, lambda _: "Loss report cancelled; card active again"),
+    _line(loss.TemporaryLossExpired, lambda _: "Temporary loss expired; card active again"),
+    _line(loss.LossClosed, lambda e: f"Loss case closed: replaced by {_card(e.new_card_no)}"),
+    # review.events
+    _line(review.ReissueApplied, lambda e: (
+        f"Reissue application {e.application_id} submitted,"
+        f" pickup at bureau {e.pickup_bureau}")),
+    _line(review.ReviewApproved, lambda e: (
+        f"Reissue application {e.application_id} approved"
+        + (" automatically" if e.automatic else ""))),
+    _line(review.ReviewRejected, _review_rejected),
+    _line(review.ApplicationWithdrawn,
+          lambda e: f"Reissue application {e.application_id} withdrawn"),
+    # issuance.events
+    _line(issuance.CardIssued, lambda e: f"{_card(e.card_no).capitalize()} issued"),
+    _line(issuance.CardProductionStarted,
+          lambda e: f"New card in production, expected by {_day(e.ready_by)}"),
+    _line(issuance.CardReissued, _card_reissued),
+    _line(issuance.CardReadyForPickup, lambda e: (
+        f"{_card(e.card_no).capitalize()} ready for pickup at bureau {e.pickup_bureau}")),
+    _line(issuance.CardCollected, _card_collected),
+    # any topic
+    _line(SubjectErased, lambda _: "Personal data erased; record closed"),
+]))
+
+
 def describe(event: StatusEvent) -> str:
-    match event:
-        case SessionStarted(channel=channel):
-            return f"Signed in through {channel}"
-        case IdentityVerified(method="realname"):
-            return "Real-name identity verified"
-        case IdentityVerified(method="portrait"):
-            return "Portrait verification passed"
-        case IdentityVerified():
-            return "Identity verified"
-        case IdentityVerificationFailed(reason=reason, failures_in_window=failures):
-            return f"Portrait verification failed ({reason.replace('_', ' ')}), attempt {failures}"
-        case IdentityLocked(locked_until=until):
-            return f"Portrait verification locked until {until.isoformat()}"
-        case ElectronicCardAuthorized():
-            return "Electronic social security card authorised"
-        case LossReported(kind=kind, card_no=card_no, expires_at=expires_at,
-                          financial_freeze=freeze):
-            text = f"{kind.capitalize()} loss reported for {_card(card_no)}"
-            if expires_at is not None:
-                text += f", expires {_day(expires_at)}"
-            return text + ("; financial functions frozen" if freeze else "")
-        case LossCancelled():
-            return "Loss report cancelled; card active again"
-        case TemporaryLossExpired():
-            return "Temporary loss expired; card active again"
-        case LossClosed(new_card_no=new_card_no):
-            return f"Loss case closed: replaced by {_card(new_card_no)}"
-        case ReissueApplied(application_id=application_id, pickup_bureau=bureau):
-            return f"Reissue application {application_id} submitted, pickup at bureau {bureau}"
-        case ReviewApproved(application_id=application_id, automatic=automatic):
-            how = " automatically" if automatic else ""
-            return f"Reissue application {application_id} approved{how}"
-        case ReviewRejected(application_id=application_id, reason=reason):
-            text = f"Reissue application {application_id} rejected"
-            return f"{text}: {mask_text(reason)}" if reason else text
-        case ApplicationWithdrawn(application_id=application_id):
-            return f"Reissue application {application_id} withdrawn"
-        case CardIssued(card_no=card_no):
-            return f"{_card(card_no).capitalize()} issued"
-        case CardProductionStarted(ready_by=ready_by):
-            return f"New card in production, expected by {_day(ready_by)}"
-        case CardReissued(new_card_no=new_card_no, old_card_no=old_card_no):
-            text = f"New {_card(new_card_no)} assigned"
-            return f"{text}; {_card(old_card_no)} invalidated" if old_card_no else text
-        case CardReadyForPickup(card_no=card_no, pickup_bureau=bureau):
-            return f"{_card(card_no).capitalize()} ready for pickup at bureau {bureau}"
-        case CardCollected(card_no=card_no, bureau_id=bureau, collected_by=collected_by):
-            who = " by an authorised proxy" if collected_by == "proxy" else ""
-            return f"{_card(card_no).capitalize()} collected at bureau {bureau}{who}"
-        case SubjectErased():
-            return "Personal data erased; record closed"
-        case _:
-            assert_never(event)
+    """The citizen's line for one event."""
+    return DESCRIBERS[event.type](event)
 
 
 # After an erasure, the lines of events that carried the citizen's encrypted data (or the

@@ -28,8 +28,9 @@ from shared.eventstore import PostgresEventStore, migrate
 from shared.identity import citizen_ref
 from shared.service import Kit
 from shared.settings import CardDeskSettings
+from tests.builders import CitizenStreams
 from tests.integration.auth.citizens import random_id_number
-from tests.support import make_events, unique
+from tests.support import unique
 
 pytestmark = pytest.mark.integration
 
@@ -116,9 +117,9 @@ async def test_a_card_waiting_at_one_bureau_cannot_be_collected_through_another(
     ref = citizen_ref(settings.citizen_ref_pepper.get_secret_value(), id_number)
     application_id = str(uuid.uuid4())
     # Issuance learns the pickup bureau from review.events: the approval makes the card ready.
-    [approval] = make_events(review_domain.stream_id(ref), ref, [ReviewApproved(
+    approval = CitizenStreams(ref).append(review_domain.stream_id(ref), ReviewApproved(
         application_id=application_id, reviewer_id="r-1", automatic=False,
-        pickup_bureau="futian", old_card_no="C1")])
+        pickup_bureau="futian", old_card_no="C1"))
     async with pool.acquire() as conn, conn.transaction():
         await handlers.on_review_event(conn, approval)
 

@@ -9,7 +9,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -29,35 +29,23 @@ from services.status.rebuild import (
 from services.status.settings import StatusSettings
 from services.status.timeline import timeline_entry
 from shared.contracts import EVENT_TOPICS, auth, issuance, loss, review
-from shared.envelope import GENESIS_HASH, EventEnvelope
-from shared.events import DomainEvent, EventMeta, to_pending
+from shared.envelope import EventEnvelope
+from shared.events import DomainEvent
 from shared.service import Service
 from shared.settings import CardDeskSettings
+from tests.builders import CitizenStreams
 from tests.support import eventually, isolated_status_service, unique
 
 pytestmark = pytest.mark.integration
 
-STREAM_PREFIX = {"auth.events": "auth", "loss.events": "loss", "review.events": "review",
-                 "issuance.events": "card"}
-
-
-class Citizen:
-    """Seals a fresh citizen's events per stream, as the owning services would."""
+class Citizen(CitizenStreams):
+    """A fresh citizen whose events are a second apart, each with the topic it goes on."""
 
     def __init__(self) -> None:
-        self.ref = uuid.uuid4().hex * 2  # a citizen_ref: 64 lower-case hex
-        self.clock = datetime.now(UTC)
-        self._last: dict[str, tuple[int, str]] = {}
+        super().__init__(step=timedelta(seconds=1))
 
     def event(self, topic: str, event: DomainEvent) -> tuple[str, EventEnvelope]:
-        self.clock += timedelta(seconds=1)
-        stream_id = f"{STREAM_PREFIX[topic]}-{self.ref}"
-        version, prev = self._last.get(stream_id, (0, GENESIS_HASH))
-        meta = EventMeta(self.ref, self.clock, str(uuid.uuid4()), str(uuid.uuid4()))
-        envelope = EventEnvelope.seal(to_pending(event, meta, uuid.uuid4()), stream_id,
-                                      version + 1, prev)
-        self._last[stream_id] = (envelope.version, envelope.hash)
-        return topic, envelope
+        return topic, self.emit(topic, event)
 
     def journey(self, steps: int, start: int = 0) -> list[tuple[str, EventEnvelope]]:
         """Events `start` to `steps` of a loss-to-pickup journey (each stream gapless)."""
@@ -223,7 +211,7 @@ async def test_the_running_service_applies_new_events_to_the_new_tables(
     [old_status] = [t for t in report.old_tables if ".card_status_old_" in t]
     await isolated.send(early.journey(7, start=3) + late.journey(2))
     await isolated.all_applied()
-    response = await isolated.http.get(f"/v1/citizens/{early.ref}/card")
+    response = await isolated.http.get(f"/v1/citizens/{early.citizen_ref}/card")
     assert response.json()["status"] == "READY_FOR_PICKUP"
     tables = await read_tables(settings, isolated.settings.status_schema)
     status, timeline = isolated.pure_fold()

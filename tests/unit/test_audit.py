@@ -31,8 +31,7 @@ from shared.consumer import Inbound
 from shared.contracts import auth, issuance, loss, review
 from shared.contracts.common import SubjectErased
 from shared.envelope import EventEnvelope
-from shared.events import EventMeta, to_pending
-from tests.support import make_events
+from tests.builders import CitizenStreams, sealed
 
 PARTITIONS = 6
 
@@ -56,19 +55,20 @@ class Record:
 
 def citizen_streams(ref: str) -> list[Record]:
     """One citizen's four streams, as the services would publish them, topic by topic."""
+    citizen = CitizenStreams(ref)
     streams = {
-        "issuance.events": make_events(f"card-{ref}", ref,
-                                       [issuance.CardIssued(card_no="A0012345")]),
-        "auth.events": make_events(f"auth-{ref}", ref, [
+        "issuance.events": citizen.emit_all("issuance.events",
+                                            [issuance.CardIssued(card_no="A0012345")]),
+        "auth.events": citizen.emit_all("auth.events", [
             auth.SessionStarted(session_id="s1", channel="wechat-oa",
                                 expires_at=datetime(2030, 1, 1, tzinfo=UTC)),
             auth.IdentityVerified(method="realname", session_id="s1"),
             auth.ElectronicCardAuthorized(session_id="s1", channel="wechat-oa"),
         ]),
-        "loss.events": make_events(f"loss-{ref}", ref, [loss.LossReported(
+        "loss.events": citizen.emit_all("loss.events", [loss.LossReported(
             loss_id="l1", kind="formal", card_no="A0012345", expires_at=None,
             financial_freeze=True, channel="wechat-oa")]),
-        "review.events": make_events(f"review-{ref}", ref, [
+        "review.events": citizen.emit_all("review.events", [
             review.ReissueApplied(application_id="a1", loss_id="l1", old_card_no="enc:v1:x",
                                   address="enc:v1:x", phone="enc:v1:x", photo_ref="enc:v1:x",
                                   pickup_bureau="bureau-001", channel="wechat-oa"),
@@ -186,10 +186,8 @@ def test_an_event_id_reused_with_different_content_is_a_failure_at_the_second_us
     log = a_log()
     original = log[0].body
     ref = f"cr-{uuid.uuid4().hex}"
-    meta = EventMeta(ref, datetime.now(UTC), "c", "c")
     same_id = uuid.UUID(str(original["event_id"]))
-    reuse = EventEnvelope.seal(to_pending(issuance.CardIssued(card_no="B0099999"), meta, same_id),
-                               f"card-{ref}", 1, "0" * 64)
+    reuse = sealed(f"card-{ref}", ref, issuance.CardIssued(card_no="B0099999"), event_id=same_id)
 
     report = verify_messages(as_messages([*log, Record("issuance.events", ref.encode(),
                                                        reuse.to_bytes())]))
@@ -333,8 +331,7 @@ def test_the_replay_lists_an_erased_citizens_timeline_as_the_live_api_does() -> 
     ref = f"cr-{uuid.uuid4().hex}"
     records = citizen_streams(ref)
     last = EventEnvelope.model_validate_json(records[-1].value)
-    [erased] = make_events(f"review-{ref}", ref, [SubjectErased(reason="asked")],
-                           start_version=last.version + 1, prev_hash=last.hash)
+    erased = CitizenStreams(ref).after(last).emit("review.events", SubjectErased(reason="asked"))
     records.append(Record("review.events", ref.encode(), erased.to_bytes()))
     [state] = replayed(records).citizens.values()
 

@@ -15,7 +15,8 @@ from services.status.timeline import timeline_entry
 from shared.contracts.issuance import ISSUANCE_EVENTS, CardCollected
 from shared.contracts.upcasters import UPCASTERS
 from shared.envelope import GENESIS_HASH, EventEnvelope, PendingEvent, hash_is_intact
-from shared.events import EventDecoder, EventMeta, to_pending
+from shared.events import EventDecoder
+from tests.builders import sealed
 
 REF = "c" * 64
 AT = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
@@ -35,8 +36,7 @@ def stored_v1(*, by_proxy: bool) -> EventEnvelope:
 def stored_v2(*, by_proxy: bool, event_id: uuid.UUID) -> EventEnvelope:
     event = CardCollected(**{**V1_DATA, "by_proxy": by_proxy,
                              "collected_by": "proxy" if by_proxy else "holder"})
-    meta = EventMeta(citizen_ref=REF, occurred_at=AT, correlation_id="c", causation_id="c")
-    return EventEnvelope.seal(to_pending(event, meta, event_id), f"card-{REF}", 1, GENESIS_HASH)
+    return sealed(f"card-{REF}", REF, event, at=AT, event_id=event_id)
 
 
 @pytest.mark.parametrize(("by_proxy", "collected_by"), [(False, "holder"), (True, "proxy")])

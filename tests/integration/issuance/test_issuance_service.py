@@ -24,13 +24,14 @@ from services.issuance.settings import IssuanceSettings
 from shared.channels import ChannelRegistry, sign
 from shared.contracts.review import ReviewApproved, ReviewRejected
 from shared.crypto import Vault
-from shared.envelope import GENESIS_HASH, EventEnvelope
-from shared.events import DomainEvent, EventMeta, to_pending
+from shared.envelope import EventEnvelope
+from shared.events import DomainEvent
 from shared.eventstore import migrate
 from shared.identity import check_char, citizen_ref
 from shared.runtime import ServiceRuntime
 from shared.service import Kit, bootstrap
 from shared.topics import all_topics, reply_topic
+from tests.builders import Citizens, CitizenStreams
 from tests.support import (
     TopicTail,
     eventually,
@@ -95,7 +96,7 @@ class Harness:
     replies: dict[str, TopicTail]
     events: TopicTail
     channels: ChannelRegistry
-    review_heads: dict[str, tuple[int, str]] = field(default_factory=dict)
+    citizens: Citizens = field(default_factory=Citizens)
 
     @property
     def schema(self) -> str:
@@ -124,14 +125,7 @@ class Harness:
     async def review_event(self, ref: str, event: DomainEvent) -> EventEnvelope:
         """Publish the next event of the citizen's review stream, chained onto the last one
         published here, as the review service's relay would."""
-        correlation = str(uuid.uuid4())
-        stream_id = f"review-{ref}"
-        version, prev_hash = self.review_heads.get(stream_id, (0, GENESIS_HASH))
-        envelope = EventEnvelope.seal(
-            to_pending(event, EventMeta(ref, datetime.now(UTC), correlation, correlation),
-                       uuid.uuid4()),
-            stream_id, version + 1, prev_hash)
-        self.review_heads[stream_id] = (envelope.version, envelope.hash)
+        envelope = self.citizens[ref].emit("review.events", event)
         await self.publish_review(envelope)
         return envelope
 
@@ -374,9 +368,7 @@ async def test_with_a_production_time_the_card_is_ready_only_when_the_timer_fire
         ref = uuid.uuid4().hex
         approved = ReviewApproved(application_id=str(uuid.uuid4()), reviewer_id="r",
                                   pickup_bureau=BUREAU, old_card_no="L000001")
-        envelope = EventEnvelope.seal(
-            to_pending(approved, EventMeta(ref, now, "corr", "corr"), uuid.uuid4()),
-            f"review-{ref}", 1, GENESIS_HASH)
+        envelope = CitizenStreams(ref).emit("review.events", approved, at=now)
         async with pool.acquire() as conn, conn.transaction():
             await handlers.on_review_event(conn, envelope)
 

@@ -22,11 +22,11 @@ from shared.eventstore import PostgresEventStore
 from shared.outbox import OutboxRelay, make_producer
 from shared.runtime import ServiceRuntime
 from shared.settings import CardDeskSettings
+from tests.builders import CitizenStreams, sealed
 from tests.support import (
     RecordingDeadLetters,
     create_topics,
     eventually,
-    make_events,
     read_topic,
     unique,
 )
@@ -153,7 +153,7 @@ async def test_the_same_event_delivered_twice_changes_the_consumer_state_once(
     await pool.execute(SEEN_DDL.format(schema=schema))
     consumer = EventConsumer(pool, schema, "probe", lambda c, e: record_seen(c, schema, e),
                              None)  # type: ignore[arg-type]
-    [event] = make_events("s-x", "x", [LossCancelled(loss_id="l")])
+    [event] = CitizenStreams("x").append_all("s-x", [LossCancelled(loss_id="l")])
     message = Inbound("probe.events", 0, 7, b"x", event.to_bytes())
     await consumer.handle(message)
     await consumer.handle(message)
@@ -193,10 +193,10 @@ async def test_a_malformed_message_goes_to_the_dlq_with_its_reason_and_the_next_
 ) -> None:
     name = probe_service.name
     topic = f"{name}.events"
-    [good] = make_events("s-ok", "ok", [LossCancelled(loss_id="l")])
-    [forged] = make_events("s-f", "f", [LossCancelled(loss_id="l")])
+    [good] = CitizenStreams("ok").append_all("s-ok", [LossCancelled(loss_id="l")])
+    [forged] = CitizenStreams("f").append_all("s-f", [LossCancelled(loss_id="l")])
     tampered = forged.to_bytes().replace(b'"loss_id":"l"', b'"loss_id":"m"')
-    [template] = make_events("s-u", "u", [LossCancelled(loss_id="l")])
+    [template] = CitizenStreams("u").append_all("s-u", [LossCancelled(loss_id="l")])
     unknown = EventEnvelope.seal(
         PendingEvent.model_validate(
             template.model_dump(exclude={"stream_id", "version", "prev_hash", "hash"})
@@ -264,7 +264,8 @@ async def test_a_batch_applies_each_new_event_once_and_parks_the_unreadable_ones
     dead = RecordingDeadLetters()
     consumer = EventConsumer(pool, schema, "probe", lambda c, e: record_seen(c, schema, e),
                              dead, known_types={"LossCancelled"})  # type: ignore[arg-type]
-    events = make_events("s-b", "b", [LossCancelled(loss_id=f"l{i}") for i in range(3)])
+    events = CitizenStreams("b").append_all("s-b",
+                                            [LossCancelled(loss_id=f"l{i}") for i in range(3)])
     values = [events[0].to_bytes(), events[1].to_bytes(), b"{broken", events[1].to_bytes(),
               events[2].to_bytes()]
     batch = [Inbound("probe.events", 0, offset, b"b", value) for offset, value in
@@ -281,7 +282,8 @@ async def test_a_failing_effect_in_a_batch_undoes_the_batch_and_each_event_is_re
 ) -> None:
     await pool.execute(SEEN_DDL.format(schema=schema))
     dead = RecordingDeadLetters()
-    events = make_events("s-f", "f", [LossCancelled(loss_id=f"l{i}") for i in range(3)])
+    events = CitizenStreams("f").append_all("s-f",
+                                            [LossCancelled(loss_id=f"l{i}") for i in range(3)])
     poisoned = events[1].event_id
 
     async def handler(conn: asyncpg.Connection, event: EventEnvelope) -> None:
@@ -305,14 +307,13 @@ async def test_an_event_that_does_not_continue_its_stream_is_dead_lettered_howev
     dead = RecordingDeadLetters()
     consumer = EventConsumer(pool, schema, "probe", lambda c, e: record_seen(c, schema, e),
                              dead, known_types={"LossCancelled"})  # type: ignore[arg-type]
-    first, second, third = make_events(
-        "s-c", "c", [LossCancelled(loss_id=f"l{i}") for i in range(3)])
+    first, second, third = CitizenStreams("c").append_all(
+        "s-c", [LossCancelled(loss_id=f"l{i}") for i in range(3)])
     # Each forgery's own hash is right; its place in the chain is not.
-    skips_ahead = make_events("s-c", "c", [LossCancelled(loss_id="x")], start_version=3,
-                              prev_hash=first.hash)[0]
-    takes_a_version = make_events("s-c", "c", [LossCancelled(loss_id="y")], start_version=2,
-                                  prev_hash=first.hash)[0]
-    restarts = make_events("s-c", "c", [LossCancelled(loss_id="z")])[0]
+    skips_ahead = sealed("s-c", "c", LossCancelled(loss_id="x"), version=3, prev_hash=first.hash)
+    takes_a_version = sealed("s-c", "c", LossCancelled(loss_id="y"), version=2,
+                             prev_hash=first.hash)
+    restarts = sealed("s-c", "c", LossCancelled(loss_id="z"))
     values = [first, second, skips_ahead, takes_a_version, restarts, second, third]
 
     await consumer.handle_batch([Inbound("probe.events", 0, offset, b"c", e.to_bytes())

@@ -22,13 +22,14 @@ from cardctl.stack import ensure_topics
 from services.loss.main import SPEC
 from services.loss.settings import LossSettings
 from shared.channels import ChannelRegistry, sign
-from shared.envelope import GENESIS_HASH, EventEnvelope
-from shared.events import DomainEvent, EventMeta, to_pending
+from shared.envelope import EventEnvelope
+from shared.events import DomainEvent
 from shared.eventstore import event_message
 from shared.runtime import ServiceRuntime
 from shared.service import bootstrap
 from shared.tokens import SessionClaims, TokenSigner
 from shared.topics import all_topics, reply_topic
+from tests.builders import Citizens
 from tests.support import TopicTail, kafka_options, partitions_of, session_settings
 
 CHANNEL = "wechat-oa"
@@ -93,7 +94,7 @@ class Harness:
         channel = ChannelRegistry.from_file(settings.channels_file).get(CHANNEL)
         assert channel is not None
         self.channel_secret = channel.secret
-        self._heads: dict[str, tuple[int, str]] = {}
+        self._citizens = Citizens()
 
     @staticmethod
     def new_citizen() -> str:
@@ -127,12 +128,7 @@ class Harness:
 
     def seal(self, stream_id: str, citizen_ref: str, event: DomainEvent) -> EventEnvelope:
         """The next event of another service's stream, chained as its store would."""
-        version, prev_hash = self._heads.get(stream_id, (0, GENESIS_HASH))
-        meta = EventMeta(citizen_ref, datetime.now(UTC), str(uuid.uuid4()), str(uuid.uuid4()))
-        envelope = EventEnvelope.seal(to_pending(event, meta, uuid.uuid4()), stream_id,
-                                      version + 1, prev_hash)
-        self._heads[stream_id] = (envelope.version, envelope.hash)
-        return envelope
+        return self._citizens[citizen_ref].append(stream_id, event)
 
     async def publish(self, topic: str, envelope: EventEnvelope) -> None:
         message = event_message(topic, envelope)

@@ -26,12 +26,13 @@ from services.review.main import SPEC
 from services.review.settings import ReviewSettings
 from shared.channels import ChannelRegistry, sign
 from shared.contracts.loss import LossCancelled, LossReported
-from shared.envelope import GENESIS_HASH, EventEnvelope
-from shared.events import DomainEvent, EventMeta, to_pending
+from shared.envelope import EventEnvelope
+from shared.events import DomainEvent
 from shared.runtime import ServiceRuntime
 from shared.service import bootstrap
 from shared.tokens import SessionClaims, TokenSigner
 from shared.topics import all_topics, reply_topic
+from tests.builders import Citizens
 from tests.support import TopicTail, follower_paused, kafka_options, until_consistent
 
 pytestmark = pytest.mark.integration
@@ -84,17 +85,11 @@ class Harness:
     channels: ChannelRegistry
     replies: dict[str, Tail]
     events: Tail
-    loss_streams: dict[str, EventEnvelope] = field(default_factory=dict)
+    citizens: Citizens = field(default_factory=Citizens)
 
     async def publish_loss_event(self, citizen_ref: str, event: DomainEvent) -> EventEnvelope:
         """Append to the citizen's loss stream as the loss service would, and publish it."""
-        meta = EventMeta(citizen_ref, datetime.now(UTC), str(uuid.uuid4()), str(uuid.uuid4()))
-        last = self.loss_streams.get(citizen_ref)
-        envelope = EventEnvelope.seal(
-            to_pending(event, meta, uuid.uuid4()), f"loss-{citizen_ref}",
-            last.version + 1 if last else 1, last.hash if last else GENESIS_HASH,
-        )
-        self.loss_streams[citizen_ref] = envelope
+        envelope = self.citizens[citizen_ref].emit("loss.events", event)
         await self.producer.send_and_wait("loss.events", value=envelope.to_bytes(),
                                           key=citizen_ref.encode())
         return envelope

@@ -13,7 +13,8 @@ from services.status.adapters import status_follower
 from services.status.settings import StatusSettings
 from shared.contracts import issuance
 from shared.settings import CardDeskSettings
-from tests.integration.status.test_status_service import Citizen, Running
+from tests.builders import CitizenStreams
+from tests.integration.status.test_status_service import Running
 from tests.support import eventually, isolated_status_service, unique
 
 pytestmark = pytest.mark.integration
@@ -34,14 +35,14 @@ async def test_the_projection_logs_what_it_applied_with_the_trace_it_carries(
     running: Running, capsys: pytest.CaptureFixture[str],
 ) -> None:
     trace_id = uuid.uuid4().hex
-    citizen = Citizen()
-    issued = citizen.event("issuance.events", issuance.CardIssued(card_no="A01234567"))
+    citizen = CitizenStreams()
+    issued = citizen.emit("issuance.events", issuance.CardIssued(card_no="A01234567"))
 
     await running.producer.send_and_wait(
         running.topic("issuance.events"), value=issued.to_bytes(),
-        key=citizen.ref.encode(),
+        key=citizen.citizen_ref.encode(),
         headers=[("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01".encode())])
-    await running.wait_for_status(citizen.ref, "ACTIVE")
+    await running.wait_for_status(citizen.citizen_ref, "ACTIVE")
 
     lines = capsys.readouterr().out.splitlines()
     applied = [line for line in lines if "events.applied" in line and trace_id in line]
@@ -52,11 +53,11 @@ async def test_the_projection_logs_what_it_applied_with_the_trace_it_carries(
 async def test_metrics_are_served_on_the_query_api_port_with_the_projection_lag(
     running: Running,
 ) -> None:
-    citizen = Citizen()
-    issued = citizen.event("issuance.events", issuance.CardIssued(card_no="A07654321"))
+    citizen = CitizenStreams()
+    issued = citizen.emit("issuance.events", issuance.CardIssued(card_no="A07654321"))
     schema = running.service.kit.schema
     await running.send("issuance.events", issued)
-    await running.wait_for_status(citizen.ref, "ACTIVE")
+    await running.wait_for_status(citizen.citizen_ref, "ACTIVE")
 
     async def lag_reported() -> bool:  # open, like /health: no API key asked
         response = await running.http.get("/metrics", headers={"Authorization": ""})

@@ -7,7 +7,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -16,17 +16,15 @@ from aiokafka import AIOKafkaProducer
 
 from services.status.settings import StatusSettings
 from shared.contracts import EVENT_TOPICS, auth, issuance, loss
-from shared.envelope import GENESIS_HASH, EventEnvelope, chain_hash
-from shared.events import DomainEvent, EventMeta, to_pending
+from shared.envelope import EventEnvelope, chain_hash
 from shared.service import Service
 from shared.settings import CardDeskSettings
 from shared.topics import all_topics
+from tests.builders import CitizenStreams
 from tests.support import eventually, isolated_status_service, read_topic, unique
 
 pytestmark = pytest.mark.integration
 
-STREAM_PREFIX = {"auth.events": "auth", "loss.events": "loss", "review.events": "review",
-                 "issuance.events": "card"}
 
 
 @dataclass
@@ -82,25 +80,6 @@ class Running:
         return await self.timeline(citizen_ref)
 
 
-class Citizen:
-    """Seals a fresh citizen's events per stream, as the owning services would."""
-
-    def __init__(self) -> None:
-        self.ref = uuid.uuid4().hex * 2  # a citizen_ref: 64 lower-case hex
-        self.clock = datetime.now(UTC)
-        self._last: dict[str, tuple[int, str]] = {}
-
-    def event(self, contract_topic: str, event: DomainEvent) -> EventEnvelope:
-        self.clock += timedelta(seconds=1)
-        stream_id = f"{STREAM_PREFIX[contract_topic]}-{self.ref}"
-        version, prev = self._last.get(stream_id, (0, GENESIS_HASH))
-        meta = EventMeta(self.ref, self.clock, str(uuid.uuid4()), str(uuid.uuid4()))
-        envelope = EventEnvelope.seal(to_pending(event, meta, uuid.uuid4()), stream_id,
-                                      version + 1, prev)
-        self._last[stream_id] = (envelope.version, envelope.hash)
-        return envelope
-
-
 @pytest.fixture(scope="module")
 async def running(settings: CardDeskSettings) -> AsyncIterator[Running]:
     suffix = unique("st")
@@ -117,19 +96,19 @@ async def running(settings: CardDeskSettings) -> AsyncIterator[Running]:
 async def test_events_from_three_topics_make_a_formal_loss_visible_over_http(
     running: Running,
 ) -> None:
-    c = Citizen()
-    issued = c.event("issuance.events", issuance.CardIssued(card_no="A01234567"))
-    authorised = c.event("auth.events", auth.ElectronicCardAuthorized(session_id="s1",
+    c = CitizenStreams(step=timedelta(seconds=1))
+    issued = c.emit("issuance.events", issuance.CardIssued(card_no="A01234567"))
+    authorised = c.emit("auth.events", auth.ElectronicCardAuthorized(session_id="s1",
                                                                       channel="wechat-oa"))
-    reported = c.event("loss.events", loss.LossReported(
+    reported = c.emit("loss.events", loss.LossReported(
         loss_id="l1", kind="formal", card_no="A01234567", expires_at=None,
         financial_freeze=True, channel="wechat-oa"))
     for topic, envelope in (("issuance.events", issued), ("auth.events", authorised),
                             ("loss.events", reported)):
         await running.send(topic, envelope)
 
-    entries = await running.wait_for_timeline(c.ref, issued, authorised, reported)
-    row = await running.wait_for_status(c.ref, "LOST")
+    entries = await running.wait_for_timeline(c.citizen_ref, issued, authorised, reported)
+    row = await running.wait_for_status(c.citizen_ref, "LOST")
 
     assert row["e_card_status"] == "UNAVAILABLE"
     assert row["card_no_masked"] == "*****4567"
@@ -144,22 +123,22 @@ async def test_events_from_three_topics_make_a_formal_loss_visible_over_http(
 
 
 async def test_a_redelivered_event_adds_no_timeline_entry(running: Running) -> None:
-    c = Citizen()
-    issued = c.event("issuance.events", issuance.CardIssued(card_no="A01234567"))
+    c = CitizenStreams(step=timedelta(seconds=1))
+    issued = c.emit("issuance.events", issuance.CardIssued(card_no="A01234567"))
     await running.send("issuance.events", issued)
-    await running.wait_for_status(c.ref, "ACTIVE")
+    await running.wait_for_status(c.citizen_ref, "ACTIVE")
 
     await running.send("issuance.events", issued)
-    temporary = c.event("loss.events", loss.LossReported(
+    temporary = c.emit("loss.events", loss.LossReported(
         loss_id="l1", kind="temporary", card_no="A01234567",
-        expires_at=c.clock + timedelta(days=15), financial_freeze=True, channel="app"))
+        expires_at=c.now + timedelta(days=15), financial_freeze=True, channel="app"))
     await running.send("loss.events", temporary)
     # Same topic and key as the duplicate: once the marker is in, the duplicate was handled.
-    marker = c.event("issuance.events", issuance.CardIssued(card_no="A01234567"))
+    marker = c.emit("issuance.events", issuance.CardIssued(card_no="A01234567"))
     await running.send("issuance.events", marker)
 
-    await running.wait_for_status(c.ref, "TEMP_LOST")
-    entries = await running.wait_for_timeline(c.ref, marker)
+    await running.wait_for_status(c.citizen_ref, "TEMP_LOST")
+    entries = await running.wait_for_timeline(c.citizen_ref, marker)
     assert [e["event_id"] for e in entries].count(str(issued.event_id)) == 1
     assert len(entries) == 3
 
@@ -167,14 +146,14 @@ async def test_a_redelivered_event_adds_no_timeline_entry(running: Running) -> N
 async def test_a_tampered_or_unknown_event_is_dead_lettered_and_the_next_one_applied(
     running: Running, settings: CardDeskSettings,
 ) -> None:
-    c = Citizen()
-    good = c.event("loss.events", loss.LossReported(
+    c = CitizenStreams(step=timedelta(seconds=1))
+    good = c.emit("loss.events", loss.LossReported(
         loss_id="l1", kind="formal", card_no=None, expires_at=None, financial_freeze=True,
         channel="app"))
     body = good.to_json_dict()
     body["data"]["kind"] = "temporary"  # changed after sealing: the hash no longer matches
     tampered = json.dumps(body).encode()
-    unknown = c.event("loss.events", loss.LossCancelled(loss_id="l1"))
+    unknown = c.emit("loss.events", loss.LossCancelled(loss_id="l1"))
     unknown_body = unknown.to_json_dict() | {"type": "LossForgotten"}
     del unknown_body["hash"]
     unknown_value = json.dumps(unknown_body | {
@@ -184,14 +163,14 @@ async def test_a_tampered_or_unknown_event_is_dead_lettered_and_the_next_one_app
     await running.send("loss.events", unknown, value=unknown_value)
     await running.send("loss.events", good)
 
-    await running.wait_for_status(c.ref, "LOST")
+    await running.wait_for_status(c.citizen_ref, "LOST")
     dlq = f"{running.topic('loss.events')}.dlq"
-    key = c.ref.encode()
+    key = c.citizen_ref.encode()
     records = await read_topic(settings.kafka_bootstrap, dlq,
                                until=lambda rs: sum(r.key == key for r in rs) >= 2)
     codes = sorted(dict(r.headers)["x-dlq-code"].decode() for r in records if r.key == key)
     assert codes == ["bad_hash", "unknown_event_type"]
-    entries = await running.timeline(c.ref)
+    entries = await running.timeline(c.citizen_ref)
     assert [e["type"] for e in entries] == ["LossReported"]
 
 

@@ -44,9 +44,9 @@ from shared.contracts.common import SubjectErased
 from shared.erasure import decide_erasure
 from shared.errors import DomainError, SubjectErasedError
 from shared.identity import check_char
+from tests.builders import CitizenStreams
 from tests.deciders import Given
 from tests.deciders import given as spec
-from tests.support import make_events
 
 NOW = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
 DAY = timedelta(hours=24)
@@ -280,7 +280,7 @@ def test_embeddings_of_different_lengths_or_zero_vectors_cannot_be_compared() ->
 
 
 def test_a_stored_event_is_folded_with_the_time_it_was_recorded() -> None:
-    [envelope] = make_events(DECIDER.stream_id("ref-1"), "ref-1", [mismatch(1)])
+    envelope = CitizenStreams("ref-1").append(DECIDER.stream_id("ref-1"), mismatch(1))
     assert envelope.stream_id == "auth-ref-1"
     assert DECIDER.decode(envelope) == Recorded(event=mismatch(1), at=envelope.occurred_at)
     assert DECIDER.fold([DECIDER.decode(envelope)]).failures == (envelope.occurred_at,)

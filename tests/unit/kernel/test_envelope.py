@@ -12,11 +12,12 @@ from shared.envelope import (
     hash_is_intact,
     verify_stream,
 )
-from tests.support import make_events
+from tests.builders import CitizenStreams
 
 
 def _stream() -> list[EventEnvelope]:
-    return make_events("loss-ref", "ref", [LossCancelled(loss_id=f"l{i}") for i in range(5)])
+    return CitizenStreams("ref").append_all("loss-ref",
+                                            [LossCancelled(loss_id=f"l{i}") for i in range(5)])
 
 
 def test_a_stream_of_sealed_events_verifies() -> None:

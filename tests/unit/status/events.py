@@ -1,43 +1,27 @@
-"""Builders of sealed event envelopes for the status projection's tests."""
+"""A citizen's journey as sealed events, and the fold of them, for the status projection's tests."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 
 from services.status.projection import CardStatusRow, project
 from shared.contracts import auth, issuance, loss, review
 from shared.contracts.common import SubjectErased
-from shared.envelope import GENESIS_HASH, EventEnvelope
-from shared.events import DomainEvent, EventMeta, to_pending
+from shared.envelope import EventEnvelope
+from tests.builders import CitizenStreams
 
 T0 = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
 OLD_CARD = "A01234567"
 NEW_CARD = "B76543210"
 BUREAU = "bureau-xuhui"
-STREAM_PREFIX = {"auth.events": "auth", "loss.events": "loss", "review.events": "review",
-                 "issuance.events": "card"}
 
 
-class Streams:
-    """Seals events per topic stream (gapless versions, chained hashes), a minute apart."""
+class Streams(CitizenStreams):
+    """A citizen's streams for the projection's tests: events a minute apart from `start`."""
 
-    def __init__(self, citizen_ref: str | None = None, start: datetime = T0) -> None:
-        self.citizen_ref = citizen_ref or f"cr-{uuid.uuid4().hex}"
-        self.clock = start
-        self._last: dict[str, tuple[int, str]] = {}
-
-    def emit(self, topic: str, event: DomainEvent, at: datetime | None = None) -> EventEnvelope:
-        self.clock = at or self.clock + timedelta(minutes=1)
-        stream_id = f"{STREAM_PREFIX[topic]}-{self.citizen_ref}"
-        version, prev = self._last.get(stream_id, (0, GENESIS_HASH))
-        meta = EventMeta(citizen_ref=self.citizen_ref, occurred_at=self.clock,
-                         correlation_id=str(uuid.uuid4()), causation_id=str(uuid.uuid4()))
-        envelope = EventEnvelope.seal(to_pending(event, meta, uuid.uuid4()), stream_id,
-                                      version + 1, prev)
-        self._last[stream_id] = (envelope.version, envelope.hash)
-        return envelope
+    def __init__(self, start: datetime = T0) -> None:
+        super().__init__(start=start, step=timedelta(minutes=1))
 
 
 def fold(envelopes: Iterable[EventEnvelope]) -> CardStatusRow:

@@ -10,7 +10,12 @@ from typing import get_args
 import pytest
 
 from services.status.projection import ERASED, CardStatus, ECardStatus, StatusEvent, project
-from services.status.timeline import as_seen_after_erasure, describe, timeline_entry
+from services.status.timeline import (
+    DESCRIBERS,
+    as_seen_after_erasure,
+    describe,
+    timeline_entry,
+)
 from shared.contracts import auth, issuance, loss, review
 from shared.envelope import EventEnvelope
 from tests.unit.status.events import (
@@ -249,6 +254,7 @@ def test_every_event_type_has_a_description() -> None:
     seen = {e.type for events in topics.values() for e in events}
     assert seen <= described
     assert len(described) == 19
+    assert set(DESCRIBERS) == described
 
 
 def test_timeline_descriptions_carry_no_id_numbers_and_mask_card_numbers() -> None:
