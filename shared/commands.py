@@ -148,23 +148,19 @@ class CommandIntake:
         dead_letters: DeadLetters,
         clock: Callable[[], datetime],
         *,
-        max_attempts: int = 5,
-        opener: FieldOpener | None = None,
+        settings: CardDeskSettings,
         barrier: FollowerBarrier | None = None,
-        limits: MessageLimits | None = None,
-        freshness: timedelta | None = None,
     ) -> None:
-        settings = CardDeskSettings()
-        self.opener = opener or FieldOpener.from_settings(settings)
-        self.limits = limits or MessageLimits.from_settings(settings)
-        self.freshness = freshness or timedelta(seconds=settings.command_freshness_seconds)
+        self.opener = FieldOpener.from_settings(settings)
+        self.limits = MessageLimits.from_settings(settings)
+        self.freshness = timedelta(seconds=settings.command_freshness_seconds)
         self.pool = pool
         self.schema = schema
         self.channels = channels
         self.routes = dict(routes)
         self.dead_letters = dead_letters
         self.clock = clock
-        self.max_attempts = max_attempts
+        self.max_attempts = settings.consumer_max_attempts
         self.barrier = barrier
 
     async def handle(self, msg: Inbound) -> None:

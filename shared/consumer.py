@@ -263,10 +263,9 @@ class EventConsumer:
         handler: EventHandler,
         dead_letters: DeadLetters,
         *,
+        settings: CardDeskSettings,
         known_types: Collection[str] | None = None,
-        max_attempts: int = 5,
         batch_handler: BatchEventHandler | None = None,
-        limits: MessageLimits | None = None,
         on_applied: Callable[[Sequence[tuple[Inbound, EventEnvelope]]], None] | None = None,
         log_applied: bool = False,
     ) -> None:
@@ -275,14 +274,14 @@ class EventConsumer:
         self.on_applied = on_applied
         self.log_applied = log_applied
         self.pool = pool
-        self.limits = limits or MessageLimits.from_settings(CardDeskSettings())
+        self.limits = MessageLimits.from_settings(settings)
+        self.max_attempts = settings.consumer_max_attempts
         self.batch_handler = batch_handler
         self.schema = schema
         self.name = name
         self.handler = handler
         self.dead_letters = dead_letters
         self.known_types = known_types
-        self.max_attempts = max_attempts
         self.chains = FollowedChains(schema)
 
     async def handle(self, msg: Inbound) -> None:

@@ -72,8 +72,7 @@ def build(settings: AuthSettings | None = None) -> ServiceRuntime:
             settings, registry_for=lambda conn: postgres_registry(conn, settings))
         wiring["intake"] = CommandIntake(
             runtime.pool, SCHEMA, ChannelRegistry.from_file(settings.channels_file),
-            routes(handlers), runtime.dead_letters, utc_now,
-            max_attempts=settings.consumer_max_attempts,
+            routes(handlers), runtime.dead_letters, utc_now, settings=settings,
         )
 
     def intake() -> MessageHandler:

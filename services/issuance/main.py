@@ -65,13 +65,11 @@ class IssuanceService:
         rt, s = self.runtime, self.settings
         self._intake = CommandIntake(
             rt.pool, rt.schema, ChannelRegistry.from_file(s.channels_file),
-            routes(self.handlers), rt.dead_letters, clock,
-            max_attempts=s.consumer_max_attempts, barrier=self.barrier,
+            routes(self.handlers), rt.dead_letters, clock, settings=s, barrier=self.barrier,
         )
         self._review = EventConsumer(
             rt.pool, rt.schema, "review.events", self.handlers.on_review_event,
-            rt.dead_letters, known_types=KNOWN_EVENT_TYPES["review.events"],
-            max_attempts=s.consumer_max_attempts,
+            rt.dead_letters, known_types=KNOWN_EVENT_TYPES["review.events"], settings=s,
         )
 
     async def purge_stored_replies(self) -> None:

@@ -67,18 +67,17 @@ def build(
     async def wire() -> None:
         wired.intake = CommandIntake(
             runtime.pool, schema, ChannelRegistry.from_file(settings.channels_file),
-            routes(handlers), runtime.dead_letters, now,
-            max_attempts=settings.consumer_max_attempts, barrier=barrier,
+            routes(handlers), runtime.dead_letters, now, settings=settings, barrier=barrier,
         )
         wired.issuance = EventConsumer(
             runtime.pool, schema, f"{SERVICE}:{ISSUANCE_EVENTS}", handlers.on_issuance_event,
             runtime.dead_letters, known_types=KNOWN_EVENT_TYPES[ISSUANCE_EVENTS],
-            max_attempts=settings.consumer_max_attempts,
+            settings=settings,
         )
         wired.review = EventConsumer(
             runtime.pool, schema, f"{SERVICE}:{REVIEW_EVENTS}", handlers.on_review_event,
             runtime.dead_letters, known_types=KNOWN_EVENT_TYPES[REVIEW_EVENTS],
-            max_attempts=settings.consumer_max_attempts,
+            settings=settings,
         )
 
     async def expiry_loop() -> None:

@@ -60,14 +60,13 @@ def build(settings: ReviewSettings | None = None, *, group: str | None = None) -
         }
         intake = CommandIntake(
             runtime.pool, runtime.schema, ChannelRegistry.from_file(settings.channels_file),
-            routes, runtime.dead_letters, _now, max_attempts=settings.consumer_max_attempts,
-            barrier=barrier,
+            routes, runtime.dead_letters, _now, settings=settings, barrier=barrier,
         )
         loss_events = EventConsumer(
             runtime.pool, runtime.schema, LOSS_CONSUMER, handlers.on_loss_event,
             runtime.dead_letters,
             known_types=KNOWN_EVENT_TYPES[settings.event_topic("loss")],
-            max_attempts=settings.consumer_max_attempts,
+            settings=settings,
         )
         intakes.append(intake)
         wired["commands"] = intake.handle

@@ -74,7 +74,7 @@ class StatusService:
                 self.writer.handler_for(contract_topic),
                 self.runtime.dead_letters,
                 known_types=KNOWN_EVENT_TYPES[contract_topic],
-                max_attempts=self.settings.consumer_max_attempts,
+                settings=self.settings,
                 batch_handler=self.writer.batch_handler_for(contract_topic),
                 on_applied=self._projected(contract_topic),
                 log_applied=True,

@@ -16,6 +16,7 @@ from shared.channels import Channel, ChannelRegistry, sign
 from shared.commands import CommandContext, CommandIntake, CommandRoute, Reply
 from shared.consumer import Inbound
 from shared.errors import DomainError
+from shared.settings import CardDeskSettings
 from shared.topics import reply_topic
 from tests.support import RecordingDeadLetters
 
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.integration
 
 CHANNEL = Channel(channel_id="probe-channel", secret="probe-secret")
 REPLIES_TOPIC = reply_topic(CHANNEL.channel_id)
+SETTINGS = CardDeskSettings(consumer_max_attempts=2)
 WRITES_DDL = "CREATE TABLE {schema}.writes (seq bigserial PRIMARY KEY, note text NOT NULL)"
 
 
@@ -45,7 +47,7 @@ def intake(pool: asyncpg.Pool, schema: str, dead: RecordingDeadLetters) -> Comma
 
     return CommandIntake(pool, schema, ChannelRegistry({CHANNEL.channel_id: CHANNEL}),
                          {"Write": CommandRoute(Note, write)}, dead,  # type: ignore[arg-type]
-                         lambda: datetime.now(UTC), max_attempts=2)
+                         lambda: datetime.now(UTC), settings=SETTINGS)
 
 
 def command(offset: int, note: str, request_id: str | None = None, *,
