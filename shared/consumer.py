@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from shared.chain import FollowedChains
 from shared.envelope import EventEnvelope, hash_is_intact
 from shared.eventstore import ConcurrencyError
+from shared.idempotency import ProcessedMessages
 from shared.locks import citizen_namespace, lock_citizens
 from shared.logging import bind_message_context
 from shared.metrics import DEAD_LETTERS, EVENTS_APPLIED
@@ -282,6 +283,7 @@ class EventConsumer:
         self.handler = handler
         self.dead_letters = dead_letters
         self.known_types = known_types
+        self.processed = ProcessedMessages(schema, name)
         self.chains = FollowedChains(schema)
 
     async def handle(self, msg: Inbound) -> None:
@@ -315,14 +317,8 @@ class EventConsumer:
         new: list[tuple[Inbound, EventEnvelope]] = []
         try:
             async with self.pool.acquire() as conn, conn.transaction():
-                fresh = set(await conn.fetchval(
-                    f"WITH new AS (INSERT INTO {self.schema}.processed (consumer, message_id)"
-                    " SELECT $1, id FROM unnest($2::text[]) AS id"
-                    " ON CONFLICT DO NOTHING RETURNING message_id)"
-                    " SELECT coalesce(array_agg(message_id), '{}') FROM new",
-                    self.name,
-                    [str(envelope.event_id) for _, envelope in valid],
-                ))
+                fresh = await self.processed.new_of(
+                    conn, [str(envelope.event_id) for _, envelope in valid])
                 await lock_citizens(conn, citizen_namespace(self.schema),
                                     [envelope.citizen_ref for _, envelope in valid])
                 for msg, envelope in valid:
@@ -396,13 +392,7 @@ class EventConsumer:
     async def apply(self, envelope: EventEnvelope) -> bool:
         """Apply one event unless already applied; True when it had an effect."""
         async with self.pool.acquire() as conn, conn.transaction():
-            first_time = await conn.fetchval(
-                f"INSERT INTO {self.schema}.processed (consumer, message_id) VALUES ($1, $2)"
-                " ON CONFLICT DO NOTHING RETURNING true",
-                self.name,
-                str(envelope.event_id),
-            )
-            if not first_time:
+            if not await self.processed.first_time(conn, str(envelope.event_id)):
                 log.debug("event.duplicate_skipped")
                 return False
             await lock_citizens(conn, citizen_namespace(self.schema), [envelope.citizen_ref])

@@ -142,3 +142,21 @@ async def test_stored_replies_are_purged_once_a_repeat_would_be_stale_anyway(
     assert [r["topic"] for r in await pool.fetch(
         f"SELECT topic FROM {schema}.outbox ORDER BY position")] == [
         REPLIES_TOPIC, "loss.events"]
+
+
+async def test_the_new_ids_a_handler_asks_its_context_for_come_from_the_intake(
+    pool: asyncpg.Pool, schema: str,
+) -> None:
+    given = iter(["id-1", "id-2"])
+
+    async def create(_conn: asyncpg.Connection, context: CommandContext,
+                     _payload: Note) -> dict[str, Any]:
+        return {"id": context.new_id()}
+
+    probe = CommandIntake(pool, schema, ChannelRegistry({CHANNEL.channel_id: CHANNEL}),
+                          {"Write": CommandRoute(Note, create)},
+                          RecordingDeadLetters(), lambda: datetime.now(UTC),  # type: ignore[arg-type]
+                          settings=SETTINGS, ids=lambda: next(given))
+    await probe.handle_batch([command(0, "a"), command(1, "b")])
+    assert [r.data for r in await queued_replies(pool, schema)] == [{"id": "id-1"},
+                                                                     {"id": "id-2"}]
