@@ -251,6 +251,9 @@ def _bind_event(topic: str, envelope: EventEnvelope) -> None:
     )
 
 
+Parsed = tuple[Inbound, EventEnvelope]
+
+
 class EventConsumer:
     """Applies each event once: the `processed` row and the effect share one transaction,
     which holds the citizens' locks (`shared.locks`) so no command of the service decides
@@ -267,7 +270,7 @@ class EventConsumer:
         settings: CardDeskSettings,
         known_types: Collection[str] | None = None,
         batch_handler: BatchEventHandler | None = None,
-        on_applied: Callable[[Sequence[tuple[Inbound, EventEnvelope]]], None] | None = None,
+        on_applied: Callable[[Sequence[Parsed]], None] | None = None,
         log_applied: bool = False,
     ) -> None:
         """`on_applied` hears of the events applied for the first time, after their commit;
@@ -304,42 +307,11 @@ class EventConsumer:
         statement, then the new events' effects (by `batch_handler` at once, if there is
         one). If anything in it fails, the transaction is rolled back and each record goes
         through `handle` alone (retries, DLQ) instead."""
-        valid: list[tuple[Inbound, EventEnvelope]] = []
-        for msg in messages:
-            try:
-                valid.append((msg, parse_event(msg, self.known_types, self.limits)))
-            except Rejected as exc:
-                bind_message_context(topic=msg.topic, partition=msg.partition, offset=msg.offset)
-                await self.dead_letters.send(msg, exc.code, exc.reason)
-        valid = await self._take_chains(valid, raise_on_break=False)
+        valid = await self._take_chains(await self._readable(messages), raise_on_break=False)
         if not valid:
             return
-        new: list[tuple[Inbound, EventEnvelope]] = []
         try:
-            async with self.pool.acquire() as conn, conn.transaction():
-                fresh = await self.processed.new_of(
-                    conn, [str(envelope.event_id) for _, envelope in valid])
-                await lock_citizens(conn, citizen_namespace(self.schema),
-                                    [envelope.citizen_ref for _, envelope in valid])
-                for msg, envelope in valid:
-                    event_id = str(envelope.event_id)
-                    if event_id in fresh:
-                        fresh.discard(event_id)  # a redelivered copy later in it is skipped
-                        new.append((msg, envelope))
-                if self.batch_handler is not None:
-                    if new:
-                        bind_message_context(topic=new[0][0].topic, events=len(new))
-                        spans = [self._span(msg, envelope) for msg, envelope in new]
-                        try:
-                            await self.batch_handler(conn, [envelope for _, envelope in new])
-                        finally:
-                            for span in spans:
-                                span.end()
-                else:
-                    for msg, envelope in new:
-                        _bind_event(msg.topic, envelope)
-                        with trace.use_span(self._span(msg, envelope), end_on_exit=True):
-                            await self.handler(conn, envelope)
+            new = await self._apply_batch(valid)
         except Exception as exc:
             log.info("batch.replayed_one_by_one", error=type(exc).__name__, size=len(valid))
             for msg, _ in valid:
@@ -347,13 +319,58 @@ class EventConsumer:
             return
         self._applied(new)
 
+    async def _readable(self, messages: Sequence[Inbound]) -> list[Parsed]:
+        """The messages that parse as events; the others are dead-lettered."""
+        parsed: list[Parsed] = []
+        for msg in messages:
+            try:
+                parsed.append((msg, parse_event(msg, self.known_types, self.limits)))
+            except Rejected as exc:
+                bind_message_context(topic=msg.topic, partition=msg.partition, offset=msg.offset)
+                await self.dead_letters.send(msg, exc.code, exc.reason)
+        return parsed
+
+    async def _apply_batch(self, valid: Sequence[Parsed]) -> list[Parsed]:
+        """Apply the events not processed before, in one transaction; those events."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            fresh = await self.processed.new_of(
+                conn, [str(envelope.event_id) for _, envelope in valid])
+            await lock_citizens(conn, citizen_namespace(self.schema),
+                                [envelope.citizen_ref for _, envelope in valid])
+            new: list[Parsed] = []
+            for msg, envelope in valid:
+                event_id = str(envelope.event_id)
+                if event_id in fresh:
+                    fresh.discard(event_id)  # a redelivered copy later in it is skipped
+                    new.append((msg, envelope))
+            await self._effects(conn, new)
+        return new
+
+    async def _effects(self, conn: asyncpg.Connection, new: Sequence[Parsed]) -> None:
+        """The effects of `new` events: by `batch_handler` at once, else one by one."""
+        if not new:
+            return
+        if self.batch_handler is None:
+            for msg, envelope in new:
+                _bind_event(msg.topic, envelope)
+                with trace.use_span(self._span(msg, envelope), end_on_exit=True):
+                    await self.handler(conn, envelope)
+            return
+        bind_message_context(topic=new[0][0].topic, events=len(new))
+        spans = [self._span(msg, envelope) for msg, envelope in new]
+        try:
+            await self.batch_handler(conn, [envelope for _, envelope in new])
+        finally:
+            for span in spans:
+                span.end()
+
     def _span(self, msg: Inbound, envelope: EventEnvelope) -> Span:
         """The span of applying one event: a child of the trace its message carries."""
         return start_span(f"{envelope.type} apply", msg.headers, {
             "messaging.system": "kafka", "messaging.destination.name": msg.topic,
             "messaging.consumer.group.name": self.name, "carddesk.event.type": envelope.type})
 
-    def _applied(self, applied: Sequence[tuple[Inbound, EventEnvelope]]) -> None:
+    def _applied(self, applied: Sequence[Parsed]) -> None:
         """Count (and log) the events applied for the first time."""
         if not applied:
             return
@@ -367,8 +384,8 @@ class EventConsumer:
         if self.on_applied is not None:
             self.on_applied(applied)
 
-    async def _take_chains(self, parsed: list[tuple[Inbound, EventEnvelope]], *,
-                           raise_on_break: bool) -> list[tuple[Inbound, EventEnvelope]]:
+    async def _take_chains(self, parsed: list[Parsed], *,
+                           raise_on_break: bool) -> list[Parsed]:
         """The events that continue their streams (recorded in their own transaction, so an
         event whose effect fails later still anchors the next); the others are dead-lettered,
         or raise `Rejected` for the caller's retry loop to dead-letter."""
@@ -377,7 +394,7 @@ class EventConsumer:
         async with self.pool.acquire() as conn, conn.transaction():
             breaks = {id(b.envelope): b for b in await self.chains.take(
                 conn, [envelope for _, envelope in parsed])}
-        kept: list[tuple[Inbound, EventEnvelope]] = []
+        kept: list[Parsed] = []
         for msg, envelope in parsed:
             broken = breaks.get(id(envelope))
             if broken is None:
