@@ -27,7 +27,9 @@ log = structlog.get_logger()
 class Outcome:
     command: CheckedCommand
     reply: Reply
-    repeated: bool  # answered from the stored reply
+    repeated: bool = False  # answered from the stored reply
+    # Stored for a repeat to get; `not_yet_consistent` is not, the repeat is decided afresh.
+    kept: bool = True
 
 
 class CommandExecutor:
@@ -86,25 +88,23 @@ class CommandExecutor:
             key: ReplyKey = (command.context.channel.channel_id, command.context.request_id)
             if key in stored:
                 outcomes.append(Outcome(command, stored[key], repeated=True))
-                continue
-            reply = await self._reply(conn, command, savepoints=savepoints,
-                                      consistent=consistent)
-            if reply is None:
+            elif not consistent:
+                outcomes.append(Outcome(command, unsettled(command), kept=False))
+            elif (reply := await self._reply(conn, command, savepoints=savepoints)) is None:
                 return None
-            stored[key] = reply  # the same request again later in the batch is a repeat
-            outcomes.append(Outcome(command, reply, repeated=False))
+            else:
+                stored[key] = reply  # the same request again later in the batch is a repeat
+                outcomes.append(Outcome(command, reply))
         await self.replies.record(
-            conn, [(o.command.context.channel, o.reply) for o in outcomes if not o.repeated],
+            conn, [(o.command.context.channel, o.reply) for o in outcomes
+                   if o.kept and not o.repeated],
             [reply_message(o.command.context.channel.channel_id, o.reply) for o in outcomes])
         return outcomes
 
     async def _reply(self, conn: asyncpg.Connection, command: CheckedCommand, *,
-                     savepoints: bool, consistent: bool) -> Reply | None:
+                     savepoints: bool) -> Reply | None:
         """A new command's reply; None if it was refused where no savepoint can undo it."""
         context, route = command.context, command.route
-        if not consistent:  # not stored: a repeat of the request is decided afresh
-            return rejected(context.request_id, "not_yet_consistent",
-                            "this service has not yet applied every event it follows; retry")
         if route.bureau_only and not context.channel.bureau:
             return rejected(context.request_id, "bureau_only",
                             "only a bureau channel may send this command")
@@ -135,6 +135,12 @@ class CommandExecutor:
             command.span.set_attribute("carddesk.reply.code", reply.code)
         log.info("command.repeated" if outcome.repeated else "command.replied",
                  status=reply.status, code=reply.code)
+
+
+def unsettled(command: CheckedCommand) -> Reply:
+    """The reply while the service's followers lag behind the events it follows."""
+    return rejected(command.context.request_id, "not_yet_consistent",
+                    "this service has not yet applied every event it follows; retry")
 
 
 def bind_command(command: CheckedCommand) -> None:
