@@ -10,7 +10,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 import structlog
@@ -249,6 +249,15 @@ def _bind_event(topic: str, envelope: EventEnvelope) -> None:
         correlation_id=envelope.correlation_id,
         causation_id=envelope.causation_id,
     )
+
+
+class BatchConsumer(Protocol):
+    """What a subscription feeds (`ServiceRuntime.subscribe`): a partition's records one at a
+    time, or several at once, in order; either returns once they are processed for good."""
+
+    async def handle(self, msg: Inbound) -> None: ...
+
+    async def handle_batch(self, messages: Sequence[Inbound]) -> None: ...
 
 
 Parsed = tuple[Inbound, EventEnvelope]

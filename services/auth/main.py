@@ -18,6 +18,7 @@ from services.auth.handlers import AuthHandlers
 from services.auth.settings import AuthSettings
 from shared.channels import ChannelRegistry
 from shared.commands import CommandIntake, CommandRoute
+from shared.consumer import BatchConsumer
 from shared.contracts.auth import (
     AuthorizeElectronicCard,
     IssueCaptcha,
@@ -32,7 +33,7 @@ from shared.production import (
     SESSION_PUBLIC_KEY,
     SESSION_SIGNING_KEY,
 )
-from shared.runtime import MessageHandler, ServiceRuntime, run_service
+from shared.runtime import ServiceRuntime, run_service
 
 log = structlog.get_logger()
 
@@ -75,8 +76,8 @@ def build(settings: AuthSettings | None = None) -> ServiceRuntime:
             routes(handlers), runtime.dead_letters, utc_now, settings=settings,
         )
 
-    def intake() -> MessageHandler:
-        return wiring["intake"].handle
+    def intake() -> BatchConsumer:
+        return wiring["intake"]
 
     async def purge_captchas() -> None:
         """Expired captchas and failed logins outside the window serve no purpose; keep the

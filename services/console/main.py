@@ -25,10 +25,10 @@ from services.console.settings import ConsoleSettings
 from services.console.staff import LockoutPolicy, Role, StaffDirectory, staff_ddl
 from services.console.web import Console, create_app
 from shared.channels import ChannelRegistry
-from shared.consumer import EventConsumer
+from shared.consumer import BatchConsumer, EventConsumer
 from shared.contracts import KNOWN_EVENT_TYPES
 from shared.logging import configure_logging
-from shared.runtime import STOP_STEP_TIMEOUT_S, MessageHandler, ServiceRuntime, stop_step, supervise
+from shared.runtime import STOP_STEP_TIMEOUT_S, ServiceRuntime, stop_step, supervise
 
 log = structlog.get_logger()
 
@@ -96,9 +96,9 @@ class ConsoleService:
         assert self._queue is not None, "the console has not started"
         return self._queue
 
-    def _handler(self) -> MessageHandler:
+    def _handler(self) -> BatchConsumer:
         assert self.consumer is not None, "the console has not started"
-        return self.consumer.handle
+        return self.consumer
 
     async def _build(self) -> None:
         pool = self.runtime.pool

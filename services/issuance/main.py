@@ -86,11 +86,11 @@ def build(settings: IssuanceSettings | None = None) -> ServiceRuntime:
     runtime.schema = settings.issuance_schema  # "issuance" unless a test isolates itself
     service = IssuanceService(runtime, settings)
     runtime.on_ready(service.ready)
-    runtime.subscribe(settings.issuance_commands_topic, lambda: service.intake.handle,
+    runtime.subscribe(settings.issuance_commands_topic, lambda: service.intake,
                       group=settings.issuance_consumer_group,
                       description="ImportCard, CollectCard and EraseSubject from bureau channels")
     runtime.subscribe(settings.issuance_review_events_topic,
-                      lambda: service.review_follower.handle,
+                      lambda: service.review_follower,
                       group=settings.issuance_consumer_group,
                       description="ReviewApproved starts a card's production")
     runtime.background(service.production_timer)

@@ -12,12 +12,12 @@ from services.loss.handlers import LossHandlers
 from services.loss.settings import LossSettings
 from shared.channels import ChannelRegistry
 from shared.commands import CommandIntake, CommandRoute
-from shared.consumer import EventConsumer
+from shared.consumer import BatchConsumer, EventConsumer
 from shared.contracts import KNOWN_EVENT_TYPES
 from shared.contracts.loss import CancelLoss, ReportLoss
 from shared.erasure import erase_route
 from shared.production import MASTER_KEY, SEALING_KEY, SESSION_PUBLIC_KEY
-from shared.runtime import MessageHandler, ServiceRuntime, run_service
+from shared.runtime import ServiceRuntime, run_service
 from shared.topics import command_topic
 
 SERVICE = "loss"
@@ -83,14 +83,14 @@ def build(
     async def expiry_loop() -> None:
         await handlers.expiry_loop(runtime.pool)
 
-    def on_commands() -> MessageHandler:
-        return wired.intake.handle
+    def on_commands() -> BatchConsumer:
+        return wired.intake
 
-    def on_issuance() -> MessageHandler:
-        return wired.issuance.handle
+    def on_issuance() -> BatchConsumer:
+        return wired.issuance
 
-    def on_review() -> MessageHandler:
-        return wired.review.handle
+    def on_review() -> BatchConsumer:
+        return wired.review
 
     async def purge_stored_replies() -> None:
         await wired.intake.purge_loop()

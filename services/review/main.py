@@ -9,13 +9,13 @@ from services.review.handlers import ReviewHandlers
 from services.review.settings import ReviewSettings
 from shared.channels import ChannelRegistry
 from shared.commands import CommandIntake, CommandRoute
-from shared.consumer import EventConsumer
+from shared.consumer import BatchConsumer, EventConsumer
 from shared.contracts import KNOWN_EVENT_TYPES
 from shared.contracts.review import DecideReview, SubmitReissueApplication
 from shared.crypto import MasterKeys, Vault
 from shared.erasure import erase_route
 from shared.production import MASTER_KEY, SEALING_KEY, SESSION_PUBLIC_KEY
-from shared.runtime import MessageHandler, ServiceRuntime, run_service
+from shared.runtime import ServiceRuntime, run_service
 from shared.tokens import TokenVerifier
 from shared.topics import command_topic
 
@@ -35,7 +35,7 @@ def build(settings: ReviewSettings | None = None, *, group: str | None = None) -
     settings = settings or ReviewSettings()
     runtime = ServiceRuntime(SERVICE, settings, extra_ddl=review_ddl(SERVICE),
                              secrets=SECRETS)
-    wired: dict[str, MessageHandler] = {}
+    wired: dict[str, BatchConsumer] = {}
     barrier = runtime.barrier([settings.event_topic("loss")], group=group)
     intakes: list[CommandIntake] = []
 
@@ -69,8 +69,8 @@ def build(settings: ReviewSettings | None = None, *, group: str | None = None) -
             settings=settings,
         )
         intakes.append(intake)
-        wired["commands"] = intake.handle
-        wired["loss.events"] = loss_events.handle
+        wired["commands"] = intake
+        wired["loss.events"] = loss_events
 
     async def purge_stored_replies() -> None:
         await intakes[0].purge_loop()

@@ -20,7 +20,7 @@ from starlette.routing import Route
 from services.status.adapters import StatusWriter, status_ddl
 from services.status.api import QueryBackend, create_app
 from services.status.settings import StatusSettings
-from shared.consumer import EventConsumer, Inbound
+from shared.consumer import BatchConsumer, EventConsumer, Inbound
 from shared.contracts import KNOWN_EVENT_TYPES
 from shared.envelope import EventEnvelope
 from shared.logging import configure_logging
@@ -28,7 +28,6 @@ from shared.metrics import exposition, projection_applied
 from shared.production import UnsafeConfigurationError, exit_refused, refuse_unsafe_configuration
 from shared.runtime import (
     STOP_STEP_TIMEOUT_S,
-    MessageHandler,
     ServiceRuntime,
     stop_step,
     supervise,
@@ -90,9 +89,9 @@ class StatusService:
 
         return applied
 
-    def _handler(self, topic: str) -> Callable[[], MessageHandler]:
-        def current() -> MessageHandler:
-            return self.consumers[topic].handle
+    def _handler(self, topic: str) -> Callable[[], BatchConsumer]:
+        def current() -> BatchConsumer:
+            return self.consumers[topic]
 
         return current
 

@@ -179,7 +179,7 @@ async def probe_service(
         )
 
     runtime.on_ready(ready)
-    runtime.subscribe(topic, lambda: consumers["c"].handle)
+    runtime.subscribe(topic, lambda: consumers["c"])
     await runtime.start()
     await runtime.broker.start()
     yield runtime
