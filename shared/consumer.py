@@ -10,7 +10,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 import structlog
@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from shared.chain import FollowedChains
 from shared.envelope import EventEnvelope, hash_is_intact
 from shared.eventstore import ConcurrencyError
+from shared.idempotency import ProcessedMessages
 from shared.locks import citizen_namespace, lock_citizens
 from shared.logging import bind_message_context
 from shared.metrics import DEAD_LETTERS, EVENTS_APPLIED
@@ -250,6 +251,18 @@ def _bind_event(topic: str, envelope: EventEnvelope) -> None:
     )
 
 
+class BatchConsumer(Protocol):
+    """What a subscription feeds (`ServiceRuntime.subscribe`): a partition's records one at a
+    time, or several at once, in order; either returns once they are processed for good."""
+
+    async def handle(self, msg: Inbound) -> None: ...
+
+    async def handle_batch(self, messages: Sequence[Inbound]) -> None: ...
+
+
+Parsed = tuple[Inbound, EventEnvelope]
+
+
 class EventConsumer:
     """Applies each event once: the `processed` row and the effect share one transaction,
     which holds the citizens' locks (`shared.locks`) so no command of the service decides
@@ -263,11 +276,10 @@ class EventConsumer:
         handler: EventHandler,
         dead_letters: DeadLetters,
         *,
+        settings: CardDeskSettings,
         known_types: Collection[str] | None = None,
-        max_attempts: int = 5,
         batch_handler: BatchEventHandler | None = None,
-        limits: MessageLimits | None = None,
-        on_applied: Callable[[Sequence[tuple[Inbound, EventEnvelope]]], None] | None = None,
+        on_applied: Callable[[Sequence[Parsed]], None] | None = None,
         log_applied: bool = False,
     ) -> None:
         """`on_applied` hears of the events applied for the first time, after their commit;
@@ -275,14 +287,15 @@ class EventConsumer:
         self.on_applied = on_applied
         self.log_applied = log_applied
         self.pool = pool
-        self.limits = limits or MessageLimits.from_settings(CardDeskSettings())
+        self.limits = MessageLimits.from_settings(settings)
+        self.max_attempts = settings.consumer_max_attempts
         self.batch_handler = batch_handler
         self.schema = schema
         self.name = name
         self.handler = handler
         self.dead_letters = dead_letters
         self.known_types = known_types
-        self.max_attempts = max_attempts
+        self.processed = ProcessedMessages(schema, name)
         self.chains = FollowedChains(schema)
 
     async def handle(self, msg: Inbound) -> None:
@@ -298,54 +311,16 @@ class EventConsumer:
 
         await with_retries(msg, process, self.dead_letters, max_attempts=self.max_attempts)
 
-    # issue 10: being split by another lane
-    async def handle_batch(self, messages: Sequence[Inbound]) -> None:  # noqa: C901
+    async def handle_batch(self, messages: Sequence[Inbound]) -> None:
         """One partition's records, in order, in one transaction: the processed rows in one
         statement, then the new events' effects (by `batch_handler` at once, if there is
         one). If anything in it fails, the transaction is rolled back and each record goes
         through `handle` alone (retries, DLQ) instead."""
-        valid: list[tuple[Inbound, EventEnvelope]] = []
-        for msg in messages:
-            try:
-                valid.append((msg, parse_event(msg, self.known_types, self.limits)))
-            except Rejected as exc:
-                bind_message_context(topic=msg.topic, partition=msg.partition, offset=msg.offset)
-                await self.dead_letters.send(msg, exc.code, exc.reason)
-        valid = await self._take_chains(valid, raise_on_break=False)
+        valid = await self._take_chains(await self._readable(messages), raise_on_break=False)
         if not valid:
             return
-        new: list[tuple[Inbound, EventEnvelope]] = []
         try:
-            async with self.pool.acquire() as conn, conn.transaction():
-                fresh = set(await conn.fetchval(
-                    f"WITH new AS (INSERT INTO {self.schema}.processed (consumer, message_id)"
-                    " SELECT $1, id FROM unnest($2::text[]) AS id"
-                    " ON CONFLICT DO NOTHING RETURNING message_id)"
-                    " SELECT coalesce(array_agg(message_id), '{}') FROM new",
-                    self.name,
-                    [str(envelope.event_id) for _, envelope in valid],
-                ))
-                await lock_citizens(conn, citizen_namespace(self.schema),
-                                    [envelope.citizen_ref for _, envelope in valid])
-                for msg, envelope in valid:
-                    event_id = str(envelope.event_id)
-                    if event_id in fresh:
-                        fresh.discard(event_id)  # a redelivered copy later in it is skipped
-                        new.append((msg, envelope))
-                if self.batch_handler is not None:
-                    if new:
-                        bind_message_context(topic=new[0][0].topic, events=len(new))
-                        spans = [self._span(msg, envelope) for msg, envelope in new]
-                        try:
-                            await self.batch_handler(conn, [envelope for _, envelope in new])
-                        finally:
-                            for span in spans:
-                                span.end()
-                else:
-                    for msg, envelope in new:
-                        _bind_event(msg.topic, envelope)
-                        with trace.use_span(self._span(msg, envelope), end_on_exit=True):
-                            await self.handler(conn, envelope)
+            new = await self._apply_batch(valid)
         except Exception as exc:
             log.info("batch.replayed_one_by_one", error=type(exc).__name__, size=len(valid))
             for msg, _ in valid:
@@ -353,13 +328,58 @@ class EventConsumer:
             return
         self._applied(new)
 
+    async def _readable(self, messages: Sequence[Inbound]) -> list[Parsed]:
+        """The messages that parse as events; the others are dead-lettered."""
+        parsed: list[Parsed] = []
+        for msg in messages:
+            try:
+                parsed.append((msg, parse_event(msg, self.known_types, self.limits)))
+            except Rejected as exc:
+                bind_message_context(topic=msg.topic, partition=msg.partition, offset=msg.offset)
+                await self.dead_letters.send(msg, exc.code, exc.reason)
+        return parsed
+
+    async def _apply_batch(self, valid: Sequence[Parsed]) -> list[Parsed]:
+        """Apply the events not processed before, in one transaction; those events."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            fresh = await self.processed.new_of(
+                conn, [str(envelope.event_id) for _, envelope in valid])
+            await lock_citizens(conn, citizen_namespace(self.schema),
+                                [envelope.citizen_ref for _, envelope in valid])
+            new: list[Parsed] = []
+            for msg, envelope in valid:
+                event_id = str(envelope.event_id)
+                if event_id in fresh:
+                    fresh.discard(event_id)  # a redelivered copy later in it is skipped
+                    new.append((msg, envelope))
+            await self._effects(conn, new)
+        return new
+
+    async def _effects(self, conn: asyncpg.Connection, new: Sequence[Parsed]) -> None:
+        """The effects of `new` events: by `batch_handler` at once, else one by one."""
+        if not new:
+            return
+        if self.batch_handler is None:
+            for msg, envelope in new:
+                _bind_event(msg.topic, envelope)
+                with trace.use_span(self._span(msg, envelope), end_on_exit=True):
+                    await self.handler(conn, envelope)
+            return
+        bind_message_context(topic=new[0][0].topic, events=len(new))
+        spans = [self._span(msg, envelope) for msg, envelope in new]
+        try:
+            await self.batch_handler(conn, [envelope for _, envelope in new])
+        finally:
+            for span in spans:
+                span.end()
+
     def _span(self, msg: Inbound, envelope: EventEnvelope) -> Span:
         """The span of applying one event: a child of the trace its message carries."""
         return start_span(f"{envelope.type} apply", msg.headers, {
             "messaging.system": "kafka", "messaging.destination.name": msg.topic,
             "messaging.consumer.group.name": self.name, "carddesk.event.type": envelope.type})
 
-    def _applied(self, applied: Sequence[tuple[Inbound, EventEnvelope]]) -> None:
+    def _applied(self, applied: Sequence[Parsed]) -> None:
         """Count (and log) the events applied for the first time."""
         if not applied:
             return
@@ -373,8 +393,8 @@ class EventConsumer:
         if self.on_applied is not None:
             self.on_applied(applied)
 
-    async def _take_chains(self, parsed: list[tuple[Inbound, EventEnvelope]], *,
-                           raise_on_break: bool) -> list[tuple[Inbound, EventEnvelope]]:
+    async def _take_chains(self, parsed: list[Parsed], *,
+                           raise_on_break: bool) -> list[Parsed]:
         """The events that continue their streams (recorded in their own transaction, so an
         event whose effect fails later still anchors the next); the others are dead-lettered,
         or raise `Rejected` for the caller's retry loop to dead-letter."""
@@ -383,7 +403,7 @@ class EventConsumer:
         async with self.pool.acquire() as conn, conn.transaction():
             breaks = {id(b.envelope): b for b in await self.chains.take(
                 conn, [envelope for _, envelope in parsed])}
-        kept: list[tuple[Inbound, EventEnvelope]] = []
+        kept: list[Parsed] = []
         for msg, envelope in parsed:
             broken = breaks.get(id(envelope))
             if broken is None:
@@ -398,13 +418,7 @@ class EventConsumer:
     async def apply(self, envelope: EventEnvelope) -> bool:
         """Apply one event unless already applied; True when it had an effect."""
         async with self.pool.acquire() as conn, conn.transaction():
-            first_time = await conn.fetchval(
-                f"INSERT INTO {self.schema}.processed (consumer, message_id) VALUES ($1, $2)"
-                " ON CONFLICT DO NOTHING RETURNING true",
-                self.name,
-                str(envelope.event_id),
-            )
-            if not first_time:
+            if not await self.processed.first_time(conn, str(envelope.event_id)):
                 log.debug("event.duplicate_skipped")
                 return False
             await lock_citizens(conn, citizen_namespace(self.schema), [envelope.citizen_ref])

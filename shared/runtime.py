@@ -21,7 +21,7 @@ from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.middlewares import AckPolicy
 
 from shared.barrier import FollowerBarrier
-from shared.consumer import DeadLetters, Inbound
+from shared.consumer import BatchConsumer, DeadLetters, Inbound
 from shared.eventstore import migrate
 from shared.health import ConsumerWatch, database_problem, summarise, watchdog
 from shared.kafka import broker_security
@@ -36,8 +36,6 @@ log = structlog.get_logger()
 
 # Each step of stopping a service may take this long before it is cut short.
 STOP_STEP_TIMEOUT_S = 10.0
-
-MessageHandler = Callable[[Inbound], Awaitable[None]]
 
 
 class ServiceRuntime:
@@ -104,10 +102,11 @@ class ServiceRuntime:
         """A long-running loop (timers, schedulers), restarted with backoff if it fails."""
         self._background.append(loop)
 
-    def subscribe(self, topic: str, handler: Callable[[], MessageHandler], *,
+    def subscribe(self, topic: str, consumer: Callable[[], BatchConsumer], *,
                   group: str | None = None, title: str | None = None,
                   description: str | None = None) -> None:
-        """Consume `topic` in this service's group, committing only after `handler` returned.
+        """Consume `topic` in this service's group, committing only after the consumer
+        returned. `consumer` gives it once the runtime has started (`on_ready` builds it).
 
         Records arrive in batches: each partition's records are handled in order, the
         partitions concurrently (a citizen's messages share a partition, so their order
@@ -139,16 +138,14 @@ class ServiceRuntime:
             by_partition: dict[int, list[Any]] = {}
             for record in records:
                 by_partition.setdefault(record.partition, []).append(record)
-            handle = handler()
-            # A consumer that can take a partition's records at once gets them so.
-            handle_batch = getattr(getattr(handle, "__self__", None), "handle_batch", None)
+            current = consumer()
 
             async def in_order(partition_records: list[Any]) -> None:
-                if handle_batch is not None and len(partition_records) > 1:
-                    await handle_batch([Inbound.from_record(r) for r in partition_records])
+                if len(partition_records) > 1:
+                    await current.handle_batch([Inbound.from_record(r) for r in partition_records])
                     return
                 for record in partition_records:
-                    await handle(Inbound.from_record(record))
+                    await current.handle(Inbound.from_record(record))
 
             watch.batch_started()
             try:

@@ -24,11 +24,11 @@ import asyncpg
 
 from shared.channels import ChannelRegistry
 from shared.commands import CommandIntake, CommandRoute
-from shared.consumer import BatchEventHandler, EventConsumer, EventHandler, Inbound
+from shared.consumer import BatchConsumer, BatchEventHandler, EventConsumer, EventHandler, Inbound
 from shared.contracts import KNOWN_EVENT_TYPES
 from shared.decider import Clock, IdSource, new_uuid, utc_now
 from shared.envelope import EventEnvelope
-from shared.runtime import MessageHandler, ServiceRuntime, run_service
+from shared.runtime import ServiceRuntime, run_service
 from shared.settings import CardDeskSettings
 from shared.topics import command_topic
 
@@ -139,18 +139,18 @@ def bootstrap(
             service.intake = CommandIntake(
                 runtime.pool, schema, ChannelRegistry.from_file(settings.channels_file),
                 wiring.routes, runtime.dead_letters, clock,
-                max_attempts=settings.consumer_max_attempts, barrier=barrier)
+                settings=settings, barrier=barrier, ids=ids)
         for follow in wiring.follows:
             service.followers[follow.topic] = EventConsumer(
                 runtime.pool, schema, follower_name(spec.name, follow.topic), follow.handler,
                 runtime.dead_letters, known_types=KNOWN_EVENT_TYPES[follow.topic],
-                max_attempts=settings.consumer_max_attempts,
+                settings=settings,
                 batch_handler=follow.batch_handler, on_applied=follow.on_applied,
                 log_applied=follow.log_applied)
 
     runtime.on_ready(ready)
     if wiring.routes:
-        runtime.subscribe(command_topic(spec.name), lambda: _intake(service).handle,
+        runtime.subscribe(command_topic(spec.name), lambda: _intake(service),
                           description=wiring.commands)
         runtime.background(_named("purge_stored_replies",
                                   lambda: _intake(service).purge_loop()))
@@ -173,8 +173,8 @@ def _intake(service: Service[T]) -> CommandIntake:
     return service.intake
 
 
-def _follower(service: Service[T], topic: str) -> Callable[[], MessageHandler]:
-    return lambda: service.follower(topic).handle
+def _follower(service: Service[T], topic: str) -> Callable[[], BatchConsumer]:
+    return lambda: service.follower(topic)
 
 
 def _on_pool(runtime: ServiceRuntime, loop: Loop) -> Callable[[], Awaitable[None]]:

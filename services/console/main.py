@@ -22,10 +22,10 @@ from services.console.settings import ConsoleSettings
 from services.console.staff import LockoutPolicy, Role, StaffDirectory, staff_ddl
 from services.console.web import Console, create_app
 from shared.channels import ChannelRegistry
-from shared.consumer import EventConsumer
+from shared.consumer import BatchConsumer, EventConsumer
 from shared.contracts import KNOWN_EVENT_TYPES
 from shared.logging import configure_logging
-from shared.runtime import MessageHandler, ServiceRuntime
+from shared.runtime import ServiceRuntime
 from shared.webapp import runtime_lifespan, serve
 
 log = structlog.get_logger()
@@ -98,9 +98,9 @@ class ConsoleService:
         assert self._queue is not None, "the console has not started"
         return self._queue
 
-    def _handler(self) -> MessageHandler:
+    def _handler(self) -> BatchConsumer:
         assert self.consumer is not None, "the console has not started"
-        return self.consumer.handle
+        return self.consumer
 
     async def _build(self) -> None:
         pool = self.runtime.pool
@@ -108,7 +108,7 @@ class ConsoleService:
             pool, self.settings.console_schema, self.settings.console_consumer_group,
             self.writer.handler(), self.runtime.dead_letters,
             known_types=KNOWN_EVENT_TYPES["review.events"],
-            max_attempts=self.settings.consumer_max_attempts)
+            settings=self.settings)
         self._staff = staff_directory(pool, self.settings)
         self._queue = QueueReader(pool, self.settings.console_schema)
         if self.settings.env == "development":

@@ -16,6 +16,7 @@ from shared.channels import Channel, ChannelRegistry, sign
 from shared.commands import CommandContext, CommandIntake, CommandRoute, Reply
 from shared.consumer import Inbound
 from shared.errors import DomainError
+from shared.settings import CardDeskSettings
 from shared.topics import reply_topic
 from tests.support import RecordingDeadLetters
 
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.integration
 
 CHANNEL = Channel(channel_id="probe-channel", secret="probe-secret")
 REPLIES_TOPIC = reply_topic(CHANNEL.channel_id)
+SETTINGS = CardDeskSettings(consumer_max_attempts=2)
 WRITES_DDL = "CREATE TABLE {schema}.writes (seq bigserial PRIMARY KEY, note text NOT NULL)"
 
 
@@ -34,7 +36,18 @@ class ProbeRefusalError(DomainError):
     code = "refused_by_probe"
 
 
-def intake(pool: asyncpg.Pool, schema: str, dead: RecordingDeadLetters) -> CommandIntake:
+class Lagging:
+    """Stands in for the follower barrier: the followers behind until told otherwise."""
+
+    def __init__(self) -> None:
+        self.behind = True
+
+    async def caught_up(self) -> bool:
+        return not self.behind
+
+
+def intake(pool: asyncpg.Pool, schema: str, dead: RecordingDeadLetters, *,
+           barrier: Lagging | None = None) -> CommandIntake:
     async def write(conn: asyncpg.Connection, _: CommandContext, payload: Note) -> dict[str, Any]:
         await conn.execute(f"INSERT INTO {schema}.writes (note) VALUES ($1)", payload.note)
         if payload.note.startswith("refuse"):
@@ -45,7 +58,8 @@ def intake(pool: asyncpg.Pool, schema: str, dead: RecordingDeadLetters) -> Comma
 
     return CommandIntake(pool, schema, ChannelRegistry({CHANNEL.channel_id: CHANNEL}),
                          {"Write": CommandRoute(Note, write)}, dead,  # type: ignore[arg-type]
-                         lambda: datetime.now(UTC), max_attempts=2)
+                         lambda: datetime.now(UTC), settings=SETTINGS,
+                         barrier=barrier)  # type: ignore[arg-type]
 
 
 def command(offset: int, note: str, request_id: str | None = None, *,
@@ -140,3 +154,37 @@ async def test_stored_replies_are_purged_once_a_repeat_would_be_stale_anyway(
     assert [r["topic"] for r in await pool.fetch(
         f"SELECT topic FROM {schema}.outbox ORDER BY position")] == [
         REPLIES_TOPIC, "loss.events"]
+
+
+async def test_the_new_ids_a_handler_asks_its_context_for_come_from_the_intake(
+    pool: asyncpg.Pool, schema: str,
+) -> None:
+    given = iter(["id-1", "id-2"])
+
+    async def create(_conn: asyncpg.Connection, context: CommandContext,
+                     _payload: Note) -> dict[str, Any]:
+        return {"id": context.new_id()}
+
+    probe = CommandIntake(pool, schema, ChannelRegistry({CHANNEL.channel_id: CHANNEL}),
+                          {"Write": CommandRoute(Note, create)},
+                          RecordingDeadLetters(), lambda: datetime.now(UTC),  # type: ignore[arg-type]
+                          settings=SETTINGS, ids=lambda: next(given))
+    await probe.handle_batch([command(0, "a"), command(1, "b")])
+    assert [r.data for r in await queued_replies(pool, schema)] == [{"id": "id-1"},
+                                                                     {"id": "id-2"}]
+
+
+async def test_a_command_refused_while_the_followers_lag_is_decided_afresh_when_repeated(
+    pool: asyncpg.Pool, schema: str,
+) -> None:
+    await pool.execute(WRITES_DDL.format(schema=schema))
+    barrier = Lagging()
+    probe = intake(pool, schema, RecordingDeadLetters(), barrier=barrier)
+    first = command(0, "one")
+    await probe.handle_batch([first, command(1, "one", first.key.decode() if first.key else None)])
+    barrier.behind = False
+    await probe.handle(command(2, "one", first.key.decode() if first.key else None))
+
+    assert [r.code for r in await queued_replies(pool, schema)] == [
+        "not_yet_consistent", "not_yet_consistent", "accepted"]
+    assert await notes(pool, schema) == ["one"]

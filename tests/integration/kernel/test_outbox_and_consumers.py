@@ -141,18 +141,18 @@ async def test_a_relay_killed_after_the_ack_republishes_and_the_consumer_applies
     assert len(records) == 2 and records[0].value == records[1].value
 
     consumer = EventConsumer(pool, schema, "probe", lambda c, e: record_seen(c, schema, e),
-                             None)  # type: ignore[arg-type]
+                             None, settings=settings)  # type: ignore[arg-type]
     for record in records:
         await consumer.handle(Inbound.from_record(record))
     assert await pool.fetchval(f"SELECT count(*) FROM {schema}.seen") == 1
 
 
 async def test_the_same_event_delivered_twice_changes_the_consumer_state_once(
-    pool: asyncpg.Pool, schema: str,
+    pool: asyncpg.Pool, schema: str, settings: CardDeskSettings,
 ) -> None:
     await pool.execute(SEEN_DDL.format(schema=schema))
     consumer = EventConsumer(pool, schema, "probe", lambda c, e: record_seen(c, schema, e),
-                             None)  # type: ignore[arg-type]
+                             None, settings=settings)  # type: ignore[arg-type]
     [event] = CitizenStreams("x").append_all("s-x", [LossCancelled(loss_id="l")])
     message = Inbound("probe.events", 0, 7, b"x", event.to_bytes())
     await consumer.handle(message)
@@ -175,11 +175,11 @@ async def probe_service(
         consumers["c"] = EventConsumer(
             runtime.pool, name, "probe",
             lambda c, e: record_seen(c, name, e), runtime.dead_letters,
-            known_types={"LossCancelled"},
+            known_types={"LossCancelled"}, settings=settings,
         )
 
     runtime.on_ready(ready)
-    runtime.subscribe(topic, lambda: consumers["c"].handle)
+    runtime.subscribe(topic, lambda: consumers["c"])
     await runtime.start()
     await runtime.broker.start()
     yield runtime
@@ -258,12 +258,13 @@ async def test_per_citizen_order_holds_across_six_partitions_with_citizens_inter
 
 
 async def test_a_batch_applies_each_new_event_once_and_parks_the_unreadable_ones(
-    pool: asyncpg.Pool, schema: str,
+    pool: asyncpg.Pool, schema: str, settings: CardDeskSettings,
 ) -> None:
     await pool.execute(SEEN_DDL.format(schema=schema))
     dead = RecordingDeadLetters()
     consumer = EventConsumer(pool, schema, "probe", lambda c, e: record_seen(c, schema, e),
-                             dead, known_types={"LossCancelled"})  # type: ignore[arg-type]
+                             dead, known_types={"LossCancelled"},  # type: ignore[arg-type]
+                             settings=settings)
     events = CitizenStreams("b").append_all("s-b",
                                             [LossCancelled(loss_id=f"l{i}") for i in range(3)])
     values = [events[0].to_bytes(), events[1].to_bytes(), b"{broken", events[1].to_bytes(),
@@ -278,7 +279,7 @@ async def test_a_batch_applies_each_new_event_once_and_parks_the_unreadable_ones
 
 
 async def test_a_failing_effect_in_a_batch_undoes_the_batch_and_each_event_is_retried_alone(
-    pool: asyncpg.Pool, schema: str,
+    pool: asyncpg.Pool, schema: str, settings: CardDeskSettings,
 ) -> None:
     await pool.execute(SEEN_DDL.format(schema=schema))
     dead = RecordingDeadLetters()
@@ -292,7 +293,7 @@ async def test_a_failing_effect_in_a_batch_undoes_the_batch_and_each_event_is_re
             raise ValueError("this event's effect cannot be applied")
 
     consumer = EventConsumer(pool, schema, "probe", handler, dead,  # type: ignore[arg-type]
-                             max_attempts=2)
+                             settings=settings.model_copy(update={"consumer_max_attempts": 2}))
     await consumer.handle_batch(
         [Inbound("probe.events", 0, i, b"f", e.to_bytes()) for i, e in enumerate(events)])
     rows = await pool.fetch(f"SELECT version FROM {schema}.seen ORDER BY seq")
@@ -301,12 +302,13 @@ async def test_a_failing_effect_in_a_batch_undoes_the_batch_and_each_event_is_re
 
 
 async def test_an_event_that_does_not_continue_its_stream_is_dead_lettered_however_intact(
-    pool: asyncpg.Pool, schema: str,
+    pool: asyncpg.Pool, schema: str, settings: CardDeskSettings,
 ) -> None:
     await pool.execute(SEEN_DDL.format(schema=schema))
     dead = RecordingDeadLetters()
     consumer = EventConsumer(pool, schema, "probe", lambda c, e: record_seen(c, schema, e),
-                             dead, known_types={"LossCancelled"})  # type: ignore[arg-type]
+                             dead, known_types={"LossCancelled"},  # type: ignore[arg-type]
+                             settings=settings)
     first, second, third = CitizenStreams("c").append_all(
         "s-c", [LossCancelled(loss_id=f"l{i}") for i in range(3)])
     # Each forgery's own hash is right; its place in the chain is not.

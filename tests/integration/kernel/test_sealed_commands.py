@@ -16,7 +16,7 @@ from shared.commands import CommandContext, CommandIntake, CommandRoute, Reply, 
 from shared.consumer import Inbound
 from shared.contracts.auth import StartSession
 from shared.contracts.issuance import ImportCard
-from shared.sealing import FieldOpener, FieldSealer, SealContext
+from shared.sealing import FieldSealer, SealContext
 from shared.settings import CardDeskSettings
 from tests.support import RecordingDeadLetters
 
@@ -46,9 +46,9 @@ class Probe:
             pool, schema, ChannelRegistry({c.channel_id: c for c in (CITIZEN, BUREAU)}),
             {"StartSession": CommandRoute(StartSession, record),
              "ImportCard": CommandRoute(ImportCard, record, bureau_only=True)},
-            self.dead, lambda: datetime.now(UTC), max_attempts=1,  # type: ignore[arg-type]
-            opener=FieldOpener(SETTINGS.command_sealing_key.get_secret_value(),
-                               require_sealed=require_sealed))
+            self.dead, lambda: datetime.now(UTC),  # type: ignore[arg-type]
+            settings=SETTINGS.model_copy(update={"consumer_max_attempts": 1,
+                                                 "require_sealed_fields": require_sealed}))
         self.offset = 0
 
     async def send(self, channel: Channel, command_type: str, payload: dict[str, Any],

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from cardctl.audit import LogReplayer, LogVerifier, event_topics
-from shared.commands import _request_id_of
 from shared.consumer import Inbound, MessageLimits, Rejected, parse_event
+from shared.intake.parse import request_id_of
 
 DEEP = b"[" * 100_000 + b"]" * 100_000
 
@@ -21,7 +21,7 @@ def test_an_event_nested_too_deeply_is_rejected_at_once() -> None:
 def test_a_command_nested_too_deeply_is_answered_under_its_message_key() -> None:
     value = b'{"request_id": "r-1", "x": ' + DEEP + b"}"
     message = Inbound("loss.commands", 0, 7, b"poison-key", value)
-    assert _request_id_of(message, MessageLimits()) == "poison-key"
+    assert request_id_of(message, MessageLimits()) == "poison-key"
 
 
 def test_the_auditors_tools_flag_or_skip_a_deeply_nested_message_instead_of_crashing() -> None:
