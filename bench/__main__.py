@@ -1,26 +1,37 @@
-"""Every benchmark in turn, on the local stack (started if it is not running):
+"""Every benchmark in turn, on the local stack (started if it is not running), the peer
+(pyeventsourcing on the same PostgreSQL, bench.peer) first, so that every headline figure
+is printed with its ratio to the peer's measured in the same run; a summary at the end.
 
     .venv/bin/python -m bench            # the full figures of the README's Performance section
-    .venv/bin/python -m bench --quick    # small sizes, to check that everything runs
+    .venv/bin/python -m bench --quick    # small sizes, one run each, to check that all runs
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from bench.common import latest_result, print_table, spread_text
 
 FULL = [
+    ["bench.peer", "--runs", "3", "--seconds", "20", "--cards", "2000"],
     ["bench.eventstore", "--seconds", "20"],
-    ["bench.rebuild", "--citizens", "100000"],
-    ["bench.journeys", "--citizens", "2000", "--seconds", "60", "--rate", "1000", "250"],
+    ["bench.rebuild", "--citizens", "100000", "--runs", "3"],
+    ["bench.journeys", "--citizens", "2000", "--seconds", "60", "--rate", "1000", "half",
+     "--runs", "3"],
     ["bench.observability"],
+    ["bench.idle", "--seconds", "30"],
 ]
 QUICK = [
+    ["bench.peer", "--runs", "1", "--seconds", "5", "--cards", "500"],
     ["bench.eventstore", "--seconds", "3"],
-    ["bench.rebuild", "--citizens", "2000"],
-    ["bench.journeys", "--citizens", "100", "--seconds", "10", "--rate", "100", "50",
-     "--concurrency", "20"],
+    ["bench.rebuild", "--citizens", "2000", "--runs", "1"],
+    ["bench.journeys", "--citizens", "100", "--seconds", "10", "--rate", "100", "half",
+     "--concurrency", "20", "--runs", "1"],
     ["bench.observability", "--commands", "2000"],
+    ["bench.idle", "--seconds", "10", "--settle", "10"],
 ]
 
 
@@ -29,12 +40,69 @@ FULL_TIMEOUT_S = 45 * 60
 QUICK_TIMEOUT_S = 10 * 60
 
 
+def this_run(name: str, since: datetime) -> dict[str, Any] | None:
+    """Benchmark `name`'s result if it was written during this run."""
+    result = latest_result(name)
+    if result is None or datetime.fromisoformat(result["at"]) < since:
+        return None
+    figures: dict[str, Any] = result["figures"]
+    return figures
+
+
+def summary(since: datetime) -> None:
+    """The headline figures of this run, each with its ratio to the peer's (issue 12's
+    targets: ≥ 2.3× commands/s, ≥ 30× projection rebuild, p99s at half the sustained rate,
+    idle ≤ 1% of a core and peak RSS ≤ 150 MB per service)."""
+    peer, journeys = this_run("peer", since), this_run("journeys", since)
+    rebuild, idle = this_run("rebuild", since), this_run("idle", since)
+    rows: list[tuple[str, str]] = []
+
+    def ratio(ours: dict[str, float], peer_figure: str, target: float) -> str:
+        if peer is None:
+            return "(no peer result)"
+        theirs = float(peer[peer_figure]["median"])
+        times = ours["median"] / theirs
+        return f"{times:.2f}× the peer's {theirs:,.0f}/s: {'met' if times >= target else 'MISSED'}"
+
+    if peer is not None:
+        rows += [("peer: commands/s", spread_text(peer["commands_per_s"])),
+                 ("peer: projection catch-up events/s",
+                  spread_text(peer["projection_events_per_s"]))]
+    if journeys is not None:
+        commands = journeys["sustained"]["commands_per_s"]
+        rows += [("sustained commands/s end to end", spread_text(commands)),
+                 ("  vs peer (target ≥ 2.3×)", ratio(commands, "commands_per_s", 2.3))]
+        for phase in journeys["paced"]:
+            if phase["half_of_sustained"]:
+                runs = phase["runs"]
+                for key, label, target in (("command_to_reply", "reply", 100),
+                                           ("command_to_status_visible", "status visible", 250)):
+                    values = [r[key]["p99_ms"] for r in runs]
+                    rows.append((f"  at half rate ({phase['target_commands_per_s']:.0f}/s): "
+                                 f"{label} p99 ms (target ≤ {target})",
+                                 f"{min(values):.0f} / {sorted(values)[len(values) // 2]:.0f}"
+                                 f" / {max(values):.0f}"))
+        rows += [(f"peak RSS under load, {name} (MB, ≤ 150)", f"{mb:.0f}" if mb else "?")
+                 for name, mb in journeys["peak_rss_mb"].items()]
+    if rebuild is not None:
+        rows += [("projection rebuild events/s", spread_text(rebuild["events_per_s"])),
+                 ("  vs peer (target ≥ 30×)",
+                  ratio(rebuild["events_per_s"], "projection_events_per_s", 30))]
+    if idle is not None:
+        for name, f in idle["services"].items():
+            cpu, rss = f["cpu_percent_of_core"], f["peak_rss_mb"]
+            rows.append((f"idle {name}: % of a core / peak RSS MB (≤ 1 / ≤ 150)",
+                         f"{cpu:.2f} / {rss:.0f}" if cpu is not None and rss else "?"))
+    print_table("headline figures of this run, min / median / max", rows)
+
+
 def main() -> int:
     quick = "--quick" in sys.argv[1:]
     runs, timeout_s = (QUICK, QUICK_TIMEOUT_S) if quick else (FULL, FULL_TIMEOUT_S)
     subprocess.run([sys.executable, "-m", "cardctl.main", "stack", "up", "--no-services"],
                    check=True, timeout=15 * 60)
     failed: list[str] = []
+    started = datetime.now(UTC)
     for module, *args in runs:
         print(f"\n=== {module} {' '.join(args)}", flush=True)
         try:
@@ -45,6 +113,7 @@ def main() -> int:
             continue
         if code != 0:
             failed.append(f"{module}: exit status {code}")
+    summary(started)
     print("\n=== " + ("failed: " + "; ".join(failed) if failed else "every benchmark ran"),
           flush=True)
     return 1 if failed else 0

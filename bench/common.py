@@ -36,6 +36,32 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """min / median / max of a figure over a phase's runs."""
+    return {"min": min(values), "median": statistics.median(values), "max": max(values),
+            "runs": len(values)}
+
+
+def spread_text(s: Mapping[str, float], digits: int = 0) -> str:
+    return f"{s['min']:,.{digits}f} / {s['median']:,.{digits}f} / {s['max']:,.{digits}f}"
+
+
+def latest_result(name: str) -> dict[str, Any] | None:
+    """The newest result file of benchmark `name`, or None."""
+    paths = sorted(RESULTS.glob(f"{name}-*.json"))
+    return json.loads(paths[-1].read_text()) if paths else None
+
+
+def peer_ratio(ours: float, peer_figure: str) -> str:
+    """`ours` as a multiple of the peer's median (bench.peer, its newest result), e.g.
+    '2.31× the peer (427/s)'; '(no peer result)' when bench.peer has not run here."""
+    peer = latest_result("peer")
+    if peer is None:
+        return "(no peer result: run python -m bench.peer)"
+    theirs = float(peer["figures"][peer_figure]["median"])
+    return f"{ours / theirs:.2f}× the peer ({theirs:,.0f}/s, {peer['at'][:16]})"
+
+
 def write_result(name: str, figures: Mapping[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC)

@@ -9,9 +9,13 @@ time, seeds N citizens, and drives them through the whole journey as channels wo
 2. paced phases, one per `--rate`: commands at that rate (open loop: journeys start on a
    clock, each with a citizen not in one) for `--seconds`; for every fifth formal loss
    report it also measures command → the status API showing LOST (polled every 10 ms).
-   The target rate (1,000/s) shows what saturation does; a lower one, the latency below it.
+   The target rate (1,000/s) shows what saturation does; `half` (half the sustained
+   median, where issue 12 sets its latency targets), the latency below it.
 
-    python -m bench.journeys [--citizens 2000] [--seconds 60] [--rate 1000 250]
+Every phase runs `--runs` times (min / median / max printed); the sustained commands/s is
+printed with its ratio to the peer's (bench.peer's newest result).
+
+    python -m bench.journeys [--citizens 2000] [--seconds 60] [--rate 1000 half] [--runs 3]
 """
 
 from __future__ import annotations
@@ -29,7 +33,16 @@ import httpx
 import uvloop
 from aiokafka import AIOKafkaConsumer
 
-from bench.common import console, peak_rss_mb, percentiles, print_table, write_result
+from bench.common import (
+    console,
+    peak_rss_mb,
+    peer_ratio,
+    percentiles,
+    print_table,
+    spread,
+    spread_text,
+    write_result,
+)
 from cardctl.channel import ChannelSimulator
 from cardctl.journey import Journey, Session
 from cardctl.operations import seed, status_url
@@ -81,6 +94,8 @@ async def count_events(conn: asyncpg.Connection) -> int:
     return int(total)
 
 
+# A paced phase at half the sustained phase's median rate.
+HALF = "half"
 # How long a sampled loss report may take to show LOST before it counts as a failure.
 VISIBLE_TIMEOUT_S = 60.0
 # How long the paced phase waits past its end for a free citizen before it stops starting.
@@ -274,7 +289,8 @@ def restart_services(stack: Stack) -> dict[str, int]:
     return pids
 
 
-async def run(citizens: int, seconds: float, rates: list[float], concurrency: int) -> None:
+async def run(citizens: int, seconds: float, rates: list[float | str], concurrency: int,
+              runs: int) -> None:
     settings = CardDeskSettings()
     stack = Stack(settings, report=lambda line: console.print(f"[dim]•[/] {line}"))
     stack.up(services=False)
@@ -286,10 +302,9 @@ async def run(citizens: int, seconds: float, rates: list[float], concurrency: in
     people = await seed(settings, citizens, settings.state_dir / "bench-citizens.jsonl",
                         report=lambda _: None)
     half = len(people) // 2
-    meter = Meter()
-    all_failures: dict[str, list[str]] = {"sustained": meter.failures}
+    all_failures: dict[str, list[str]] = {}
     simulator = MeteredSimulator.for_settings(settings)
-    simulator.meter = meter
+    simulator.meter = Meter()
     async with simulator as sim:
         # A citizen's next round may start before loss and review have seen the last one end.
         journey = Journey(sim, status_url(settings), retry_for_s=120,
@@ -302,67 +317,89 @@ async def run(citizens: int, seconds: float, rates: list[float], concurrency: in
         simulator.meter = Meter()
         await sustained(journey, simulator.meter, sessions[:20], 20, 10.0)
         await wait_until_drained(admin)
-        simulator.meter = meter
         conn = await asyncpg.connect(settings.database_url)
-        events_before = await count_events(conn)
-        console.print(f"sustained phase: {concurrency} concurrent journeys for {seconds:.0f} s …")
-        elapsed = await sustained(journey, meter, sessions, concurrency, seconds)
-        events = await count_events(conn) - events_before
-        sustained_figures = {
-            "seconds": elapsed, "journeys": meter.journeys, "commands": meter.commands,
-            "events": events, "journeys_per_s": meter.journeys / elapsed,
-            "commands_per_s": meter.commands / elapsed, "events_per_s": events / elapsed,
-            "command_to_reply": percentiles(meter.reply_latencies),
-            "failures": len(meter.failures), "first_failures": meter.failures[:5],
-        }
-
-        drained_in = await wait_until_drained(admin)
-        sustained_figures["backlog_drained_after_s"] = drained_in
-        console.print(f"backlog drained after {drained_in:.1f} s")
-        paced_figures: list[dict[str, Any]] = []
-        for rate in rates:
-            paced_meter = Meter()
-            all_failures[f"paced {rate:.0f}/s"] = paced_meter.failures
-            simulator.meter = paced_meter
-            console.print(f"paced phase: {rate:.0f} commands/s for {seconds:.0f} s …")
-            paced_elapsed, late = await paced(journey, paced_meter,
-                                              [Session(c) for c in people[half:]],
-                                              rate, seconds, status_url(settings))
-            paced_figures.append({
-                "target_commands_per_s": rate, "seconds": paced_elapsed,
-                "achieved_commands_per_s": paced_meter.commands / paced_elapsed,
-                "late_starts": late,
-                "command_to_reply": percentiles(paced_meter.reply_latencies),
-                "command_to_status_visible": percentiles(paced_meter.visible_latencies),
-                "visible_samples": len(paced_meter.visible_latencies),
-                "failures": len(paced_meter.failures),
-                "first_failures": paced_meter.failures[:5],
+        sustained_runs: list[dict[str, Any]] = []
+        for k in range(runs):
+            meter = Meter()
+            all_failures[f"sustained run {k + 1}"] = meter.failures
+            simulator.meter = meter
+            events_before = await count_events(conn)
+            console.print(f"sustained phase, run {k + 1}/{runs}: {concurrency} concurrent "
+                          f"journeys for {seconds:.0f} s …")
+            elapsed = await sustained(journey, meter, sessions, concurrency, seconds)
+            events = await count_events(conn) - events_before
+            sustained_runs.append({
+                "seconds": elapsed, "journeys": meter.journeys, "commands": meter.commands,
+                "events": events, "journeys_per_s": meter.journeys / elapsed,
+                "commands_per_s": meter.commands / elapsed, "events_per_s": events / elapsed,
+                "command_to_reply": percentiles(meter.reply_latencies),
+                "failures": len(meter.failures), "first_failures": meter.failures[:5],
             })
-            drained = await wait_until_drained(admin)
-            console.print(f"backlog drained after {drained:.1f} s")
+            drained_in = await wait_until_drained(admin)
+            sustained_runs[-1]["backlog_drained_after_s"] = drained_in
+            console.print(f"  {sustained_runs[-1]['commands_per_s']:.0f} commands/s; "
+                          f"backlog drained after {drained_in:.1f} s")
+        sustained_median = spread([r["commands_per_s"] for r in sustained_runs])["median"]
+        paced_figures: list[dict[str, Any]] = []
+        for wanted in rates:
+            rate = sustained_median / 2 if wanted == HALF else float(wanted)
+            runs_at_rate: list[dict[str, Any]] = []
+            for k in range(runs):
+                paced_meter = Meter()
+                all_failures[f"paced {rate:.0f}/s run {k + 1}"] = paced_meter.failures
+                simulator.meter = paced_meter
+                console.print(f"paced phase, run {k + 1}/{runs}: {rate:.0f} commands/s "
+                              f"for {seconds:.0f} s …")
+                paced_elapsed, late = await paced(journey, paced_meter,
+                                                  [Session(c) for c in people[half:]],
+                                                  rate, seconds, status_url(settings))
+                runs_at_rate.append({
+                    "seconds": paced_elapsed,
+                    "achieved_commands_per_s": paced_meter.commands / paced_elapsed,
+                    "late_starts": late,
+                    "command_to_reply": percentiles(paced_meter.reply_latencies),
+                    "command_to_status_visible": percentiles(paced_meter.visible_latencies),
+                    "visible_samples": len(paced_meter.visible_latencies),
+                    "failures": len(paced_meter.failures),
+                    "first_failures": paced_meter.failures[:5],
+                })
+                drained = await wait_until_drained(admin)
+                console.print(f"  backlog drained after {drained:.1f} s")
+            paced_figures.append({"target_commands_per_s": rate,
+                                  "half_of_sustained": wanted == HALF, "runs": runs_at_rate})
         await conn.close()
     rss = {name: peak_rss_mb(pid) for name, pid in pids.items()}
-    figures = {"citizens": citizens, "concurrency": concurrency, "sustained": sustained_figures,
+    commands = spread([r["commands_per_s"] for r in sustained_runs])
+    figures = {"citizens": citizens, "concurrency": concurrency, "runs": runs,
+               "sustained": {"commands_per_s": commands, "runs": sustained_runs},
                "paced": paced_figures, "peak_rss_mb": rss}
-    s: dict[str, Any] = sustained_figures
+
+    def over(values: list[dict[str, Any]], key: str, digits: int = 0) -> str:
+        return spread_text(spread([v[key] for v in values]), digits)
+
+    def p99(values: list[dict[str, Any]], key: str) -> str:
+        return spread_text(spread([v[key]["p99_ms"] for v in values]))
+
     rows = [
-        ("sustained: seconds", f"{s['seconds']:.0f}"),
-        ("journeys/s", f"{s['journeys_per_s']:.1f}"),
-        ("commands/s", f"{s['commands_per_s']:.0f}"),
-        ("events/s", f"{s['events_per_s']:.0f}"),
-        ("command → reply p50/p95/p99 ms", _triple(s["command_to_reply"])),
-        ("failures", str(s["failures"])),
-        ("backlog drained after (s)", f"{s['backlog_drained_after_s']:.1f}"),
+        ("sustained: seconds per run", f"{seconds:.0f}"),
+        ("commands/s (min / median / max)", spread_text(commands)),
+        ("  ratio to the peer (median)", peer_ratio(commands["median"], "commands_per_s")),
+        ("journeys/s", over(sustained_runs, "journeys_per_s", 1)),
+        ("events/s", over(sustained_runs, "events_per_s")),
+        ("command → reply p99 ms", p99(sustained_runs, "command_to_reply")),
+        ("failures (per run)", over(sustained_runs, "failures")),
+        ("backlog drained after (s)", over(sustained_runs, "backlog_drained_after_s", 1)),
     ]
     for p in paced_figures:
-        rate = p["target_commands_per_s"]
+        rate, r = p["target_commands_per_s"], p["runs"]
+        label = " (half the sustained median)" if p["half_of_sustained"] else ""
         rows += [
-            (f"paced at {rate:.0f}/s: achieved commands/s", f"{p['achieved_commands_per_s']:.0f}"),
-            ("  starts late (every citizen busy)", str(p["late_starts"])),
-            ("  command → reply p50/p95/p99 ms", _triple(p["command_to_reply"])),
-            ("  command → status visible p50/p95/p99 ms",
-             _triple(p["command_to_status_visible"])),
-            ("  failures", str(p["failures"])),
+            (f"paced at {rate:.0f}/s{label}: achieved commands/s",
+             over(r, "achieved_commands_per_s")),
+            ("  starts late (every citizen busy)", over(r, "late_starts")),
+            ("  command → reply p99 ms", p99(r, "command_to_reply")),
+            ("  command → status visible p99 ms", p99(r, "command_to_status_visible")),
+            ("  failures (per run)", over(r, "failures")),
         ]
     rows += [(f"peak RSS {name} (MB)", f"{mb:.0f}" if mb else "?") for name, mb in rss.items()]
     print_table(f"journeys on this machine ({citizens} citizens)", rows)
@@ -374,8 +411,8 @@ async def run(citizens: int, seconds: float, rates: list[float], concurrency: in
             console.print(f"[red]… and {len(failures) - 20} more failures[/] ({phase})")
 
 
-def _triple(p: dict[str, float]) -> str:
-    return f"{p['p50_ms']:.0f} / {p['p95_ms']:.0f} / {p['p99_ms']:.0f}"
+def rate_argument(text: str) -> float | str:
+    return HALF if text == HALF else float(text)
 
 
 def main() -> None:
@@ -383,12 +420,14 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--citizens", type=int, default=2000)
     parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--rate", type=float, nargs="+", default=[1000.0, 250.0],
-                        help="one paced phase per rate, in commands/s")
+    parser.add_argument("--rate", type=rate_argument, nargs="+", default=[1000.0, HALF],
+                        help="one paced phase per rate, in commands/s; 'half': half the "
+                             "sustained phase's median (the issue's latency targets)")
+    parser.add_argument("--runs", type=int, default=3, help="runs of every phase")
     parser.add_argument("--concurrency", type=int, default=200)
     args = parser.parse_args()
     configure_logging("bench", "WARNING")
-    uvloop.run(run(args.citizens, args.seconds, args.rate, args.concurrency))
+    uvloop.run(run(args.citizens, args.seconds, args.rate, args.concurrency, args.runs))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Projection rebuild over a generated log: N citizens' journeys, 13 events each (by default
 100,000 citizens, 1,300,000 events), written to isolated copies of the four event topics,
-then `projections rebuild` into an isolated status schema, timed.
+then `projections rebuild` into an isolated status schema, timed, `--runs` times over the
+same log (min / median / max, and the ratio to the peer's projection catch-up).
 
-    python -m bench.rebuild [--citizens 100000]
+    python -m bench.rebuild [--citizens 100000] [--runs 3]
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import uvloop
 
-from bench.common import console, print_table, write_result
+from bench.common import console, peer_ratio, print_table, spread, spread_text, write_result
 from cardctl.stack import ensure_topics
 from services.status.adapters import status_ddl
 from services.status.rebuild import Progress, RebuildSettings, rebuild
@@ -105,14 +107,8 @@ async def generate(settings: RebuildSettings, prefix: str, citizens: int) -> tup
     return count, time.monotonic() - started
 
 
-async def main(citizens: int) -> None:
-    tag = uuid.uuid4().hex[:6]
-    prefix = f"bench_{tag}."
-    schema = f"bench_status_{tag}"
-    settings = as_principal(
-        RebuildSettings(status_schema=schema, status_topic_prefix=prefix), ADMIN)
-    console.print(f"generating {citizens:,} citizens' journeys into {prefix}* …")
-    count, generated_in = await generate(settings, prefix, citizens)
+async def rebuild_once(settings: RebuildSettings, schema: str) -> dict[str, Any]:
+    """One rebuild into a fresh status schema (dropped afterwards): its figures."""
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
     await migrate(pool, schema, status_ddl(schema))
 
@@ -123,29 +119,50 @@ async def main(citizens: int) -> None:
             last_phase["name"] = p.phase
             console.print(f"  {p.phase} …")
 
-    console.print(f"rebuilding {count:,} events …")
     started = time.monotonic()
-    report = await rebuild(settings, progress=progress)
+    report = await rebuild(settings.model_copy(update={"status_schema": schema}),
+                           progress=progress)
     elapsed = time.monotonic() - started
     rows = await pool.fetchval(f"SELECT count(*) FROM {schema}.card_status")
     active = await pool.fetchval(
         f"SELECT count(*) FROM {schema}.card_status WHERE status = 'ACTIVE'")
     await pool.execute(f"DROP SCHEMA {schema} CASCADE")
     await pool.close()
+    return {"rebuild_seconds": elapsed,
+            "phases": [{"phase": p.name, "seconds": p.seconds, "events": p.events}
+                       for p in report.phases],
+            "rows": rows, "rows_active": active}
+
+
+async def main(citizens: int, runs: int) -> None:
+    tag = uuid.uuid4().hex[:6]
+    prefix = f"bench_{tag}."
+    settings = as_principal(
+        RebuildSettings(status_schema=f"bench_status_{tag}", status_topic_prefix=prefix), ADMIN)
+    console.print(f"generating {citizens:,} citizens' journeys into {prefix}* …")
+    count, generated_in = await generate(settings, prefix, citizens)
+    results = []
+    for k in range(runs):
+        console.print(f"rebuilding {count:,} events, run {k + 1}/{runs} …")
+        results.append(await rebuild_once(settings, f"bench_status_{tag}_{k + 1}"))
+        results[-1]["events_per_s"] = count / results[-1]["rebuild_seconds"]
+        console.print(f"  {results[-1]['events_per_s']:,.0f} events/s")
     await _drop_topics(settings, [f"{prefix}{t}" for t in STREAM])
-    figures = {
-        "events": count, "citizens": citizens, "generate_seconds": generated_in,
-        "rebuild_seconds": elapsed, "events_per_s": count / elapsed,
-        "phases": [{"phase": p.name, "seconds": p.seconds, "events": p.events}
-                   for p in report.phases],
-        "rows": rows, "rows_active": active,
-    }
-    print_table(f"projection rebuild, {count:,} events, {citizens:,} citizens", [
+    rate = spread([r["events_per_s"] for r in results])
+    figures = {"events": count, "citizens": citizens, "generate_seconds": generated_in,
+               "events_per_s": rate, "runs": results}
+    last = results[-1]
+    print_table(f"projection rebuild, {count:,} events, {citizens:,} citizens, "
+                f"{runs} run(s)", [
         ("events", f"{count:,}"),
-        ("rebuild seconds (load, catch-up, swap)", f"{elapsed:.1f}"),
-        ("events/s", f"{count / elapsed:,.0f}"),
-        *((f"  phase {p.name} (s)", f"{p.seconds:.1f}") for p in report.phases),
-        ("card_status rows / ACTIVE", f"{rows:,} / {active:,}"),
+        ("rebuild seconds (load, catch-up, swap), min / median / max",
+         spread_text(spread([r["rebuild_seconds"] for r in results]), 1)),
+        ("events/s, min / median / max", spread_text(rate)),
+        ("  ratio to the peer's projection catch-up (median)",
+         peer_ratio(rate["median"], "projection_events_per_s")),
+        *((f"  phase {p['phase']} (s, last run)", f"{p['seconds']:.1f}")
+          for p in last["phases"]),
+        ("card_status rows / ACTIVE (last run)", f"{last['rows']:,} / {last['rows_active']:,}"),
     ])
     console.print(f"written {write_result('rebuild', figures)}")
 
@@ -166,6 +183,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--citizens", type=int, default=100_000)
+    parser.add_argument("--runs", type=int, default=3, help="rebuilds of the same log")
     args = parser.parse_args()
     configure_logging("bench", "WARNING")
-    uvloop.run(main(args.citizens))
+    uvloop.run(main(args.citizens, args.runs))

@@ -8,10 +8,14 @@ credentials pick theirs from there with `as_principal`.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from itertools import chain
 from pathlib import Path
 from typing import Any, TypeVar
 
+from faststream.kafka.subscriber.usecase import BatchSubscriber
 from faststream.security import SASLScram512
 from pydantic import SecretStr
 
@@ -103,3 +107,36 @@ def as_channel(settings: S, channel: Channel) -> S:
     if channel.kafka_password is None:
         return settings
     return with_credentials(settings, channel.channel_id, channel.kafka_password)
+
+
+async def _long_poll_batch(self: Any, consumer: Any) -> tuple[Any, ...]:
+    """FastStream's batch subscriber, without its sleep after an empty fetch.
+
+    FastStream (0.7) asks `getmany(timeout_ms=batch_timeout_ms)`, a long poll that returns
+    as soon as any record is there, and then, when it came back empty, sleeps another
+    `batch_timeout_ms`: a record arriving during that sleep waits for it. With a short wait
+    (low latency) an idle consumer therefore loops hundreds of times a second (the idle
+    burn of issue 12); with a long one every quiet partition adds its wait to the next
+    record's latency. Here an empty long poll is simply asked again, so the wait can be
+    long (idle consumers wake a few times a second) and a record is taken the moment it
+    arrives. Only when `getmany` came back empty early (no partitions assigned yet, a
+    rebalance) is the rest of the wait slept, so that never spins.
+    """
+    timeout_s = self.batch_timeout_ms / 1000
+    started = time.monotonic()
+    messages = await consumer.getmany(timeout_ms=self.batch_timeout_ms,
+                                      max_records=self.max_records)
+    if not messages:
+        left = timeout_s - (time.monotonic() - started)
+        if left > 0:
+            await asyncio.sleep(left)
+        return ()
+    return tuple(chain.from_iterable(messages.values()))
+
+
+def use_long_poll_batches() -> None:
+    """Every FastStream batch subscriber of this process long-polls (`_long_poll_batch`)."""
+    BatchSubscriber.get_msg = _long_poll_batch  # type: ignore[method-assign]
+
+
+use_long_poll_batches()

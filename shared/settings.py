@@ -62,7 +62,7 @@ class CardDeskSettings(BaseSettings):
     kafka_version: str = "4.0.0"
     kafka_heap: str = "512m"
     postgres_bin: Path = Path("/usr/lib/postgresql/15/bin")
-    outbox_poll_ms: int = 100
+    outbox_poll_ms: int = 1000
     # Sent outbox rows are kept this long (for an operator looking into a delivery), then purged.
     outbox_retention_hours: float = 24.0
     consumer_max_attempts: int = 5
@@ -77,7 +77,7 @@ class CardDeskSettings(BaseSettings):
     max_json_depth: int = Field(default=32, ge=4, le=200)
     # Records a consumer takes at once, and how long it waits for them (ms).
     consumer_batch_size: int = 200
-    consumer_batch_wait_ms: int = 5
+    consumer_batch_wait_ms: int = 500
     # /health: how long the database may take to run a query; how long a consumer may go
     # without an assignment or a fetch before it counts as not consuming (seconds).
     health_timeout_seconds: float = Field(default=3.0, gt=0)
@@ -86,7 +86,7 @@ class CardDeskSettings(BaseSettings):
     # restart it; 0 never exits.
     unhealthy_exit_seconds: float = Field(default=60.0, ge=0)
     # How often the outbox backlog and the consumer lag are sampled for /metrics (seconds).
-    metrics_interval_seconds: float = Field(default=5.0, gt=0)
+    metrics_interval_seconds: float = Field(default=15.0, gt=0)
     # Where spans are exported (OTLP over HTTP, e.g. http://collector:4318/v1/traces);
     # unset: spans are made for their trace ids (logs, Kafka headers) and not exported.
     otlp_endpoint: str | None = None
