@@ -49,51 +49,71 @@ def this_run(name: str, since: datetime) -> dict[str, Any] | None:
     return figures
 
 
+Rows = list[tuple[str, str]]
+
+
 def summary(since: datetime) -> None:
     """The headline figures of this run, each with its ratio to the peer's (issue 12's
     targets: ≥ 2.3× commands/s, ≥ 30× projection rebuild, p99s at half the sustained rate,
     idle ≤ 1% of a core and peak RSS ≤ 150 MB per service)."""
     peer, journeys = this_run("peer", since), this_run("journeys", since)
     rebuild, idle = this_run("rebuild", since), this_run("idle", since)
-    rows: list[tuple[str, str]] = []
-
-    def ratio(ours: dict[str, float], peer_figure: str, target: float) -> str:
-        if peer is None:
-            return "(no peer result)"
-        theirs = float(peer[peer_figure]["median"])
-        times = ours["median"] / theirs
-        return f"{times:.2f}× the peer's {theirs:,.0f}/s: {'met' if times >= target else 'MISSED'}"
-
+    rows: Rows = []
     if peer is not None:
         rows += [("peer: commands/s", spread_text(peer["commands_per_s"])),
                  ("peer: projection catch-up events/s",
                   spread_text(peer["projection_events_per_s"]))]
     if journeys is not None:
-        commands = journeys["sustained"]["commands_per_s"]
-        rows += [("sustained commands/s end to end", spread_text(commands)),
-                 ("  vs peer (target ≥ 2.3×)", ratio(commands, "commands_per_s", 2.3))]
-        for phase in journeys["paced"]:
-            if phase["half_of_sustained"]:
-                runs = phase["runs"]
-                for key, label, target in (("command_to_reply", "reply", 100),
-                                           ("command_to_status_visible", "status visible", 250)):
-                    values = [r[key]["p99_ms"] for r in runs]
-                    rows.append((f"  at half rate ({phase['target_commands_per_s']:.0f}/s): "
-                                 f"{label} p99 ms (target ≤ {target})",
-                                 f"{min(values):.0f} / {sorted(values)[len(values) // 2]:.0f}"
-                                 f" / {max(values):.0f}"))
-        rows += [(f"peak RSS under load, {name} (MB, ≤ 150)", f"{mb:.0f}" if mb else "?")
-                 for name, mb in journeys["peak_rss_mb"].items()]
+        rows += journey_rows(journeys, peer)
     if rebuild is not None:
         rows += [("projection rebuild events/s", spread_text(rebuild["events_per_s"])),
                  ("  vs peer (target ≥ 30×)",
-                  ratio(rebuild["events_per_s"], "projection_events_per_s", 30))]
+                  ratio(rebuild["events_per_s"], peer, "projection_events_per_s", 30))]
     if idle is not None:
-        for name, f in idle["services"].items():
-            cpu, rss = f["cpu_percent_of_core"], f["peak_rss_mb"]
-            rows.append((f"idle {name}: % of a core / peak RSS MB (≤ 1 / ≤ 150)",
-                         f"{cpu:.2f} / {rss:.0f}" if cpu is not None and rss else "?"))
+        rows += idle_rows(idle)
     print_table("headline figures of this run, min / median / max", rows)
+
+
+def ratio(ours: dict[str, float], peer: dict[str, Any] | None, peer_figure: str,
+          target: float) -> str:
+    """Our median against the peer's, and whether it meets `target` times the peer's."""
+    if peer is None:
+        return "(no peer result)"
+    theirs = float(peer[peer_figure]["median"])
+    times = ours["median"] / theirs
+    return f"{times:.2f}× the peer's {theirs:,.0f}/s: {'met' if times >= target else 'MISSED'}"
+
+
+def journey_rows(journeys: dict[str, Any], peer: dict[str, Any] | None) -> Rows:
+    commands = journeys["sustained"]["commands_per_s"]
+    rows: Rows = [("sustained commands/s end to end", spread_text(commands)),
+                  ("  vs peer (target ≥ 2.3×)", ratio(commands, peer, "commands_per_s", 2.3))]
+    for phase in journeys["paced"]:
+        if phase["half_of_sustained"]:
+            rows += half_rate_rows(phase)
+    rows += [(f"peak RSS under load, {name} (MB, ≤ 150)", f"{mb:.0f}" if mb else "?")
+             for name, mb in journeys["peak_rss_mb"].items()]
+    return rows
+
+
+def half_rate_rows(phase: dict[str, Any]) -> Rows:
+    rows: Rows = []
+    for key, label, target in (("command_to_reply", "reply", 100),
+                               ("command_to_status_visible", "status visible", 250)):
+        values = sorted(r[key]["p99_ms"] for r in phase["runs"])
+        rows.append((f"  at half rate ({phase['target_commands_per_s']:.0f}/s): "
+                     f"{label} p99 ms (target ≤ {target})",
+                     f"{values[0]:.0f} / {values[len(values) // 2]:.0f} / {values[-1]:.0f}"))
+    return rows
+
+
+def idle_rows(idle: dict[str, Any]) -> Rows:
+    rows: Rows = []
+    for name, f in idle["services"].items():
+        cpu, rss = f["cpu_percent_of_core"], f["peak_rss_mb"]
+        rows.append((f"idle {name}: % of a core / peak RSS MB (≤ 1 / ≤ 150)",
+                     f"{cpu:.2f} / {rss:.0f}" if cpu is not None and rss else "?"))
+    return rows
 
 
 def main() -> int:
