@@ -13,12 +13,15 @@ from typing import Generic, TypeVar, cast
 from uuid import UUID, uuid4
 
 import asyncpg
+import structlog
 
 from shared.decider import Decider
 from shared.envelope import GENESIS_HASH, EventEnvelope
 from shared.errors import DomainError
 from shared.events import DomainEvent, EventMeta, to_pending
 from shared.eventstore import ConcurrencyError, EventStore, PostgresEventStore
+
+log = structlog.get_logger()
 
 C = TypeVar("C")
 S = TypeVar("S")
@@ -148,6 +151,15 @@ class Streams(Generic[C, S, E, X]):
     async def erased(self, conn: asyncpg.Connection, citizen_ref: str) -> bool:
         """Whether the citizen's stream here records an erasure."""
         return self.decider.is_erased(await self.state(conn, citizen_ref))
+
+    async def ignores(self, conn: asyncpg.Connection, envelope: EventEnvelope) -> bool:
+        """Whether a followed event is about a citizen erased here: it changes nothing then
+        (logged, so an operator sees why)."""
+        if not await self.erased(conn, envelope.citizen_ref):
+            return False
+        log.info("follower.ignored_for_erased_subject", schema=self.schema,
+                 event_type=envelope.type)
+        return True
 
     async def decide(self, conn: asyncpg.Connection, command: C, context: X,
                      meta: EventMeta) -> list[EventEnvelope]:

@@ -10,7 +10,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 import structlog
@@ -31,6 +31,8 @@ from shared.settings import CardDeskSettings
 from shared.tracing import start_span, trace_id_in
 
 log = structlog.get_logger()
+
+E = TypeVar("E")
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
@@ -227,6 +229,15 @@ def parse_event(msg: Inbound, known_types: Collection[str] | None,
     if known_types is not None and envelope.type not in known_types:
         raise Rejected("unknown_event_type", f"unknown event type {envelope.type!r}")
     return envelope
+
+
+def decode_followed(decode: Callable[[EventEnvelope], E], envelope: EventEnvelope) -> E:
+    """A followed event as its typed model; data that does not fit it is `invalid_event_data`
+    (dead-lettered, never retried)."""
+    try:
+        return decode(envelope)
+    except ValidationError as exc:
+        raise Rejected("invalid_event_data", describe_validation_error(exc)) from exc
 
 
 def describe_validation_error(exc: ValidationError) -> str:

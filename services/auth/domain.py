@@ -14,8 +14,8 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Literal, assert_never
 
+from shared.contracts import decoders
 from shared.contracts.auth import (
-    AUTH_EVENTS,
     AuthEvent,
     ElectronicCardAuthorized,
     IdentityLocked,
@@ -24,7 +24,6 @@ from shared.contracts.auth import (
     SessionStarted,
 )
 from shared.contracts.common import SubjectErased
-from shared.contracts.upcasters import UPCASTERS
 from shared.decider import Context, Decider
 from shared.envelope import EventEnvelope
 from shared.errors import DomainError, SubjectErasedError
@@ -316,7 +315,7 @@ def refusal_for(events: Sequence[AuthEvent]) -> DomainError | None:
 
 # --- the decider --------------------------------------------------------------------------
 
-decode_event: EventDecoder[AuthEvent] = EventDecoder(AUTH_EVENTS, UPCASTERS)
+decode_event: EventDecoder[AuthEvent] = decoders.AUTH
 
 
 def decode(envelope: EventEnvelope) -> Recorded:

@@ -13,9 +13,9 @@ from datetime import datetime, timedelta
 from typing import assert_never
 
 from shared.channels import bureau_served
+from shared.contracts import decoders
 from shared.contracts.common import SubjectErased
 from shared.contracts.issuance import (
-    ISSUANCE_EVENTS,
     CardCollected,
     CardIssued,
     CardProductionStarted,
@@ -23,7 +23,6 @@ from shared.contracts.issuance import (
     CardReissued,
     IssuanceEvent,
 )
-from shared.contracts.upcasters import UPCASTERS
 from shared.decider import Context, Decider
 from shared.errors import BureauNotServedError, DomainError, SubjectErasedError
 from shared.events import EventDecoder
@@ -410,7 +409,7 @@ def _collected(command: HandOverCard, ready: Ready) -> CardCollected:
     )
 
 
-decode: EventDecoder[IssuanceEvent] = EventDecoder(ISSUANCE_EVENTS, UPCASTERS)
+decode: EventDecoder[IssuanceEvent] = decoders.ISSUANCE
 
 DECIDER: Decider[IssuanceCommand, CardState, IssuanceEvent, DecisionContext] = Decider(
     initial=INITIAL, evolve=evolve, decide=decide, decode=decode, stream_id=stream_id,

@@ -9,7 +9,6 @@ from datetime import datetime
 
 import asyncpg
 import structlog
-from pydantic import ValidationError
 
 from services.issuance import domain
 from services.issuance.adapters import (
@@ -21,15 +20,15 @@ from services.issuance.adapters import (
 from services.issuance.settings import IssuanceSettings
 from shared.application import Streams
 from shared.commands import CommandContext
-from shared.consumer import Rejected, describe_validation_error
+from shared.consumer import Rejected, decode_followed
+from shared.contracts import decoders
 from shared.contracts.issuance import CardProductionStarted, CollectCard, ImportCard
-from shared.contracts.review import REVIEW_EVENTS, ReviewApproved, ReviewEvent
-from shared.contracts.upcasters import UPCASTERS
+from shared.contracts.review import ReviewApproved
 from shared.crypto import DataKeyDestroyedError, MasterKeys, Vault
 from shared.envelope import EventEnvelope
 from shared.erasure import Erasure
 from shared.errors import DomainError, SubjectErasedError
-from shared.events import EventDecoder, EventMeta
+from shared.events import EventMeta
 from shared.identity import (
     citizen_ref,
     is_valid_id_number,
@@ -42,7 +41,6 @@ from shared.service import Kit
 
 log = structlog.get_logger()
 
-decode_review: EventDecoder[ReviewEvent] = EventDecoder(REVIEW_EVENTS, UPCASTERS)
 
 
 class IssuanceHandlers:
@@ -123,14 +121,10 @@ class IssuanceHandlers:
     # --- review.events ---------------------------------------------------------------------
 
     async def on_review_event(self, conn: asyncpg.Connection, envelope: EventEnvelope) -> None:
-        try:
-            event = decode_review(envelope)
-        except ValidationError as exc:
-            raise Rejected("malformed_event", describe_validation_error(exc)) from exc
+        event = decode_followed(decoders.REVIEW, envelope)
         if not isinstance(event, ReviewApproved):
             return  # only an approval starts anything here
-        if await self.streams.erased(conn, envelope.citizen_ref):
-            log.info("issuance.ignored_for_erased_subject", event_type=envelope.type)
+        if await self.streams.ignores(conn, envelope):
             return
         try:
             await self.start_production(conn, envelope, event)

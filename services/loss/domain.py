@@ -6,16 +6,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal, assert_never
 
+from shared.contracts import decoders
 from shared.contracts.common import SubjectErased
 from shared.contracts.loss import (
-    LOSS_EVENTS,
     LossCancelled,
     LossClosed,
     LossEvent,
     LossReported,
     TemporaryLossExpired,
 )
-from shared.contracts.upcasters import UPCASTERS
 from shared.decider import Context, Decider
 from shared.errors import DomainError, SubjectErasedError
 from shared.events import DomainEvent, EventDecoder
@@ -268,7 +267,7 @@ def evolve(state: LossState, event: LossEvent) -> LossState:
             assert_never(event)
 
 
-decode: EventDecoder[LossEvent] = EventDecoder(LOSS_EVENTS, UPCASTERS)
+decode: EventDecoder[LossEvent] = decoders.LOSS
 
 DECIDER: Decider[LossCommand, LossState, LossEvent, DecisionContext] = Decider(
     initial=INITIAL, evolve=evolve, decide=decide, decode=decode, stream_id=stream_id,

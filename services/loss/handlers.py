@@ -10,38 +10,20 @@ from typing import Any, TypeVar, assert_never
 
 import asyncpg
 import structlog
-from pydantic import ValidationError
 
 from services.loss import domain
 from services.loss.adapters import Applications, Cards, DueTimer, ExpiryTimers
 from services.loss.settings import LossSettings
 from shared.application import Streams
 from shared.commands import CommandContext
-from shared.consumer import Rejected, describe_validation_error
+from shared.consumer import decode_followed
+from shared.contracts import decoders, issuance, review
 from shared.contracts import loss as contract
 from shared.contracts.common import SubjectErased
-from shared.contracts.issuance import (
-    ISSUANCE_EVENTS,
-    CardCollected,
-    CardIssued,
-    CardProductionStarted,
-    CardReadyForPickup,
-    CardReissued,
-    IssuanceEvent,
-)
-from shared.contracts.review import (
-    REVIEW_EVENTS,
-    ApplicationWithdrawn,
-    ReissueApplied,
-    ReviewApproved,
-    ReviewEvent,
-    ReviewRejected,
-)
-from shared.contracts.upcasters import UPCASTERS
 from shared.crypto import MasterKeys, Vault
 from shared.envelope import EventEnvelope
 from shared.erasure import Erasure
-from shared.events import EventDecoder, EventMeta
+from shared.events import EventMeta
 from shared.locks import citizen_namespace, lock_citizens
 from shared.service import Kit
 from shared.tokens import TokenVerifier
@@ -50,8 +32,6 @@ log = structlog.get_logger()
 
 E = TypeVar("E")
 
-_decode_issuance: EventDecoder[IssuanceEvent] = EventDecoder(ISSUANCE_EVENTS, UPCASTERS)
-_decode_review: EventDecoder[ReviewEvent] = EventDecoder(REVIEW_EVENTS, UPCASTERS)
 
 
 class LossHandlers:
@@ -148,17 +128,16 @@ class LossHandlers:
     # ------------------------------------------------------------------------- followers
 
     async def on_issuance_event(self, conn: asyncpg.Connection, envelope: EventEnvelope) -> None:
-        event = _decoded(_decode_issuance, envelope)
+        event = decode_followed(decoders.ISSUANCE, envelope)
         citizen_ref = envelope.citizen_ref
-        if not isinstance(event, CardIssued | CardReissued):
+        if not isinstance(event, issuance.CardIssued | issuance.CardReissued):
             return  # the other card events change nothing here; skip the erasure lookup too
-        if await self.streams.erased(conn, citizen_ref):
-            log.info("loss.ignored_for_erased_subject", event_type=envelope.type)
+        if await self.streams.ignores(conn, envelope):
             return
         match event:
-            case CardIssued(card_no=card_no):
+            case issuance.CardIssued(card_no=card_no):
                 await self.cards.hold(conn, citizen_ref, card_no)
-            case CardReissued(new_card_no=new_card_no, application_id=application_id):
+            case issuance.CardReissued(new_card_no=new_card_no, application_id=application_id):
                 await self.cards.hold(conn, citizen_ref, new_card_no)
                 await self.applications.set_status(conn, citizen_ref, application_id, "completed")
                 now = self.clock()
@@ -166,26 +145,25 @@ class LossHandlers:
                 closed = await self._run(conn, domain.CloseLoss(new_card_no), meta, now)
                 if closed:
                     log.info("loss.closed")
-            case (CardProductionStarted() | CardReadyForPickup() | CardCollected()
-                  | SubjectErased()):
+            case (issuance.CardProductionStarted() | issuance.CardReadyForPickup()
+                  | issuance.CardCollected() | SubjectErased()):
                 pass
             case _:
                 assert_never(event)
 
     async def on_review_event(self, conn: asyncpg.Connection, envelope: EventEnvelope) -> None:
-        event = _decoded(_decode_review, envelope)
+        event = decode_followed(decoders.REVIEW, envelope)
         citizen_ref = envelope.citizen_ref
-        if await self.streams.erased(conn, citizen_ref):
-            log.info("loss.ignored_for_erased_subject", event_type=envelope.type)
+        if await self.streams.ignores(conn, envelope):
             return
         match event:
-            case ReissueApplied(application_id=application_id):
+            case review.ReissueApplied(application_id=application_id):
                 await self.applications.applied(conn, citizen_ref, application_id)
-            case ReviewApproved(application_id=application_id):
+            case review.ReviewApproved(application_id=application_id):
                 await self.applications.set_status(conn, citizen_ref, application_id, "approved")
-            case ReviewRejected(application_id=application_id):
+            case review.ReviewRejected(application_id=application_id):
                 await self.applications.set_status(conn, citizen_ref, application_id, "rejected")
-            case ApplicationWithdrawn(application_id=application_id):
+            case review.ApplicationWithdrawn(application_id=application_id):
                 await self.applications.set_status(conn, citizen_ref, application_id, "none")
             case SubjectErased():
                 pass
@@ -236,9 +214,3 @@ class LossHandlers:
                 case _:
                     assert_never(event)
 
-
-def _decoded(decode: EventDecoder[E], envelope: EventEnvelope) -> E:
-    try:
-        return decode(envelope)
-    except ValidationError as exc:
-        raise Rejected("invalid_event_data", describe_validation_error(exc)) from exc

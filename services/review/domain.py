@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal, assert_never
 
 from shared.channels import bureau_served
+from shared.contracts import decoders
 from shared.contracts.common import SubjectErased
 from shared.contracts.loss import (
     LossCancelled,
@@ -22,14 +23,12 @@ from shared.contracts.loss import (
     TemporaryLossExpired,
 )
 from shared.contracts.review import (
-    REVIEW_EVENTS,
     ApplicationWithdrawn,
     ReissueApplied,
     ReviewApproved,
     ReviewEvent,
     ReviewRejected,
 )
-from shared.contracts.upcasters import UPCASTERS
 from shared.decider import Context, Decider
 from shared.errors import BureauNotServedError, DomainError, SubjectErasedError
 from shared.events import DomainEvent, EventDecoder
@@ -435,7 +434,7 @@ def withdrawal_for(event: LossEvent) -> WithdrawApplication | None:
     return None
 
 
-decode: EventDecoder[ReviewEvent] = EventDecoder(REVIEW_EVENTS, UPCASTERS)
+decode: EventDecoder[ReviewEvent] = decoders.REVIEW
 
 DECIDER: Decider[ReviewCommand, ReviewState, ReviewEvent, DecisionContext] = Decider(
     initial=INITIAL, evolve=evolve, decide=decide, decode=decode, stream_id=stream_id,

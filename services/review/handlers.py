@@ -10,15 +10,14 @@ from typing import Any
 
 import asyncpg
 import structlog
-from pydantic import ValidationError
 
 from services.review import domain
 from services.review.adapters import ReviewTables
 from services.review.settings import ReviewSettings
 from shared.application import Streams
 from shared.commands import CommandContext
-from shared.consumer import Rejected, describe_validation_error
-from shared.contracts.loss import LOSS_EVENTS, LossEvent
+from shared.consumer import decode_followed
+from shared.contracts import decoders
 from shared.contracts.review import (
     ApplicationWithdrawn,
     DecideReview,
@@ -28,19 +27,17 @@ from shared.contracts.review import (
     ReviewRejected,
     SubmitReissueApplication,
 )
-from shared.contracts.upcasters import UPCASTERS
 from shared.crypto import DataKeyDestroyedError, MasterKeys, Vault
 from shared.envelope import EventEnvelope
 from shared.erasure import Erasure
 from shared.errors import SubjectErasedError
-from shared.events import EventDecoder, EventMeta
+from shared.events import EventMeta
 from shared.locks import citizen_namespace, lock_citizens
 from shared.service import Kit
 from shared.tokens import TokenVerifier
 
 log = structlog.get_logger()
 
-_decode_loss: EventDecoder[LossEvent] = EventDecoder(LOSS_EVENTS, UPCASTERS)
 
 
 class ReviewHandlers:
@@ -106,10 +103,9 @@ class ReviewHandlers:
 
     async def on_loss_event(self, conn: asyncpg.Connection, envelope: EventEnvelope) -> None:
         """Track the citizen's loss case; a cancelled loss withdraws its application."""
-        event = _decoded_loss(envelope)
+        event = decode_followed(decoders.LOSS, envelope)
         citizen_ref = envelope.citizen_ref
-        if await self.streams.erased(conn, citizen_ref):
-            log.info("review.ignored_for_erased_subject", event_type=envelope.type)
+        if await self.streams.ignores(conn, envelope):
             return
         current = await self.tables.loss_of(conn, citizen_ref)
         updated = domain.track_loss(current, event)
@@ -147,13 +143,6 @@ class ReviewHandlers:
         )
         sealed = await self.streams.decide(conn, command, context, meta)
         return [domain.decode(e) for e in sealed]
-
-
-def _decoded_loss(envelope: EventEnvelope) -> LossEvent:
-    try:
-        return _decode_loss(envelope)
-    except ValidationError as exc:
-        raise Rejected("invalid_event", describe_validation_error(exc)) from exc
 
 
 def _command_meta(citizen_ref: str, ctx: CommandContext) -> EventMeta:
