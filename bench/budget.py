@@ -1,0 +1,210 @@
+"""Per-command budget: statements, round trips and CPU per service over one journeys run.
+
+Runs `python -m bench.journeys` (one short run; its arguments pass through) and, over its
+sustained phase and backlog drain, reads PostgreSQL's `pg_stat_statements` (reset when the
+phase starts) and each stack process's CPU seconds (`/proc/<pid>/stat`; PostgreSQL with its
+backends). With py-spy on PATH it also records the loss and status services for 15 s
+(speedscope files in the state directory). Divides by the commands the phase accepted.
+
+`pg_stat_statements` must be loaded, for the measurement only:
+
+    psql "$SUPERUSER_DSN" -c "ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'"
+    cardctl stack down && cardctl stack up --no-services
+
+    python -m bench.budget -- --citizens 300 --concurrency 50 --seconds 20 --rate 50 --runs 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import asyncpg
+
+from bench.common import console, latest_result, print_table
+from cardctl.stack import PG_SUPERUSER, Stack, pg_target
+from shared.settings import CardDeskSettings
+
+SCHEMAS = ("status", "auth", "loss", "review", "issuance", "console")
+SCHEMA = re.compile(r"\b(" + "|".join(SCHEMAS) + r")\.\w+")
+TICKS = os.sysconf("SC_CLK_TCK")
+PROFILED = ("loss", "status")
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def cpu_seconds(pid: int, reaped: bool = False) -> float:
+    """User + system CPU of `pid`; with `reaped`, also of its children that have exited."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12])
+    if reaped:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / TICKS
+
+
+def stack_processes(stack: Stack) -> dict[str, int]:
+    """PostgreSQL, Kafka and the services of this stack, by name."""
+    pids: dict[str, int] = {}
+    for spec in [*stack.infra_specs(), *stack.service_specs()]:
+        pid = stack.running_pid(spec)
+        if pid is not None:
+            pids[spec.name] = pid
+    return pids
+
+
+def snapshot(pids: dict[str, int]) -> dict[str, float]:
+    seconds = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    if "postgres" in pids:
+        master = pids["postgres"]
+        seconds["postgres"] = cpu_seconds(master, reaped=True) + sum(
+            cpu_seconds(child) for child in children(master))
+    return seconds
+
+
+def schema_of(query: str) -> str:
+    """The schema a statement names, or the statement itself when it names none or several."""
+    named = {m.group(1) for m in SCHEMA.finditer(query)}
+    if len(named) == 1:
+        return named.pop()
+    return " ".join(query.split())[:40]
+
+
+def statement_rows(stats: list[asyncpg.Record], commands: int) -> list[tuple[str, str]]:
+    calls: Counter[str] = Counter()
+    ms: Counter[str] = Counter()
+    for row in stats:
+        key = schema_of(row["query"])
+        calls[key] += row["calls"]
+        ms[key] += row["total_exec_time"]
+    rows = [(key, f"{n / commands:.2f} per command, {ms[key] / commands:.2f} ms")
+            for key, n in calls.most_common(12)]
+    total = sum(calls.values())
+    return [*rows, ("all statements (= round trips)", f"{total / commands:.1f} per command")]
+
+
+def top_statements(stats: list[asyncpg.Record]) -> list[tuple[str, str]]:
+    ranked = sorted(stats, key=lambda row: -row["total_exec_time"])[:8]
+    return [(" ".join(row["query"].split())[:70], f"{row['total_exec_time']:.0f} ms, "
+             f"{row['calls']} calls") for row in ranked]
+
+
+def start_profiles(pids: dict[str, int], out: Path) -> list[subprocess.Popen[bytes]]:
+    spy = shutil.which("py-spy")
+    if spy is None:
+        console.print("py-spy not on PATH: no profiles")
+        return []
+    return [subprocess.Popen([spy, "record", "--nonblocking", "-r", "50", "-d", "15",
+                              "--format", "speedscope", "-o", str(out / f"{name}.speedscope.json"),
+                              "-p", str(pids[name])],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for name in PROFILED if name in pids]
+
+
+class Window:
+    """The sustained phase and its drain, as seen in the journeys run's output."""
+
+    def __init__(self, stack: Stack, dsn: str) -> None:
+        self.stack, self.dsn = stack, dsn
+        self.pids: dict[str, int] = {}
+        self.before: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self.started = self.seconds = 0.0
+        self.stats: list[asyncpg.Record] = []
+        self.profiles: list[subprocess.Popen[bytes]] = []
+
+    async def open(self) -> None:
+        self.pids = stack_processes(self.stack)
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            await conn.execute("SELECT pg_stat_statements_reset()")
+        finally:
+            await conn.close()
+        self.started, self.before = time.monotonic(), snapshot(self.pids)
+        self.profiles = start_profiles(self.pids, self.stack.state_dir)
+
+    async def close(self) -> None:
+        self.seconds = time.monotonic() - self.started
+        after = snapshot(self.pids)
+        self.cpu = {name: after[name] - self.before.get(name, 0.0) for name in after}
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            self.stats = await conn.fetch(
+                "SELECT query, calls, total_exec_time FROM pg_stat_statements")
+        finally:
+            await conn.close()
+
+
+async def follow(argv: list[str], window: Window) -> None:
+    """Run the journeys benchmark, opening the window at its sustained phase and closing it
+    when its first backlog has drained; its output passes through."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.journeys", *argv, stdout=asyncio.subprocess.PIPE)
+    assert process.stdout is not None
+    state = "before"
+    async for raw in process.stdout:
+        line = raw.decode(errors="replace")
+        sys.stdout.write(line)
+        if state == "before" and "sustained phase" in line:
+            await window.open()
+            state = "open"
+        elif state == "open" and "backlog drained" in line:
+            await window.close()
+            state = "closed"
+    await asyncio.wait_for(process.wait(), 60)
+    if state != "closed":
+        raise SystemExit("the journeys run ended before its sustained phase drained")
+
+
+def sustained_commands() -> int:
+    result = latest_result("journeys")
+    if result is None:
+        raise SystemExit("no journeys result written")
+    return int(result["figures"]["sustained"]["runs"][0]["commands"])
+
+
+async def run(argv: list[str]) -> None:
+    settings = CardDeskSettings()
+    stack = Stack(settings, report=lambda line: console.print(f"[dim]•[/] {line}"))
+    pg = pg_target(settings)
+    window = Window(stack, f"postgresql://{PG_SUPERUSER}@{pg.host}:{pg.port}/{pg.dbname}")
+    await follow(argv, window)
+    for profile in window.profiles:
+        profile.wait(timeout=60)
+    commands = sustained_commands()
+    print_table(f"statements per command ({commands} commands, {window.seconds:.1f} s)",
+                statement_rows(window.stats, commands))
+    print_table("top statements by execution time", top_statements(window.stats))
+    print_table("CPU ms per command", [
+        (name, f"{1000 * s / commands:.2f} ({s:.2f} s)")
+        for name, s in sorted(window.cpu.items(), key=lambda item: -item[1])])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("journeys", nargs=argparse.REMAINDER,
+                        help="arguments for bench.journeys, after --")
+    args = parser.parse_args()
+    passed = [a for a in args.journeys if a != "--"]
+    asyncio.run(run(passed or ["--citizens", "300", "--concurrency", "50", "--seconds", "20",
+                               "--rate", "50", "--runs", "1"]))
+
+
+if __name__ == "__main__":
+    main()
