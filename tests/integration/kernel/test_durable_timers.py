@@ -33,27 +33,17 @@ async def _claim(pool: asyncpg.Pool, timers: DurableTimers, now: datetime,
         return await timers.claim_due(conn, now, limit)
 
 
-async def test_re_arming_with_move_due_moves_the_due_time_and_keeps_the_arming_ids(
-    pool: asyncpg.Pool, schema: str,
+@pytest.mark.parametrize(("rearm", "due_in"), [("move_due", 30), ("keep", 10)])
+async def test_re_arming_moves_the_due_time_or_keeps_it_and_always_keeps_the_arming_ids(
+    pool: asyncpg.Pool, schema: str, rearm: Rearm, due_in: int,
 ) -> None:
-    timers = await _timers(pool, schema, "move_due")
+    timers = await _timers(pool, schema, rearm)
     async with pool.acquire() as conn:
-        await timers.arm(conn, _timer("loss-1", due_in=10))
-        await timers.arm(conn, _timer("loss-1", due_in=30, causation_id="ev-2"))
-    assert await _claim(pool, timers, T0 + timedelta(minutes=20)) == []
-    assert await _claim(pool, timers, T0 + timedelta(minutes=30)) == [
-        _timer("loss-1", due_in=30)]
-
-
-async def test_re_arming_with_keep_leaves_the_first_arming_as_it_was(
-    pool: asyncpg.Pool, schema: str,
-) -> None:
-    timers = await _timers(pool, schema, "keep")
-    async with pool.acquire() as conn:
-        await timers.arm(conn, _timer("app-1", due_in=10))
-        await timers.arm(conn, _timer("app-1", due_in=30, causation_id="ev-2"))
-    assert await _claim(pool, timers, T0 + timedelta(minutes=10)) == [
-        _timer("app-1", due_in=10)]
+        await timers.arm(conn, _timer("key-1", due_in=10))
+        await timers.arm(conn, _timer("key-1", due_in=30, causation_id="ev-2"))
+    assert await _claim(pool, timers, T0 + timedelta(minutes=due_in - 1)) == []
+    assert await _claim(pool, timers, T0 + timedelta(minutes=due_in)) == [
+        _timer("key-1", due_in=due_in)]
 
 
 async def test_a_claim_takes_the_earliest_due_timers_up_to_its_limit_and_none_not_yet_due(
