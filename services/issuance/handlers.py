@@ -11,12 +11,7 @@ import asyncpg
 import structlog
 
 from services.issuance import domain
-from services.issuance.adapters import (
-    Applications,
-    CardNumbers,
-    ProductionTimer,
-    ProductionTimers,
-)
+from services.issuance.adapters import Applications, CardNumbers, production_timers
 from services.issuance.settings import IssuanceSettings
 from shared.application import Streams
 from shared.commands import CommandContext
@@ -38,6 +33,7 @@ from shared.identity import (
 from shared.locks import citizen_namespace, lock_citizens
 from shared.masking import mask_card_no
 from shared.service import Kit
+from shared.timers import Timer
 
 log = structlog.get_logger()
 
@@ -52,7 +48,7 @@ class IssuanceHandlers:
         self.clock = kit.clock
         self.ids = kit.ids
         self.applications = Applications(kit.schema)
-        self.timers = ProductionTimers(kit.schema)
+        self.timers = production_timers(kit.schema)
         self.card_numbers = CardNumbers(kit.schema)
         self.vault = Vault(kit.schema, MasterKeys.from_settings(kit.settings))
         self.streams = Streams(domain.DECIDER, kit.schema, kit.events_topic)
@@ -151,8 +147,8 @@ class IssuanceHandlers:
             event = domain.decode(stored)
             if isinstance(event, CardProductionStarted) and self.settings.production_time:
                 # The card is ready when the decider says; the timer falls due then.
-                await self.timers.arm(conn, ProductionTimer(
-                    application_id=event.application_id, citizen_ref=ref,
+                await self.timers.arm(conn, Timer(
+                    key=event.application_id, citizen_ref=ref,
                     due_at=event.ready_by, correlation_id=stored.correlation_id,
                     causation_id=str(stored.event_id)))
 
@@ -169,9 +165,10 @@ class IssuanceHandlers:
         fired = 0
         while True:
             async with pool.acquire() as conn, conn.transaction():
-                timer = await self.timers.claim_due(conn, now)
-                if timer is None:
+                claimed = await self.timers.claim_due(conn, now, 1)
+                if not claimed:
                     return fired
+                [timer] = claimed
                 structlog.contextvars.bind_contextvars(
                     citizen_ref=timer.citizen_ref, correlation_id=timer.correlation_id,
                     causation_id=timer.causation_id)
@@ -181,18 +178,19 @@ class IssuanceHandlers:
                 except Exception:
                     # Keep the timer (durable) but let the others run first.
                     log.exception("issuance.production_timer_failed",
-                                  application_id=timer.application_id)
-                    await self.timers.postpone(conn, timer.application_id,
+                                  application_id=timer.key)
+                    await self.timers.postpone(conn, timer.key,
                                                now + self.settings.timer_retry_delay)
                     continue
-                await self.timers.disarm(conn, timer.application_id)
+                await self.timers.disarm(conn, timer.key)
                 fired += 1
 
-    async def _finish(self, conn: asyncpg.Connection, timer: ProductionTimer) -> None:
+    async def _finish(self, conn: asyncpg.Connection, timer: Timer) -> None:
+        application_id = timer.key
         if await self.streams.erased(conn, timer.citizen_ref):
-            log.info("issuance.production_void_erased", application_id=timer.application_id)
+            log.info("issuance.production_void_erased", application_id=application_id)
             return  # the card of an erased citizen is never finished; the timer goes
-        command = domain.FinishProduction(timer.application_id, await self._new_card_no(conn))
+        command = domain.FinishProduction(application_id, await self._new_card_no(conn))
         meta = EventMeta(timer.citizen_ref, self.clock(), timer.correlation_id,
                          timer.causation_id)
         await self._decide(conn, [command], meta)

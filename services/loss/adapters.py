@@ -4,17 +4,15 @@ timers. Every write joins the caller's transaction."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
-
 import asyncpg
 
 from services.loss.domain import ApplicationStatus
 from shared.crypto import data_keys_ddl
+from shared.timers import DurableTimers, timers_ddl
 
 
 def loss_ddl(schema: str) -> str:
-    return data_keys_ddl(schema) + f"""
+    return data_keys_ddl(schema) + timers_ddl(schema, "expiry_timers") + f"""
     CREATE TABLE IF NOT EXISTS {schema}.cards (
         citizen_ref text        PRIMARY KEY,
         card_no     text        NOT NULL,
@@ -27,15 +25,6 @@ def loss_ddl(schema: str) -> str:
             CHECK (status IN ('none', 'pending', 'approved', 'rejected', 'completed')),
         updated_at     timestamptz NOT NULL DEFAULT now()
     );
-    CREATE TABLE IF NOT EXISTS {schema}.expiry_timers (
-        citizen_ref    text        NOT NULL,
-        loss_id        text        NOT NULL,
-        due_at         timestamptz NOT NULL,
-        correlation_id text        NOT NULL,
-        causation_id   text        NOT NULL,
-        PRIMARY KEY (citizen_ref, loss_id)
-    );
-    CREATE INDEX IF NOT EXISTS expiry_timers_due ON {schema}.expiry_timers (due_at);
     """
 
 
@@ -110,55 +99,7 @@ class Applications:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class DueTimer:
-    citizen_ref: str
-    loss_id: str
-    due_at: datetime
-    correlation_id: str
-    causation_id: str
-
-
-class ExpiryTimers:
-    """`expiry_timers`: one row per temporary loss in force, deleted when it is over."""
-
-    def __init__(self, schema: str) -> None:
-        self.schema = schema
-
-    async def arm(self, conn: asyncpg.Connection, timer: DueTimer) -> None:
-        await conn.execute(
-            f"INSERT INTO {self.schema}.expiry_timers"
-            " (citizen_ref, loss_id, due_at, correlation_id, causation_id)"
-            " VALUES ($1, $2, $3, $4, $5)"
-            " ON CONFLICT (citizen_ref, loss_id) DO UPDATE SET due_at = EXCLUDED.due_at",
-            timer.citizen_ref,
-            timer.loss_id,
-            timer.due_at,
-            timer.correlation_id,
-            timer.causation_id,
-        )
-
-    async def disarm_all(self, conn: asyncpg.Connection, citizen_ref: str) -> None:
-        await conn.execute(
-            f"DELETE FROM {self.schema}.expiry_timers WHERE citizen_ref = $1", citizen_ref
-        )
-
-    async def disarm(self, conn: asyncpg.Connection, citizen_ref: str, loss_id: str) -> None:
-        await conn.execute(
-            f"DELETE FROM {self.schema}.expiry_timers WHERE citizen_ref = $1 AND loss_id = $2",
-            citizen_ref,
-            loss_id,
-        )
-
-    async def claim_due(
-        self, conn: asyncpg.Connection, now: datetime, limit: int
-    ) -> list[DueTimer]:
-        """Due timers, locked for this transaction; another replica skips them."""
-        rows = await conn.fetch(
-            f"SELECT citizen_ref, loss_id, due_at, correlation_id, causation_id"
-            f" FROM {self.schema}.expiry_timers WHERE due_at <= $1"
-            " ORDER BY due_at LIMIT $2 FOR UPDATE SKIP LOCKED",
-            now,
-            limit,
-        )
-        return [DueTimer(**dict(r)) for r in rows]
+def expiry_timers(schema: str) -> DurableTimers:
+    """`expiry_timers`: one per temporary loss in force (key: its loss_id), deleted when it is
+    over; re-arming a loss moves its expiry."""
+    return DurableTimers(schema, "expiry_timers", rearm="move_due")

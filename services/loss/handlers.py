@@ -12,7 +12,7 @@ import asyncpg
 import structlog
 
 from services.loss import domain
-from services.loss.adapters import Applications, Cards, DueTimer, ExpiryTimers
+from services.loss.adapters import Applications, Cards, expiry_timers
 from services.loss.settings import LossSettings
 from shared.application import Streams
 from shared.commands import CommandContext
@@ -26,6 +26,7 @@ from shared.erasure import Erasure
 from shared.events import EventMeta
 from shared.locks import citizen_namespace, lock_citizens
 from shared.service import Kit
+from shared.timers import Timer
 from shared.tokens import TokenVerifier
 
 log = structlog.get_logger()
@@ -50,7 +51,7 @@ class LossHandlers:
         self.scan_interval = settings.loss_expiry_scan_interval.total_seconds()
         self.cards = Cards(kit.schema)
         self.applications = Applications(kit.schema)
-        self.timers = ExpiryTimers(kit.schema)
+        self.timers = expiry_timers(kit.schema)
         self.streams = Streams(domain.DECIDER, kit.schema, kit.events_topic)
         self.erasure = Erasure(
             self.streams, Vault(kit.schema, MasterKeys.from_settings(settings)),
@@ -107,7 +108,7 @@ class LossHandlers:
                         await self._expire(conn, timer, now)
                 except Exception:
                     log.exception("loss.expiry_failed", citizen_ref=timer.citizen_ref,
-                                  loss_id=timer.loss_id)
+                                  loss_id=timer.key)
         return len(due)
 
     async def expiry_loop(self, pool: asyncpg.Pool) -> None:
@@ -116,14 +117,15 @@ class LossHandlers:
             if await self.expire_due(pool) < self.batch_size:
                 await asyncio.sleep(self.scan_interval)
 
-    async def _expire(self, conn: asyncpg.Connection, timer: DueTimer, now: datetime) -> None:
+    async def _expire(self, conn: asyncpg.Connection, timer: Timer, now: datetime) -> None:
+        loss_id = timer.key
         meta = EventMeta(timer.citizen_ref, now, timer.correlation_id, timer.causation_id)
-        events = await self._run(conn, domain.ExpireTemporaryLoss(timer.loss_id), meta, now)
-        await self.timers.disarm(conn, timer.citizen_ref, timer.loss_id)
+        events = await self._run(conn, domain.ExpireTemporaryLoss(loss_id), meta, now)
+        await self.timers.disarm(conn, loss_id)
         if events:
-            log.info("loss.expired", citizen_ref=timer.citizen_ref, loss_id=timer.loss_id)
+            log.info("loss.expired", citizen_ref=timer.citizen_ref, loss_id=loss_id)
         else:
-            log.info("loss.expiry_void", citizen_ref=timer.citizen_ref, loss_id=timer.loss_id)
+            log.info("loss.expiry_void", citizen_ref=timer.citizen_ref, loss_id=loss_id)
 
     # ------------------------------------------------------------------------- followers
 
@@ -200,8 +202,8 @@ class LossHandlers:
         for envelope, event in zip(sealed, events, strict=True):
             match event:
                 case contract.LossReported(kind="temporary", expires_at=datetime() as due_at):
-                    await self.timers.arm(conn, DueTimer(
-                        citizen_ref=envelope.citizen_ref, loss_id=event.loss_id, due_at=due_at,
+                    await self.timers.arm(conn, Timer(
+                        key=event.loss_id, citizen_ref=envelope.citizen_ref, due_at=due_at,
                         correlation_id=envelope.correlation_id,
                         causation_id=str(envelope.event_id),
                     ))
