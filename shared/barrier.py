@@ -56,7 +56,11 @@ class FollowerBarrier:
         try:
             targets = await asyncio.wait_for(self._ends(), self.timeout_s)
             while True:
-                behind = await self._behind(targets)
+                # Bounded too: while the broker is away the admin client may look for the
+                # group's coordinator for ever, and a batch held here would keep its consumer
+                # from rejoining the group once the broker is back.
+                left = max(deadline - loop.time(), self.poll_s)
+                behind = await asyncio.wait_for(self._behind(targets), left)
                 if not behind:
                     return True
                 if loop.time() >= deadline:

@@ -1,0 +1,31 @@
+"""The follower barrier never holds a command batch past its bound, whatever Kafka does."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiokafka import TopicPartition
+
+from shared.barrier import FollowerBarrier
+from shared.settings import CardDeskSettings
+
+
+class CoordinatorLost(FollowerBarrier):
+    """End offsets answer; the committed-offsets lookup never does (a broker gone away)."""
+
+    async def _ends(self) -> dict[TopicPartition, int]:
+        return {TopicPartition("loss.events", 0): 5}
+
+    async def _behind(self, targets: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_a_committed_offsets_lookup_that_never_answers_is_cut_at_the_bound() -> None:
+    barrier = CoordinatorLost(CardDeskSettings(), "carddesk-review", ["loss.events"],
+                              timeout_s=0.2)
+    started = time.monotonic()
+    caught_up = await asyncio.wait_for(barrier.caught_up(), 5)
+    assert caught_up is False
+    assert time.monotonic() - started < 2
