@@ -36,6 +36,10 @@ def services(stack: Stack) -> Iterator[list[str]]:
     os.environ.update(E2E_ENVIRONMENT)
     try:
         started = stack.start_services()
+    except BaseException:
+        # One that never became healthy must not leave the others answering later tests.
+        stack.down(only=[spec.name for spec in stack.service_specs()])
+        raise
     finally:
         for key, value in saved.items():
             if value is None:
