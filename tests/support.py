@@ -147,6 +147,21 @@ async def partitions_of(bootstrap: str, topics: Sequence[str]) -> list[TopicPart
             for p in d["partitions"]]
 
 
+async def skip_history(bootstrap: str, group: str, topics: Sequence[str]) -> None:
+    """Commit a fresh group's offsets at the ends of `topics`: a fresh group would read them
+    from offset 0 and handle (and answer) other runs' messages, so the service under test
+    sees only what its test sends."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, **kafka_options(), group_id=group,
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = await partitions_of(bootstrap, topics)
+        consumer.assign(partitions)
+        await consumer.commit(await consumer.end_offsets(partitions))
+    finally:
+        await consumer.stop()
+
+
 class TopicTail:
     """Every record published on a topic from the moment `start` returns, collected in the
     background by a consumer of its own (no group, nothing committed)."""

@@ -37,7 +37,7 @@ from tests.support import (
     drop_schema,
     eventually,
     kafka_options,
-    partitions_of,
+    skip_history,
     unique,
 )
 
@@ -153,19 +153,6 @@ def settings_for_service(stack: object) -> AuthSettings:
     return AuthSettings()
 
 
-async def skip_history(bootstrap: str, group: str) -> None:
-    """A fresh group would read `auth.commands` from offset 0 and answer other runs'
-    commands; commit the current ends so the service sees only what this module sends."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, **kafka_options(), group_id=group,
-                                enable_auto_commit=False)
-    await consumer.start()
-    try:
-        partitions = await partitions_of(bootstrap, [COMMANDS_TOPIC])
-        ends = await consumer.end_offsets(partitions)
-        consumer.assign(partitions)
-        await consumer.commit(ends)
-    finally:
-        await consumer.stop()
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +162,7 @@ async def service(settings_for_service: AuthSettings) -> AsyncIterator[ServiceRu
     await create_topics(settings_for_service.kafka_bootstrap,
                         [COMMANDS_TOPIC, "auth.events", REPLIES_TOPIC, f"{COMMANDS_TOPIC}.dlq"],
                         partitions=settings_for_service.partitions)
-    await skip_history(settings_for_service.kafka_bootstrap, group)
+    await skip_history(settings_for_service.kafka_bootstrap, group, [COMMANDS_TOPIC])
     runtime = bootstrap(SPEC, settings_for_service, schema=schema, group=group).runtime
     await runtime.start()
     await runtime.broker.start()

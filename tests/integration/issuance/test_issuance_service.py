@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 
 from cardctl.stack import ensure_topics
 from services.issuance.adapters import issuance_ddl
@@ -37,8 +37,8 @@ from tests.support import (
     eventually,
     follower_paused,
     kafka_options,
-    partitions_of,
     session_settings,
+    skip_history,
     unique,
     until_consistent,
 )
@@ -74,18 +74,6 @@ async def waited_for(tail: TopicTail, match: Callable[[Any], bool], count: int =
     return found
 
 
-async def skip_history(bootstrap: str, group: str) -> None:
-    """A fresh group would read the shared topics from offset 0 and replay other runs'
-    commands; commit the current ends so the service sees only what this module sends."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, **kafka_options(), group_id=group,
-                                enable_auto_commit=False)
-    await consumer.start()
-    try:
-        partitions = await partitions_of(bootstrap, CONSUMED)
-        consumer.assign(partitions)
-        await consumer.commit(await consumer.end_offsets(partitions))
-    finally:
-        await consumer.stop()
 
 
 @dataclass
@@ -169,7 +157,7 @@ async def harness() -> AsyncIterator[Harness]:
     settings = IssuanceSettings(issuance_production_seconds=0)
     brokers = settings.kafka_bootstrap
     await ensure_topics(session_settings(brokers), all_topics(settings.partitions, CHANNELS))
-    await skip_history(brokers, group)
+    await skip_history(brokers, group, CONSUMED)
     replies = {channel: TopicTail(brokers, reply_topic(channel)) for channel in CHANNELS}
     events = TopicTail(brokers, "issuance.events")
     for tail in [*replies.values(), events]:

@@ -14,7 +14,6 @@ from typing import Any, Literal
 import asyncpg
 import pytest
 from aiokafka import (
-    AIOKafkaConsumer,
     AIOKafkaProducer,
 )
 
@@ -30,7 +29,7 @@ from shared.service import bootstrap
 from shared.tokens import SessionClaims, TokenSigner
 from shared.topics import all_topics, reply_topic
 from tests.builders import Citizens
-from tests.support import TopicTail, kafka_options, partitions_of, session_settings
+from tests.support import TopicTail, kafka_options, session_settings, skip_history
 
 CHANNEL = "wechat-oa"
 CONSUMED = ("loss.commands", "issuance.events", "review.events")
@@ -63,19 +62,6 @@ class Tail(TopicTail):
         raise AssertionError(f"{self.topic}: nothing matched within {timeout_s}s")
 
 
-async def _skip_history(bootstrap: str, group: str) -> None:
-    """A fresh group would read the topics from offset 0 and replay other runs' commands;
-    commit the current ends so the service sees only what this test module sends."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, **kafka_options(), group_id=group,
-                                enable_auto_commit=False)
-    await consumer.start()
-    try:
-        tps = await partitions_of(bootstrap, CONSUMED)
-        ends = await consumer.end_offsets(tps)
-        consumer.assign(tps)
-        await consumer.commit(ends)
-    finally:
-        await consumer.stop()
 
 
 class Harness:
@@ -154,7 +140,7 @@ async def harness(loss_settings: LossSettings) -> AsyncIterator[Harness]:
     brokers = loss_settings.kafka_bootstrap
     await ensure_topics(session_settings(brokers),
                         all_topics(loss_settings.partitions, [CHANNEL]))
-    await _skip_history(brokers, group)
+    await skip_history(brokers, group, CONSUMED)
     replies = Tail(brokers, reply_topic(CHANNEL))
     loss_events = Tail(brokers, "loss.events")
     await replies.start()

@@ -15,10 +15,8 @@ from typing import Any
 import asyncpg
 import pytest
 from aiokafka import (
-    AIOKafkaConsumer,
     AIOKafkaProducer,
     ConsumerRecord,
-    TopicPartition,
 )
 
 from cardctl.stack import ensure_topics
@@ -33,7 +31,13 @@ from shared.service import bootstrap
 from shared.tokens import SessionClaims, TokenSigner
 from shared.topics import all_topics, reply_topic
 from tests.builders import Citizens
-from tests.support import TopicTail, follower_paused, kafka_options, until_consistent
+from tests.support import (
+    TopicTail,
+    follower_paused,
+    kafka_options,
+    skip_history,
+    until_consistent,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -59,21 +63,6 @@ class Tail(TopicTail):
         raise AssertionError(f"nothing matching on {self.topic} within {WAIT_S}s")
 
 
-async def start_group_at_end(
-    bootstrap: str, group: str, topics: list[str], producer: AIOKafkaProducer
-) -> None:
-    """Commit a fresh group's offsets at the topics' ends, so the service under test handles
-    only this run's messages instead of replaying (and re-replying to) the whole history."""
-    partitions = [TopicPartition(t, p) for t in topics for p in await producer.partitions_for(t)]
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, **kafka_options(), group_id=group,
-                                enable_auto_commit=False)
-    await consumer.start()
-    try:
-        consumer.assign(partitions)
-        await consumer.seek_to_end(*partitions)
-        await consumer.commit({tp: await consumer.position(tp) for tp in partitions})
-    finally:
-        await consumer.stop()
 
 
 @dataclass
@@ -154,8 +143,7 @@ async def review() -> AsyncIterator[Harness]:
     await events.start()
     suffix = uuid.uuid4().hex[:10]
     schema, group = f"review_test_{suffix}", f"carddesk-review-test-{suffix}"
-    await start_group_at_end(settings.kafka_bootstrap, group,
-                             ["review.commands", "loss.events"], producer)
+    await skip_history(settings.kafka_bootstrap, group, ["review.commands", "loss.events"])
     runtime = bootstrap(SPEC, settings, schema=schema, group=group).runtime
     await runtime.start()
     await runtime.broker.start()
