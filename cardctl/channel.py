@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import uuid
 from collections.abc import Mapping
@@ -18,6 +19,7 @@ from opentelemetry.trace import SpanKind
 from shared.channels import Channel, ChannelRegistry, sign
 from shared.commands import Reply
 from shared.kafka import as_channel, client_options
+from shared.replies import deliver_replies
 from shared.sealing import FieldSealer, SealContext
 from shared.settings import CardDeskSettings
 from shared.topics import command_topic, reply_topic
@@ -150,23 +152,13 @@ class ChannelSimulator:
                 except BaseException:
                     await link.stop()
                     raise
-                link.reader = asyncio.create_task(
-                    self._read_replies(channel.channel_id, link.replies))
+                link.reader = asyncio.create_task(deliver_replies(
+                    link.replies, functools.partial(self._waiting_on, channel.channel_id)))
                 self._links[channel.channel_id] = link
             return self._links[channel.channel_id]
 
-    async def _read_replies(self, channel_id: str, replies: AIOKafkaConsumer) -> None:
-        while True:
-            batch = await replies.getmany(timeout_ms=200)
-            for records in batch.values():
-                for record in records:
-                    try:
-                        reply = Reply.model_validate_json(record.value)
-                    except ValueError:
-                        continue
-                    future = self._waiting.get((channel_id, reply.request_id))
-                    if future is not None and not future.done():
-                        future.set_result(reply)
+    def _waiting_on(self, channel_id: str, request_id: str) -> asyncio.Future[Reply] | None:
+        return self._waiting.get((channel_id, request_id))
 
     def envelope(self, channel_id: str, command_type: str, payload: Mapping[str, Any],
                  request_id: str | None = None, issued_at: datetime | None = None) -> bytes:

@@ -18,6 +18,7 @@ from aiokafka.errors import KafkaError
 from shared.channels import Channel, sign
 from shared.commands import Reply
 from shared.kafka import as_channel, client_options
+from shared.replies import deliver_replies
 from shared.sealing import FieldSealer, SealContext
 from shared.settings import CardDeskSettings
 from shared.topics import command_topic, reply_topic
@@ -69,7 +70,7 @@ class ConsoleChannel:
         await replies.seek_to_end(*assigned)
         for tp in assigned:  # positions resolved now: no reply sent after this is missed
             await replies.position(tp)
-        self._reader = asyncio.create_task(self._read_replies())
+        self._reader = asyncio.create_task(deliver_replies(replies, self._waiting.get))
 
     async def stop(self) -> None:
         if self._reader is not None:
@@ -80,20 +81,6 @@ class ConsoleChannel:
             await self._replies.stop()
         if self._producer is not None:
             await self._producer.stop()
-
-    async def _read_replies(self) -> None:
-        assert self._replies is not None
-        while True:
-            batch = await self._replies.getmany(timeout_ms=200)
-            for records in batch.values():
-                for record in records:
-                    try:
-                        reply = Reply.model_validate_json(record.value)
-                    except ValueError:
-                        continue
-                    future = self._waiting.get(reply.request_id)
-                    if future is not None and not future.done():
-                        future.set_result(reply)
 
     def envelope(self, command_type: str, payload: Mapping[str, Any], request_id: str,
                  issued_at: datetime) -> bytes:
