@@ -27,7 +27,6 @@ from shared.events import EventMeta, to_pending
 from shared.eventstore import PostgresEventStore, migrate
 from shared.identity import citizen_ref
 from shared.service import Kit
-from shared.settings import CardDeskSettings
 from tests.builders import CitizenStreams
 from tests.integration.auth.citizens import random_id_number
 from tests.support import unique
@@ -42,13 +41,6 @@ CITYWIDE = Channel(channel_id="bureau-city", secret="s3", bureau=True)
 def context(channel: Channel) -> CommandContext:
     now = datetime.now(UTC)
     return CommandContext(str(uuid.uuid4()), channel, now, now)
-
-
-@pytest.fixture
-async def pool(settings: CardDeskSettings, stack: object) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
-    yield pool
-    await pool.close()
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""A throwaway schema per test module, on the session's real PostgreSQL."""
+"""A throwaway schema per test, on the session's real PostgreSQL (the pool:
+tests/integration/conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,7 @@ import asyncpg
 import pytest
 
 from shared.eventstore import migrate
-from shared.settings import CardDeskSettings
 from tests.support import unique
-
-
-@pytest.fixture
-async def pool(settings: CardDeskSettings, stack: object) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=10)
-    yield pool
-    await pool.close()
 
 
 @pytest.fixture
