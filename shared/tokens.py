@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections import OrderedDict
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Literal, Self
@@ -69,11 +70,19 @@ class TokenSigner:
 
 
 class TokenVerifier:
-    """Checks a token statelessly: known kid, signature, lifetime cap, expiry, channel."""
+    """Checks a token statelessly: known kid, signature, lifetime cap, expiry, channel.
 
-    def __init__(self, public_keys: Mapping[str, str], max_lifetime: timedelta) -> None:
+    A session sends several commands with one token, so the claims of the last
+    `remembered` tokens whose signature verified are kept: a repeat skips the parsing and
+    the signature check (the token's bytes are the cache key, so a changed byte is a new
+    token), never the checks that depend on the time or on who presents it."""
+
+    def __init__(self, public_keys: Mapping[str, str], max_lifetime: timedelta, *,
+                 remembered: int = 4096) -> None:
         self._keys = {kid: _public_key(key) for kid, key in public_keys.items()}
         self.max_lifetime = max_lifetime
+        self.remembered = remembered
+        self._authentic: OrderedDict[str, SessionClaims] = OrderedDict()
 
     @classmethod
     def from_settings(cls, settings: CardDeskSettings) -> Self:
@@ -86,6 +95,25 @@ class TokenVerifier:
     def verify(self, token: str, *, now: datetime, channel: str) -> SessionClaims:
         """The token's claims if a known key signed it, it is within its (capped) lifetime and
         the channel presenting it is the one that started the session."""
+        claims = self._authentic.get(token)
+        if claims is None:
+            claims = self._signed_claims(token)
+            self._authentic[token] = claims
+            if len(self._authentic) > self.remembered:
+                self._authentic.popitem(last=False)
+        else:
+            self._authentic.move_to_end(token)
+        lifetime = claims.expires_at - claims.issued_at
+        if lifetime > self.max_lifetime or claims.issued_at > now + CLOCK_SKEW:
+            raise InvalidSessionError("the token claims a lifetime no session has")
+        if claims.expires_at <= now:
+            raise SessionExpiredError()
+        if claims.channel != channel:
+            raise ChannelMismatchError()
+        return claims
+
+    def _signed_claims(self, token: str) -> SessionClaims:
+        """The claims, if a key still listed signed them."""
         try:
             body_part, signature_part = token.split(".")
             body = _unb64(body_part)
@@ -96,13 +124,6 @@ class TokenVerifier:
             key.verify(_unb64(signature_part), body)
         except (ValueError, binascii.Error, InvalidSignature, ValidationError) as exc:
             raise InvalidSessionError() from exc
-        lifetime = claims.expires_at - claims.issued_at
-        if lifetime > self.max_lifetime or claims.issued_at > now + CLOCK_SKEW:
-            raise InvalidSessionError("the token claims a lifetime no session has")
-        if claims.expires_at <= now:
-            raise SessionExpiredError()
-        if claims.channel != channel:
-            raise ChannelMismatchError()
         return claims
 
 

@@ -116,3 +116,46 @@ def test_the_settings_give_the_current_key_under_its_id_and_the_listed_older_one
     with pytest.raises(InvalidSessionError):
         built.verify(signer.sign(claims(lifetime=timedelta(hours=2))), now=NOW,
                      channel="wechat-oa")
+
+
+def test_a_repeated_token_is_checked_once_but_still_expires_and_still_binds_its_channel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    check = verifier({"k2": NEW_PUBLIC})
+    token = TokenSigner(NEW_SEED, "k2").sign(claims())
+    signature_checks = 0
+    signed_claims = TokenVerifier._signed_claims
+
+    def counting(self: TokenVerifier, presented: str) -> SessionClaims:
+        nonlocal signature_checks
+        signature_checks += 1
+        return signed_claims(self, presented)
+
+    monkeypatch.setattr(TokenVerifier, "_signed_claims", counting)
+    for _ in range(3):
+        assert check.verify(token, now=NOW, channel="wechat-oa").session_id == "s1"
+    assert signature_checks == 1
+    with pytest.raises(ChannelMismatchError):
+        check.verify(token, now=NOW, channel="app")
+    with pytest.raises(SessionExpiredError):
+        check.verify(token, now=NOW + timedelta(hours=1), channel="wechat-oa")
+    assert signature_checks == 1
+
+
+def test_a_token_differing_from_a_remembered_one_in_its_signature_is_checked_and_refused() -> None:
+    check = verifier({"k2": NEW_PUBLIC})
+    token = TokenSigner(NEW_SEED, "k2").sign(claims())
+    check.verify(token, now=NOW, channel="wechat-oa")
+    body, signature = token.split(".")
+    forged = body + "." + ("A" if signature[0] != "A" else "B") + signature[1:]
+    with pytest.raises(InvalidSessionError):
+        check.verify(forged, now=NOW, channel="wechat-oa")
+
+
+def test_only_so_many_tokens_are_remembered() -> None:
+    check = TokenVerifier({"k2": NEW_PUBLIC}, LIFETIME, remembered=2)
+    signer = TokenSigner(NEW_SEED, "k2")
+    tokens = [signer.sign(claims(issued_at=NOW - timedelta(minutes=i))) for i in range(5)]
+    for token in tokens:
+        check.verify(token, now=NOW, channel="wechat-oa")
+    assert list(check._authentic) == tokens[-2:]
