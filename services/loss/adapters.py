@@ -28,17 +28,24 @@ def loss_ddl(schema: str) -> str:
     """
 
 
+async def facts_of(conn: asyncpg.Connection, schema: str,
+                   citizen_ref: str) -> tuple[str | None, ApplicationStatus]:
+    """What a loss decision knows from the other services, in one round trip: the card the
+    citizen holds (None before issuance told of one) and their application's status."""
+    row = await conn.fetchrow(
+        f"SELECT (SELECT card_no FROM {schema}.cards WHERE citizen_ref = $1) AS card_no,"
+        f" (SELECT status FROM {schema}.applications WHERE citizen_ref = $1) AS status",
+        citizen_ref)
+    assert row is not None, "a SELECT without FROM returns one row"
+    status: ApplicationStatus = row["status"] or "none"
+    return row["card_no"], status
+
+
 class Cards:
     """`cards`: the card each citizen holds, from issuance.events."""
 
     def __init__(self, schema: str) -> None:
         self.schema = schema
-
-    async def card_of(self, conn: asyncpg.Connection, citizen_ref: str) -> str | None:
-        card_no: str | None = await conn.fetchval(
-            f"SELECT card_no FROM {self.schema}.cards WHERE citizen_ref = $1", citizen_ref
-        )
-        return card_no
 
     async def hold(self, conn: asyncpg.Connection, citizen_ref: str, card_no: str) -> None:
         await conn.execute(
@@ -60,12 +67,6 @@ class Applications:
 
     def __init__(self, schema: str) -> None:
         self.schema = schema
-
-    async def status_of(self, conn: asyncpg.Connection, citizen_ref: str) -> ApplicationStatus:
-        status: ApplicationStatus | None = await conn.fetchval(
-            f"SELECT status FROM {self.schema}.applications WHERE citizen_ref = $1", citizen_ref
-        )
-        return status or "none"
 
     async def applied(
         self, conn: asyncpg.Connection, citizen_ref: str, application_id: str

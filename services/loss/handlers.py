@@ -12,7 +12,7 @@ import asyncpg
 import structlog
 
 from services.loss import domain
-from services.loss.adapters import Applications, Cards, expiry_timers
+from services.loss.adapters import Applications, Cards, expiry_timers, facts_of
 from services.loss.settings import LossSettings
 from shared.application import Streams
 from shared.commands import CommandContext
@@ -183,11 +183,14 @@ class LossHandlers:
         The citizen's lock comes first: a follower applying issuance or review facts for
         them either committed before (and its facts are read here) or waits for this."""
         await lock_citizens(conn, citizen_namespace(self.schema), [meta.citizen_ref])
+        # After the lock, in a statement of its own: its snapshot includes what a follower
+        # committed while this command waited for the lock.
+        card_no, application_status = await facts_of(conn, self.schema, meta.citizen_ref)
         context = domain.DecisionContext(
             now=now,
             new_id=self.ids,
-            card_no=await self.cards.card_of(conn, meta.citizen_ref),
-            application_status=await self.applications.status_of(conn, meta.citizen_ref),
+            card_no=card_no,
+            application_status=application_status,
             policy=self.policy,
         )
         sealed = await self.streams.decide(conn, command, context, meta)
