@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -105,20 +105,31 @@ class ServiceRuntime:
     def subscribe(self, topic: str, consumer: Callable[[], BatchConsumer], *,
                   group: str | None = None, title: str | None = None,
                   description: str | None = None) -> None:
-        """Consume `topic` in this service's group, committing only after the consumer
-        returned. `consumer` gives it once the runtime has started (`on_ready` builds it).
+        """Consume `topic` in this service's group (see `subscribe_all`)."""
+        self.subscribe_all({topic: consumer}, group=group, title=title,
+                           description=description)
+
+    def subscribe_all(self, consumers: Mapping[str, Callable[[], BatchConsumer]], *,
+                      group: str | None = None, title: str | None = None,
+                      description: str | None = None) -> None:
+        """Consume every topic of `consumers` with one Kafka consumer in this service's
+        group, committing only after the consumers returned. Each topic's `consumer` gives
+        its handler once the runtime has started (`on_ready` builds it).
 
         Records arrive in batches: each partition's records are handled in order, the
-        partitions concurrently (a citizen's messages share a partition, so their order
-        holds), and the batch's offsets are committed once every record was handled.
+        partitions (of every topic) concurrently (a citizen's messages share a partition,
+        so their order holds), and the batch's offsets are committed once every record was
+        handled. One consumer for several topics is one fetch, one offset commit and one
+        group member where there would be one per topic.
         """
-
-        self._subscriptions.append((topic, group or self.group))
-        batch_size = BATCH_SIZE.labels(topic)
+        topics = list(consumers)
+        group_id = group or self.group
+        self._subscriptions.extend((topic, group_id) for topic in topics)
+        batch_size = BATCH_SIZE.labels(",".join(topics))
 
         subscriber = self.broker.subscriber(
-            topic,
-            group_id=group or self.group,
+            *topics,
+            group_id=group_id,
             auto_offset_reset="earliest",
             ack_policy=AckPolicy.NACK_ON_ERROR,
             batch=True,
@@ -127,36 +138,42 @@ class ServiceRuntime:
             # Idle, a consumer's fetcher wakes this often (aiokafka: 200 ms) and the broker
             # holds an empty fetch this long (500 ms); records still arrive at once.
             consumer_timeout_ms=1000, fetch_max_wait_ms=1000,
-            title=title or f"{topic}:{self.name}",
+            title=title or f"{','.join(topics)}:{self.name}",
             description=description,
             parser=parse_leniently,
             decoder=raw_records,
         )
-        watch = ConsumerWatch(topic, lambda: subscriber, self.settings.consumer_stall_seconds)
-        self.watches.append(watch)
+        # One watch per topic, all of this consumer: /health names each topic it consumes.
+        watches = [ConsumerWatch(topic, lambda: subscriber, self.settings.consumer_stall_seconds)
+                   for topic in topics]
+        self.watches.extend(watches)
 
         @subscriber
         async def on_batch(records: Any) -> None:
             batch_size.observe(len(records))
-            by_partition: dict[int, list[Any]] = {}
+            by_partition: dict[tuple[str, int], list[Any]] = {}
             for record in records:
-                by_partition.setdefault(record.partition, []).append(record)
-            current = consumer()
+                by_partition.setdefault((record.topic, record.partition), []).append(record)
 
-            async def in_order(partition_records: list[Any]) -> None:
+            async def in_order(topic: str, partition_records: list[Any]) -> None:
+                current = consumers[topic]()
                 if len(partition_records) > 1:
                     await current.handle_batch([Inbound.from_record(r) for r in partition_records])
                     return
                 for record in partition_records:
                     await current.handle(Inbound.from_record(record))
 
-            watch.batch_started()
+            for watch in watches:
+                watch.batch_started()
             try:
-                await asyncio.gather(*(in_order(rs) for rs in by_partition.values()))
+                await asyncio.gather(*(in_order(topic, rs)
+                                       for (topic, _), rs in by_partition.items()))
             except BaseException:
-                watch.batch_done(failed=True)
+                for watch in watches:
+                    watch.batch_done(failed=True)
                 raise
-            watch.batch_done()
+            for watch in watches:
+                watch.batch_done()
 
     def check_configuration(self) -> None:
         """Refuse development secrets in production and key pairs that do not match."""

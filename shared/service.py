@@ -4,9 +4,9 @@ A spec names the service, its settings, its tables and its secrets, and says how
 its handlers from a `Kit` (settings, schema, events topic, clock, id source) into a `Wiring`:
 the command routes of `<name>.commands`, the event topics it follows with their handlers,
 and its background loops. `bootstrap` makes the runtime (pool, producer, relay, dead
-letters), the command intake, one follower per followed topic, the barrier that holds
-commands until the followers have caught up, and the loops; schema, consumer group and
-topics are named the same way for every service:
+letters), the command intake, one follower per followed topic (one Kafka consumer feeds
+them all), the barrier that holds commands until the followers have caught up, and the
+loops; schema, consumer group and topics are named the same way for every service:
 
     schema          the service's name (a test passes its own)
     consumer group  carddesk-<name> (a test passes its own)
@@ -154,9 +154,11 @@ def bootstrap(
                           description=wiring.commands)
         runtime.background(_named("purge_stored_replies",
                                   lambda: _intake(service).purge_loop()))
-    for follow in wiring.follows:
-        runtime.subscribe(follow.source or follow.topic, _follower(service, follow.topic),
-                          description=follow.description)
+    if wiring.follows:  # one Kafka consumer for every followed topic
+        runtime.subscribe_all(
+            {follow.source or follow.topic: _follower(service, follow.topic)
+             for follow in wiring.follows},
+            description=" ".join(follow.description for follow in wiring.follows))
     for loop in wiring.loops:
         runtime.background(_on_pool(runtime, loop))
     return service

@@ -219,8 +219,8 @@ class RecordingDeadLetters:
 
 @asynccontextmanager
 async def follower_paused(runtime: ServiceRuntime, topic: str) -> AsyncIterator[None]:
-    """The service's subscriber of `topic` stopped for the block, as a lagging or stopped
-    follower would be; started again after it."""
+    """The service's subscriber of `topic` (with the other topics it consumes) stopped for
+    the block, as a lagging or stopped follower would be; started again after it."""
     subscriber = next(s for s in runtime.broker.subscribers
                       if topic in getattr(s, "topic_names", ()))
     await subscriber.stop()
