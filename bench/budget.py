@@ -6,7 +6,8 @@ phase starts) and each stack process's CPU seconds (`/proc/<pid>/stat`; PostgreS
 backends). With py-spy on PATH it also records the loss and status services for 15 s
 (speedscope files in the state directory). Divides by the commands the phase accepted.
 
-`pg_stat_statements` must be loaded, for the measurement only:
+`pg_stat_statements` must be loaded, for the measurement only (the extension is then created
+in the database where it is missing):
 
     psql "$SUPERUSER_DSN" -c "ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'"
     cardctl stack down && cardctl stack up --no-services
@@ -132,6 +133,7 @@ class Window:
         self.pids = stack_processes(self.stack)
         conn = await asyncpg.connect(self.dsn)
         try:
+            await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
             await conn.execute("SELECT pg_stat_statements_reset()")
         finally:
             await conn.close()
