@@ -6,13 +6,14 @@ commands are refused as `not_yet_consistent` (retryable) instead of decided on a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from shared.kafka import client_options
+from shared.progress import FollowerProgress
 from shared.settings import CardDeskSettings
 
 log = structlog.get_logger()
@@ -23,7 +24,11 @@ class FollowerBarrier:
     has committed, which it does only after the effects were committed in PostgreSQL."""
 
     def __init__(self, settings: CardDeskSettings, group: str, topics: Sequence[str], *,
-                 timeout_s: float, poll_s: float = 0.02) -> None:
+                 timeout_s: float, poll_s: float = 0.02,
+                 progress: FollowerProgress | None = None) -> None:
+        """`progress` is what this process's own followers have applied: the barrier waits
+        on it, and asks Kafka only for what it does not show."""
+        self.progress = progress or FollowerProgress()
         self.settings = settings
         self.group = group
         self.topics = tuple(topics)
@@ -55,12 +60,19 @@ class FollowerBarrier:
         deadline = loop.time() + self.timeout_s
         try:
             targets = await asyncio.wait_for(self._ends(), self.timeout_s)
+            asked_at = float("-inf")
             while True:
-                # Bounded too: while the broker is away the admin client may look for the
-                # group's coordinator for ever, and a batch held here would keep its consumer
-                # from rejoining the group once the broker is back.
-                left = max(deadline - loop.time(), self.poll_s)
-                behind = await asyncio.wait_for(self._behind(targets), left)
+                behind = self.progress.behind(targets)
+                if behind and loop.time() - asked_at >= self.poll_s:
+                    # What this process's followers have not shown may be another instance's
+                    # partitions, or from before this process started: ask the group. Bounded
+                    # too: while the broker is away the admin client may look for the group's
+                    # coordinator for ever, and a batch held here would keep its consumer from
+                    # rejoining the group once the broker is back.
+                    left = max(deadline - loop.time(), self.poll_s)
+                    self.progress.known(await asyncio.wait_for(self._committed(behind), left))
+                    asked_at = loop.time()
+                    behind = self.progress.behind(targets)
                 if not behind:
                     return True
                 if loop.time() >= deadline:
@@ -68,7 +80,7 @@ class FollowerBarrier:
                                 behind={f"{tp.topic}/{tp.partition}": lag
                                         for tp, lag in behind.items()})
                     return False
-                await asyncio.sleep(self.poll_s)
+                await self.progress.moved(min(self.poll_s, deadline - loop.time()))
         except Exception as exc:  # cannot tell: then the copy is not known to be current
             log.warning("barrier.unknown", group=self.group, error=type(exc).__name__)
             return False
@@ -84,16 +96,10 @@ class FollowerBarrier:
         ends: dict[TopicPartition, int] = await self._offsets.end_offsets(self._partitions)
         return {tp: end for tp, end in ends.items() if end > 0}
 
-    async def _behind(self, targets: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+    async def _committed(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        """The group's committed offsets of `partitions` (those it has committed)."""
         assert self._admin is not None, "the barrier has not started"
-        if not targets:
-            return {}
         committed = await self._admin.list_consumer_group_offsets(
-            self.group, partitions=list(targets))
-        behind: dict[TopicPartition, int] = {}
-        for tp, end in targets.items():
-            done = committed.get(tp)
-            offset = done.offset if done is not None else -1
-            if offset < end:
-                behind[tp] = end - max(offset, 0)
-        return behind
+            self.group, partitions=list(partitions))
+        return {tp: done.offset for tp, done in committed.items()
+                if done is not None and done.offset >= 0}

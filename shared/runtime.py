@@ -29,6 +29,7 @@ from shared.logging import configure_logging
 from shared.metrics import BATCH_SIZE, MetricsSampler, metrics_asgi, watch_pool
 from shared.outbox import OutboxRelay, make_producer
 from shared.production import UnsafeConfigurationError, exit_refused, refuse_unsafe_configuration
+from shared.progress import FollowerProgress
 from shared.settings import CardDeskSettings
 from shared.tracing import configure_tracing
 
@@ -65,6 +66,8 @@ class ServiceRuntime:
         self._background: list[Callable[[], Awaitable[None]]] = []
         self._barriers: list[FollowerBarrier] = []
         self.watches: list[ConsumerWatch] = []
+        # How far this process's consumers have handled each partition, for the barrier.
+        self.progress = FollowerProgress()
         self._subscriptions: list[tuple[str, str]] = []  # (topic, group), for consumer lag
         self._sampler: MetricsSampler | None = None
 
@@ -90,7 +93,8 @@ class ServiceRuntime:
         """What the service's commands wait on: its followers of `topics` caught up
         (shared/barrier.py); started and stopped with the runtime."""
         barrier = FollowerBarrier(self.settings, group or self.group, topics,
-                                  timeout_s=self.settings.consistency_wait_ms / 1000)
+                                  timeout_s=self.settings.consistency_wait_ms / 1000,
+                                  progress=self.progress)
         self._barriers.append(barrier)
         return barrier
 
@@ -159,9 +163,10 @@ class ServiceRuntime:
                 current = consumers[topic]()
                 if len(partition_records) > 1:
                     await current.handle_batch([Inbound.from_record(r) for r in partition_records])
-                    return
-                for record in partition_records:
-                    await current.handle(Inbound.from_record(record))
+                else:
+                    await current.handle(Inbound.from_record(partition_records[0]))
+                last = partition_records[-1]  # handled for good: what a commit would say
+                self.progress.applied(last.topic, last.partition, last.offset + 1)
 
             for watch in watches:
                 watch.batch_started()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 
 from aiokafka import TopicPartition
 
@@ -17,7 +18,7 @@ class CoordinatorLost(FollowerBarrier):
     async def _ends(self) -> dict[TopicPartition, int]:
         return {TopicPartition("loss.events", 0): 5}
 
-    async def _behind(self, targets: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+    async def _committed(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 

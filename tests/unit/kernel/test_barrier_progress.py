@@ -1,0 +1,69 @@
+"""The barrier waits on what this process's followers applied, and asks Kafka's group only
+for what they have not shown."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+from aiokafka import TopicPartition
+
+from shared.barrier import FollowerBarrier
+from shared.progress import FollowerProgress
+from shared.settings import CardDeskSettings
+
+P0, P1 = TopicPartition("loss.events", 0), TopicPartition("loss.events", 1)
+
+
+class Scripted(FollowerBarrier):
+    """End offsets as given; the group's committed offsets as given, each lookup counted."""
+
+    def __init__(self, ends: dict[TopicPartition, int], committed: dict[TopicPartition, int],
+                 progress: FollowerProgress, timeout_s: float = 1.0) -> None:
+        super().__init__(CardDeskSettings(), "carddesk-review", ["loss.events"],
+                         timeout_s=timeout_s, poll_s=0.05, progress=progress)
+        self.end_offsets, self.group_offsets = ends, committed
+        self.lookups: list[set[TopicPartition]] = []
+
+    async def _ends(self) -> dict[TopicPartition, int]:
+        return dict(self.end_offsets)
+
+    async def _committed(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        asked = set(partitions)
+        self.lookups.append(asked)
+        return {tp: offset for tp, offset in self.group_offsets.items() if tp in asked}
+
+
+async def test_followers_of_this_process_that_applied_everything_need_no_lookup() -> None:
+    progress = FollowerProgress()
+    progress.applied("loss.events", 0, 5)
+    progress.applied("loss.events", 1, 3)
+    barrier = Scripted({P0: 5, P1: 3}, {}, progress)
+    assert await barrier.caught_up() is True
+    assert barrier.lookups == []
+
+
+async def test_only_the_partitions_this_process_has_not_seen_are_asked_of_the_group() -> None:
+    progress = FollowerProgress()
+    progress.applied("loss.events", 0, 5)
+    barrier = Scripted({P0: 5, P1: 3}, {P1: 3}, progress)  # P1: another instance's
+    assert await barrier.caught_up() is True
+    assert barrier.lookups == [{P1}]
+
+
+async def test_a_waiting_batch_goes_on_the_moment_its_follower_applies() -> None:
+    progress = FollowerProgress()
+    progress.applied("loss.events", 0, 4)
+    barrier = Scripted({P0: 5}, {P0: 4}, progress, timeout_s=5.0)
+    waiting = asyncio.create_task(barrier.caught_up())
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    progress.applied("loss.events", 0, 5)
+    assert await asyncio.wait_for(waiting, 1.0) is True
+
+
+async def test_a_follower_that_never_catches_up_runs_the_wait_out() -> None:
+    progress = FollowerProgress()
+    barrier = Scripted({P0: 5}, {P0: 2}, progress, timeout_s=0.3)
+    assert await asyncio.wait_for(barrier.caught_up(), 5.0) is False
+    assert len(barrier.lookups) >= 2  # the group is asked again while it waits
