@@ -63,14 +63,15 @@ class FollowerBarrier:
             asked_at = float("-inf")
             while True:
                 behind = self.progress.behind(targets)
-                if behind and loop.time() - asked_at >= self.poll_s:
-                    # What this process's followers have not shown may be another instance's
-                    # partitions, or from before this process started: ask the group. Bounded
+                unseen = self.progress.unseen(behind)
+                if unseen and loop.time() - asked_at >= self.poll_s:
+                    # Partitions this process's followers will not report (another
+                    # instance's, or nothing applied since start): ask the group. Bounded
                     # too: while the broker is away the admin client may look for the group's
                     # coordinator for ever, and a batch held here would keep its consumer from
                     # rejoining the group once the broker is back.
                     left = max(deadline - loop.time(), self.poll_s)
-                    self.progress.known(await asyncio.wait_for(self._committed(behind), left))
+                    self.progress.known(await asyncio.wait_for(self._committed(unseen), left))
                     asked_at = loop.time()
                     behind = self.progress.behind(targets)
                 if not behind:

@@ -6,13 +6,14 @@ the offset after each partition's last record at that moment gives the barrier t
 truth as the group's committed offsets, earlier and without a request: a command batch then
 waits on the follower itself, woken the moment the follower moves, instead of polling the
 group coordinator. Partitions another instance applies are never recorded here; for them
-the barrier still asks Kafka."""
+the barrier still asks Kafka, and so it does for a partition of its own that it has not yet
+seen a figure for (nothing applied since the process started)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 
 from aiokafka import TopicPartition
 
@@ -23,6 +24,18 @@ class FollowerProgress:
     def __init__(self) -> None:
         self._next: dict[TopicPartition, int] = {}
         self._moved = asyncio.Event()
+        self._assignments: list[Callable[[], Collection[TopicPartition]]] = []
+
+    def consumer(self, assignment: Callable[[], Collection[TopicPartition]]) -> None:
+        """A consumer of this process whose records are reported here, by what it is
+        assigned now (nothing while it is stopped)."""
+        self._assignments.append(assignment)
+
+    def unseen(self, partitions: Collection[TopicPartition]) -> set[TopicPartition]:
+        """Those of `partitions` this process will not report moving: assigned to none of
+        its consumers (another instance's, or none while paused), or without a figure yet."""
+        own = set().union(*(assignment() for assignment in self._assignments))
+        return {tp for tp in partitions if tp not in own or tp not in self._next}
 
     def applied(self, topic: str, partition: int, next_offset: int) -> None:
         """The records of `topic`/`partition` before `next_offset` are applied for good."""

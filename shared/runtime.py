@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import structlog
 import uvloop
-from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 from faststream.asgi import AsgiFastStream, AsgiResponse, get
 from faststream.asgi.response import JSONResponse
 from faststream.kafka import KafkaBroker, KafkaMessage
@@ -147,6 +147,7 @@ class ServiceRuntime:
             parser=parse_leniently,
             decoder=raw_records,
         )
+        self.progress.consumer(lambda: _assignment(subscriber))
         # One watch per topic, all of this consumer: /health names each topic it consumes.
         watches = [ConsumerWatch(topic, lambda: subscriber, self.settings.consumer_stall_seconds)
                    for topic in topics]
@@ -361,3 +362,11 @@ def run_service(runtime: ServiceRuntime, default_health_port: int) -> None:
     runtime.arm_watchdog()
     app = runtime.app()
     uvloop.run(app.run(run_extra_options={"host": settings.http_host, "port": port}))
+
+
+def _assignment(subscriber: Any) -> set[TopicPartition]:
+    """The partitions FastStream's Kafka `subscriber` is assigned now (none while stopped)."""
+    consumer = getattr(subscriber, "consumer", None)
+    if consumer is None or not getattr(subscriber, "running", False):
+        return set()
+    return set(consumer.assignment())

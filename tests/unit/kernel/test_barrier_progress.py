@@ -67,3 +67,41 @@ async def test_a_follower_that_never_catches_up_runs_the_wait_out() -> None:
     barrier = Scripted({P0: 5}, {P0: 2}, progress, timeout_s=0.3)
     assert await asyncio.wait_for(barrier.caught_up(), 5.0) is False
     assert len(barrier.lookups) >= 2  # the group is asked again while it waits
+
+
+async def test_a_partition_this_process_consumes_is_waited_on_not_asked_about() -> None:
+    progress = FollowerProgress()
+    progress.consumer(lambda: {P0})
+    progress.applied("loss.events", 0, 4)
+    barrier = Scripted({P0: 5}, {P0: 4}, progress, timeout_s=5.0)
+    waiting = asyncio.create_task(barrier.caught_up())
+    await asyncio.sleep(0.3)  # six poll intervals
+    progress.applied("loss.events", 0, 5)
+    assert await asyncio.wait_for(waiting, 1.0) is True
+    assert barrier.lookups == []
+
+
+async def test_a_partition_of_its_own_without_a_figure_yet_is_asked_about_once() -> None:
+    progress = FollowerProgress()
+    progress.consumer(lambda: {P0, P1})
+    progress.applied("loss.events", 0, 5)
+    barrier = Scripted({P0: 5, P1: 3}, {P1: 3}, progress)  # P1: applied before a restart
+    assert await barrier.caught_up() is True
+    assert barrier.lookups == [{P1}]
+    assert await barrier.caught_up() is True
+    assert barrier.lookups == [{P1}]
+
+
+async def test_a_partition_that_moved_to_another_instance_is_asked_about_again() -> None:
+    progress = FollowerProgress()
+    assigned = {P0}
+    progress.consumer(lambda: assigned)
+    progress.applied("loss.events", 0, 4)
+    barrier = Scripted({P0: 5}, {P0: 4}, progress, timeout_s=5.0)
+    waiting = asyncio.create_task(barrier.caught_up())
+    await asyncio.sleep(0.1)
+    assert barrier.lookups == []
+    assigned = set()  # revoked: the other instance applies it and commits
+    barrier.group_offsets = {P0: 5}
+    assert await asyncio.wait_for(waiting, 1.0) is True
+    assert barrier.lookups == [{P0}]
