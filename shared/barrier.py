@@ -24,11 +24,13 @@ class FollowerBarrier:
     has committed, which it does only after the effects were committed in PostgreSQL."""
 
     def __init__(self, settings: CardDeskSettings, group: str, topics: Sequence[str], *,
-                 timeout_s: float, poll_s: float = 0.02,
+                 timeout_s: float, poll_s: float = 0.02, recheck_s: float = 0.2,
                  progress: FollowerProgress | None = None) -> None:
         """`progress` is what this process's own followers have applied: the barrier waits
-        on it, and asks Kafka only for what it does not show."""
+        on it, and asks Kafka (every `poll_s`) only for what it does not show, and about
+        every partition still behind after `recheck_s`."""
         self.progress = progress or FollowerProgress()
+        self.recheck_s = recheck_s
         self.settings = settings
         self.group = group
         self.topics = tuple(topics)
@@ -60,28 +62,31 @@ class FollowerBarrier:
         deadline = loop.time() + self.timeout_s
         try:
             targets = await asyncio.wait_for(self._ends(), self.timeout_s)
-            asked_at = float("-inf")
-            while True:
-                behind = self.progress.behind(targets)
-                unseen = self.progress.unseen(behind)
-                if unseen and loop.time() - asked_at >= self.poll_s:
-                    # Partitions this process's followers will not report (another
-                    # instance's, or nothing applied since start): ask the group. Bounded
-                    # too: while the broker is away the admin client may look for the group's
-                    # coordinator for ever, and a batch held here would keep its consumer from
-                    # rejoining the group once the broker is back.
-                    left = max(deadline - loop.time(), self.poll_s)
-                    self.progress.known(await asyncio.wait_for(self._committed(unseen), left))
+            asked_at, rechecked_at = float("-inf"), loop.time()
+            while behind := self.progress.behind(targets):
+                now = loop.time()
+                # Partitions this process's followers will not report (another instance's,
+                # paused, or nothing applied since start) are asked of the group at once.
+                ask = self.progress.unseen(behind) if now - asked_at >= self.poll_s else set()
+                if now - rechecked_at >= self.recheck_s:
+                    # A figure of its own may be left from an earlier assignment of the
+                    # partition that another instance has since taken further: ask about all.
+                    ask, rechecked_at = set(behind), now
+                if ask:
+                    # Bounded too: while the broker is away the admin client may look for the
+                    # group's coordinator for ever, and a batch held here would keep its
+                    # consumer from rejoining the group once the broker is back.
+                    left = max(deadline - now, self.poll_s)
+                    self.progress.known(await asyncio.wait_for(self._committed(ask), left))
                     asked_at = loop.time()
-                    behind = self.progress.behind(targets)
-                if not behind:
-                    return True
-                if loop.time() >= deadline:
+                    continue
+                if now >= deadline:
                     log.warning("barrier.followers_behind", group=self.group,
                                 behind={f"{tp.topic}/{tp.partition}": lag
                                         for tp, lag in behind.items()})
                     return False
-                await self.progress.moved(min(self.poll_s, deadline - loop.time()))
+                await self.progress.moved(min(self.poll_s, deadline - now))
+            return True
         except Exception as exc:  # cannot tell: then the copy is not known to be current
             log.warning("barrier.unknown", group=self.group, error=type(exc).__name__)
             return False

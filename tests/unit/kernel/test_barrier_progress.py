@@ -75,7 +75,7 @@ async def test_a_partition_this_process_consumes_is_waited_on_not_asked_about() 
     progress.applied("loss.events", 0, 4)
     barrier = Scripted({P0: 5}, {P0: 4}, progress, timeout_s=5.0)
     waiting = asyncio.create_task(barrier.caught_up())
-    await asyncio.sleep(0.3)  # six poll intervals
+    await asyncio.sleep(0.12)  # two poll intervals, within the recheck
     progress.applied("loss.events", 0, 5)
     assert await asyncio.wait_for(waiting, 1.0) is True
     assert barrier.lookups == []
@@ -104,4 +104,15 @@ async def test_a_partition_that_moved_to_another_instance_is_asked_about_again()
     assigned = set()  # revoked: the other instance applies it and commits
     barrier.group_offsets = {P0: 5}
     assert await asyncio.wait_for(waiting, 1.0) is True
+    assert barrier.lookups == [{P0}]
+
+
+async def test_a_figure_left_from_an_earlier_assignment_is_rechecked_with_the_group() -> None:
+    # The partition was this process's, went to another instance that applied further and
+    # committed, and came back: the follower has nothing left to apply, so it never moves.
+    progress = FollowerProgress()
+    progress.consumer(lambda: {P0})
+    progress.applied("loss.events", 0, 4)
+    barrier = Scripted({P0: 9}, {P0: 9}, progress, timeout_s=5.0)
+    assert await asyncio.wait_for(barrier.caught_up(), 2.0) is True
     assert barrier.lookups == [{P0}]
