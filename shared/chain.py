@@ -5,6 +5,7 @@ its place in the chain it claims cannot be."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import asyncpg
 
@@ -19,52 +20,97 @@ class ChainBreak(Exception):  # noqa: N818 - a verdict on one event, as `Rejecte
         self.envelope = envelope
 
 
+@dataclass(slots=True)
+class ChainView:
+    """What `followed_chain` holds about a batch's events: the hash recorded at each of
+    their versions and the one before, and which of their streams were ever seen."""
+
+    known: dict[tuple[str, int], str] = field(default_factory=dict)
+    seen: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdicts:
+    """The events of a batch that continue their chains (in order), and the others."""
+
+    taken: list[EventEnvelope]
+    breaks: list[ChainBreak]
+
+
 class FollowedChains:
     """`followed_chain`: (stream_id, version, hash) of every event a follower took as authentic.
 
     An event is taken when its (stream, version) is recorded with the same hash (a
     redelivery), or when it chains onto the recorded previous version (or genesis at
     version 1). A stream never seen before is taken from wherever it starts (a follower that
-    starts mid-history); from then on, forks and gaps are breaks."""
+    starts mid-history); from then on, forks and gaps are breaks.
+
+    `view` reads, `judge` decides (no I/O), `chain_insert` records in the caller's statement;
+    `take` is the three in a row."""
 
     def __init__(self, schema: str) -> None:
         self.schema = schema
+
+    async def view(self, conn: asyncpg.Connection,
+                   envelopes: Sequence[EventEnvelope]) -> ChainView:
+        """One statement: the recorded rows at each event's version and the one before (an
+        index range each), then one row without a version for every stream seen at all."""
+        rows = await conn.fetch(
+            "SELECT c.stream_id, c.version, c.hash"
+            " FROM unnest($1::text[], $2::int[]) AS w(stream_id, version)"
+            f" JOIN {self.schema}.followed_chain c ON c.stream_id = w.stream_id"
+            "  AND c.version BETWEEN w.version - 1 AND w.version"
+            " UNION ALL"
+            " SELECT s.stream_id, NULL, NULL FROM unnest($3::text[]) AS s(stream_id)"
+            f" WHERE EXISTS (SELECT FROM {self.schema}.followed_chain c"
+            "  WHERE c.stream_id = s.stream_id)",
+            [e.stream_id for e in envelopes], [e.version for e in envelopes],
+            sorted({e.stream_id for e in envelopes}))
+        view = ChainView()
+        for row in rows:
+            view.seen.add(row["stream_id"])
+            if row["version"] is not None:
+                view.known[(row["stream_id"], row["version"])] = row["hash"]
+        return view
 
     async def take(self, conn: asyncpg.Connection,
                    envelopes: Sequence[EventEnvelope]) -> list[ChainBreak]:
         """Record the events that continue their chains (in order); the others' breaks."""
         if not envelopes:
             return []
-        streams = sorted({e.stream_id for e in envelopes})
-        rows = await conn.fetch(
-            f"SELECT DISTINCT ON (c.stream_id, c.version) c.stream_id, c.version, c.hash"
-            f" FROM {self.schema}.followed_chain c"
-            " JOIN unnest($1::text[], $2::int[]) AS w(stream_id, version)"
-            "   ON c.stream_id = w.stream_id AND c.version IN (w.version, w.version - 1)",
-            [e.stream_id for e in envelopes], [e.version for e in envelopes])
-        known: dict[tuple[str, int], str] = {(r["stream_id"], r["version"]): r["hash"]
-                                             for r in rows}
-        seen_streams = set(await conn.fetchval(
-            f"SELECT coalesce(array_agg(DISTINCT stream_id), '{{}}')"
-            f" FROM {self.schema}.followed_chain WHERE stream_id = ANY($1::text[])", streams))
-        breaks: list[ChainBreak] = []
-        taken: list[EventEnvelope] = []
-        for envelope in envelopes:
-            reason = _verdict(envelope, known, envelope.stream_id in seen_streams)
-            if reason is not None:
-                breaks.append(ChainBreak(envelope, reason))
-                continue
-            known[(envelope.stream_id, envelope.version)] = envelope.hash
-            seen_streams.add(envelope.stream_id)
-            taken.append(envelope)
-        if taken:
-            await conn.execute(
-                f"INSERT INTO {self.schema}.followed_chain (stream_id, version, hash)"
-                " SELECT * FROM unnest($1::text[], $2::int[], $3::text[])"
-                " ON CONFLICT DO NOTHING",
-                [e.stream_id for e in taken], [e.version for e in taken],
-                [e.hash for e in taken])
-        return breaks
+        verdicts = judge(envelopes, await self.view(conn, envelopes))
+        if verdicts.taken:
+            await conn.execute(chain_insert(self.schema, 1), *chain_columns(verdicts.taken))
+        return verdicts.breaks
+
+
+def chain_insert(schema: str, first: int) -> str:
+    """The INSERT of taken events' chain rows from three arrays (stream ids, versions,
+    hashes) at parameters `$first`.., to run alone or as a CTE of the caller's statement."""
+    return (f"INSERT INTO {schema}.followed_chain (stream_id, version, hash)"
+            f" SELECT * FROM unnest(${first}::text[], ${first + 1}::int[], ${first + 2}::text[])"
+            " ON CONFLICT DO NOTHING")
+
+
+def chain_columns(taken: Sequence[EventEnvelope]) -> tuple[list[str], list[int], list[str]]:
+    """The arguments of `chain_insert` for `taken`."""
+    return [e.stream_id for e in taken], [e.version for e in taken], [e.hash for e in taken]
+
+
+def judge(envelopes: Sequence[EventEnvelope], view: ChainView) -> Verdicts:
+    """Each event in order against what is recorded and what the batch took before it
+    (`view` grows with the events taken)."""
+    taken: list[EventEnvelope] = []
+    breaks: list[ChainBreak] = []
+    for envelope in envelopes:
+        reason = _verdict(envelope, view.known, envelope.stream_id in view.seen)
+        if reason is not None:
+            breaks.append(ChainBreak(envelope, reason))
+            continue
+        view.known[(envelope.stream_id, envelope.version)] = envelope.hash
+        view.seen.add(envelope.stream_id)
+        taken.append(envelope)
+    return Verdicts(taken, breaks)
 
 
 def _verdict(envelope: EventEnvelope, known: dict[tuple[str, int], str],

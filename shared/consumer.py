@@ -20,7 +20,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span
 from pydantic import ValidationError
 
-from shared.chain import FollowedChains
+from shared.chain import ChainBreak, FollowedChains, judge
 from shared.envelope import EventEnvelope, hash_is_intact
 from shared.eventstore import ConcurrencyError
 from shared.idempotency import ProcessedMessages
@@ -310,34 +310,50 @@ class EventConsumer:
         self.chains = FollowedChains(schema)
 
     async def handle(self, msg: Inbound) -> None:
+        """One record: the batch path, for a batch of one."""
+        bind_message_context(topic=msg.topic, partition=msg.partition, offset=msg.offset)
+        await self.handle_batch([msg])
+
+    async def handle_batch(self, messages: Sequence[Inbound]) -> None:
+        """One partition's records, in order, in one transaction: lock the citizens, read
+        the chains (one statement), judge them, record the taken chain rows and the processed
+        rows (one statement), then the new events' effects (by `batch_handler` at once, if
+        there is one). Events that break their chains are dead-lettered once it committed.
+        If anything in it fails, the transaction is rolled back and each record goes through
+        `handle_alone` (retries, DLQ) instead."""
+        parsed = await self._readable(messages)
+        if not parsed:
+            return
+        try:
+            new, breaks = await self._apply_batch(parsed)
+        except Exception as exc:
+            # Nothing was dead-lettered for this batch yet: `handle_alone` judges each again.
+            log.info("batch.replayed_one_by_one", error=type(exc).__name__, size=len(parsed))
+            for msg, _ in parsed:
+                await self.handle_alone(msg)
+            return
+        for msg, broken in breaks:
+            bind_message_context(topic=msg.topic, partition=msg.partition, offset=msg.offset)
+            await self.dead_letters.send(msg, "broken_chain", str(broken))
+        self._applied(new)
+
+    async def handle_alone(self, msg: Inbound) -> None:
+        """One record with retries: its chain row in a transaction of its own, so that an
+        event whose effect fails for good still anchors the next; then its effect."""
         bind_message_context(topic=msg.topic, partition=msg.partition, offset=msg.offset)
 
         async def process() -> None:
             envelope = parse_event(msg, self.known_types, self.limits)
             _bind_event(msg.topic, envelope)
-            await self._take_chains([(msg, envelope)], raise_on_break=True)
+            async with self.pool.acquire() as conn, conn.transaction():
+                breaks = await self.chains.take(conn, [envelope])
+            if breaks:
+                raise Rejected("broken_chain", str(breaks[0]))
             with trace.use_span(self._span(msg, envelope), end_on_exit=True):
                 if await self.apply(envelope):
                     self._applied([(msg, envelope)])
 
         await with_retries(msg, process, self.dead_letters, max_attempts=self.max_attempts)
-
-    async def handle_batch(self, messages: Sequence[Inbound]) -> None:
-        """One partition's records, in order, in one transaction: the processed rows in one
-        statement, then the new events' effects (by `batch_handler` at once, if there is
-        one). If anything in it fails, the transaction is rolled back and each record goes
-        through `handle` alone (retries, DLQ) instead."""
-        valid = await self._take_chains(await self._readable(messages), raise_on_break=False)
-        if not valid:
-            return
-        try:
-            new = await self._apply_batch(valid)
-        except Exception as exc:
-            log.info("batch.replayed_one_by_one", error=type(exc).__name__, size=len(valid))
-            for msg, _ in valid:
-                await self.handle(msg)
-            return
-        self._applied(new)
 
     async def _readable(self, messages: Sequence[Inbound]) -> list[Parsed]:
         """The messages that parse as events; the others are dead-lettered."""
@@ -350,21 +366,30 @@ class EventConsumer:
                 await self.dead_letters.send(msg, exc.code, exc.reason)
         return parsed
 
-    async def _apply_batch(self, valid: Sequence[Parsed]) -> list[Parsed]:
-        """Apply the events not processed before, in one transaction; those events."""
+    async def _apply_batch(
+        self, parsed: Sequence[Parsed],
+    ) -> tuple[list[Parsed], list[tuple[Inbound, ChainBreak]]]:
+        """In one transaction: the events not processed before that continue their chains,
+        applied; those events, and the breaks (not dead-lettered yet)."""
+        envelopes = [envelope for _, envelope in parsed]
         async with self.pool.acquire() as conn, conn.transaction():
-            fresh = await self.processed.new_of(
-                conn, [str(envelope.event_id) for _, envelope in valid])
+            # The lock first: the chains read next are then those its holder committed.
             await lock_citizens(conn, citizen_namespace(self.schema),
-                                [envelope.citizen_ref for _, envelope in valid])
+                                [envelope.citizen_ref for envelope in envelopes])
+            verdicts = judge(envelopes, await self.chains.view(conn, envelopes))
+            broken = {id(b.envelope): b for b in verdicts.breaks}
+            taken = [(msg, envelope) for msg, envelope in parsed if id(envelope) not in broken]
+            fresh = await self.processed.new_of(
+                conn, [str(envelope.event_id) for _, envelope in taken], verdicts.taken)
             new: list[Parsed] = []
-            for msg, envelope in valid:
+            for msg, envelope in taken:
                 event_id = str(envelope.event_id)
                 if event_id in fresh:
                     fresh.discard(event_id)  # a redelivered copy later in it is skipped
                     new.append((msg, envelope))
             await self._effects(conn, new)
-        return new
+        return new, [(msg, broken[id(envelope)]) for msg, envelope in parsed
+                     if id(envelope) in broken]
 
     async def _effects(self, conn: asyncpg.Connection, new: Sequence[Parsed]) -> None:
         """The effects of `new` events: by `batch_handler` at once, else one by one."""
@@ -376,7 +401,10 @@ class EventConsumer:
                 with trace.use_span(self._span(msg, envelope), end_on_exit=True):
                     await self.handler(conn, envelope)
             return
-        bind_message_context(topic=new[0][0].topic, events=len(new))
+        if len(new) == 1:
+            _bind_event(new[0][0].topic, new[0][1])
+        else:
+            bind_message_context(topic=new[0][0].topic, events=len(new))
         spans = [self._span(msg, envelope) for msg, envelope in new]
         try:
             await self.batch_handler(conn, [envelope for _, envelope in new])
@@ -403,28 +431,6 @@ class EventConsumer:
                          t for t in (trace_id_in(msg.headers) for msg, _ in applied) if t)))
         if self.on_applied is not None:
             self.on_applied(applied)
-
-    async def _take_chains(self, parsed: list[Parsed], *,
-                           raise_on_break: bool) -> list[Parsed]:
-        """The events that continue their streams (recorded in their own transaction, so an
-        event whose effect fails later still anchors the next); the others are dead-lettered,
-        or raise `Rejected` for the caller's retry loop to dead-letter."""
-        if not parsed:
-            return parsed
-        async with self.pool.acquire() as conn, conn.transaction():
-            breaks = {id(b.envelope): b for b in await self.chains.take(
-                conn, [envelope for _, envelope in parsed])}
-        kept: list[Parsed] = []
-        for msg, envelope in parsed:
-            broken = breaks.get(id(envelope))
-            if broken is None:
-                kept.append((msg, envelope))
-            elif raise_on_break:
-                raise Rejected("broken_chain", str(broken))
-            else:
-                bind_message_context(topic=msg.topic, partition=msg.partition, offset=msg.offset)
-                await self.dead_letters.send(msg, "broken_chain", str(broken))
-        return kept
 
     async def apply(self, envelope: EventEnvelope) -> bool:
         """Apply one event unless already applied; True when it had an effect."""

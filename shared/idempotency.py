@@ -18,7 +18,9 @@ from datetime import timedelta
 import asyncpg
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from shared.chain import chain_columns, chain_insert
 from shared.channels import Channel
+from shared.envelope import EventEnvelope
 from shared.intake.messages import Reply
 from shared.outbox import OutboxMessage, notify_channel, outbox_columns, outbox_insert
 from shared.topics import REPLY_TOPIC_PREFIX
@@ -119,11 +121,14 @@ class ProcessedMessages:
             f"INSERT INTO {self.schema}.processed (consumer, message_id) VALUES ($1, $2)"
             " ON CONFLICT DO NOTHING RETURNING true", self.consumer, message_id))
 
-    async def new_of(self, conn: asyncpg.Connection, message_ids: Collection[str]) -> set[str]:
-        """Record several messages in one statement; the ids that were new."""
+    async def new_of(self, conn: asyncpg.Connection, message_ids: Collection[str],
+                     chained: Sequence[EventEnvelope] = ()) -> set[str]:
+        """Record several messages, and the chain rows of the `chained` events a follower
+        took (`shared.chain`), in one statement; the ids that were new."""
         return set(await conn.fetchval(
-            f"WITH new AS (INSERT INTO {self.schema}.processed (consumer, message_id)"
+            f"WITH chained AS ({chain_insert(self.schema, 3)}),"
+            f" new AS (INSERT INTO {self.schema}.processed (consumer, message_id)"
             " SELECT $1, id FROM unnest($2::text[]) AS id"
             " ON CONFLICT DO NOTHING RETURNING message_id)"
             " SELECT coalesce(array_agg(message_id), '{}') FROM new",
-            self.consumer, list(message_ids)))
+            self.consumer, list(message_ids), *chain_columns(chained)))

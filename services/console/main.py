@@ -108,7 +108,7 @@ class ConsoleService:
             pool, self.settings.console_schema, self.settings.console_consumer_group,
             self.writer.handler(), self.runtime.dead_letters,
             known_types=KNOWN_EVENT_TYPES["review.events"],
-            settings=self.settings)
+            settings=self.settings, batch_handler=self.writer.batch_handler())
         self._staff = staff_directory(pool, self.settings)
         self._queue = QueueReader(pool, self.settings.console_schema)
         if self.settings.env == "development":

@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 import asyncpg
 from pydantic import Field, TypeAdapter, ValidationError
 
-from shared.consumer import EventHandler, Rejected, describe_validation_error
+from shared.consumer import BatchEventHandler, EventHandler, Rejected, describe_validation_error
 from shared.contracts.common import SubjectErased
 from shared.contracts.review import (
     ApplicationWithdrawn,
@@ -92,6 +92,7 @@ def queue_ddl(schema: str) -> str:
 
 _COLUMNS = ("application_id", "citizen_ref", "pickup_bureau", "applied_at", "status",
             "resubmission_of", "decided_by", "decided_at", "reason")
+_TYPES = ("text", "text", "text", "timestamptz", "text", "text", "text", "timestamptz", "text")
 
 
 def _application(record: asyncpg.Record) -> Application:
@@ -99,45 +100,69 @@ def _application(record: asyncpg.Record) -> Application:
 
 
 class QueueWriter:
-    """Applies review events to `applications` inside the consumer's transaction."""
+    """Applies review events to `applications` inside the consumer's transaction: a batch in
+    two statements (load the rows it touches `FOR UPDATE`, upsert the changed ones)."""
 
     def __init__(self, schema: str) -> None:
         self.schema = schema
 
     def handler(self) -> EventHandler:
         async def handle(conn: asyncpg.Connection, envelope: EventEnvelope) -> None:
-            await self.apply(conn, envelope)
+            await self.apply_all(conn, [envelope])
+
+        return handle
+
+    def batch_handler(self) -> BatchEventHandler:
+        async def handle(conn: asyncpg.Connection, envelopes: Sequence[EventEnvelope]) -> None:
+            await self.apply_all(conn, envelopes)
 
         return handle
 
     async def apply(self, conn: asyncpg.Connection, envelope: EventEnvelope) -> None:
-        try:
-            event = decode_event(envelope)
-        except ValidationError as exc:
-            raise Rejected("invalid_event_data", describe_validation_error(exc)) from exc
-        if isinstance(event, SubjectErased):
-            records = await conn.fetch(
-                f"SELECT * FROM {self.schema}.applications WHERE citizen_ref = $1 FOR UPDATE",
-                envelope.citizen_ref)
-            rows = [project(_application(r), envelope, event) for r in records]
-        else:
-            application_id: str = event.application_id
-            record = await conn.fetchrow(
-                f"SELECT * FROM {self.schema}.applications WHERE application_id = $1"
-                " FOR UPDATE", application_id)
-            rows = [project(None if record is None else _application(record), envelope, event)]
-        for row in rows:
-            if row is not None:
-                await self._save(conn, row)
+        await self.apply_all(conn, [envelope])
 
-    async def _save(self, conn: asyncpg.Connection, row: Application) -> None:
-        values: list[Any] = [getattr(row, c) for c in _COLUMNS]
+    async def apply_all(self, conn: asyncpg.Connection,
+                        envelopes: Sequence[EventEnvelope]) -> None:
+        """Fold the events in order over the rows they concern (an erasure: every row of its
+        citizen, also those the batch made), then save the rows that changed."""
+        events = [(envelope, _decoded(envelope)) for envelope in envelopes]
+        erased = sorted({e.citizen_ref for e, event in events if isinstance(event, SubjectErased)})
+        records = await conn.fetch(
+            f"SELECT * FROM {self.schema}.applications WHERE application_id = ANY($1::text[])"
+            " OR citizen_ref = ANY($2::text[]) ORDER BY application_id FOR UPDATE",
+            sorted({event.application_id for _, event in events
+                    if not isinstance(event, SubjectErased)}), erased)
+        rows: dict[str, Application | None] = {
+            r["application_id"]: _application(r) for r in records}
+        changed: dict[str, Application] = {}
+        for envelope, event in events:
+            ids = ([i for i, row in rows.items()
+                    if row is not None and row.citizen_ref == envelope.citizen_ref]
+                   if isinstance(event, SubjectErased) else [event.application_id])
+            for application_id in ids:
+                row = project(rows.get(application_id), envelope, event)
+                rows[application_id] = row
+                if row is not None:
+                    changed[application_id] = row
+        await self._save(conn, list(changed.values()))
+
+    async def _save(self, conn: asyncpg.Connection, rows: Sequence[Application]) -> None:
+        if not rows:
+            return
         updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in _COLUMNS[1:])
-        placeholders = ", ".join(f"${i}" for i in range(1, len(_COLUMNS) + 1))
+        arrays = ", ".join(f"${i}::{t}[]" for i, t in enumerate(_TYPES, start=1))
         await conn.execute(
             f"INSERT INTO {self.schema}.applications ({', '.join(_COLUMNS)})"
-            f" VALUES ({placeholders}) ON CONFLICT (application_id) DO UPDATE SET {updates}",
-            *values)
+            f" SELECT * FROM unnest({arrays})"
+            f" ON CONFLICT (application_id) DO UPDATE SET {updates}",
+            *([getattr(row, c) for row in rows] for c in _COLUMNS))
+
+
+def _decoded(envelope: EventEnvelope) -> QueueEvent:
+    try:
+        return decode_event(envelope)
+    except ValidationError as exc:
+        raise Rejected("invalid_event_data", describe_validation_error(exc)) from exc
 
 
 class QueueReader:

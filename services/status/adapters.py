@@ -22,7 +22,6 @@ from shared.consumer import (
 )
 from shared.contracts import EVENT_TOPICS
 from shared.envelope import EventEnvelope
-from shared.locks import lock_citizens
 from shared.service import follower_name
 
 SERVICE = "status"
@@ -111,13 +110,15 @@ class StatusWriter:
 
     async def apply_all(self, conn: asyncpg.Connection, envelopes: Sequence[EventEnvelope],
                         topic: str) -> None:
-        """Lock the citizens, load their rows, fold the events in order, save rows and
-        timeline entries: three statements for the lot."""
+        """Load the citizens' rows, fold the events in order, save rows and timeline
+        entries: two statements for the lot.
+
+        The caller's transaction holds the citizens' locks (`citizen_namespace(schema)`):
+        two topics may carry events of one citizen at once, and a row that does not exist
+        yet cannot be locked `FOR UPDATE`. `EventConsumer` takes them before it calls this,
+        for the four followers alike (one schema, one namespace); nothing else writes these
+        tables live (the rebuild swaps whole tables under `LOCK TABLE`)."""
         refs = sorted({e.citizen_ref for e in envelopes})
-        # Two topics may carry events of one citizen at once: serialise them on the citizen,
-        # also when the row does not exist yet (FOR UPDATE alone cannot lock a missing row).
-        # Every transaction takes its locks in key order, so two batches cannot deadlock.
-        await lock_citizens(conn, f"{self.schema}.card_status", refs)
         rows = await load_rows(conn, self.schema, refs, for_update=True)
         entries: list[TimelineEntry] = []
         try:

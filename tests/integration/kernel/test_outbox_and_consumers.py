@@ -7,7 +7,7 @@ import asyncio
 import json
 import random
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -20,9 +20,9 @@ from shared.envelope import EventEnvelope, PendingEvent
 from shared.events import EventMeta, to_pending
 from shared.eventstore import PostgresEventStore
 from shared.outbox import OutboxRelay, make_producer
-from shared.runtime import ServiceRuntime
+from shared.runtime import ServiceRuntime, keep_session
 from shared.settings import CardDeskSettings
-from tests.builders import CitizenStreams, sealed
+from tests.builders import Citizens, CitizenStreams, sealed
 from tests.support import (
     RecordingDeadLetters,
     create_topics,
@@ -326,3 +326,108 @@ async def test_an_event_that_does_not_continue_its_stream_is_dead_lettered_howev
     rows = await pool.fetch(f"SELECT version FROM {schema}.seen ORDER BY seq")
     assert [r["version"] for r in rows] == [1, 2, 3]
     assert dead.sent == [(2, "broken_chain"), (3, "broken_chain"), (4, "broken_chain")]
+
+
+async def test_a_break_in_the_middle_of_a_batch_is_dead_lettered_once_and_the_rest_applies(
+    pool: asyncpg.Pool, schema: str, settings: CardDeskSettings,
+) -> None:
+    await pool.execute(SEEN_DDL.format(schema=schema))
+    dead = RecordingDeadLetters()
+    consumer = EventConsumer(pool, schema, "probe", lambda c, e: record_seen(c, schema, e),
+                             dead, known_types={"LossCancelled"},  # type: ignore[arg-type]
+                             settings=settings)
+    first, second, third = CitizenStreams("m").append_all(
+        "s-m", [LossCancelled(loss_id=f"l{i}") for i in range(3)])
+    forged = sealed("s-m", "m", LossCancelled(loss_id="x"), version=2)  # prev_hash: genesis
+
+    await consumer.handle_batch([Inbound("probe.events", 0, offset, b"m", e.to_bytes())
+                                 for offset, e in enumerate([first, forged, second, third])])
+
+    rows = await pool.fetch(f"SELECT event_id FROM {schema}.seen ORDER BY seq")
+    assert [r["event_id"] for r in rows] == [str(e.event_id) for e in (first, second, third)]
+    assert dead.sent == [(1, "broken_chain")]
+    chain = await pool.fetch(f"SELECT version, hash FROM {schema}.followed_chain ORDER BY 1")
+    assert [(r["version"], r["hash"]) for r in chain] == [
+        (e.version, e.hash) for e in (first, second, third)]
+
+
+async def test_a_batch_with_a_break_and_a_failing_effect_replays_alone_and_sends_each_once(
+    pool: asyncpg.Pool, schema: str, settings: CardDeskSettings,
+) -> None:
+    """The break found in the rolled-back batch is not dead-lettered there: the replay one
+    by one dead-letters it, once; the failed event's chain row still anchors the next."""
+    await pool.execute(SEEN_DDL.format(schema=schema))
+    dead = RecordingDeadLetters()
+    first, second, third = CitizenStreams("p").append_all(
+        "s-p", [LossCancelled(loss_id=f"l{i}") for i in range(3)])
+    forged = sealed("s-p", "p", LossCancelled(loss_id="x"), version=2)
+
+    async def handler(conn: asyncpg.Connection, event: EventEnvelope) -> None:
+        await record_seen(conn, schema, event)
+        if event.event_id == second.event_id:
+            raise ValueError("this event's effect cannot be applied")
+
+    consumer = EventConsumer(pool, schema, "probe", handler, dead,  # type: ignore[arg-type]
+                             settings=settings.model_copy(update={"consumer_max_attempts": 2}))
+    batch = [Inbound("probe.events", 0, offset, b"p", e.to_bytes())
+             for offset, e in enumerate([first, forged, second, third])]
+    await consumer.handle_batch(batch)
+
+    rows = await pool.fetch(f"SELECT version FROM {schema}.seen ORDER BY seq")
+    assert [r["version"] for r in rows] == [1, 3]
+    assert dead.sent == [(1, "broken_chain"), (2, "processing_failed")]
+    assert await pool.fetchval(f"SELECT count(*) FROM {schema}.processed") == 2
+    assert await pool.fetchval(f"SELECT count(*) FROM {schema}.followed_chain") == 3
+
+    await consumer.handle_batch([batch[0], batch[3]])  # redelivered: nothing changes
+    assert await pool.fetchval(f"SELECT count(*) FROM {schema}.seen") == 2
+    assert len(dead.sent) == 2
+
+
+@pytest.fixture
+async def counted(settings: CardDeskSettings) -> AsyncIterator[tuple[asyncpg.Pool, list[str]]]:
+    """A pool of one connection that notes every statement it sends (`BEGIN` and `COMMIT`
+    too); asyncpg sends one statement per round trip."""
+    sent: list[str] = []
+
+    async def init(conn: asyncpg.Connection) -> None:
+        conn.add_query_logger(lambda query: sent.append(query.query))
+
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=1, init=init,
+                                     reset=keep_session)
+    yield pool, sent
+    await pool.close()
+
+
+async def test_a_follower_batch_costs_five_statements_plus_its_effects(
+    counted: tuple[asyncpg.Pool, list[str]], schema: str, settings: CardDeskSettings,
+) -> None:
+    pool, sent = counted
+    await pool.execute(SEEN_DDL.format(schema=schema))
+
+    async def effects(conn: asyncpg.Connection, events: Sequence[EventEnvelope]) -> None:
+        await conn.execute(f"INSERT INTO {schema}.seen (citizen_ref, version, event_id)"
+                           " SELECT * FROM unnest($1::text[], $2::int[], $3::text[])",
+                           [e.citizen_ref for e in events], [e.version for e in events],
+                           [str(e.event_id) for e in events])
+
+    consumer = EventConsumer(pool, schema, "probe", lambda c, e: effects(c, [e]),
+                             RecordingDeadLetters(),  # type: ignore[arg-type]
+                             batch_handler=effects, settings=settings)
+    streams = Citizens()
+
+    def batch(*refs: str) -> list[Inbound]:
+        return [Inbound("probe.events", 0, offset, ref.encode(),
+                        streams[ref].append(f"s-{ref}", LossCancelled(loss_id="l")).to_bytes())
+                for offset, ref in enumerate(refs)]
+
+    await consumer.handle_batch(batch("warm", "warm"))  # asyncpg prepares each statement once
+    for messages in (batch("a", "b", "a", "c", "b"), batch("d")):
+        sent.clear()
+        await consumer.handle_batch(messages)
+        # BEGIN, the locks, the chains read, chain rows + processed rows, the effects, COMMIT
+        assert len(sent) == 6, sent
+    sent.clear()
+    await consumer.handle_batch(messages)  # redelivered: no effects to apply
+    assert len(sent) == 5, sent
+    assert await pool.fetchval(f"SELECT count(*) FROM {schema}.seen") == 8
