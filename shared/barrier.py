@@ -1,12 +1,19 @@
 """Decisions on facts at least as new as the command: before a command batch runs, the
 service's followers must have applied every event published to the topics they follow up to
 that moment. A follower that is paused, lagging or cut off makes the wait run out, and the
-commands are refused as `not_yet_consistent` (retryable) instead of decided on a stale copy."""
+commands are refused as `not_yet_consistent` (retryable) instead of decided on a stale copy.
+
+Kafka's work is per request, and a service checks the barrier once per command batch of each
+partition, concurrently: the checks share their end-offsets reads (`SharedRead`: one
+`ListOffsets` in flight at a time, serving every check that asked before it started), and the
+group's coordinator is looked up once, not before every `OffsetFetch`, and again only after
+it failed."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -18,6 +25,78 @@ from shared.settings import CardDeskSettings
 
 log = structlog.get_logger()
 
+T = TypeVar("T")
+
+
+class EndOffsets(Protocol):
+    """What the barrier asks of a consumer: the end offsets (`ListOffsets`)."""
+
+    async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        ...
+
+
+class GroupAdmin(Protocol):
+    """What the barrier asks of the admin client (aiokafka's `AIOKafkaAdminClient`)."""
+
+    async def describe_topics(self, topics: list[str]) -> list[dict[str, Any]]: ...
+
+    async def find_coordinator(self, group_id: str) -> int: ...
+
+    async def list_consumer_group_offsets(
+        self, group_id: str, group_coordinator_id: int | None = None,
+        partitions: list[TopicPartition] | None = None) -> Mapping[TopicPartition, Any]: ...
+
+
+class CoordinatorMovedError(Exception):
+    """The group's coordinator did not answer for the group (moved, loading, restarted)."""
+
+
+class SharedRead(Generic[T]):
+    """Concurrent callers of `get` share one read: one runs at a time, and a caller gets the
+    result of a read that STARTED after it asked, never of an older one (that one may have
+    been answered before what the caller must see). Callers who ask while a read runs share
+    the next. Each read is cut at `bound_s`, so none is left hanging once its callers gave
+    up; a caller's own timeout leaves the read running for the others."""
+
+    def __init__(self, read: Callable[[], Awaitable[T]], *, bound_s: float) -> None:
+        self._read = read
+        self._bound_s = bound_s
+        self._running: asyncio.Task[T] | None = None
+        self._next: asyncio.Task[T] | None = None
+
+    async def get(self) -> T:
+        if self._running is None:
+            self._running = self._spawn(self._bounded())
+            task = self._running
+        else:
+            if self._next is None:
+                self._next = self._spawn(self._after(self._running))
+            task = self._next
+        return await asyncio.shield(task)
+
+    def cancel(self) -> None:
+        for task in (self._running, self._next):
+            if task is not None:
+                task.cancel()
+
+    def _spawn(self, read: Awaitable[T]) -> asyncio.Task[T]:
+        task = asyncio.ensure_future(read)
+        task.add_done_callback(self._finished)
+        return task
+
+    def _finished(self, task: asyncio.Task[T]) -> None:
+        if task is self._running:
+            self._running, self._next = self._next, None
+        if not task.cancelled():
+            task.exception()  # its callers may all have given up: retrieved here, not lost
+
+    async def _after(self, previous: asyncio.Task[T]) -> T:
+        await asyncio.wait({previous})
+        return await self._bounded()
+
+    async def _bounded(self) -> T:
+        return await asyncio.wait_for(self._read(), self._bound_s)
+
 
 class FollowerBarrier:
     """Compares the end offsets of the followed topics with what the service's consumer group
@@ -25,10 +104,12 @@ class FollowerBarrier:
 
     def __init__(self, settings: CardDeskSettings, group: str, topics: Sequence[str], *,
                  timeout_s: float, poll_s: float = 0.02, recheck_s: float = 0.2,
-                 progress: FollowerProgress | None = None) -> None:
+                 progress: FollowerProgress | None = None, offsets: EndOffsets | None = None,
+                 admin: GroupAdmin | None = None) -> None:
         """`progress` is what this process's own followers have applied: the barrier waits
         on it, and asks Kafka (every `poll_s`) only for what it does not show, and about
-        every partition still behind after `recheck_s`."""
+        every partition still behind after `recheck_s`. `offsets` and `admin` stand in for
+        the Kafka clients `start` would create."""
         self.progress = progress or FollowerProgress()
         self.recheck_s = recheck_s
         self.settings = settings
@@ -36,24 +117,35 @@ class FollowerBarrier:
         self.topics = tuple(topics)
         self.timeout_s = timeout_s
         self.poll_s = poll_s
-        self._offsets: AIOKafkaConsumer | None = None
-        self._admin: AIOKafkaAdminClient | None = None
+        self._offsets = offsets
+        self._admin = admin
+        self._owned: list[AIOKafkaConsumer | AIOKafkaAdminClient] = []
         self._partitions: list[TopicPartition] = []
+        self._coordinator: int | None = None
+        self._shared_ends = SharedRead(self._read_ends, bound_s=timeout_s)
 
     async def start(self) -> None:
         options = client_options(self.settings)
-        self._offsets = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
-                                         group_id=None, **options)
-        await self._offsets.start()
-        self._admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap,
-                                          **options)
-        await self._admin.start()
+        if self._offsets is None:
+            offsets = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
+                                       group_id=None, **options)
+            await offsets.start()
+            self._offsets = offsets
+            self._owned.append(offsets)
+        if self._admin is None:
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap,
+                                        **options)
+            await admin.start()
+            self._admin = admin
+            self._owned.append(admin)
 
     async def stop(self) -> None:
-        if self._offsets is not None:
-            await self._offsets.stop()
-        if self._admin is not None:
-            await self._admin.close()
+        self._shared_ends.cancel()
+        for client in self._owned:
+            if isinstance(client, AIOKafkaConsumer):
+                await client.stop()
+            else:
+                await client.close()
 
     async def caught_up(self) -> bool:
         """Wait (at most `timeout_s`) until the followers have committed past every event
@@ -92,20 +184,48 @@ class FollowerBarrier:
             return False
 
     async def _ends(self) -> dict[TopicPartition, int]:
+        """The end offsets of the followed partitions, from a read that started after this
+        call (shared with the checks that asked at the same time)."""
+        ends = await self._shared_ends.get()
+        return {tp: end for tp, end in ends.items() if end > 0}
+
+    async def _read_ends(self) -> dict[TopicPartition, int]:
         assert self._offsets is not None and self._admin is not None, "not started"
         if not self._partitions:
             described = await self._admin.describe_topics(list(self.topics))
-            self._partitions = [TopicPartition(topic["topic"], p["partition"])
-                                for topic in described for p in topic["partitions"]]
-            if len(self._partitions) == 0:
+            partitions = [TopicPartition(topic["topic"], p["partition"])
+                          for topic in described for p in topic["partitions"]]
+            if not partitions:
                 raise LookupError(f"no partitions known for {self.topics}")
-        ends: dict[TopicPartition, int] = await self._offsets.end_offsets(self._partitions)
-        return {tp: end for tp, end in ends.items() if end > 0}
+            self._partitions = partitions
+        return await self._offsets.end_offsets(self._partitions)
 
     async def _committed(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
-        """The group's committed offsets of `partitions` (those it has committed)."""
+        """The group's committed offsets of `partitions` (those it has committed); a
+        coordinator known from before that fails is looked up afresh and asked once more."""
+        asked = list(partitions)
+        cached = self._coordinator is not None
+        try:
+            return await self._committed_at_coordinator(asked)
+        except Exception:
+            if not cached:
+                raise
+            return await self._committed_at_coordinator(asked)
+
+    async def _committed_at_coordinator(
+            self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
         assert self._admin is not None, "the barrier has not started"
-        committed = await self._admin.list_consumer_group_offsets(
-            self.group, partitions=list(partitions))
+        try:
+            if self._coordinator is None:
+                self._coordinator = await self._admin.find_coordinator(self.group)
+            committed = await self._admin.list_consumer_group_offsets(
+                self.group, group_coordinator_id=self._coordinator, partitions=partitions)
+            # A coordinator's error for the whole group (not the coordinator, loading) comes
+            # back from aiokafka as an answer without the partitions asked for.
+            if any(tp not in committed for tp in partitions):
+                raise CoordinatorMovedError(self.group)
+        except BaseException:
+            self._coordinator = None
+            raise
         return {tp: done.offset for tp, done in committed.items()
                 if done is not None and done.offset >= 0}
