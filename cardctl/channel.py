@@ -221,15 +221,21 @@ class ChannelSimulator:
         retry_codes: frozenset[str] = frozenset(), retry_for_s: float = 30.0,
     ) -> Reply:
         """Send until accepted. `retry_codes` are refusals that only mean another service has
-        not caught up yet (its events are still on their way); each try is a new request.
-        `not_yet_consistent` (the service's own followers are behind) is always retried."""
+        not caught up yet (its events are still on their way): stored as the request's reply,
+        so the next try is a new request. `not_yet_consistent` (the service's own followers
+        are behind) is always retried, as the same request: it is never stored, and the
+        first copy may still be decided (redelivered after a crash), which a new request
+        would then find done (`already_collected`, say)."""
         deadline = asyncio.get_running_loop().time() + retry_for_s
+        request_id = str(uuid.uuid4())
         while True:
             reply = await self.send(service, command_type, payload, channel_id=channel_id,
-                                    session_key=session_key)
+                                    session_key=session_key, request_id=request_id)
             if reply.status == "accepted":
                 return reply
             retryable = reply.code in retry_codes or reply.code == "not_yet_consistent"
             if not retryable or asyncio.get_running_loop().time() > deadline:
                 raise CommandRefusedError(reply)
+            if reply.code != "not_yet_consistent":
+                request_id = str(uuid.uuid4())
             await asyncio.sleep(0.2)
