@@ -66,8 +66,12 @@ class _Link:
         self.producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap,
                                          linger_ms=1, max_request_size=2 * 1024 * 1024,
                                          **options)
+        # A reply waits for the fetch in flight when its partition just had one: keep the
+        # broker's hold on an empty fetch short (shared.settings: consumer_fetch_wait_ms).
         self.replies = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
-                                        group_id=None, enable_auto_commit=False, **options)
+                                        group_id=None, enable_auto_commit=False,
+                                        fetch_max_wait_ms=settings.consumer_fetch_wait_ms,
+                                        **options)
         self.reader: asyncio.Task[None] | None = None
 
     async def start(self, timeout_s: float = METADATA_TIMEOUT_S) -> None:

@@ -139,9 +139,9 @@ class ServiceRuntime:
             batch=True,
             max_records=self.settings.consumer_batch_size,
             batch_timeout_ms=self.settings.consumer_batch_wait_ms,
-            # Idle, a consumer's fetcher wakes this often (aiokafka: 200 ms) and the broker
-            # holds an empty fetch this long (500 ms); records still arrive at once.
-            consumer_timeout_ms=1000, fetch_max_wait_ms=1000,
+            # Idle, a consumer's fetcher wakes this often (aiokafka: 200 ms); the broker holds
+            # an empty fetch `consumer_fetch_wait_ms` (see the setting).
+            consumer_timeout_ms=1000, fetch_max_wait_ms=self.settings.consumer_fetch_wait_ms,
             title=title or f"{','.join(topics)}:{self.name}",
             description=description,
             parser=parse_leniently,

@@ -78,6 +78,11 @@ class CardDeskSettings(BaseSettings):
     # Records a consumer takes at once, and how long it waits for them (ms).
     consumer_batch_size: int = 200
     consumer_batch_wait_ms: int = 500
+    # How long the broker holds a consumer's fetch that finds no records (ms). A partition
+    # whose records are being handled is left out of the fetch sent meanwhile (one fetch in
+    # flight per broker), so a record arriving for it waits for that fetch to come back:
+    # this bounds that wait, and sets how often an idle consumer asks again.
+    consumer_fetch_wait_ms: int = Field(default=500, ge=1, le=5000)
     # /health: how long the database may take to run a query; how long a consumer may go
     # without an assignment or a fetch before it counts as not consuming (seconds).
     health_timeout_seconds: float = Field(default=3.0, gt=0)

@@ -56,7 +56,8 @@ class ConsoleChannel:
         bootstrap = self.settings.kafka_bootstrap
         self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=1, **options)
         self._replies = replies = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, **options)
+            bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+            fetch_max_wait_ms=self.settings.consumer_fetch_wait_ms, **options)
         await self._producer.start()
         await replies.start()
         async with asyncio.timeout(timeout_s):
