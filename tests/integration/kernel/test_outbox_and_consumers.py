@@ -40,6 +40,17 @@ CREATE TABLE IF NOT EXISTS {schema}.seen (
 """
 
 
+async def seen_probe(pool: asyncpg.Pool, schema: str, settings: CardDeskSettings,
+                     ) -> tuple[EventConsumer, RecordingDeadLetters]:
+    """A follower named "probe" that records each `LossCancelled` it applies in `seen`, and
+    the dead letters it sends."""
+    await pool.execute(SEEN_DDL.format(schema=schema))
+    dead = RecordingDeadLetters()
+    return EventConsumer(pool, schema, "probe", lambda c, e: record_seen(c, schema, e),
+                         dead, known_types={"LossCancelled"},  # type: ignore[arg-type]
+                         settings=settings), dead
+
+
 async def record_seen(conn: asyncpg.Connection, schema: str, event: EventEnvelope) -> None:
     await conn.execute(
         f"INSERT INTO {schema}.seen (citizen_ref, version, event_id) VALUES ($1, $2, $3)",
@@ -260,11 +271,7 @@ async def test_per_citizen_order_holds_across_six_partitions_with_citizens_inter
 async def test_a_batch_applies_each_new_event_once_and_parks_the_unreadable_ones(
     pool: asyncpg.Pool, schema: str, settings: CardDeskSettings,
 ) -> None:
-    await pool.execute(SEEN_DDL.format(schema=schema))
-    dead = RecordingDeadLetters()
-    consumer = EventConsumer(pool, schema, "probe", lambda c, e: record_seen(c, schema, e),
-                             dead, known_types={"LossCancelled"},  # type: ignore[arg-type]
-                             settings=settings)
+    consumer, dead = await seen_probe(pool, schema, settings)
     events = CitizenStreams("b").append_all("s-b",
                                             [LossCancelled(loss_id=f"l{i}") for i in range(3)])
     values = [events[0].to_bytes(), events[1].to_bytes(), b"{broken", events[1].to_bytes(),
@@ -304,11 +311,7 @@ async def test_a_failing_effect_in_a_batch_undoes_the_batch_and_each_event_is_re
 async def test_an_event_that_does_not_continue_its_stream_is_dead_lettered_however_intact(
     pool: asyncpg.Pool, schema: str, settings: CardDeskSettings,
 ) -> None:
-    await pool.execute(SEEN_DDL.format(schema=schema))
-    dead = RecordingDeadLetters()
-    consumer = EventConsumer(pool, schema, "probe", lambda c, e: record_seen(c, schema, e),
-                             dead, known_types={"LossCancelled"},  # type: ignore[arg-type]
-                             settings=settings)
+    consumer, dead = await seen_probe(pool, schema, settings)
     first, second, third = CitizenStreams("c").append_all(
         "s-c", [LossCancelled(loss_id=f"l{i}") for i in range(3)])
     # Each forgery's own hash is right; its place in the chain is not.
@@ -331,11 +334,7 @@ async def test_an_event_that_does_not_continue_its_stream_is_dead_lettered_howev
 async def test_a_break_in_the_middle_of_a_batch_is_dead_lettered_once_and_the_rest_applies(
     pool: asyncpg.Pool, schema: str, settings: CardDeskSettings,
 ) -> None:
-    await pool.execute(SEEN_DDL.format(schema=schema))
-    dead = RecordingDeadLetters()
-    consumer = EventConsumer(pool, schema, "probe", lambda c, e: record_seen(c, schema, e),
-                             dead, known_types={"LossCancelled"},  # type: ignore[arg-type]
-                             settings=settings)
+    consumer, dead = await seen_probe(pool, schema, settings)
     first, second, third = CitizenStreams("m").append_all(
         "s-m", [LossCancelled(loss_id=f"l{i}") for i in range(3)])
     forged = sealed("s-m", "m", LossCancelled(loss_id="x"), version=2)  # prev_hash: genesis
