@@ -26,6 +26,7 @@ class FakeKafka:
         self.latency_s = latency_s
         self.coordinator = 1
         self.requests: Counter[str] = Counter()
+        self.fetched: list[set[TopicPartition]] = []  # the partitions of each OffsetFetch
         self.gates: dict[str, asyncio.Event] = {}
 
     async def _request(self, kind: str) -> None:
@@ -54,6 +55,7 @@ class FakeKafka:
         if group_coordinator_id is None:  # as aiokafka does
             group_coordinator_id = await self.find_coordinator(group_id)
         await self._request("OffsetFetch")
+        self.fetched.append(set(partitions or ()))
         if group_coordinator_id != self.coordinator:
             return {}  # NOT_COORDINATOR is a whole-group error: aiokafka returns no partitions
         return {tp: OffsetAndMetadata(self.committed[tp], "") for tp in partitions or ()}

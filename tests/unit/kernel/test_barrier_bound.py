@@ -4,29 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
-
-from aiokafka import TopicPartition
 
 from shared.barrier import FollowerBarrier
 from shared.settings import CardDeskSettings
 from tests.unit.kernel.kafka_fake import TOPIC, FakeKafka
 
 
-class CoordinatorLost(FollowerBarrier):
-    """End offsets answer; the committed-offsets lookup never does (a broker gone away)."""
-
-    async def _ends(self) -> dict[TopicPartition, int]:
-        return {TopicPartition("loss.events", 0): 5}
-
-    async def _committed(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
-
 async def test_a_committed_offsets_lookup_that_never_answers_is_cut_at_the_bound() -> None:
-    barrier = CoordinatorLost(CardDeskSettings(), "carddesk-review", ["loss.events"],
-                              timeout_s=0.2)
+    kafka = FakeKafka()  # end offsets answer; the committed-offsets lookup never does
+    kafka.gates["OffsetFetch"] = asyncio.Event()
+    barrier = FollowerBarrier(CardDeskSettings(), "carddesk-review", [TOPIC], timeout_s=0.2,
+                              offsets=kafka, admin=kafka)
     started = time.monotonic()
     caught_up = await asyncio.wait_for(barrier.caught_up(), 5)
     assert caught_up is False

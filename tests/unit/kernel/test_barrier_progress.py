@@ -4,57 +4,51 @@ for what they have not shown."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
 
 from aiokafka import TopicPartition
 
 from shared.barrier import FollowerBarrier
 from shared.progress import FollowerProgress
 from shared.settings import CardDeskSettings
+from tests.unit.kernel.kafka_fake import TOPIC, FakeKafka
 
-P0, P1 = TopicPartition("loss.events", 0), TopicPartition("loss.events", 1)
+P0, P1 = TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)
 
 
-class Scripted(FollowerBarrier):
-    """End offsets as given; the group's committed offsets as given, each lookup counted."""
-
-    def __init__(self, ends: dict[TopicPartition, int], committed: dict[TopicPartition, int],
-                 progress: FollowerProgress, timeout_s: float = 1.0) -> None:
-        super().__init__(CardDeskSettings(), "carddesk-review", ["loss.events"],
-                         timeout_s=timeout_s, poll_s=0.05, progress=progress)
-        self.end_offsets, self.group_offsets = ends, committed
-        self.lookups: list[set[TopicPartition]] = []
-
-    async def _ends(self) -> dict[TopicPartition, int]:
-        return dict(self.end_offsets)
-
-    async def _committed(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
-        asked = set(partitions)
-        self.lookups.append(asked)
-        return {tp: offset for tp, offset in self.group_offsets.items() if tp in asked}
+def scripted(ends: dict[TopicPartition, int], committed: dict[TopicPartition, int],
+             progress: FollowerProgress, timeout_s: float = 1.0,
+             ) -> tuple[FollowerBarrier, FakeKafka]:
+    """A barrier on a Kafka with these end offsets and group commits; the fake records the
+    partitions each committed-offsets lookup asked about (`fetched`)."""
+    kafka = FakeKafka(partitions=len(ends), latency_s=0)
+    kafka.ends, kafka.committed = dict(ends), dict(committed)
+    barrier = FollowerBarrier(CardDeskSettings(), "carddesk-review", [TOPIC],
+                              timeout_s=timeout_s, poll_s=0.05, progress=progress,
+                              offsets=kafka, admin=kafka)
+    return barrier, kafka
 
 
 async def test_followers_of_this_process_that_applied_everything_need_no_lookup() -> None:
     progress = FollowerProgress()
     progress.applied("loss.events", 0, 5)
     progress.applied("loss.events", 1, 3)
-    barrier = Scripted({P0: 5, P1: 3}, {}, progress)
+    barrier, kafka = scripted({P0: 5, P1: 3}, {}, progress)
     assert await barrier.caught_up() is True
-    assert barrier.lookups == []
+    assert kafka.fetched == []
 
 
 async def test_only_the_partitions_this_process_has_not_seen_are_asked_of_the_group() -> None:
     progress = FollowerProgress()
     progress.applied("loss.events", 0, 5)
-    barrier = Scripted({P0: 5, P1: 3}, {P1: 3}, progress)  # P1: another instance's
+    barrier, kafka = scripted({P0: 5, P1: 3}, {P1: 3}, progress)  # P1: another instance's
     assert await barrier.caught_up() is True
-    assert barrier.lookups == [{P1}]
+    assert kafka.fetched == [{P1}]
 
 
 async def test_a_waiting_batch_goes_on_the_moment_its_follower_applies() -> None:
     progress = FollowerProgress()
     progress.applied("loss.events", 0, 4)
-    barrier = Scripted({P0: 5}, {P0: 4}, progress, timeout_s=5.0)
+    barrier, _ = scripted({P0: 5}, {P0: 4}, progress, timeout_s=5.0)
     waiting = asyncio.create_task(barrier.caught_up())
     await asyncio.sleep(0.2)
     assert not waiting.done()
@@ -64,32 +58,32 @@ async def test_a_waiting_batch_goes_on_the_moment_its_follower_applies() -> None
 
 async def test_a_follower_that_never_catches_up_runs_the_wait_out() -> None:
     progress = FollowerProgress()
-    barrier = Scripted({P0: 5}, {P0: 2}, progress, timeout_s=0.3)
+    barrier, kafka = scripted({P0: 5}, {P0: 2}, progress, timeout_s=0.3)
     assert await asyncio.wait_for(barrier.caught_up(), 5.0) is False
-    assert len(barrier.lookups) >= 2  # the group is asked again while it waits
+    assert len(kafka.fetched) >= 2  # the group is asked again while it waits
 
 
 async def test_a_partition_this_process_consumes_is_waited_on_not_asked_about() -> None:
     progress = FollowerProgress()
     progress.consumer(lambda: {P0})
     progress.applied("loss.events", 0, 4)
-    barrier = Scripted({P0: 5}, {P0: 4}, progress, timeout_s=5.0)
+    barrier, kafka = scripted({P0: 5}, {P0: 4}, progress, timeout_s=5.0)
     waiting = asyncio.create_task(barrier.caught_up())
     await asyncio.sleep(0.12)  # two poll intervals, within the recheck
     progress.applied("loss.events", 0, 5)
     assert await asyncio.wait_for(waiting, 1.0) is True
-    assert barrier.lookups == []
+    assert kafka.fetched == []
 
 
 async def test_a_partition_of_its_own_without_a_figure_yet_is_asked_about_once() -> None:
     progress = FollowerProgress()
     progress.consumer(lambda: {P0, P1})
     progress.applied("loss.events", 0, 5)
-    barrier = Scripted({P0: 5, P1: 3}, {P1: 3}, progress)  # P1: applied before a restart
+    barrier, kafka = scripted({P0: 5, P1: 3}, {P1: 3}, progress)  # P1: applied before a restart
     assert await barrier.caught_up() is True
-    assert barrier.lookups == [{P1}]
+    assert kafka.fetched == [{P1}]
     assert await barrier.caught_up() is True
-    assert barrier.lookups == [{P1}]
+    assert kafka.fetched == [{P1}]
 
 
 async def test_a_partition_that_moved_to_another_instance_is_asked_about_again() -> None:
@@ -97,14 +91,14 @@ async def test_a_partition_that_moved_to_another_instance_is_asked_about_again()
     assigned = {P0}
     progress.consumer(lambda: assigned)
     progress.applied("loss.events", 0, 4)
-    barrier = Scripted({P0: 5}, {P0: 4}, progress, timeout_s=5.0)
+    barrier, kafka = scripted({P0: 5}, {P0: 4}, progress, timeout_s=5.0)
     waiting = asyncio.create_task(barrier.caught_up())
     await asyncio.sleep(0.1)
-    assert barrier.lookups == []
+    assert kafka.fetched == []
     assigned = set()  # revoked: the other instance applies it and commits
-    barrier.group_offsets = {P0: 5}
+    kafka.committed = {P0: 5}
     assert await asyncio.wait_for(waiting, 1.0) is True
-    assert barrier.lookups == [{P0}]
+    assert kafka.fetched == [{P0}]
 
 
 async def test_a_figure_left_from_an_earlier_assignment_is_rechecked_with_the_group() -> None:
@@ -113,6 +107,6 @@ async def test_a_figure_left_from_an_earlier_assignment_is_rechecked_with_the_gr
     progress = FollowerProgress()
     progress.consumer(lambda: {P0})
     progress.applied("loss.events", 0, 4)
-    barrier = Scripted({P0: 9}, {P0: 9}, progress, timeout_s=5.0)
+    barrier, kafka = scripted({P0: 9}, {P0: 9}, progress, timeout_s=5.0)
     assert await asyncio.wait_for(barrier.caught_up(), 2.0) is True
-    assert barrier.lookups == [{P0}]
+    assert kafka.fetched == [{P0}]
