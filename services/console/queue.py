@@ -14,9 +14,9 @@ from datetime import datetime
 from typing import Annotated
 
 import asyncpg
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter
 
-from shared.consumer import BatchEventHandler, EventHandler, Rejected, describe_validation_error
+from shared.consumer import BatchEventHandler, EventHandler, decode_followed
 from shared.contracts.common import SubjectErased
 from shared.contracts.review import (
     ApplicationWithdrawn,
@@ -125,7 +125,7 @@ class QueueWriter:
                         envelopes: Sequence[EventEnvelope]) -> None:
         """Fold the events in order over the rows they concern (an erasure: every row of its
         citizen, also those the batch made), then save the rows that changed."""
-        events = [(envelope, _decoded(envelope)) for envelope in envelopes]
+        events = [(envelope, decode_followed(decode_event, envelope)) for envelope in envelopes]
         erased = sorted({e.citizen_ref for e, event in events if isinstance(event, SubjectErased)})
         records = await conn.fetch(
             f"SELECT * FROM {self.schema}.applications WHERE application_id = ANY($1::text[])"
@@ -157,12 +157,6 @@ class QueueWriter:
             f" ON CONFLICT (application_id) DO UPDATE SET {updates}",
             *([getattr(row, c) for row in rows] for c in _COLUMNS))
 
-
-def _decoded(envelope: EventEnvelope) -> QueueEvent:
-    try:
-        return decode_event(envelope)
-    except ValidationError as exc:
-        raise Rejected("invalid_event_data", describe_validation_error(exc)) from exc
 
 
 class QueueReader:
