@@ -67,24 +67,34 @@ class Meter:
     """Counts and latencies; `Journey` calls go through `timed`."""
 
     reply_latencies: list[float] = field(default_factory=list)
+    # The same latencies by command type: which step's reply is slow.
+    by_command: dict[str, list[float]] = field(default_factory=dict)
     visible_latencies: list[float] = field(default_factory=list)
     commands: int = 0
     journeys: int = 0
     failures: list[str] = field(default_factory=list)
 
-    async def timed(self, call: Awaitable[Any]) -> Any:
+    async def timed(self, command_type: str, call: Awaitable[Any]) -> Any:
         started = time.monotonic()
         result = await call
-        self.reply_latencies.append(time.monotonic() - started)
+        latency = time.monotonic() - started
+        self.reply_latencies.append(latency)
+        self.by_command.setdefault(command_type, []).append(latency)
         self.commands += 1
         return result
+
+    def per_command(self) -> dict[str, dict[str, float]]:
+        """p50/p95/p99 of each command type's replies, with its count."""
+        return {command: {**percentiles(latencies), "count": len(latencies)}
+                for command, latencies in sorted(self.by_command.items())}
 
 
 class MeteredSimulator(ChannelSimulator):
     meter: Meter
 
-    async def send(self, *args: Any, **kwargs: Any) -> Any:
-        return await self.meter.timed(super().send(*args, **kwargs))
+    async def send(self, service: str, command_type: str, *args: Any, **kwargs: Any) -> Any:
+        return await self.meter.timed(command_type,
+                                      super().send(service, command_type, *args, **kwargs))
 
 
 async def count_events(conn: asyncpg.Connection) -> int:
@@ -333,6 +343,7 @@ async def run(citizens: int, seconds: float, rates: list[float | str], concurren
                 "events": events, "journeys_per_s": meter.journeys / elapsed,
                 "commands_per_s": meter.commands / elapsed, "events_per_s": events / elapsed,
                 "command_to_reply": percentiles(meter.reply_latencies),
+                "command_to_reply_by_command": meter.per_command(),
                 "failures": len(meter.failures), "first_failures": meter.failures[:5],
             })
             drained_in = await wait_until_drained(admin)
@@ -359,6 +370,7 @@ async def run(citizens: int, seconds: float, rates: list[float | str], concurren
                     "late_starts": late,
                     "command_to_reply": percentiles(paced_meter.reply_latencies),
                     "command_to_status_visible": percentiles(paced_meter.visible_latencies),
+                    "command_to_reply_by_command": paced_meter.per_command(),
                     "visible_samples": len(paced_meter.visible_latencies),
                     "failures": len(paced_meter.failures),
                     "first_failures": paced_meter.failures[:5],
@@ -374,34 +386,7 @@ async def run(citizens: int, seconds: float, rates: list[float | str], concurren
                "sustained": {"commands_per_s": commands, "runs": sustained_runs},
                "paced": paced_figures, "peak_rss_mb": rss}
 
-    def over(values: list[dict[str, Any]], key: str, digits: int = 0) -> str:
-        return spread_text(spread([v[key] for v in values]), digits)
-
-    def p99(values: list[dict[str, Any]], key: str) -> str:
-        return spread_text(spread([v[key]["p99_ms"] for v in values]))
-
-    rows = [
-        ("sustained: seconds per run", f"{seconds:.0f}"),
-        ("commands/s (min / median / max)", spread_text(commands)),
-        ("  ratio to the peer (median)", peer_ratio(commands["median"], "commands_per_s")),
-        ("journeys/s", over(sustained_runs, "journeys_per_s", 1)),
-        ("events/s", over(sustained_runs, "events_per_s")),
-        ("command → reply p99 ms", p99(sustained_runs, "command_to_reply")),
-        ("failures (per run)", over(sustained_runs, "failures")),
-        ("backlog drained after (s)", over(sustained_runs, "backlog_drained_after_s", 1)),
-    ]
-    for p in paced_figures:
-        rate, r = p["target_commands_per_s"], p["runs"]
-        label = " (half the sustained median)" if p["half_of_sustained"] else ""
-        rows += [
-            (f"paced at {rate:.0f}/s{label}: achieved commands/s",
-             over(r, "achieved_commands_per_s")),
-            ("  starts late (every citizen busy)", over(r, "late_starts")),
-            ("  command → reply p99 ms", p99(r, "command_to_reply")),
-            ("  command → status visible p99 ms", p99(r, "command_to_status_visible")),
-            ("  failures (per run)", over(r, "failures")),
-        ]
-    rows += [(f"peak RSS {name} (MB)", f"{mb:.0f}" if mb else "?") for name, mb in rss.items()]
+    rows = summary_rows(seconds, commands, sustained_runs, paced_figures, rss)
     print_table(f"journeys on this machine ({citizens} citizens)", rows)
     console.print(f"written {write_result('journeys', figures)}")
     for phase, failures in all_failures.items():
@@ -409,6 +394,52 @@ async def run(citizens: int, seconds: float, rates: list[float | str], concurren
             console.print(f"[red]failed[/] ({phase}) {line}")
         if len(failures) > 20:
             console.print(f"[red]… and {len(failures) - 20} more failures[/] ({phase})")
+
+
+def _over(values: list[dict[str, Any]], key: str, digits: int = 0) -> str:
+    return spread_text(spread([v[key] for v in values]), digits)
+
+
+def _p99(values: list[dict[str, Any]], key: str) -> str:
+    return spread_text(spread([v[key]["p99_ms"] for v in values]))
+
+
+def _by_command(values: list[dict[str, Any]], command: str) -> str:
+    """A command type's reply p50 and p99 over the runs (min / median / max each)."""
+    known = [f for v in values if (f := v["command_to_reply_by_command"].get(command))]
+    return " / ".join(spread_text(spread([f[key] for f in known]))
+                      for key in ("p50_ms", "p99_ms"))
+
+
+def summary_rows(seconds: float, commands: dict[str, float],
+                 sustained_runs: list[dict[str, Any]], paced_figures: list[dict[str, Any]],
+                 rss: dict[str, float | None]) -> list[tuple[str, str]]:
+    """The printed table's rows."""
+    rows = [
+        ("sustained: seconds per run", f"{seconds:.0f}"),
+        ("commands/s (min / median / max)", spread_text(commands)),
+        ("  ratio to the peer (median)", peer_ratio(commands["median"], "commands_per_s")),
+        ("journeys/s", _over(sustained_runs, "journeys_per_s", 1)),
+        ("events/s", _over(sustained_runs, "events_per_s")),
+        ("command → reply p99 ms", _p99(sustained_runs, "command_to_reply")),
+        ("failures (per run)", _over(sustained_runs, "failures")),
+        ("backlog drained after (s)", _over(sustained_runs, "backlog_drained_after_s", 1)),
+    ]
+    for p in paced_figures:
+        rate, r = p["target_commands_per_s"], p["runs"]
+        label = " (half the sustained median)" if p["half_of_sustained"] else ""
+        rows += [
+            (f"paced at {rate:.0f}/s{label}: achieved commands/s",
+             _over(r, "achieved_commands_per_s")),
+            ("  starts late (every citizen busy)", _over(r, "late_starts")),
+            ("  command → reply p99 ms", _p99(r, "command_to_reply")),
+            ("  command → status visible p99 ms", _p99(r, "command_to_status_visible")),
+            ("  failures (per run)", _over(r, "failures")),
+        ]
+        rows += [(f"    {command}: reply p50 / p99 ms", _by_command(r, command))
+                 for command in r[0]["command_to_reply_by_command"]]
+    rows += [(f"peak RSS {name} (MB)", f"{mb:.0f}" if mb else "?") for name, mb in rss.items()]
+    return rows
 
 
 def rate_argument(text: str) -> float | str:
