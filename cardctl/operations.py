@@ -13,7 +13,7 @@ import asyncpg
 from cardctl.channel import ChannelSimulator, pick_channel
 from cardctl.citizens import SyntheticCitizen, generate
 from cardctl.journey import Journey, Session
-from services.auth.adapters import enroll
+from services.auth.adapters import enroll, enrolled
 from services.auth.settings import AuthSettings
 from shared.channels import ChannelRegistry
 from shared.settings import CardDeskSettings
@@ -34,10 +34,17 @@ async def seed(
     write them to `out` as JSON lines for a channel simulator."""
     bureau = pick_channel(ChannelRegistry.from_file(settings.channels_file), channel,
                           bureau=True).channel_id
-    citizens = generate(count, seed_value)
     auth_settings = AuthSettings()
     conn = await asyncpg.connect(settings.database_url)
     try:
+        # An ID number drawn before (on an earlier seed of this stack) belongs to a citizen
+        # who already holds a card: enrolling again would overwrite them, and importing a
+        # new card for them is refused. Draw more and keep the first `count` new ones.
+        drawn = generate(2 * count + 16, seed_value)
+        taken = await enrolled(conn, [c.id_number for c in drawn], auth_settings)
+        citizens = [c for c in drawn if c.id_number not in taken][:count]
+        if len(citizens) < count:
+            raise RuntimeError(f"only {len(citizens)} of {count} drawn ID numbers are new")
         async with conn.transaction():
             for citizen in citizens:
                 await enroll(conn, citizen.id_number, citizen.name, citizen.face_embedding,

@@ -289,6 +289,19 @@ async def ensure_registry_tables(conn: asyncpg.Connection, schema: str = SCHEMA)
         await conn.execute(registry_ddl(schema))
 
 
+async def enrolled(conn: asyncpg.Connection, id_numbers: Sequence[str],
+                   settings: AuthSettings | None = None, *, schema: str = SCHEMA) -> set[str]:
+    """Which of `id_numbers` the registry already holds (`cardctl seed` draws others)."""
+    settings = settings or AuthSettings()
+    pepper = settings.citizen_ref_pepper.get_secret_value()
+    refs = {citizen_ref(pepper, require_valid_id_number(n)): n for n in id_numbers}
+    await ensure_registry_tables(conn, schema)
+    found = await conn.fetch(
+        f"SELECT citizen_ref FROM {schema}.registry WHERE citizen_ref = ANY($1::text[])",
+        list(refs))
+    return {refs[row["citizen_ref"]] for row in found}
+
+
 async def enroll(
     conn: asyncpg.Connection,
     id_number: str,

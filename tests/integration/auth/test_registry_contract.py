@@ -12,6 +12,7 @@ from services.auth.adapters import (
     InMemoryRegistry,
     PopulationRegistry,
     enroll,
+    enrolled,
     postgres_registry,
 )
 from services.auth.domain import InvalidIdNumberError
@@ -109,6 +110,25 @@ async def test_the_registry_keeps_neither_name_nor_template_readable(
     assert json.dumps(citizen.face[0]) not in stored
     assert row["name_enc"].startswith("enc:v1:")
     assert row["face_template_enc"].startswith("enc:v1:")
+
+
+async def test_enrolled_names_the_id_numbers_the_registry_holds_and_no_other(
+    pool: asyncpg.Pool, auth_settings: AuthSettings, auth_schema: str
+) -> None:
+    """What `cardctl seed` checks before it enrols: a number drawn twice is not enrolled
+    over the citizen who has it."""
+    held, new = new_citizen(), new_citizen()
+    async with pool.acquire() as conn:
+        transaction = conn.transaction()
+        await transaction.start()
+        try:
+            await enroll(conn, held.id_number, held.name, held.face, auth_settings,
+                         schema=auth_schema)
+            found = await enrolled(conn, [held.id_number.lower(), new.id_number],
+                                   auth_settings, schema=auth_schema)
+        finally:
+            await transaction.rollback()
+    assert found == {held.id_number.lower()}
 
 
 async def test_enrolment_refuses_an_id_number_that_fails_the_checksum(
