@@ -263,8 +263,9 @@ def _bind_event(topic: str, envelope: EventEnvelope) -> None:
 
 
 class BatchConsumer(Protocol):
-    """What a subscription feeds (`ServiceRuntime.subscribe`): a partition's records one at a
-    time, or several at once, in order; either returns once they are processed for good."""
+    """What a subscription feeds (`ServiceRuntime.subscribe`): one record, or a topic's
+    records of one fetch at once (of one or more partitions, each partition's in order);
+    either returns once they are processed for good."""
 
     async def handle(self, msg: Inbound) -> None: ...
 
@@ -315,10 +316,11 @@ class EventConsumer:
         await self.handle_batch([msg])
 
     async def handle_batch(self, messages: Sequence[Inbound]) -> None:
-        """One partition's records, in order, in one transaction: lock the citizens, read
-        the chains (one statement), judge them, record the taken chain rows and the processed
-        rows (one statement), then the new events' effects (by `batch_handler` at once, if
-        there is one). Events that break their chains are dead-lettered once it committed.
+        """A fetch's records of one topic, each partition's in order (a citizen's events
+        share a partition), in one transaction: lock the citizens, read the chains (one
+        statement), judge them, record the taken chain rows and the processed rows (one
+        statement), then the new events' effects (by `batch_handler` at once, if there is
+        one). Events that break their chains are dead-lettered once it committed.
         If anything in it fails, the transaction is rolled back and each record goes through
         `handle_alone` (retries, DLQ) instead."""
         parsed = await self._readable(messages)

@@ -120,11 +120,12 @@ class ServiceRuntime:
         group, committing only after the consumers returned. Each topic's `consumer` gives
         its handler once the runtime has started (`on_ready` builds it).
 
-        Records arrive in batches: each partition's records are handled in order, the
-        partitions (of every topic) concurrently (a citizen's messages share a partition,
-        so their order holds), and the batch's offsets are committed once every record was
-        handled. One consumer for several topics is one fetch, one offset commit and one
-        group member where there would be one per topic.
+        Records arrive in batches: each topic's records are handled in one `handle_batch`
+        (one transaction: one lock statement, one commit for all the partitions the fetch
+        brought), each partition's in its order (a citizen's messages share a partition, so
+        their order holds), the topics concurrently; the batch's offsets are committed once
+        every record was handled. One consumer for several topics is one fetch, one offset
+        commit and one group member where there would be one per topic.
         """
         topics = list(consumers)
         group_id = group or self.group
@@ -156,24 +157,23 @@ class ServiceRuntime:
         @subscriber
         async def on_batch(records: Any) -> None:
             batch_size.observe(len(records))
-            by_partition: dict[tuple[str, int], list[Any]] = {}
-            for record in records:
-                by_partition.setdefault((record.topic, record.partition), []).append(record)
+            by_topic: dict[str, list[Any]] = {}
+            for record in records:  # each partition's records stay in their order
+                by_topic.setdefault(record.topic, []).append(record)
 
-            async def in_order(topic: str, partition_records: list[Any]) -> None:
+            async def in_order(topic: str, topic_records: list[Any]) -> None:
                 current = consumers[topic]()
-                if len(partition_records) > 1:
-                    await current.handle_batch([Inbound.from_record(r) for r in partition_records])
+                if len(topic_records) > 1:
+                    await current.handle_batch([Inbound.from_record(r) for r in topic_records])
                 else:
-                    await current.handle(Inbound.from_record(partition_records[0]))
-                last = partition_records[-1]  # handled for good: what a commit would say
-                self.progress.applied(last.topic, last.partition, last.offset + 1)
+                    await current.handle(Inbound.from_record(topic_records[0]))
+                for partition, end in partition_ends(topic_records).items():
+                    self.progress.applied(topic, partition, end)
 
             for watch in watches:
                 watch.batch_started()
             try:
-                await asyncio.gather(*(in_order(topic, rs)
-                                       for (topic, _), rs in by_partition.items()))
+                await asyncio.gather(*(in_order(topic, rs) for topic, rs in by_topic.items()))
             except BaseException:
                 for watch in watches:
                     watch.batch_done(failed=True)
@@ -362,6 +362,12 @@ def run_service(runtime: ServiceRuntime, default_health_port: int) -> None:
     runtime.arm_watchdog()
     app = runtime.app()
     uvloop.run(app.run(run_extra_options={"host": settings.http_host, "port": port}))
+
+
+def partition_ends(records: Iterable[ConsumerRecord[Any, Any]]) -> dict[int, int]:
+    """Each partition's offset after the last of `records` (of one topic): once they are
+    handled for good, what an offset commit would say."""
+    return {record.partition: record.offset + 1 for record in records}
 
 
 def _assignment(subscriber: Any) -> set[TopicPartition]:

@@ -79,10 +79,10 @@ class CommandIntake:
         await with_retries(msg, process, self.dead_letters, max_attempts=self.max_attempts)
 
     async def handle_batch(self, messages: Sequence[Inbound]) -> None:
-        """One partition's commands, in order, in one transaction: the stored replies read
-        in one query, the new replies and every reply's outbox row written in one statement,
-        one commit. If the transaction fails as a whole, each command goes through `handle`
-        alone (its own transaction, retries, DLQ) instead."""
+        """A fetch's commands, each partition's in order, in one transaction: the stored
+        replies read in one query, the new replies and every reply's outbox row written in
+        one statement, one commit. If the transaction fails as a whole, each command goes
+        through `handle` alone (its own transaction, retries, DLQ) instead."""
         commands: list[CheckedCommand] = []
         for msg in messages:
             bind_message_context(topic=msg.topic, partition=msg.partition, offset=msg.offset)

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from shared.consumer import EventConsumer, Inbound
 from shared.contracts.loss import LossCancelled
@@ -430,3 +430,75 @@ async def test_a_follower_batch_costs_five_statements_plus_its_effects(
     await consumer.handle_batch(messages)  # redelivered: no effects to apply
     assert len(sent) == 5, sent
     assert await pool.fetchval(f"SELECT count(*) FROM {schema}.seen") == 8
+
+
+class BatchRecorder:
+    """A follower that records which records each call got, then applies them."""
+
+    def __init__(self, inner: EventConsumer) -> None:
+        self.inner = inner
+        self.calls: list[list[tuple[int, int]]] = []  # (partition, offset) per record
+
+    async def handle(self, msg: Inbound) -> None:
+        self.calls.append([(msg.partition, msg.offset)])
+        await self.inner.handle(msg)
+
+    async def handle_batch(self, messages: Sequence[Inbound]) -> None:
+        self.calls.append([(m.partition, m.offset) for m in messages])
+        await self.inner.handle_batch(messages)
+
+
+async def test_a_fetch_of_several_partitions_is_one_batch_each_partition_in_order(
+    settings: CardDeskSettings, pool: asyncpg.Pool, producer: AIOKafkaProducer,
+) -> None:
+    """What is waiting when the consumer starts comes in one fetch: one `handle_batch` (one
+    transaction) for all its partitions, each partition's records in offset order, and the
+    progress the barrier reads holds every partition's end."""
+    name = unique("fetch")
+    topic = f"{name}.events"
+    await create_topics(settings.kafka_bootstrap, [topic, f"{topic}.dlq"])
+    citizens = [f"c{i}" for i in range(24)]
+    streams = Citizens()
+    for round_ in range(3):
+        for citizen in citizens:
+            event = streams[citizen].append(f"s-{citizen}", LossCancelled(loss_id=str(round_)))
+            await producer.send(topic, event.to_bytes(), key=citizen.encode())
+    await producer.flush()
+    runtime = ServiceRuntime(name, settings, extra_ddl=SEEN_DDL.format(schema=name))
+    recorder: dict[str, BatchRecorder] = {}
+
+    async def ready() -> None:
+        consumer, _ = await seen_probe(runtime.pool, name, settings)
+        recorder["r"] = BatchRecorder(consumer)
+
+    runtime.on_ready(ready)
+    runtime.subscribe(topic, lambda: recorder["r"])
+    await runtime.start()
+    await runtime.broker.start()
+    try:
+        async def all_seen() -> bool:
+            return bool(await pool.fetchval(f"SELECT count(*) FROM {name}.seen") == 72)
+
+        await eventually(all_seen, timeout_s=60)
+        calls = recorder["r"].calls
+        assert max(len({partition for partition, _ in call}) for call in calls) > 1
+        for call in calls:
+            for partition in {p for p, _ in call}:
+                offsets = [offset for p, offset in call if p == partition]
+                assert offsets == sorted(offsets)
+        ends: dict[int, int] = {}
+        for call in calls:
+            for partition, offset in call:
+                ends[partition] = max(ends.get(partition, 0), offset + 1)
+        assert len(ends) == 6
+        assert not runtime.progress.behind(
+            {TopicPartition(topic, p): end for p, end in ends.items()})
+        rows = await pool.fetch(f"SELECT citizen_ref, version FROM {name}.seen ORDER BY seq")
+        versions: dict[str, list[int]] = {}
+        for row in rows:
+            versions.setdefault(row["citizen_ref"], []).append(row["version"])
+        assert versions == {c: [1, 2, 3] for c in citizens}
+    finally:
+        await runtime.broker.stop()
+        await runtime.stop()
+        await pool.execute(f"DROP SCHEMA {name} CASCADE")
