@@ -20,7 +20,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span
 from pydantic import ValidationError
 
-from shared.chain import ChainBreak, FollowedChains, judge
+from shared.chain import ChainBreak, ChainView, FollowedChains, judge
 from shared.envelope import EventEnvelope, hash_is_intact
 from shared.eventstore import ConcurrencyError
 from shared.idempotency import ProcessedMessages
@@ -324,8 +324,44 @@ class EventConsumer:
         If anything in it fails, the transaction is rolled back and each record goes through
         `handle_alone` (retries, DLQ) instead."""
         parsed = await self._readable(messages)
-        if not parsed:
+        if parsed:
+            await self._handle_parsed(parsed)
+
+    @staticmethod
+    async def handle_together(batches: Sequence[tuple[EventConsumer, Sequence[Inbound]]],
+                              ) -> None:
+        """Several followers' records of one fetch (followers of one schema, each its own
+        topic) in one transaction, as `handle_batch` handles one's: one lock statement and
+        one chain read for all, then each follower's processed rows and effects. If anything
+        in it fails, it is rolled back and each follower's records go through
+        `handle_batch` instead."""
+        readable: list[tuple[EventConsumer, list[Parsed]]] = []
+        for consumer, messages in batches:
+            parsed = await consumer._readable(messages)
+            if parsed:
+                readable.append((consumer, parsed))
+        if len(readable) <= 1:
+            for consumer, parsed in readable:
+                await consumer._handle_parsed(parsed)
             return
+        first = readable[0][0]
+        assert all(c.schema == first.schema for c, _ in readable), "one schema, one lock"
+        try:
+            async with first.pool.acquire() as conn, conn.transaction():
+                view = await first._locked_view(
+                    conn, [envelope for _, parsed in readable for _, envelope in parsed])
+                outcomes = [await consumer._take_and_apply(conn, parsed, view)
+                            for consumer, parsed in readable]
+        except Exception as exc:
+            log.info("batch.replayed_by_topic", error=type(exc).__name__,
+                     size=sum(len(parsed) for _, parsed in readable))
+            for consumer, parsed in readable:
+                await consumer._handle_parsed(parsed)
+            return
+        for (consumer, _), (new, breaks) in zip(readable, outcomes, strict=True):
+            await consumer._settle(new, breaks)
+
+    async def _handle_parsed(self, parsed: Sequence[Parsed]) -> None:
         try:
             new, breaks = await self._apply_batch(parsed)
         except Exception as exc:
@@ -334,6 +370,11 @@ class EventConsumer:
             for msg, _ in parsed:
                 await self.handle_alone(msg)
             return
+        await self._settle(new, breaks)
+
+    async def _settle(self, new: Sequence[Parsed],
+                      breaks: Sequence[tuple[Inbound, ChainBreak]]) -> None:
+        """After the commit: dead-letter the breaks, count (and log) the applied events."""
         for msg, broken in breaks:
             bind_message_context(topic=msg.topic, partition=msg.partition, offset=msg.offset)
             await self.dead_letters.send(msg, "broken_chain", str(broken))
@@ -373,23 +414,34 @@ class EventConsumer:
     ) -> tuple[list[Parsed], list[tuple[Inbound, ChainBreak]]]:
         """In one transaction: the events not processed before that continue their chains,
         applied; those events, and the breaks (not dead-lettered yet)."""
-        envelopes = [envelope for _, envelope in parsed]
         async with self.pool.acquire() as conn, conn.transaction():
-            # The lock first: the chains read next are then those its holder committed.
-            await lock_citizens(conn, citizen_namespace(self.schema),
-                                [envelope.citizen_ref for envelope in envelopes])
-            verdicts = judge(envelopes, await self.chains.view(conn, envelopes))
-            broken = {id(b.envelope): b for b in verdicts.breaks}
-            taken = [(msg, envelope) for msg, envelope in parsed if id(envelope) not in broken]
-            fresh = await self.processed.new_of(
-                conn, [str(envelope.event_id) for _, envelope in taken], verdicts.taken)
-            new: list[Parsed] = []
-            for msg, envelope in taken:
-                event_id = str(envelope.event_id)
-                if event_id in fresh:
-                    fresh.discard(event_id)  # a redelivered copy later in it is skipped
-                    new.append((msg, envelope))
-            await self._effects(conn, new)
+            view = await self._locked_view(conn, [envelope for _, envelope in parsed])
+            return await self._take_and_apply(conn, parsed, view)
+
+    async def _locked_view(self, conn: asyncpg.Connection,
+                           envelopes: Sequence[EventEnvelope]) -> ChainView:
+        """The citizens' lock, then what `followed_chain` holds about `envelopes`."""
+        # The lock first: the chains read next are then those its holder committed.
+        await lock_citizens(conn, citizen_namespace(self.schema),
+                            [envelope.citizen_ref for envelope in envelopes])
+        return await self.chains.view(conn, envelopes)
+
+    async def _take_and_apply(
+        self, conn: asyncpg.Connection, parsed: Sequence[Parsed], view: ChainView,
+    ) -> tuple[list[Parsed], list[tuple[Inbound, ChainBreak]]]:
+        """Under the lock: judge the chains, record the taken, apply the new."""
+        verdicts = judge([envelope for _, envelope in parsed], view)
+        broken = {id(b.envelope): b for b in verdicts.breaks}
+        taken = [(msg, envelope) for msg, envelope in parsed if id(envelope) not in broken]
+        fresh = await self.processed.new_of(
+            conn, [str(envelope.event_id) for _, envelope in taken], verdicts.taken)
+        new: list[Parsed] = []
+        for msg, envelope in taken:
+            event_id = str(envelope.event_id)
+            if event_id in fresh:
+                fresh.discard(event_id)  # a redelivered copy later in it is skipped
+                new.append((msg, envelope))
+        await self._effects(conn, new)
         return new, [(msg, broken[id(envelope)]) for msg, envelope in parsed
                      if id(envelope) in broken]
 

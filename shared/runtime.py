@@ -21,7 +21,7 @@ from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.middlewares import AckPolicy
 
 from shared.barrier import FollowerBarrier
-from shared.consumer import BatchConsumer, DeadLetters, Inbound
+from shared.consumer import BatchConsumer, DeadLetters, EventConsumer, Inbound
 from shared.eventstore import migrate
 from shared.health import ConsumerWatch, database_problem, summarise, watchdog
 from shared.kafka import broker_security
@@ -120,12 +120,12 @@ class ServiceRuntime:
         group, committing only after the consumers returned. Each topic's `consumer` gives
         its handler once the runtime has started (`on_ready` builds it).
 
-        Records arrive in batches: each topic's records are handled in one `handle_batch`
-        (one transaction: one lock statement, one commit for all the partitions the fetch
-        brought), each partition's in its order (a citizen's messages share a partition, so
-        their order holds), the topics concurrently; the batch's offsets are committed once
-        every record was handled. One consumer for several topics is one fetch, one offset
-        commit and one group member where there would be one per topic.
+        Records arrive in batches (`_handle_fetch`): each topic's in one transaction for
+        all the partitions the fetch brought, followers' of several topics in one together,
+        each partition's in its order (a citizen's messages share a partition, so their
+        order holds); the batch's offsets are committed once every record was handled.
+        One consumer for several topics is one fetch, one offset commit and one group
+        member where there would be one per topic.
         """
         topics = list(consumers)
         group_id = group or self.group
@@ -157,29 +157,37 @@ class ServiceRuntime:
         @subscriber
         async def on_batch(records: Any) -> None:
             batch_size.observe(len(records))
-            by_topic: dict[str, list[Any]] = {}
-            for record in records:  # each partition's records stay in their order
-                by_topic.setdefault(record.topic, []).append(record)
-
-            async def in_order(topic: str, topic_records: list[Any]) -> None:
-                current = consumers[topic]()
-                if len(topic_records) > 1:
-                    await current.handle_batch([Inbound.from_record(r) for r in topic_records])
-                else:
-                    await current.handle(Inbound.from_record(topic_records[0]))
-                for partition, end in partition_ends(topic_records).items():
-                    self.progress.applied(topic, partition, end)
-
             for watch in watches:
                 watch.batch_started()
             try:
-                await asyncio.gather(*(in_order(topic, rs) for topic, rs in by_topic.items()))
+                await self._handle_fetch(consumers, records)
             except BaseException:
                 for watch in watches:
                     watch.batch_done(failed=True)
                 raise
             for watch in watches:
                 watch.batch_done()
+
+    async def _handle_fetch(self, consumers: Mapping[str, Callable[[], BatchConsumer]],
+                            records: Sequence[ConsumerRecord[Any, Any]]) -> None:
+        """One fetch's records: followers of several topics together in one transaction
+        (`EventConsumer.handle_together`), any other topics' concurrently, each topic's in
+        one `handle_batch`; then each partition's end is recorded as applied."""
+        by_topic: dict[str, list[Any]] = {}
+        for record in records:  # each partition's records stay in their order
+            by_topic.setdefault(record.topic, []).append(record)
+        handlers = {topic: consumers[topic]() for topic in by_topic}
+        followers = {t: h for t, h in handlers.items() if isinstance(h, EventConsumer)}
+        if len(by_topic) > 1 and len(followers) == len(handlers):
+            await EventConsumer.handle_together([
+                (followers[topic], [Inbound.from_record(r) for r in rs])
+                for topic, rs in by_topic.items()])
+        else:
+            await asyncio.gather(*(_handle_topic(handlers[topic], rs)
+                                   for topic, rs in by_topic.items()))
+        for topic, rs in by_topic.items():
+            for partition, end in partition_ends(rs).items():
+                self.progress.applied(topic, partition, end)
 
     def check_configuration(self) -> None:
         """Refuse development secrets in production and key pairs that do not match."""
@@ -362,6 +370,14 @@ def run_service(runtime: ServiceRuntime, default_health_port: int) -> None:
     runtime.arm_watchdog()
     app = runtime.app()
     uvloop.run(app.run(run_extra_options={"host": settings.http_host, "port": port}))
+
+
+async def _handle_topic(consumer: BatchConsumer,
+                        records: Sequence[ConsumerRecord[Any, Any]]) -> None:
+    if len(records) > 1:
+        await consumer.handle_batch([Inbound.from_record(r) for r in records])
+    else:
+        await consumer.handle(Inbound.from_record(records[0]))
 
 
 def partition_ends(records: Iterable[ConsumerRecord[Any, Any]]) -> dict[int, int]:

@@ -502,3 +502,79 @@ async def test_a_fetch_of_several_partitions_is_one_batch_each_partition_in_orde
         await runtime.broker.stop()
         await runtime.stop()
         await pool.execute(f"DROP SCHEMA {name} CASCADE")
+
+
+def follower_pair(pool: asyncpg.Pool, schema: str, settings: CardDeskSettings,
+                  fail_on: object = None) -> tuple[EventConsumer, EventConsumer,
+                                                   RecordingDeadLetters]:
+    """Followers "a" and "b" of one schema (as status's of four topics), recording what
+    they apply in `seen`; "b" fails on the event with id `fail_on`."""
+    dead = RecordingDeadLetters()
+
+    async def failing(conn: asyncpg.Connection, event: EventEnvelope) -> None:
+        await record_seen(conn, schema, event)
+        if event.event_id == fail_on:
+            raise ValueError("this event's effect cannot be applied")
+
+    quick = settings.model_copy(update={"consumer_max_attempts": 2})
+    a = EventConsumer(pool, schema, "a", lambda c, e: record_seen(c, schema, e),
+                      dead, settings=quick)  # type: ignore[arg-type]
+    b = EventConsumer(pool, schema, "b", failing, dead, settings=quick)  # type: ignore[arg-type]
+    return a, b, dead
+
+
+def inbound(topic: str, envelopes: Sequence[EventEnvelope]) -> list[Inbound]:
+    return [Inbound(topic, 0, offset, e.citizen_ref.encode(), e.to_bytes())
+            for offset, e in enumerate(envelopes)]
+
+
+async def test_followers_of_two_topics_in_one_fetch_share_one_transaction(
+    counted: tuple[asyncpg.Pool, list[str]], schema: str, settings: CardDeskSettings,
+) -> None:
+    pool, sent = counted
+    await pool.execute(SEEN_DDL.format(schema=schema))
+    a, b, dead = follower_pair(pool, schema, settings)
+    streams = Citizens()
+
+    def events(ref: str, n: int) -> list[EventEnvelope]:
+        return [streams[ref].append(f"s-{ref}", LossCancelled(loss_id="l")) for _ in range(n)]
+
+    await EventConsumer.handle_together([(a, inbound("a.events", events("w", 1))),
+                                         (b, inbound("b.events", events("v", 1)))])  # warm
+    sent.clear()
+    await EventConsumer.handle_together([(a, inbound("a.events", events("x", 2))),
+                                         (b, inbound("b.events", events("y", 1)))])
+    # BEGIN, the locks, the chains read, then per follower its chain and processed rows and
+    # its effect (one per event here), COMMIT: 4 + 3 + 2 where apart it would be 6 + 5
+    assert len(sent) == 9, sent
+    assert sum("pg_advisory_xact_lock" in q for q in sent) == 1
+    rows = await pool.fetch(f"SELECT citizen_ref, version FROM {schema}.seen ORDER BY seq")
+    assert [(r["citizen_ref"], r["version"]) for r in rows] == [
+        ("w", 1), ("v", 1), ("x", 1), ("x", 2), ("y", 1)]
+    assert dead.sent == []
+
+
+async def test_a_failure_in_one_followers_part_replays_each_follower_on_its_own(
+    pool: asyncpg.Pool, schema: str, settings: CardDeskSettings,
+) -> None:
+    await pool.execute(SEEN_DDL.format(schema=schema))
+    for_a = CitizenStreams("x").append_all("s-x", [LossCancelled(loss_id=f"{i}")
+                                                   for i in range(2)])
+    for_b = CitizenStreams("y").append_all("s-y", [LossCancelled(loss_id=f"{i}")
+                                                   for i in range(3)])
+    a, b, dead = follower_pair(pool, schema, settings, fail_on=for_b[1].event_id)
+    forged = sealed("s-x", "x", LossCancelled(loss_id="f"), version=2)  # prev_hash: genesis
+    fetch = [(a, inbound("a.events", [for_a[0], forged, for_a[1]])),
+             (b, inbound("b.events", for_b))]
+
+    await EventConsumer.handle_together(fetch)
+
+    rows = await pool.fetch(f"SELECT citizen_ref, version FROM {schema}.seen ORDER BY seq")
+    assert [(r["citizen_ref"], r["version"]) for r in rows] == [
+        ("x", 1), ("x", 2), ("y", 1), ("y", 3)]
+    # The break once, by the replay of a's part; b's failing event once, after its retries.
+    assert dead.sent == [(1, "broken_chain"), (1, "processing_failed")]
+    await EventConsumer.handle_together([  # the applied ones redelivered: nothing changes
+        (a, [fetch[0][1][0], fetch[0][1][2]]), (b, [fetch[1][1][0], fetch[1][1][2]])])
+    assert await pool.fetchval(f"SELECT count(*) FROM {schema}.seen") == 4
+    assert len(dead.sent) == 2
