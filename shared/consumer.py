@@ -340,12 +340,11 @@ class EventConsumer:
             parsed = await consumer._readable(messages)
             if parsed:
                 readable.append((consumer, parsed))
-        if len(readable) <= 1:
-            for consumer, parsed in readable:
+        if len(readable) <= 1 or len({consumer.schema for consumer, _ in readable}) > 1:
+            for consumer, parsed in readable:  # one schema, one lock namespace, or apart
                 await consumer._handle_parsed(parsed)
             return
         first = readable[0][0]
-        assert all(c.schema == first.schema for c, _ in readable), "one schema, one lock"
         try:
             async with first.pool.acquire() as conn, conn.transaction():
                 view = await first._locked_view(
