@@ -61,8 +61,8 @@ class ConsumerWatch:
         """None while consuming; else a short phrase saying what is wrong."""
         now = self.clock()
         sub = self.subscriber()
-        consumer = getattr(sub, "consumer", None)
-        if consumer is None or not getattr(sub, "running", False):
+        consumer = running_consumer(sub)
+        if consumer is None:
             return "stopped"
         tasks = getattr(sub, "tasks", [])
         if not tasks or all(task.done() for task in tasks):
@@ -146,3 +146,9 @@ async def watchdog(service: str, problems: Callable[[], Awaitable[Mapping[str, s
             sys.stderr.flush()
             exit(EXIT_UNHEALTHY)
             return
+
+
+def running_consumer(subscriber: Any) -> Any:
+    """The Kafka consumer of FastStream's `subscriber` while it runs; None while stopped."""
+    consumer = getattr(subscriber, "consumer", None)
+    return consumer if consumer is not None and getattr(subscriber, "running", False) else None

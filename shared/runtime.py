@@ -23,7 +23,13 @@ from faststream.middlewares import AckPolicy
 from shared.barrier import FollowerBarrier
 from shared.consumer import BatchConsumer, DeadLetters, EventConsumer, Inbound
 from shared.eventstore import migrate
-from shared.health import ConsumerWatch, database_problem, summarise, watchdog
+from shared.health import (
+    ConsumerWatch,
+    database_problem,
+    running_consumer,
+    summarise,
+    watchdog,
+)
 from shared.kafka import broker_security
 from shared.logging import configure_logging
 from shared.metrics import BATCH_SIZE, MetricsSampler, metrics_asgi, watch_pool
@@ -388,7 +394,5 @@ def partition_ends(records: Iterable[ConsumerRecord[Any, Any]]) -> dict[int, int
 
 def _assignment(subscriber: Any) -> set[TopicPartition]:
     """The partitions FastStream's Kafka `subscriber` is assigned now (none while stopped)."""
-    consumer = getattr(subscriber, "consumer", None)
-    if consumer is None or not getattr(subscriber, "running", False):
-        return set()
-    return set(consumer.assignment())
+    consumer = running_consumer(subscriber)
+    return set() if consumer is None else set(consumer.assignment())
