@@ -7,7 +7,9 @@ truth as the group's committed offsets, earlier and without a request: a command
 waits on the follower itself, woken the moment the follower moves, instead of polling the
 group coordinator. Partitions another instance applies are never recorded here; for them
 the barrier still asks Kafka, and so it does for a partition of its own that it has not yet
-seen a figure for (nothing applied since the process started)."""
+seen a figure for (nothing applied since the process started), and for every partition still
+behind after 200 ms of waiting (a figure left from before a rebalance gave the partition to
+another instance and back can be older than what that instance committed)."""
 
 from __future__ import annotations
 
