@@ -18,7 +18,7 @@ from shared.consumer import EventConsumer, Inbound
 from shared.contracts.loss import LossCancelled
 from shared.envelope import EventEnvelope, PendingEvent
 from shared.events import EventMeta, to_pending
-from shared.eventstore import PostgresEventStore
+from shared.eventstore import PostgresEventStore, migrate
 from shared.outbox import OutboxRelay, make_producer
 from shared.runtime import ServiceRuntime, keep_session
 from shared.settings import CardDeskSettings
@@ -578,3 +578,24 @@ async def test_a_failure_in_one_followers_part_replays_each_follower_on_its_own(
         (a, [fetch[0][1][0], fetch[0][1][2]]), (b, [fetch[1][1][0], fetch[1][1][2]])])
     assert await pool.fetchval(f"SELECT count(*) FROM {schema}.seen") == 4
     assert len(dead.sent) == 2
+
+
+async def test_followers_of_two_schemas_in_one_fetch_are_applied_apart(
+    pool: asyncpg.Pool, schema: str, settings: CardDeskSettings,
+) -> None:
+    """Two schemas are two lock namespaces: no shared transaction, and no failure either."""
+    other = unique("kt")
+    await migrate(pool, other)
+    try:
+        first, _ = await seen_probe(pool, schema, settings)
+        second, _ = await seen_probe(pool, other, settings)
+        streams = Citizens()
+        await EventConsumer.handle_together([
+            (first, inbound("a.events", [streams["x"].append("s-x", LossCancelled(loss_id="1"))])),
+            (second, inbound("b.events", [streams["y"].append("s-y", LossCancelled(loss_id="2"))])),
+        ])
+        for name, ref in ((schema, "x"), (other, "y")):
+            rows = await pool.fetch(f"SELECT citizen_ref FROM {name}.seen")
+            assert [r["citizen_ref"] for r in rows] == [ref]
+    finally:
+        await pool.execute(f"DROP SCHEMA {other} CASCADE")
