@@ -30,7 +30,7 @@ from shared.health import (
     summarise,
     watchdog,
 )
-from shared.kafka import broker_security
+from shared.kafka import broker_security, linger
 from shared.logging import configure_logging
 from shared.metrics import BATCH_SIZE, MetricsSampler, metrics_asgi, watch_pool
 from shared.outbox import OutboxRelay, make_producer
@@ -154,6 +154,7 @@ class ServiceRuntime:
             parser=parse_leniently,
             decoder=raw_records,
         )
+        linger(subscriber, self.settings.consumer_linger_ms)
         self.progress.consumer(lambda: _assignment(subscriber))
         # One watch per topic, all of this consumer: /health names each topic it consumes.
         watches = [ConsumerWatch(topic, lambda: subscriber, self.settings.consumer_stall_seconds)

@@ -83,6 +83,9 @@ class CardDeskSettings(BaseSettings):
     # flight per broker), so a record arriving for it waits for that fetch to come back:
     # this bounds that wait, and sets how often an idle consumer asks again.
     consumer_fetch_wait_ms: int = Field(default=500, ge=1, le=5000)
+    # After a fetch short of a full batch, how long a consumer waits for more records to
+    # take into the same batch (ms; shared/kafka.py); 0 takes each fetch as it comes.
+    consumer_linger_ms: int = Field(default=5, ge=0, le=1000)
     # /health: how long the database may take to run a query; how long a consumer may go
     # without an assignment or a fetch before it counts as not consuming (seconds).
     health_timeout_seconds: float = Field(default=3.0, gt=0)

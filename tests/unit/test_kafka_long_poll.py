@@ -9,7 +9,7 @@ from typing import Any
 
 from faststream.kafka.subscriber.usecase import BatchSubscriber
 
-from shared.kafka import _long_poll_batch
+from shared.kafka import _long_poll_batch, linger
 
 
 class FakeConsumer:
@@ -51,3 +51,35 @@ async def test_an_early_empty_answer_waits_out_the_rest_so_it_never_spins() -> N
     started = time.monotonic()
     assert await _long_poll_batch(subscriber(200), consumer) == ()
     assert time.monotonic() - started >= 0.19
+
+
+class ScriptedConsumer:
+    """`getmany` that gives each of `answers` in turn, noting what it was asked."""
+
+    def __init__(self, *answers: dict[str, list[str]]) -> None:
+        self.answers = list(answers)
+        self.asked: list[tuple[int, int | None]] = []
+
+    async def getmany(self, *, timeout_ms: int, max_records: int | None) -> Any:
+        self.asked.append((timeout_ms, max_records))
+        return self.answers.pop(0)
+
+
+def lingering(linger_ms: int, max_records: int = 10) -> Any:
+    polled = SimpleNamespace(batch_timeout_ms=500, max_records=max_records)
+    linger(polled, linger_ms)
+    return polled
+
+
+async def test_a_short_fetch_lingers_and_takes_what_came_meanwhile_each_partition_in_order(
+) -> None:
+    consumer = ScriptedConsumer({"p0": ["a"], "p1": ["c"]}, {"p0": ["b"], "p2": ["d"]})
+    assert await _long_poll_batch(lingering(5), consumer) == ("a", "b", "c", "d")
+    assert consumer.asked == [(500, 10), (0, 8)]  # the second only for what is left
+
+
+async def test_without_a_linger_or_with_a_full_batch_one_fetch_is_the_batch() -> None:
+    for polled in (lingering(0), lingering(5, max_records=2)):
+        consumer = ScriptedConsumer({"p0": ["a", "b"]}, {"p0": ["never"]})
+        assert await _long_poll_batch(polled, consumer) == ("a", "b")
+        assert len(consumer.asked) == 1
