@@ -58,6 +58,19 @@ async def record_seen(conn: asyncpg.Connection, schema: str, event: EventEnvelop
     )
 
 
+def cancellations(ref: str, n: int) -> list[EventEnvelope]:
+    """`n` chained `LossCancelled` events on citizen `ref`'s stream `s-<ref>`."""
+    return CitizenStreams(ref).append_all(
+        f"s-{ref}", [LossCancelled(loss_id=f"l{i}") for i in range(n)])
+
+
+def inbound(topic: str, envelopes: Sequence[EventEnvelope], start: int = 0) -> list[Inbound]:
+    """The records of `envelopes` on partition 0 of `topic` from offset `start`, each keyed
+    by its citizen."""
+    return [Inbound(topic, 0, offset, e.citizen_ref.encode(), e.to_bytes())
+            for offset, e in enumerate(envelopes, start=start)]
+
+
 @pytest.fixture
 async def producer(settings: CardDeskSettings) -> AsyncIterator[AIOKafkaProducer]:
     producer = make_producer(settings)
@@ -272,8 +285,7 @@ async def test_a_batch_applies_each_new_event_once_and_parks_the_unreadable_ones
     pool: asyncpg.Pool, schema: str, settings: CardDeskSettings,
 ) -> None:
     consumer, dead = await seen_probe(pool, schema, settings)
-    events = CitizenStreams("b").append_all("s-b",
-                                            [LossCancelled(loss_id=f"l{i}") for i in range(3)])
+    events = cancellations("b", 3)
     values = [events[0].to_bytes(), events[1].to_bytes(), b"{broken", events[1].to_bytes(),
               events[2].to_bytes()]
     batch = [Inbound("probe.events", 0, offset, b"b", value) for offset, value in
@@ -290,8 +302,7 @@ async def test_a_failing_effect_in_a_batch_undoes_the_batch_and_each_event_is_re
 ) -> None:
     await pool.execute(SEEN_DDL.format(schema=schema))
     dead = RecordingDeadLetters()
-    events = CitizenStreams("f").append_all("s-f",
-                                            [LossCancelled(loss_id=f"l{i}") for i in range(3)])
+    events = cancellations("f", 3)
     poisoned = events[1].event_id
 
     async def handler(conn: asyncpg.Connection, event: EventEnvelope) -> None:
@@ -301,8 +312,7 @@ async def test_a_failing_effect_in_a_batch_undoes_the_batch_and_each_event_is_re
 
     consumer = EventConsumer(pool, schema, "probe", handler, dead,  # type: ignore[arg-type]
                              settings=settings.model_copy(update={"consumer_max_attempts": 2}))
-    await consumer.handle_batch(
-        [Inbound("probe.events", 0, i, b"f", e.to_bytes()) for i, e in enumerate(events)])
+    await consumer.handle_batch(inbound("probe.events", events))
     rows = await pool.fetch(f"SELECT version FROM {schema}.seen ORDER BY seq")
     assert [r["version"] for r in rows] == [1, 3]
     assert dead.sent == [(1, "processing_failed")]
@@ -312,8 +322,7 @@ async def test_an_event_that_does_not_continue_its_stream_is_dead_lettered_howev
     pool: asyncpg.Pool, schema: str, settings: CardDeskSettings,
 ) -> None:
     consumer, dead = await seen_probe(pool, schema, settings)
-    first, second, third = CitizenStreams("c").append_all(
-        "s-c", [LossCancelled(loss_id=f"l{i}") for i in range(3)])
+    first, second, third = cancellations("c", 3)
     # Each forgery's own hash is right; its place in the chain is not.
     skips_ahead = sealed("s-c", "c", LossCancelled(loss_id="x"), version=3, prev_hash=first.hash)
     takes_a_version = sealed("s-c", "c", LossCancelled(loss_id="y"), version=2,
@@ -321,10 +330,9 @@ async def test_an_event_that_does_not_continue_its_stream_is_dead_lettered_howev
     restarts = sealed("s-c", "c", LossCancelled(loss_id="z"))
     values = [first, second, skips_ahead, takes_a_version, restarts, second, third]
 
-    await consumer.handle_batch([Inbound("probe.events", 0, offset, b"c", e.to_bytes())
-                                 for offset, e in enumerate(values[:3])])
-    for offset, envelope in enumerate(values[3:], start=3):  # one by one, as after a failure
-        await consumer.handle(Inbound("probe.events", 0, offset, b"c", envelope.to_bytes()))
+    await consumer.handle_batch(inbound("probe.events", values[:3]))
+    for msg in inbound("probe.events", values[3:], start=3):  # one by one, as after a failure
+        await consumer.handle(msg)
 
     rows = await pool.fetch(f"SELECT version FROM {schema}.seen ORDER BY seq")
     assert [r["version"] for r in rows] == [1, 2, 3]
@@ -335,12 +343,10 @@ async def test_a_break_in_the_middle_of_a_batch_is_dead_lettered_once_and_the_re
     pool: asyncpg.Pool, schema: str, settings: CardDeskSettings,
 ) -> None:
     consumer, dead = await seen_probe(pool, schema, settings)
-    first, second, third = CitizenStreams("m").append_all(
-        "s-m", [LossCancelled(loss_id=f"l{i}") for i in range(3)])
+    first, second, third = cancellations("m", 3)
     forged = sealed("s-m", "m", LossCancelled(loss_id="x"), version=2)  # prev_hash: genesis
 
-    await consumer.handle_batch([Inbound("probe.events", 0, offset, b"m", e.to_bytes())
-                                 for offset, e in enumerate([first, forged, second, third])])
+    await consumer.handle_batch(inbound("probe.events", [first, forged, second, third]))
 
     rows = await pool.fetch(f"SELECT event_id FROM {schema}.seen ORDER BY seq")
     assert [r["event_id"] for r in rows] == [str(e.event_id) for e in (first, second, third)]
@@ -357,8 +363,7 @@ async def test_a_batch_with_a_break_and_a_failing_effect_replays_alone_and_sends
     by one dead-letters it, once; the failed event's chain row still anchors the next."""
     await pool.execute(SEEN_DDL.format(schema=schema))
     dead = RecordingDeadLetters()
-    first, second, third = CitizenStreams("p").append_all(
-        "s-p", [LossCancelled(loss_id=f"l{i}") for i in range(3)])
+    first, second, third = cancellations("p", 3)
     forged = sealed("s-p", "p", LossCancelled(loss_id="x"), version=2)
 
     async def handler(conn: asyncpg.Connection, event: EventEnvelope) -> None:
@@ -368,8 +373,7 @@ async def test_a_batch_with_a_break_and_a_failing_effect_replays_alone_and_sends
 
     consumer = EventConsumer(pool, schema, "probe", handler, dead,  # type: ignore[arg-type]
                              settings=settings.model_copy(update={"consumer_max_attempts": 2}))
-    batch = [Inbound("probe.events", 0, offset, b"p", e.to_bytes())
-             for offset, e in enumerate([first, forged, second, third])]
+    batch = inbound("probe.events", [first, forged, second, third])
     await consumer.handle_batch(batch)
 
     rows = await pool.fetch(f"SELECT version FROM {schema}.seen ORDER BY seq")
@@ -416,9 +420,8 @@ async def test_a_follower_batch_costs_five_statements_plus_its_effects(
     streams = Citizens()
 
     def batch(*refs: str) -> list[Inbound]:
-        return [Inbound("probe.events", 0, offset, ref.encode(),
-                        streams[ref].append(f"s-{ref}", LossCancelled(loss_id="l")).to_bytes())
-                for offset, ref in enumerate(refs)]
+        return inbound("probe.events", [
+            streams[ref].append(f"s-{ref}", LossCancelled(loss_id="l")) for ref in refs])
 
     await consumer.handle_batch(batch("warm", "warm"))  # asyncpg prepares each statement once
     for messages in (batch("a", "b", "a", "c", "b"), batch("d")):
@@ -523,11 +526,6 @@ def follower_pair(pool: asyncpg.Pool, schema: str, settings: CardDeskSettings,
     return a, b, dead
 
 
-def inbound(topic: str, envelopes: Sequence[EventEnvelope]) -> list[Inbound]:
-    return [Inbound(topic, 0, offset, e.citizen_ref.encode(), e.to_bytes())
-            for offset, e in enumerate(envelopes)]
-
-
 async def test_followers_of_two_topics_in_one_fetch_share_one_transaction(
     counted: tuple[asyncpg.Pool, list[str]], schema: str, settings: CardDeskSettings,
 ) -> None:
@@ -558,10 +556,7 @@ async def test_a_failure_in_one_followers_part_replays_each_follower_on_its_own(
     pool: asyncpg.Pool, schema: str, settings: CardDeskSettings,
 ) -> None:
     await pool.execute(SEEN_DDL.format(schema=schema))
-    for_a = CitizenStreams("x").append_all("s-x", [LossCancelled(loss_id=f"{i}")
-                                                   for i in range(2)])
-    for_b = CitizenStreams("y").append_all("s-y", [LossCancelled(loss_id=f"{i}")
-                                                   for i in range(3)])
+    for_a, for_b = cancellations("x", 2), cancellations("y", 3)
     a, b, dead = follower_pair(pool, schema, settings, fail_on=for_b[1].event_id)
     forged = sealed("s-x", "x", LossCancelled(loss_id="f"), version=2)  # prev_hash: genesis
     fetch = [(a, inbound("a.events", [for_a[0], forged, for_a[1]])),
