@@ -127,7 +127,17 @@ async def _long_poll_batch(self: Any, consumer: Any) -> tuple[Any, ...]:
     subscriber's, set by `linger`) and takes what arrived meanwhile into the same batch:
     below saturation a batch otherwise carries a record or two, each paying a transaction,
     an offset commit and a relay round of its own.
+
+    Records `getmany` returned have moved the consumer's position: dropping them would let
+    the next batch's offset commit pass over them unprocessed. So an error of the lingering
+    fetch (a fetch or group error aiokafka reports on the call after the one that returned
+    records) does not lose the batch in hand: it is returned, and the error is raised on the
+    next call, where FastStream's loop reports it as it would have.
     """
+    pending: BaseException | None = getattr(self, PENDING_ATTRIBUTE, None)
+    if pending is not None:
+        setattr(self, PENDING_ATTRIBUTE, None)
+        raise pending
     timeout_s = self.batch_timeout_ms / 1000
     started = time.monotonic()
     messages = await consumer.getmany(timeout_ms=self.batch_timeout_ms,
@@ -140,13 +150,20 @@ async def _long_poll_batch(self: Any, consumer: Any) -> tuple[Any, ...]:
     wanted = self.max_records - sum(len(records) for records in messages.values())
     linger_s = getattr(self, LINGER_ATTRIBUTE, 0.0)
     if linger_s > 0 and wanted > 0:
-        await asyncio.sleep(linger_s)
-        for tp, records in (await consumer.getmany(timeout_ms=0, max_records=wanted)).items():
+        try:
+            await asyncio.sleep(linger_s)
+            more = await consumer.getmany(timeout_ms=0, max_records=wanted)
+        except Exception as error:  # raised on the next call, once this batch is handed over
+            setattr(self, PENDING_ATTRIBUTE, error)
+            more = {}
+        for tp, records in more.items():
             messages.setdefault(tp, []).extend(records)  # a partition's records stay in order
     return tuple(chain.from_iterable(messages.values()))
 
 
 LINGER_ATTRIBUTE = "_carddesk_linger_s"
+# An error of a lingering fetch, held until the batch in hand has been handed over.
+PENDING_ATTRIBUTE = "_carddesk_pending_error"
 
 
 def linger(subscriber: Any, linger_ms: int) -> None:

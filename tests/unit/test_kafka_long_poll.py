@@ -7,6 +7,8 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+from aiokafka.errors import TopicAuthorizationFailedError
 from faststream.kafka.subscriber.usecase import BatchSubscriber
 
 from shared.kafka import _long_poll_batch, linger
@@ -54,15 +56,18 @@ async def test_an_early_empty_answer_waits_out_the_rest_so_it_never_spins() -> N
 
 
 class ScriptedConsumer:
-    """`getmany` that gives each of `answers` in turn, noting what it was asked."""
+    """`getmany` that gives (or raises) each of `answers` in turn, noting what it was asked."""
 
-    def __init__(self, *answers: dict[str, list[str]]) -> None:
+    def __init__(self, *answers: dict[str, list[str]] | Exception) -> None:
         self.answers = list(answers)
         self.asked: list[tuple[int, int | None]] = []
 
     async def getmany(self, *, timeout_ms: int, max_records: int | None) -> Any:
         self.asked.append((timeout_ms, max_records))
-        return self.answers.pop(0)
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
 
 def lingering(linger_ms: int, max_records: int = 10) -> Any:
@@ -83,3 +88,17 @@ async def test_without_a_linger_or_with_a_full_batch_one_fetch_is_the_batch() ->
         consumer = ScriptedConsumer({"p0": ["a", "b"]}, {"p0": ["never"]})
         assert await _long_poll_batch(polled, consumer) == ("a", "b")
         assert len(consumer.asked) == 1
+
+
+async def test_an_error_of_the_lingering_fetch_keeps_the_records_in_hand_and_comes_next(
+) -> None:
+    # aiokafka returns one partition's records and raises another's fetch error on the next
+    # call; the records taken have moved the position, so losing them would skip them.
+    polled = lingering(5)
+    error = TopicAuthorizationFailedError("loss.events")
+    consumer = ScriptedConsumer({"p0": ["a", "b"]}, error, {"p0": ["c"]}, {})
+    assert await _long_poll_batch(polled, consumer) == ("a", "b")
+    with pytest.raises(TopicAuthorizationFailedError):
+        await _long_poll_batch(polled, consumer)
+    assert len(consumer.asked) == 2  # the error came before any further fetch
+    assert await _long_poll_batch(polled, consumer) == ("c",)
