@@ -266,6 +266,9 @@ class DeadLetter:
     topic: str
     key: bytes | None
     code: str
+    # The x-dlq-reason header (stream ids and versions, never personal data): what a
+    # finding prints, so that a failed run says which event of which stream it was.
+    reason: str = ""
 
 
 @dataclass
@@ -289,7 +292,8 @@ def dlq_verdict(letters: Iterable[DeadLetter], poison_keys: Mapping[bytes, str])
         if letter.key is not None and letter.key in poison_keys:
             landed.add(letter.key)
         else:
-            verdict.unexpected.append(f"{letter.topic}: {letter.code}")
+            verdict.unexpected.append(f"{letter.topic}: {letter.code}"
+                                      + (f" ({letter.reason[:200]})" if letter.reason else ""))
     verdict.poison_not_dead_lettered = sorted(
         f"{poison_keys[key]} ({key.decode(errors='replace')[:16]}…)"
         for key in poison_keys if key not in landed)

@@ -706,7 +706,10 @@ async def read_dead_letters(settings: CardDeskSettings,
                     if record.offset < ends[tp]:
                         headers = dict(record.headers or ())
                         code = bytes(headers.get("x-dlq-code") or b"?").decode(errors="replace")
-                        letters.append(DeadLetter(tp.topic, record.key, code))
+                        reason = "; ".join(
+                            bytes(headers[name]).decode(errors="replace")
+                            for name in ("x-dlq-consumer", "x-dlq-reason") if headers.get(name))
+                        letters.append(DeadLetter(tp.topic, record.key, code, reason))
                 if await consumer.position(tp) >= ends[tp]:
                     remaining.discard(tp)
     finally:

@@ -111,10 +111,12 @@ DLQ_MAX_VALUE_BYTES = 512 * 1024
 
 
 class DeadLetters:
-    """Publishes unprocessable messages to `<topic>.dlq`, the reason and origin in headers."""
+    """Publishes unprocessable messages to `<topic>.dlq`, the reason and origin in headers,
+    and the consumer group that gave up on it (`x-dlq-consumer`): a topic has several."""
 
-    def __init__(self, producer: AIOKafkaProducer) -> None:
+    def __init__(self, producer: AIOKafkaProducer, consumer: str | None = None) -> None:
         self.producer = producer
+        self.consumer = consumer
 
     async def send(self, msg: Inbound, code: str, reason: str) -> None:
         value, truncated = msg.value[:DLQ_MAX_VALUE_BYTES], len(msg.value) > DLQ_MAX_VALUE_BYTES
@@ -125,6 +127,7 @@ class DeadLetters:
             ("x-original-topic", msg.topic.encode()),
             ("x-original-partition", str(msg.partition).encode()),
             ("x-original-offset", str(msg.offset).encode()),
+            *([("x-dlq-consumer", self.consumer.encode())] if self.consumer else []),
             *([("x-dlq-original-size", str(len(msg.value)).encode())] if truncated else []),
         ]
         await self.producer.send_and_wait(

@@ -89,7 +89,7 @@ class ServiceRuntime:
 
     @property
     def dead_letters(self) -> DeadLetters:
-        return DeadLetters(self.producer)
+        return DeadLetters(self.producer, self.group)
 
     @property
     def events_topic(self) -> str:

@@ -149,8 +149,13 @@ def test_a_real_message_in_a_dlq_and_poison_that_never_landed_are_both_findings(
     assert verdict.clean
     assert verdict.by_reason[("loss.events.dlq", "malformed_json")] == 2
     real = dlq_verdict([*letters, DeadLetter("loss.commands.dlq", b"session-1",
-                                             "processing_failed")], poison)
-    assert real.unexpected == ["loss.commands.dlq: processing_failed"]
+                                             "processing_failed"),
+                        DeadLetter("review.events.dlq", b"ref", "broken_chain",
+                                   "review-ab v3: the previous version was never seen")],
+                       poison)
+    assert real.unexpected == [
+        "loss.commands.dlq: processing_failed",
+        "review.events.dlq: broken_chain (review-ab v3: the previous version was never seen)"]
     lost = dlq_verdict(letters[1:], poison)
     assert lost.poison_not_dead_lettered and not lost.clean
 

@@ -242,6 +242,7 @@ async def test_a_malformed_message_goes_to_the_dlq_with_its_reason_and_the_next_
     first = dict(dead[0].headers)
     assert first["x-original-topic"] == topic.encode()
     assert first["x-original-offset"].isdigit() and b"not JSON" in first["x-dlq-reason"]
+    assert first["x-dlq-consumer"] == probe_service.group.encode()
     assert dead[0].value == b'{"not": "an envelope"'
 
 
