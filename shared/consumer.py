@@ -40,7 +40,8 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InterfaceError,
     asyncpg.exceptions.SerializationError,
     asyncpg.exceptions.DeadlockDetectedError,
-    asyncpg.exceptions.CannotConnectNowError,
+    # The server going away: crash or admin shutdown of a backend, recovery in progress.
+    asyncpg.exceptions.OperatorInterventionError,
     ConcurrencyError,
     KafkaError,
     TimeoutError,
@@ -151,8 +152,10 @@ async def with_retries(
     """Run `process` until it succeeds. Infrastructure faults are retried without limit (the
     message must not be lost); a message the code cannot read (`Rejected`, or a parsing or
     validation error that escaped as such) is dead-lettered at once, since a retry reads the
-    same bytes; anything else is retried `max_attempts` times, then DLQ'd."""
-    attempt = 0
+    same bytes; anything else is retried until it failed `max_attempts` times in a row, then
+    DLQ'd. An infrastructure fault in between starts that count again: an outage's odd
+    errors (a client in a broken state, say) are not the message's fault."""
+    attempt = failures = 0
     while True:
         attempt += 1
         try:
@@ -162,12 +165,14 @@ async def with_retries(
             await dead_letters.send(msg, exc.code, exc.reason)
             return
         except TRANSIENT_ERRORS as exc:
+            failures = 0
             log.warning("message.retrying", error=type(exc).__name__, attempt=attempt)
         except UNREADABLE_ERRORS as exc:
             await dead_letters.send(msg, "unreadable", f"{type(exc).__name__}: {exc}"[:500])
             return
         except Exception as exc:
-            if attempt >= max_attempts:
+            failures += 1
+            if failures >= max_attempts:
                 log.exception("message.failed", attempt=attempt)
                 await dead_letters.send(msg, "processing_failed", f"{type(exc).__name__}: {exc}")
                 return
