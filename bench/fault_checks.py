@@ -266,8 +266,9 @@ class DeadLetter:
     topic: str
     key: bytes | None
     code: str
-    # The x-dlq-reason header (stream ids and versions, never personal data): what a
-    # finding prints, so that a failed run says which event of which stream it was.
+    # The x-dlq-consumer and x-dlq-reason headers, as the service also logged them (a
+    # chain break names the stream id, a hash, and the version): what a finding prints, so
+    # that a failed run says which follower and which event it was.
     reason: str = ""
 
 
