@@ -223,3 +223,11 @@ def test_the_local_broker_has_no_unauthenticated_listener(tmp_path: Path) -> Non
     assert properties["allow.everyone.if.no.acl.found"] == "false"
     assert properties["auto.create.topics.enable"] == "false"
     assert properties["sasl.enabled.mechanisms"] == "SCRAM-SHA-512"
+
+
+def test_the_local_broker_sizes_its_request_threads_to_the_machine() -> None:
+    from cardctl.stack import broker_threads
+
+    assert broker_threads(2) == ["num.io.threads=2", "num.network.threads=2"]
+    assert broker_threads(1) == ["num.io.threads=2", "num.network.threads=2"]
+    assert broker_threads(64) == ["num.io.threads=8", "num.network.threads=3"]  # the defaults
