@@ -63,9 +63,10 @@ class ConsoleService:
                              "bureau channel of the channels file")
         self.settings = settings
         schema = settings.console_schema
-        self.runtime = ServiceRuntime("console", settings,
+        # Its group is the one it consumes in, so its dead letters name that group.
+        self.runtime = ServiceRuntime("console", settings, schema=schema,
+                                      group=settings.console_consumer_group,
                                       extra_ddl=queue_ddl(schema) + staff_ddl(schema))
-        self.runtime.schema = schema
         self.writer = QueueWriter(schema)
         self.consumer: EventConsumer | None = None
         self.channel = ConsoleChannel(settings, channel,
@@ -76,7 +77,6 @@ class ConsoleService:
         self.runtime.on_ready(self._build)
         self.runtime.background(self._purge_sessions)
         self.runtime.subscribe(settings.review_events_topic(), self._handler,
-                               group=settings.console_consumer_group,
                                title=f"{settings.review_events_topic()}:console",
                                description="Projects review.events into the review queue")
         self.console = Console(
