@@ -173,6 +173,15 @@ def metrics_asgi() -> Any:
     return make_asgi_app(REGISTRY)
 
 
+def unread(start: int, end: int, committed: int | None) -> int:
+    """A partition's records from `start` (its log start: earlier ones are deleted) to `end`
+    that the group has not committed past. A group commits only the partitions its batches
+    moved, so one that never read a partition whose records all expired has no offset
+    there, and nothing left to read."""
+    done = committed if committed is not None and committed >= 0 else 0
+    return max(0, end - max(done, start))
+
+
 class MetricsSampler:
     """Samples what a counter cannot see: the outbox backlog (one indexed query) and the
     lag of each consumer group the service runs (end offsets minus committed offsets)."""
@@ -218,15 +227,17 @@ class MetricsSampler:
             partitions = await self._partitions_of(topics)
             if not partitions:
                 continue
+            starts = await asyncio.wait_for(self._offsets.beginning_offsets(partitions),
+                                            self.timeout_s)
             ends = await asyncio.wait_for(self._offsets.end_offsets(partitions), self.timeout_s)
             committed = await asyncio.wait_for(
                 self._admin.list_consumer_group_offsets(group, partitions=partitions),
                 self.timeout_s)
             for tp in partitions:
                 done = committed.get(tp)
-                offset = done.offset if done is not None and done.offset >= 0 else 0
                 CONSUMER_LAG.labels(self.service, group, tp.topic, str(tp.partition)).set(
-                    max(0, ends.get(tp, 0) - offset))
+                    unread(starts.get(tp, 0), ends.get(tp, 0),
+                           None if done is None else done.offset))
 
     async def _partitions_of(self, topics: list[str]) -> list[TopicPartition]:
         assert self._admin is not None

@@ -30,7 +30,7 @@ from shared.health import (
     summarise,
     watchdog,
 )
-from shared.kafka import broker_security, linger
+from shared.kafka import broker_security, commit_batch_ends, linger
 from shared.logging import configure_logging
 from shared.metrics import BATCH_SIZE, MetricsSampler, metrics_asgi, watch_pool
 from shared.outbox import OutboxRelay, make_producer
@@ -327,14 +327,16 @@ async def parse_leniently(records: tuple[ConsumerRecord[Any, Any], ...],
                           original: Callable[[Any], Awaitable[Any]]) -> Any:
     """FastStream's parser decodes every header as UTF-8: a record with one that is not would
     fail before our code runs and be redelivered for ever. Such a batch is parsed again with
-    the bad bytes replaced (U+FFFD), so the record reaches our checks and its DLQ."""
+    the bad bytes replaced (U+FFFD), so the record reaches our checks and its DLQ.
+    The batch is acknowledged by committing the partitions it moved (`BatchEndsCommit`)."""
     try:
-        return await original(records)
+        message = await original(records)
     except UnicodeDecodeError:
-        return await original(tuple(
+        message = await original(tuple(
             dataclasses.replace(record, headers=[
                 (key, value.decode("utf-8", "replace").encode()) for key, value in record.headers
             ]) for record in records))
+    return commit_batch_ends(message, records)
 
 
 async def raw_records(message: KafkaMessage) -> tuple[ConsumerRecord[Any, Any], ...]:
