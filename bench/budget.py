@@ -3,8 +3,9 @@
 Runs `python -m bench.journeys` (one short run; its arguments pass through) and, over its
 sustained phase and backlog drain, reads PostgreSQL's `pg_stat_statements` (reset when the
 phase starts) and each stack process's CPU seconds (`/proc/<pid>/stat`; PostgreSQL with its
-backends). With py-spy on PATH it also records the loss and status services for 15 s
-(speedscope files in the state directory). Divides by the commands the phase accepted.
+backends), and the records Kafka wrote to its offsets topic. With py-spy on PATH it also
+records the loss and status services (`--profile` names others) for 15 s (speedscope files
+in the state directory). Divides by the commands the phase accepted.
 
 `pg_stat_statements` must be loaded, for the measurement only (the extension is then created
 in the database where it is missing):
@@ -29,15 +30,19 @@ from collections import Counter
 from pathlib import Path
 
 import asyncpg
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from bench.common import console, latest_result, print_table
 from cardctl.stack import PG_SUPERUSER, Stack, pg_target
+from shared.kafka import as_principal, client_options
 from shared.settings import CardDeskSettings
 
 SCHEMAS = ("status", "auth", "loss", "review", "issuance", "console")
 SCHEMA = re.compile(r"\b(" + "|".join(SCHEMAS) + r")\.\w+")
 TICKS = os.sysconf("SC_CLK_TCK")
-PROFILED = ("loss", "status")
+PROFILED = "loss,status"
+OFFSETS_TOPIC = "__consumer_offsets"
 
 
 def children(pid: int) -> list[int]:
@@ -78,6 +83,27 @@ def snapshot(pids: dict[str, int]) -> dict[str, float]:
     return seconds
 
 
+async def offset_records(settings: CardDeskSettings) -> int:
+    """Records Kafka has written to its offsets topic so far: one per partition named in
+    each offset commit (and a few for group membership)."""
+    options = client_options(as_principal(settings, "admin"))
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **options)
+    await admin.start()
+    try:
+        described = await admin.describe_topics([OFFSETS_TOPIC])
+    finally:
+        await admin.close()
+    partitions = [TopicPartition(OFFSETS_TOPIC, p["partition"])
+                  for topic in described for p in topic["partitions"]]
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
+                                **options)
+    await consumer.start()
+    try:
+        return sum((await consumer.end_offsets(partitions)).values())
+    finally:
+        await consumer.stop()
+
+
 def schema_of(query: str) -> str:
     """The schema a statement names, or the statement itself when it names none or several."""
     named = {m.group(1) for m in SCHEMA.finditer(query)}
@@ -105,7 +131,8 @@ def top_statements(stats: list[asyncpg.Record]) -> list[tuple[str, str]]:
              f"{row['calls']} calls") for row in ranked]
 
 
-def start_profiles(pids: dict[str, int], out: Path) -> list[subprocess.Popen[bytes]]:
+def start_profiles(pids: dict[str, int], out: Path,
+                   profiled: list[str]) -> list[subprocess.Popen[bytes]]:
     spy = shutil.which("py-spy")
     if spy is None:
         console.print("py-spy not on PATH: no profiles")
@@ -114,14 +141,15 @@ def start_profiles(pids: dict[str, int], out: Path) -> list[subprocess.Popen[byt
                               "--format", "speedscope", "-o", str(out / f"{name}.speedscope.json"),
                               "-p", str(pids[name])],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            for name in PROFILED if name in pids]
+            for name in profiled if name in pids]
 
 
 class Window:
     """The sustained phase and its drain, as seen in the journeys run's output."""
 
-    def __init__(self, stack: Stack, dsn: str) -> None:
-        self.stack, self.dsn = stack, dsn
+    def __init__(self, stack: Stack, dsn: str, profiled: list[str]) -> None:
+        self.stack, self.dsn, self.profiled = stack, dsn, profiled
+        self.offset_records = 0
         self.pids: dict[str, int] = {}
         self.before: dict[str, float] = {}
         self.cpu: dict[str, float] = {}
@@ -137,13 +165,15 @@ class Window:
             await conn.execute("SELECT pg_stat_statements_reset()")
         finally:
             await conn.close()
+        self.offset_records = -await offset_records(self.stack.settings)
         self.started, self.before = time.monotonic(), snapshot(self.pids)
-        self.profiles = start_profiles(self.pids, self.stack.state_dir)
+        self.profiles = start_profiles(self.pids, self.stack.state_dir, self.profiled)
 
     async def close(self) -> None:
         self.seconds = time.monotonic() - self.started
         after = snapshot(self.pids)
         self.cpu = {name: after[name] - self.before.get(name, 0.0) for name in after}
+        self.offset_records += await offset_records(self.stack.settings)
         conn = await asyncpg.connect(self.dsn)
         try:
             self.stats = await conn.fetch(
@@ -180,11 +210,12 @@ def sustained_commands() -> int:
     return int(result["figures"]["sustained"]["runs"][0]["commands"])
 
 
-async def run(argv: list[str]) -> None:
+async def run(argv: list[str], profiled: list[str]) -> None:
     settings = CardDeskSettings()
     stack = Stack(settings, report=lambda line: console.print(f"[dim]•[/] {line}"))
     pg = pg_target(settings)
-    window = Window(stack, f"postgresql://{PG_SUPERUSER}@{pg.host}:{pg.port}/{pg.dbname}")
+    window = Window(stack, f"postgresql://{PG_SUPERUSER}@{pg.host}:{pg.port}/{pg.dbname}",
+                    profiled)
     await follow(argv, window)
     for profile in window.profiles:
         profile.wait(timeout=60)
@@ -192,6 +223,8 @@ async def run(argv: list[str]) -> None:
     print_table(f"statements per command ({commands} commands, {window.seconds:.1f} s)",
                 statement_rows(window.stats, commands))
     print_table("top statements by execution time", top_statements(window.stats))
+    print_table("offset commits", [("records written to __consumer_offsets per command",
+                                    f"{window.offset_records / commands:.2f}")])
     print_table("CPU ms per command", [
         (name, f"{1000 * s / commands:.2f} ({s:.2f} s)")
         for name, s in sorted(window.cpu.items(), key=lambda item: -item[1])])
@@ -200,12 +233,14 @@ async def run(argv: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("journeys", nargs=argparse.REMAINDER,
+    parser.add_argument("--profile", default=PROFILED,
+                        help="services py-spy records, comma-separated (default: %(default)s)")
+    parser.add_argument("journeys", nargs="*",
                         help="arguments for bench.journeys, after --")
     args = parser.parse_args()
-    passed = [a for a in args.journeys if a != "--"]
-    asyncio.run(run(passed or ["--citizens", "300", "--concurrency", "50", "--seconds", "20",
-                               "--rate", "50", "--runs", "1"]))
+    asyncio.run(run(args.journeys or ["--citizens", "300", "--concurrency", "50",
+                                      "--seconds", "20", "--rate", "50", "--runs", "1"],
+                    [name for name in args.profile.split(",") if name]))
 
 
 if __name__ == "__main__":
