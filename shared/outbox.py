@@ -101,7 +101,16 @@ class OutboxRelay:
         self._stopping = asyncio.Event()
 
     async def publish_pending(self, conn: asyncpg.Connection) -> int:
-        """Publish one batch; return how many messages were sent."""
+        """Publish one batch; return how many messages were sent.
+
+        The batch's events are acknowledged by Kafka before any of its replies is sent. A
+        reply sent with them could be appended first (another partition, another topic),
+        and a channel that acts on an accepted reply could then send its next command
+        before the events behind the reply were in Kafka: that service's barrier, which
+        waits for the followed events published before the command, would not wait for
+        them, and the command would be decided on facts without them (a card not yet known,
+        an application not yet pending). A transaction writes its events before its reply,
+        so a batch that ends between them has sent the events already."""
         rows = await conn.fetch(
             f"SELECT position, topic, key, value, headers FROM {self.schema}.outbox"
             " WHERE sent_at IS NULL ORDER BY position LIMIT $1",
@@ -109,14 +118,19 @@ class OutboxRelay:
         )
         if not rows:
             return 0
-        futures = []
+        events: list[tuple[asyncpg.Record, list[tuple[str, bytes]]]] = []
+        replies: list[tuple[asyncpg.Record, list[tuple[str, bytes]]]] = []
         event_types: list[str] = []
         for r in rows:
             headers = [(k, v.encode("latin-1")) for k, v in json.loads(r["headers"])]
-            event_types.extend(v.decode("latin-1") for k, v in headers if k == "event-type")
-            futures.append(await self.producer.send(r["topic"], value=r["value"], key=r["key"],
-                                                    headers=headers))
-        await asyncio.gather(*futures)
+            types = [v.decode("latin-1") for k, v in headers if k == "event-type"]
+            event_types.extend(types)
+            (events if types else replies).append((r, headers))
+        for part in (events, replies):
+            await asyncio.gather(*[
+                await self.producer.send(r["topic"], value=r["value"], key=r["key"],
+                                         headers=headers)
+                for r, headers in part])
         await conn.execute(
             f"UPDATE {self.schema}.outbox SET sent_at = now() WHERE position = ANY($1::bigint[])",
             [r["position"] for r in rows],
