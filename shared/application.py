@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Generic, TypeVar, cast
 from uuid import UUID, uuid4
 
 import asyncpg
-import structlog
 
 from shared.decider import Decider
 from shared.envelope import GENESIS_HASH, EventEnvelope
 from shared.errors import DomainError
 from shared.events import DomainEvent, EventMeta, to_pending
 from shared.eventstore import ConcurrencyError, EventStore, PostgresEventStore
-
-log = structlog.get_logger()
 
 C = TypeVar("C")
 S = TypeVar("S")
@@ -57,10 +54,12 @@ class StateCache:
 
 async def current_state(
     store: EventStore, decider: Decider[C, S, E, X], stream_id: str, cache: StateCache,
+    *, head: tuple[int, str] | None = None,
 ) -> tuple[S, int, str]:
     """The stream's state, version and last hash: from the cache when the head matches,
-    else by folding only the events after the cached version (or all of them)."""
-    version, last_hash = await store.head(stream_id)
+    else by folding only the events after the cached version (or all of them). `head` is
+    the stream's head when the caller has just read it."""
+    version, last_hash = head or await store.head(stream_id)
     cached = cache.get(stream_id)
     if cached is not None and cached[0] == version and cached[1] == last_hash:
         return cast(S, cached[2]), version, last_hash
@@ -152,14 +151,23 @@ class Streams(Generic[C, S, E, X]):
         """Whether the citizen's stream here records an erasure."""
         return self.decider.is_erased(await self.state(conn, citizen_ref))
 
-    async def ignores(self, conn: asyncpg.Connection, envelope: EventEnvelope) -> bool:
-        """Whether a followed event is about a citizen erased here: it changes nothing then
-        (logged, so an operator sees why)."""
-        if not await self.erased(conn, envelope.citizen_ref):
-            return False
-        log.info("follower.ignored_for_erased_subject", schema=self.schema,
-                 event_type=envelope.type)
-        return True
+    async def erased_among(self, conn: asyncpg.Connection,
+                           citizen_refs: Collection[str]) -> set[str]:
+        """Those of `citizen_refs` whose stream here records an erasure: every head in one
+        statement, each state from the cache when it holds that head (else folded; a stream
+        without events is in the initial state)."""
+        store = self.store(conn)
+        streams = {ref: self.decider.stream_id(ref) for ref in citizen_refs}
+        heads = await store.heads(streams.values())
+        erased: set[str] = set()
+        for ref, stream_id in streams.items():
+            state = self.decider.initial
+            if heads[stream_id][0] > 0:
+                state, _, _ = await current_state(store, self.decider, stream_id, self.cache,
+                                                  head=heads[stream_id])
+            if self.decider.is_erased(state):
+                erased.add(ref)
+        return erased
 
     async def decide(self, conn: asyncpg.Connection, command: C, context: X,
                      meta: EventMeta) -> list[EventEnvelope]:

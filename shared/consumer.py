@@ -33,6 +33,7 @@ from shared.tracing import start_span, trace_id_in
 log = structlog.get_logger()
 
 E = TypeVar("E")
+M = TypeVar("M")  # what travels beside an event (its message, or nothing)
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
@@ -257,6 +258,8 @@ def describe_validation_error(exc: ValidationError) -> str:
 EventHandler = Callable[[asyncpg.Connection, EventEnvelope], Awaitable[None]]
 # Applies several events of one partition, in order, as `EventHandler` would one by one.
 BatchEventHandler = Callable[[asyncpg.Connection, Sequence[EventEnvelope]], Awaitable[None]]
+# Those of the citizens whose followed events change nothing here: erased in this service.
+ErasedAmong = Callable[[asyncpg.Connection, Collection[str]], Awaitable[set[str]]]
 
 
 def _bind_event(topic: str, envelope: EventEnvelope) -> None:
@@ -301,9 +304,13 @@ class EventConsumer:
         batch_handler: BatchEventHandler | None = None,
         on_applied: Callable[[Sequence[Parsed]], None] | None = None,
         log_applied: bool = False,
+        erased: ErasedAmong | None = None,
     ) -> None:
         """`on_applied` hears of the events applied for the first time, after their commit;
-        with `log_applied`, each commit is logged with the trace ids of its events."""
+        with `log_applied`, each commit is logged with the trace ids of its events. Events
+        about citizens `erased` names are recorded as processed and change nothing (one
+        lookup per transaction, under the citizens' lock)."""
+        self.erased = erased
         self.on_applied = on_applied
         self.log_applied = log_applied
         self.pool = pool
@@ -453,7 +460,9 @@ class EventConsumer:
                      if id(envelope) in broken]
 
     async def _effects(self, conn: asyncpg.Connection, new: Sequence[Parsed]) -> None:
-        """The effects of `new` events: by `batch_handler` at once, else one by one."""
+        """The effects of `new` events: by `batch_handler` at once, else one by one; none
+        for events about citizens erased here."""
+        new = await self._unless_erased(conn, new)
         if not new:
             return
         if self.batch_handler is None:
@@ -500,5 +509,25 @@ class EventConsumer:
                 log.debug("event.duplicate_skipped")
                 return False
             await lock_citizens(conn, citizen_namespace(self.schema), [envelope.citizen_ref])
-            await self.handler(conn, envelope)
+            if await self._unless_erased(conn, [(None, envelope)]):
+                await self.handler(conn, envelope)
             return True
+
+    async def _unless_erased(self, conn: asyncpg.Connection,
+                             events: Sequence[tuple[M, EventEnvelope]],
+                             ) -> Sequence[tuple[M, EventEnvelope]]:
+        """`events` but those about citizens erased here, which change nothing (logged, so an
+        operator sees why)."""
+        if self.erased is None or not events:
+            return events
+        erased = await self.erased(conn, {envelope.citizen_ref for _, envelope in events})
+        if not erased:
+            return events
+        kept: list[tuple[M, EventEnvelope]] = []
+        for item in events:
+            if item[1].citizen_ref in erased:
+                log.info("follower.ignored_for_erased_subject", schema=self.schema,
+                         event_type=item[1].type)
+            else:
+                kept.append(item)
+        return kept

@@ -6,7 +6,7 @@ so a state change and its publication commit together (DESIGN section 9).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Protocol
 
 import asyncpg
@@ -35,6 +35,10 @@ class EventStore(Protocol):
 
     async def head(self, stream_id: str) -> tuple[int, str]:
         """The stream's last version and hash (0 and the genesis hash when it is empty)."""
+        ...
+
+    async def heads(self, stream_ids: Collection[str]) -> dict[str, tuple[int, str]]:
+        """`head` of each of `stream_ids`, at once."""
         ...
 
     async def append(
@@ -70,6 +74,9 @@ class InMemoryEventStore:
     async def head(self, stream_id: str) -> tuple[int, str]:
         stream = self._streams.get(stream_id)
         return (len(stream), stream[-1].hash) if stream else (0, GENESIS_HASH)
+
+    async def heads(self, stream_ids: Collection[str]) -> dict[str, tuple[int, str]]:
+        return {stream_id: await self.head(stream_id) for stream_id in stream_ids}
 
     async def append(
         self, stream_id: str, expected_version: int, events: Sequence[PendingEvent],
@@ -176,6 +183,19 @@ class PostgresEventStore:
             stream_id,
         )
         return (row["version"], row["hash"]) if row else (0, GENESIS_HASH)
+
+    async def heads(self, stream_ids: Collection[str]) -> dict[str, tuple[int, str]]:
+        """Each stream's last version and hash, in one statement (0 and the genesis hash for
+        an empty one)."""
+        rows = await self.conn.fetch(
+            "SELECT s.stream_id, h.version, h.hash FROM unnest($1::text[]) AS s(stream_id)"
+            " CROSS JOIN LATERAL (SELECT version, hash FROM"
+            f" {self.schema}.events e WHERE e.stream_id = s.stream_id"
+            " ORDER BY version DESC LIMIT 1) AS h",
+            sorted(set(stream_ids)),
+        )
+        found = {row["stream_id"]: (row["version"], row["hash"]) for row in rows}
+        return {stream_id: found.get(stream_id, (0, GENESIS_HASH)) for stream_id in stream_ids}
 
     async def append(
         self, stream_id: str, expected_version: int, events: Sequence[PendingEvent],

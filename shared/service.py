@@ -24,7 +24,14 @@ import asyncpg
 
 from shared.channels import ChannelRegistry
 from shared.commands import CommandIntake, CommandRoute
-from shared.consumer import BatchConsumer, BatchEventHandler, EventConsumer, EventHandler, Inbound
+from shared.consumer import (
+    BatchConsumer,
+    BatchEventHandler,
+    ErasedAmong,
+    EventConsumer,
+    EventHandler,
+    Inbound,
+)
 from shared.contracts import KNOWN_EVENT_TYPES
 from shared.decider import Clock, IdSource, new_uuid, utc_now
 from shared.envelope import EventEnvelope
@@ -79,6 +86,8 @@ class Wiring:
     commands: str = ""  # what `<name>.commands` carries, for the AsyncAPI document
     follows: Sequence[Follow] = ()
     loops: Sequence[Loop] = ()
+    # Citizens erased here, whose followed events change nothing (`Streams.erased_among`).
+    erased: ErasedAmong | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +155,7 @@ def bootstrap(
                 runtime.dead_letters, known_types=KNOWN_EVENT_TYPES[follow.topic],
                 settings=settings,
                 batch_handler=follow.batch_handler, on_applied=follow.on_applied,
-                log_applied=follow.log_applied)
+                log_applied=follow.log_applied, erased=wiring.erased)
 
     runtime.on_ready(ready)
     if wiring.routes:

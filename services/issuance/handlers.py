@@ -120,8 +120,6 @@ class IssuanceHandlers:
         event = decode_followed(decoders.REVIEW, envelope)
         if not isinstance(event, ReviewApproved):
             return  # only an approval starts anything here
-        if await self.streams.ignores(conn, envelope):
-            return
         try:
             await self.start_production(conn, envelope, event)
         except DomainError as exc:

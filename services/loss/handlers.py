@@ -132,10 +132,6 @@ class LossHandlers:
     async def on_issuance_event(self, conn: asyncpg.Connection, envelope: EventEnvelope) -> None:
         event = decode_followed(decoders.ISSUANCE, envelope)
         citizen_ref = envelope.citizen_ref
-        if not isinstance(event, issuance.CardIssued | issuance.CardReissued):
-            return  # the other card events change nothing here; skip the erasure lookup too
-        if await self.streams.ignores(conn, envelope):
-            return
         match event:
             case issuance.CardIssued(card_no=card_no):
                 await self.cards.hold(conn, citizen_ref, card_no)
@@ -156,8 +152,6 @@ class LossHandlers:
     async def on_review_event(self, conn: asyncpg.Connection, envelope: EventEnvelope) -> None:
         event = decode_followed(decoders.REVIEW, envelope)
         citizen_ref = envelope.citizen_ref
-        if await self.streams.ignores(conn, envelope):
-            return
         match event:
             case review.ReissueApplied(application_id=application_id):
                 await self.applications.applied(conn, citizen_ref, application_id)

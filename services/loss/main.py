@@ -35,6 +35,7 @@ def wire(kit: Kit[LossSettings]) -> Wiring:
             Follow("review.events", handlers.on_review_event,
                    "reissue applications: a pending one blocks cancellation"),
         ],
+        erased=handlers.streams.erased_among,
         loops=[handlers.expiry_loop],
     )
 

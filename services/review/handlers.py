@@ -105,8 +105,6 @@ class ReviewHandlers:
         """Track the citizen's loss case; a cancelled loss withdraws its application."""
         event = decode_followed(decoders.LOSS, envelope)
         citizen_ref = envelope.citizen_ref
-        if await self.streams.ignores(conn, envelope):
-            return
         current = await self.tables.loss_of(conn, citizen_ref)
         updated = domain.track_loss(current, event)
         if updated is not None and updated != current:

@@ -34,6 +34,7 @@ def wire(kit: Kit[ReviewSettings]) -> Wiring:
             Follow("loss.events", handlers.on_loss_event,
                    "Loss cases: whether a formal loss is in force; cancellation withdraws"),
         ],
+        erased=handlers.streams.erased_among,
     )
 
 

@@ -65,6 +65,17 @@ async def test_appended_events_are_read_back_in_version_order_with_a_valid_chain
     assert verify_stream("s-1", [e.to_json_dict() for e in events]) == []
 
 
+async def test_heads_gives_each_streams_last_version_and_hash_and_an_empty_ones_genesis(
+    store_factory: StoreFactory,
+) -> None:
+    async with store_factory() as store:
+        first = await store.append("h-1", 0, pending(2))
+        second = await store.append("h-2", 0, pending(1))
+        heads = await store.heads(["h-1", "h-2", "h-none"])
+    assert heads == {"h-1": (2, first[-1].hash), "h-2": (1, second[-1].hash),
+                     "h-none": (0, GENESIS_HASH)}
+
+
 async def test_appending_at_a_stale_expected_version_raises_the_concurrency_error(
     store_factory: StoreFactory,
 ) -> None:

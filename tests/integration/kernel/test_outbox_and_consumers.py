@@ -7,7 +7,7 @@ import asyncio
 import json
 import random
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -20,7 +20,7 @@ from shared.envelope import EventEnvelope, PendingEvent
 from shared.events import EventMeta, to_pending
 from shared.eventstore import PostgresEventStore, migrate
 from shared.outbox import OutboxRelay, make_producer
-from shared.runtime import ServiceRuntime, keep_session
+from shared.runtime import ServiceRuntime
 from shared.settings import CardDeskSettings
 from tests.builders import Citizens, CitizenStreams, sealed
 from tests.support import (
@@ -388,21 +388,6 @@ async def test_a_batch_with_a_break_and_a_failing_effect_replays_alone_and_sends
     assert len(dead.sent) == 2
 
 
-@pytest.fixture
-async def counted(settings: CardDeskSettings) -> AsyncIterator[tuple[asyncpg.Pool, list[str]]]:
-    """A pool of one connection that notes every statement it sends (`BEGIN` and `COMMIT`
-    too); asyncpg sends one statement per round trip."""
-    sent: list[str] = []
-
-    async def init(conn: asyncpg.Connection) -> None:
-        conn.add_query_logger(lambda query: sent.append(query.query))
-
-    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=1, init=init,
-                                     reset=keep_session)
-    yield pool, sent
-    await pool.close()
-
-
 async def test_a_follower_batch_costs_five_statements_plus_its_effects(
     counted: tuple[asyncpg.Pool, list[str]], schema: str, settings: CardDeskSettings,
 ) -> None:
@@ -595,3 +580,33 @@ async def test_followers_of_two_schemas_in_one_fetch_are_applied_apart(
             assert [r["citizen_ref"] for r in rows] == [ref]
     finally:
         await pool.execute(f"DROP SCHEMA {other} CASCADE")
+
+
+async def test_events_about_a_citizen_erased_here_are_taken_and_change_nothing(
+    pool: asyncpg.Pool, schema: str, settings: CardDeskSettings,
+) -> None:
+    await pool.execute(SEEN_DDL.format(schema=schema))
+    asked: list[set[str]] = []
+
+    async def erased(_conn: asyncpg.Connection, refs: Collection[str]) -> set[str]:
+        asked.append(set(refs))
+        return {"gone"} & set(refs)
+
+    consumer = EventConsumer(pool, schema, "probe", lambda c, e: record_seen(c, schema, e),
+                             RecordingDeadLetters(), settings=settings,  # type: ignore[arg-type]
+                             erased=erased)
+    streams = Citizens()
+    events = [streams[ref].append(f"s-{ref}", LossCancelled(loss_id="l"))
+              for ref in ("gone", "kept", "gone", "kept")]
+
+    await consumer.handle_batch(inbound("probe.events", events))
+    await consumer.handle_batch(inbound("probe.events", events))  # redelivered
+    later = streams["gone"].append("s-gone", LossCancelled(loss_id="l"))
+    assert await consumer.apply(later)  # one by one, as a failed batch is replayed
+
+    rows = await pool.fetch(f"SELECT citizen_ref, version FROM {schema}.seen ORDER BY seq")
+    assert [(r["citizen_ref"], r["version"]) for r in rows] == [("kept", 1), ("kept", 2)]
+    # One lookup for the batch, none for the redelivery (nothing new), one for the replay.
+    assert asked == [{"gone", "kept"}, {"gone"}]
+    assert await pool.fetchval(
+        f"SELECT count(*) FROM {schema}.processed WHERE consumer = 'probe'") == 5
