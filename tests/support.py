@@ -206,6 +206,20 @@ class RecordingProducer:
         self.sent.append((topic, value))
 
 
+class OutboxRows:
+    """A connection as the outbox relay uses it: `rows` to read, and whether it marked them
+    sent."""
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.rows, self.marked = rows, False
+
+    async def fetch(self, *_: Any) -> list[dict[str, Any]]:
+        return self.rows
+
+    async def execute(self, *_: Any) -> None:
+        self.marked = True
+
+
 class RecordingDeadLetters:
     """Stands in for the DLQ producer: what would have been dead-lettered, with the code."""
 

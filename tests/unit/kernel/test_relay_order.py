@@ -7,21 +7,9 @@ import json
 from typing import Any
 
 from shared.outbox import OutboxRelay
+from tests.support import OutboxRows
 
 EVENT = json.dumps([["event-type", "CardIssued"], ["event-id", "e1"]])
-
-
-class Conn:
-    """The outbox rows the relay reads, and its mark of them as sent."""
-
-    def __init__(self, rows: list[dict[str, Any]]) -> None:
-        self.rows, self.marked = rows, False
-
-    async def fetch(self, *_: Any) -> list[dict[str, Any]]:
-        return self.rows
-
-    async def execute(self, *_: Any) -> None:
-        self.marked = True
 
 
 class Producer:
@@ -52,7 +40,7 @@ def row(position: int, topic: str, headers: str = "[]") -> dict[str, Any]:
 
 async def test_a_reply_is_sent_only_after_the_events_before_it_are_acknowledged() -> None:
     producer = Producer()
-    conn = Conn([row(1, "issuance.events", EVENT), row(2, "issuance.events", EVENT),
+    conn = OutboxRows([row(1, "issuance.events", EVENT), row(2, "issuance.events", EVENT),
                  row(3, "channel.replies.wechat-oa"),
                  row(4, "issuance.events", EVENT), row(5, "channel.replies.app")])
 
@@ -66,7 +54,7 @@ async def test_a_reply_is_sent_only_after_the_events_before_it_are_acknowledged(
 
 async def test_a_batch_of_replies_alone_is_sent_at_once() -> None:
     producer = Producer()
-    conn = Conn([row(1, "channel.replies.wechat-oa"), row(2, "channel.replies.app")])
+    conn = OutboxRows([row(1, "channel.replies.wechat-oa"), row(2, "channel.replies.app")])
 
     assert await OutboxRelay(None, producer, "unit_order").publish_pending(conn) == 2
     assert producer.sent == [("channel.replies.wechat-oa", set()),

@@ -19,6 +19,7 @@ from shared.metrics import (
     projection_applied,
 )
 from shared.outbox import OutboxRelay
+from tests.support import OutboxRows
 
 # Every label any carddesk_ series may have: none can hold a citizen or free text.
 ALLOWED_LABELS = {"service", "type", "status", "code", "topic", "group", "partition",
@@ -108,17 +109,6 @@ async def test_a_dead_letter_is_counted_by_its_original_topic_and_code() -> None
     assert count() == before + 1
 
 
-class _Conn:
-    def __init__(self, rows: list[dict[str, Any]]) -> None:
-        self.rows = rows
-
-    async def fetch(self, *_: Any) -> list[dict[str, Any]]:
-        return self.rows
-
-    async def execute(self, *_: Any) -> None:
-        return None
-
-
 async def test_the_relay_counts_published_events_by_type_and_the_rest_as_replies() -> None:
     def figures() -> tuple[float, float]:
         now = scraped()
@@ -138,7 +128,7 @@ async def test_the_relay_counts_published_events_by_type_and_the_rest_as_replies
     ]
     relay = OutboxRelay(None, _Producer(), "unit_relay")
 
-    sent = await relay.publish_pending(_Conn(rows))
+    sent = await relay.publish_pending(OutboxRows(rows))
 
     assert sent == 3
     after = figures()
