@@ -43,6 +43,7 @@ SCHEMA = re.compile(r"\b(" + "|".join(SCHEMAS) + r")\.\w+")
 TICKS = os.sysconf("SC_CLK_TCK")
 PROFILED = "loss,status"
 OFFSETS_TOPIC = "__consumer_offsets"
+OFFSETS_TIMEOUT_S = 30.0
 
 
 def children(pid: int) -> list[int]:
@@ -85,7 +86,16 @@ def snapshot(pids: dict[str, int]) -> dict[str, float]:
 
 async def offset_records(settings: CardDeskSettings) -> int:
     """Records Kafka has written to its offsets topic so far: one per partition named in
-    each offset commit (and a few for group membership)."""
+    each offset commit (and a few for group membership). Gives up after
+    `OFFSETS_TIMEOUT_S`, saying so."""
+    try:
+        return await asyncio.wait_for(_offset_records(settings), OFFSETS_TIMEOUT_S)
+    except TimeoutError:
+        raise SystemExit(f"no end offsets of {OFFSETS_TOPIC} from Kafka at "
+                         f"{settings.kafka_bootstrap} within {OFFSETS_TIMEOUT_S:.0f} s") from None
+
+
+async def _offset_records(settings: CardDeskSettings) -> int:
     options = client_options(as_principal(settings, "admin"))
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **options)
     await admin.start()
