@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from shared.chain import ChainBreak, ChainView, FollowedChains, judge
 from shared.envelope import EventEnvelope, hash_is_intact
-from shared.eventstore import ConcurrencyError
+from shared.eventstore import ConcurrencyError, deferring_appends
 from shared.idempotency import ProcessedMessages
 from shared.locks import citizen_namespace, lock_citizens
 from shared.logging import bind_message_context
@@ -443,7 +443,8 @@ class EventConsumer:
     async def _take_and_apply(
         self, conn: asyncpg.Connection, parsed: Sequence[Parsed], view: ChainView,
     ) -> tuple[list[Parsed], list[tuple[Inbound, ChainBreak]]]:
-        """Under the lock: judge the chains, record the taken, apply the new."""
+        """Under the lock: judge the chains, record the taken, apply the new (whatever
+        their effects append to this schema's streams written in one statement)."""
         verdicts = judge([envelope for _, envelope in parsed], view)
         broken = {id(b.envelope): b for b in verdicts.breaks}
         taken = [(msg, envelope) for msg, envelope in parsed if id(envelope) not in broken]
@@ -455,7 +456,9 @@ class EventConsumer:
             if event_id in fresh:
                 fresh.discard(event_id)  # a redelivered copy later in it is skipped
                 new.append((msg, envelope))
-        await self._effects(conn, new)
+        with deferring_appends(conn, self.schema) as held:
+            await self._effects(conn, new)
+            await held.flush()
         return new, [(msg, broken[id(envelope)]) for msg, envelope in parsed
                      if id(envelope) in broken]
 

@@ -6,7 +6,10 @@ so a state change and its publication commit together (DESIGN section 9).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+import contextlib
+from collections.abc import Collection, Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import asyncpg
@@ -27,6 +30,73 @@ class ConcurrencyError(Exception):
         self.stream_id = stream_id
         self.expected = expected
         self.actual = actual
+
+
+class HeldAppendsConflictError(ConcurrencyError):
+    """A batch of held appends (`DeferredAppends`) met another writer, or a base rolled
+    back, when it was written. Its outbox rows were not written; events of other streams
+    may have been, so the transaction must be rolled back."""
+
+    def __init__(self) -> None:
+        Exception.__init__(self, "held appends: a stream moved on before they were written")
+        self.stream_id, self.expected, self.actual = "", 0, None
+
+
+@dataclass(slots=True)
+class DeferredAppends:
+    """A command batch's appends to one schema, held until `flush` writes them in one
+    statement, with their outbox rows, before the batch's replies.
+
+    While they are held, the schema's store on `conn` reads each stream with them (head,
+    heads, read_stream), so a later command of the batch decides on what an earlier one
+    appended. Each stream's first held append names the base it continues; `flush` keeps
+    nothing unless every base is still its stream's committed head (the same proof a single
+    append gives), so a conflict is a `HeldAppendsConflictError` for the whole batch."""
+
+    conn: asyncpg.Connection
+    schema: str
+    bases: dict[str, tuple[int, str]] = field(default_factory=dict)
+    streams: dict[str, list[EventEnvelope]] = field(default_factory=dict)
+    sealed: list[EventEnvelope] = field(default_factory=list)  # in the order appended
+    messages: list[OutboxMessage] = field(default_factory=list)
+
+    def holds(self, store: PostgresEventStore) -> bool:
+        return store.conn is self.conn and store.schema == self.schema
+
+    def head(self, stream_id: str) -> tuple[int, str] | None:
+        held = self.streams.get(stream_id)
+        return (held[-1].version, held[-1].hash) if held else None
+
+    def hold(self, stream_id: str, base: tuple[int, str], sealed: Sequence[EventEnvelope],
+             messages: Sequence[OutboxMessage]) -> None:
+        self.bases.setdefault(stream_id, base)
+        self.streams.setdefault(stream_id, []).extend(sealed)
+        self.sealed.extend(sealed)
+        self.messages.extend(messages)
+
+    async def flush(self) -> None:
+        """Write every held event and its outbox row in one statement; `HeldAppendsConflictError`
+        (nothing written) when a base is no longer its stream's head."""
+        if not self.sealed:
+            return
+        await insert_events(self.conn, self.schema, self.sealed, self.messages, self.bases,
+                            conflict=HeldAppendsConflictError())
+        self.bases, self.streams, self.sealed, self.messages = {}, {}, [], []
+
+
+_deferred: ContextVar[DeferredAppends | None] = ContextVar("deferred_appends", default=None)
+
+
+@contextlib.contextmanager
+def deferring_appends(conn: asyncpg.Connection, schema: str) -> Iterator[DeferredAppends]:
+    """Hold the appends the code inside makes to `schema` on `conn` until the caller's
+    `flush` (see `DeferredAppends`)."""
+    deferred = DeferredAppends(conn, schema)
+    token = _deferred.set(deferred)
+    try:
+        yield deferred
+    finally:
+        _deferred.reset(token)
 
 
 class EventStore(Protocol):
@@ -167,6 +237,11 @@ class PostgresEventStore:
         self.schema = schema
         self.events_topic = events_topic
 
+    @property
+    def _held(self) -> DeferredAppends | None:
+        deferred = _deferred.get()
+        return deferred if deferred is not None and deferred.holds(self) else None
+
     async def read_stream(self, stream_id: str, after_version: int = 0) -> list[EventEnvelope]:
         rows = await self.conn.fetch(
             f"SELECT body FROM {self.schema}.events WHERE stream_id = $1 AND version > $2"
@@ -174,9 +249,16 @@ class PostgresEventStore:
             stream_id,
             after_version,
         )
-        return [EventEnvelope.model_validate_json(r["body"]) for r in rows]
+        events = [EventEnvelope.model_validate_json(r["body"]) for r in rows]
+        held = self._held
+        if held is not None:
+            events += [e for e in held.streams.get(stream_id, ()) if e.version > after_version]
+        return events
 
     async def head(self, stream_id: str) -> tuple[int, str]:
+        held = self._held
+        if held is not None and (head := held.head(stream_id)) is not None:
+            return head
         row = await self.conn.fetchrow(
             f"SELECT version, hash FROM {self.schema}.events"
             " WHERE stream_id = $1 ORDER BY version DESC LIMIT 1",
@@ -195,6 +277,9 @@ class PostgresEventStore:
             sorted(set(stream_ids)),
         )
         found = {row["stream_id"]: (row["version"], row["hash"]) for row in rows}
+        held = self._held
+        if held is not None:
+            found.update({s: h for s in stream_ids if (h := held.head(s)) is not None})
         return {stream_id: found.get(stream_id, (0, GENESIS_HASH)) for stream_id in stream_ids}
 
     async def append(
@@ -205,53 +290,28 @@ class PostgresEventStore:
         last hash, and the append is then one round trip: the events and their outbox rows
         in a single statement, which inserts nothing if another writer got there first or
         if no committed event `expected_version` with that hash exists (so a head known from
-        a write that was rolled back can never leave a gap or a broken chain)."""
+        a write that was rolled back can never leave a gap or a broken chain). Inside
+        `deferring_appends` the events are held for the batch's one statement instead."""
         if not events:
             return []
-        if last_hash is None:
+        held = self._held
+        if held is not None and (head := held.head(stream_id)) is not None:
+            if head != (expected_version, last_hash or head[1]):
+                raise ConcurrencyError(stream_id, expected_version, head[0])
+            last_hash = head[1]
+        elif last_hash is None:
             actual, last_hash = await self.head(stream_id)
             if actual != expected_version:
                 raise ConcurrencyError(stream_id, expected_version, actual)
-        sealed = seal_all(stream_id, expected_version, last_hash, events)
+        base = (expected_version, last_hash or GENESIS_HASH)
+        sealed = seal_all(stream_id, *base, events)
         messages = [event_message(self.events_topic, e) for e in sealed]
-        appended = await self.conn.fetchval(
-            self._append_sql,
-            [e.stream_id for e in sealed], [e.version for e in sealed],
-            [e.event_id for e in sealed], [e.type for e in sealed],
-            [e.citizen_ref for e in sealed], [e.occurred_at for e in sealed],
-            [e.hash for e in sealed], [e.to_bytes().decode() for e in sealed],
-            *outbox_columns(messages), expected_version, last_hash,
-        )
-        if appended != len(sealed):
-            # Versions are gapless, so a lost race conflicts on the first event and inserts
-            # nothing; anything else would be a broken invariant, never to be retried.
-            if appended:
-                raise RuntimeError(f"stream {stream_id}: partial append of {appended} events")
-            raise ConcurrencyError(stream_id, expected_version)
-        for event in sealed:
-            EVENTS_APPENDED.labels(self.schema, event.type).inc()
+        if held is not None:
+            held.hold(stream_id, base, sealed, messages)
+        else:
+            await insert_events(self.conn, self.schema, sealed, messages, {stream_id: base},
+                                conflict=ConcurrencyError(stream_id, expected_version))
         return sealed
-
-    @property
-    def _append_sql(self) -> str:
-        s = self.schema
-        return f"""
-        WITH appended AS (
-            INSERT INTO {s}.events
-                (stream_id, version, event_id, type, citizen_ref, occurred_at, hash, body)
-            SELECT * FROM unnest($1::text[], $2::int[], $3::uuid[], $4::text[], $5::text[],
-                                 $6::timestamptz[], $7::text[], $8::text[])
-            WHERE $13::int = 0 OR EXISTS (SELECT 1 FROM {s}.events
-                WHERE stream_id = ($1::text[])[1] AND version = $13 AND hash = $14::text)
-            ON CONFLICT (stream_id, version) DO NOTHING
-            RETURNING version
-        ), queued AS (
-            {outbox_insert(s, 9)}
-            WHERE (SELECT count(*) FROM appended) = cardinality($2::int[])
-            RETURNING 1
-        )
-        SELECT count(*) FROM appended, LATERAL pg_notify('{notify_channel(s)}', '') AS n
-        """
 
     async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[EventEnvelope]:
         rows = await self.conn.fetch(
@@ -260,6 +320,57 @@ class PostgresEventStore:
             limit,
         )
         return [EventEnvelope.model_validate_json(r["body"]) for r in rows]
+
+
+async def insert_events(conn: asyncpg.Connection, schema: str, sealed: Sequence[EventEnvelope],
+                        messages: Sequence[OutboxMessage], bases: dict[str, tuple[int, str]],
+                        *, conflict: ConcurrencyError) -> None:
+    """Insert `sealed` (each stream's events continuing its base in `bases`) and their
+    outbox rows in one statement; raise `conflict` when it inserted none, because a base is
+    not its stream's committed head (another writer got there first, or the base was
+    rolled back). Versions are gapless, so a lost race conflicts on a stream's first event;
+    the rows of other streams it may have inserted are the caller's to roll back."""
+    appended = await conn.fetchval(
+        _append_sql(schema),
+        [e.stream_id for e in sealed], [e.version for e in sealed],
+        [e.event_id for e in sealed], [e.type for e in sealed],
+        [e.citizen_ref for e in sealed], [e.occurred_at for e in sealed],
+        [e.hash for e in sealed], [e.to_bytes().decode() for e in sealed],
+        *outbox_columns(messages),
+        list(bases), [version for version, _ in bases.values()],
+        [last_hash for _, last_hash in bases.values()],
+    )
+    if appended != len(sealed):
+        if appended and len(bases) == 1:
+            raise RuntimeError(f"stream {sealed[0].stream_id}: partial append of {appended}")
+        raise conflict
+    for event in sealed:
+        EVENTS_APPENDED.labels(schema, event.type).inc()
+
+
+def _append_sql(s: str) -> str:
+    """The events (parameters 1-8) inserted only if every base (13-15: stream, version,
+    hash; version 0 is the empty stream) is committed, and their outbox rows (9-12) only if
+    every event was inserted; the relay is woken on commit."""
+    return f"""
+    WITH appended AS (
+        INSERT INTO {s}.events
+            (stream_id, version, event_id, type, citizen_ref, occurred_at, hash, body)
+        SELECT * FROM unnest($1::text[], $2::int[], $3::uuid[], $4::text[], $5::text[],
+                             $6::timestamptz[], $7::text[], $8::text[])
+        WHERE NOT EXISTS (
+            SELECT FROM unnest($13::text[], $14::int[], $15::text[]) AS b(stream_id, version, hash)
+            WHERE b.version > 0 AND NOT EXISTS (SELECT FROM {s}.events e
+                WHERE e.stream_id = b.stream_id AND e.version = b.version AND e.hash = b.hash))
+        ON CONFLICT (stream_id, version) DO NOTHING
+        RETURNING version
+    ), queued AS (
+        {outbox_insert(s, 9)}
+        WHERE (SELECT count(*) FROM appended) = cardinality($2::int[])
+        RETURNING 1
+    )
+    SELECT count(*) FROM appended, LATERAL pg_notify('{notify_channel(s)}', '') AS n
+    """
 
 
 def event_message(topic: str, event: EventEnvelope) -> OutboxMessage:

@@ -4,6 +4,7 @@ reply, a command refused while the service's followers lag (`not_yet_consistent`
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ from opentelemetry import trace
 
 from shared.barrier import FollowerBarrier
 from shared.errors import DomainError
+from shared.eventstore import DeferredAppends, HeldAppendsConflictError, deferring_appends
 from shared.idempotency import ReplyKey, StoredReplies
 from shared.intake.messages import Refusal, Reply, rejected, reply_message
 from shared.intake.parse import CheckedCommand
@@ -43,12 +45,21 @@ class CommandExecutor:
     async def execute(self, commands: Sequence[CheckedCommand]) -> None:
         """Run commands in one transaction, then count and log their replies.
 
-        The first pass takes no savepoints (two round trips per command saved). A command
-        refused by a `DomainError` must leave no writes, so such a pass is rolled back as a
-        whole and run again with a savepoint per command; nothing of the first was visible."""
+        The first pass takes no savepoints (two round trips per command saved) and holds
+        the commands' appends for one statement before the replies (`DeferredAppends`). A
+        command refused by a `DomainError` must leave no writes, so such a pass is rolled
+        back as a whole and run again with a savepoint per command; nothing of the first was
+        visible. Held appends that meet another writer, or a cached state from a rolled-back
+        write, roll the pass back too, and it runs again appending command by command, which
+        reads each such stream's head afresh."""
         try:
             consistent = self.barrier is None or await self.barrier.caught_up()
-            outcomes = await self._pass(commands, savepoints=False, consistent=consistent)
+            try:
+                outcomes = await self._pass(commands, savepoints=False, consistent=consistent,
+                                            hold_appends=True)
+            except HeldAppendsConflictError:
+                log.info("batch.appends_conflicted", size=len(commands))
+                outcomes = await self._pass(commands, savepoints=False, consistent=consistent)
             if outcomes is None:
                 outcomes = await self._pass(commands, savepoints=True, consistent=consistent)
                 assert outcomes is not None, "with savepoints every refusal is a reply"
@@ -60,15 +71,17 @@ class CommandExecutor:
                     command.span.end()
 
     async def _pass(self, commands: Sequence[CheckedCommand], *, savepoints: bool,
-                    consistent: bool) -> list[Outcome] | None:
+                    consistent: bool, hold_appends: bool = False) -> list[Outcome] | None:
         """Every command's outcome, committed; None, rolled back, when a command run
         without a savepoint was refused."""
         async with self.pool.acquire() as conn:
             transaction = conn.transaction()
             await transaction.start()
             try:
-                outcomes = await self._outcomes(conn, commands, savepoints=savepoints,
-                                                consistent=consistent)
+                with (deferring_appends(conn, self.schema) if hold_appends
+                      else contextlib.nullcontext()) as held:
+                    outcomes = await self._outcomes(conn, commands, savepoints=savepoints,
+                                                    consistent=consistent, held=held)
             except BaseException:
                 await transaction.rollback()
                 raise
@@ -79,7 +92,8 @@ class CommandExecutor:
             return outcomes
 
     async def _outcomes(self, conn: asyncpg.Connection, commands: Sequence[CheckedCommand], *,
-                        savepoints: bool, consistent: bool) -> list[Outcome] | None:
+                        savepoints: bool, consistent: bool,
+                        held: DeferredAppends | None) -> list[Outcome] | None:
         stored = await self.replies.lookup(
             conn, [(c.context.channel, c.context.request_id) for c in commands])
         outcomes: list[Outcome] = []
@@ -95,6 +109,8 @@ class CommandExecutor:
             else:
                 stored[key] = reply  # the same request again later in the batch is a repeat
                 outcomes.append(Outcome(command, reply))
+        if held is not None:
+            await held.flush()  # the events' outbox rows before the replies'
         await self.replies.record(
             conn, [(o.command.context.channel, o.reply) for o in outcomes
                    if o.kept and not o.repeated],
