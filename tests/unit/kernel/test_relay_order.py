@@ -59,3 +59,46 @@ async def test_a_batch_of_replies_alone_is_sent_at_once() -> None:
     assert await OutboxRelay(None, producer, "unit_order").publish_pending(conn) == 2
     assert producer.sent == [("channel.replies.wechat-oa", set()),
                              ("channel.replies.app", {"channel.replies.wechat-oa"})]
+
+
+class Rounds:
+    """A connection that gives one list of rows per read (the rows after the position the
+    relay asks for) and notes the positions each update marked sent."""
+
+    def __init__(self, *rounds: list[dict[str, Any]]) -> None:
+        self.rounds = list(rounds)
+        self.read_after: list[int] = []
+        self.marked: list[list[int]] = []
+
+    async def fetch(self, _sql: str, _limit: int, after: int) -> list[dict[str, Any]]:
+        self.read_after.append(after)
+        return [r for r in self.rounds.pop(0) if r["position"] > after] if self.rounds else []
+
+    async def execute(self, _sql: str, positions: list[int]) -> None:
+        self.marked.append(positions)
+
+
+async def test_a_rounds_replies_go_out_with_the_next_rounds_events_and_are_marked_once_acked(
+) -> None:
+    producer = Producer()
+    conn = Rounds([row(1, "loss.events", EVENT), row(2, "channel.replies.app")],
+                  [row(3, "loss.events", EVENT), row(4, "channel.replies.wechat-oa")])
+    relay = OutboxRelay(None, producer, "unit_order")
+
+    assert await relay._publish(conn) == 2
+    assert conn.marked == [[1]]  # the reply is sent, not yet acknowledged
+    assert producer.sent[-1] == ("channel.replies.app", set())  # after its event's ack
+
+    assert await relay._publish(conn) == 2
+    assert conn.read_after == [0, 2]  # the reply in flight is not read again
+    # The next event went out while the reply could still be in flight; the next reply
+    # only once that event was acknowledged.
+    assert producer.sent[2] == ("loss.events", {"channel.replies.app"})
+    assert producer.sent[3] == ("channel.replies.wechat-oa", set())
+    assert conn.marked == [[1], [2, 3]]
+
+    assert await relay._publish(conn) == 0
+    assert conn.marked == [[1], [2, 3], [4]]
+    assert conn.read_after == [0, 2, 4]
+    assert await relay.publish_pending(conn) == 0
+    assert conn.read_after[-1] == 0  # nothing in flight: every unsent row is read again
