@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from shared.chain import ChainBreak, ChainView, FollowedChains, judge
 from shared.envelope import EventEnvelope, hash_is_intact
-from shared.eventstore import ConcurrencyError, deferring_appends
+from shared.eventstore import ConcurrencyError, holding_appends
 from shared.idempotency import ProcessedMessages
 from shared.locks import citizen_namespace, lock_citizens
 from shared.logging import bind_message_context
@@ -456,7 +456,7 @@ class EventConsumer:
             if event_id in fresh:
                 fresh.discard(event_id)  # a redelivered copy later in it is skipped
                 new.append((msg, envelope))
-        with deferring_appends(conn, self.schema) as held:
+        with holding_appends(conn, self.schema) as held:
             await self._effects(conn, new)
             await held.flush()
         return new, [(msg, broken[id(envelope)]) for msg, envelope in parsed

@@ -33,7 +33,7 @@ class ConcurrencyError(Exception):
 
 
 class HeldAppendsConflictError(ConcurrencyError):
-    """A batch of held appends (`DeferredAppends`) met another writer, or a base rolled
+    """A batch of held appends (`HeldAppends`) met another writer, or a base rolled
     back, when it was written. Its outbox rows were not written; events of other streams
     may have been, so the transaction must be rolled back."""
 
@@ -43,7 +43,7 @@ class HeldAppendsConflictError(ConcurrencyError):
 
 
 @dataclass(slots=True)
-class DeferredAppends:
+class HeldAppends:
     """A command batch's appends to one schema, held until `flush` writes them in one
     statement, with their outbox rows, before the batch's replies.
 
@@ -75,8 +75,9 @@ class DeferredAppends:
         self.messages.extend(messages)
 
     async def flush(self) -> None:
-        """Write every held event and its outbox row in one statement; `HeldAppendsConflictError`
-        (nothing written) when a base is no longer its stream's head."""
+        """Write every held event and its outbox row in one statement; a
+        `HeldAppendsConflictError` when a base is no longer its stream's head (the caller
+        rolls back: events of other streams may have been written)."""
         if not self.sealed:
             return
         await insert_events(self.conn, self.schema, self.sealed, self.messages, self.bases,
@@ -84,19 +85,19 @@ class DeferredAppends:
         self.bases, self.streams, self.sealed, self.messages = {}, {}, [], []
 
 
-_deferred: ContextVar[DeferredAppends | None] = ContextVar("deferred_appends", default=None)
+_held_appends: ContextVar[HeldAppends | None] = ContextVar("held_appends", default=None)
 
 
 @contextlib.contextmanager
-def deferring_appends(conn: asyncpg.Connection, schema: str) -> Iterator[DeferredAppends]:
+def holding_appends(conn: asyncpg.Connection, schema: str) -> Iterator[HeldAppends]:
     """Hold the appends the code inside makes to `schema` on `conn` until the caller's
-    `flush` (see `DeferredAppends`)."""
-    deferred = DeferredAppends(conn, schema)
-    token = _deferred.set(deferred)
+    `flush` (see `HeldAppends`)."""
+    held = HeldAppends(conn, schema)
+    token = _held_appends.set(held)
     try:
-        yield deferred
+        yield held
     finally:
-        _deferred.reset(token)
+        _held_appends.reset(token)
 
 
 class EventStore(Protocol):
@@ -238,9 +239,9 @@ class PostgresEventStore:
         self.events_topic = events_topic
 
     @property
-    def _held(self) -> DeferredAppends | None:
-        deferred = _deferred.get()
-        return deferred if deferred is not None and deferred.holds(self) else None
+    def _held(self) -> HeldAppends | None:
+        held = _held_appends.get()
+        return held if held is not None and held.holds(self) else None
 
     async def read_stream(self, stream_id: str, after_version: int = 0) -> list[EventEnvelope]:
         rows = await self.conn.fetch(
@@ -291,7 +292,7 @@ class PostgresEventStore:
         in a single statement, which inserts nothing if another writer got there first or
         if no committed event `expected_version` with that hash exists (so a head known from
         a write that was rolled back can never leave a gap or a broken chain). Inside
-        `deferring_appends` the events are held for the batch's one statement instead."""
+        `holding_appends` the events are held for the batch's one statement instead."""
         if not events:
             return []
         held = self._held

@@ -14,7 +14,7 @@ from opentelemetry import trace
 
 from shared.barrier import FollowerBarrier
 from shared.errors import DomainError
-from shared.eventstore import DeferredAppends, HeldAppendsConflictError, deferring_appends
+from shared.eventstore import HeldAppends, HeldAppendsConflictError, holding_appends
 from shared.idempotency import ReplyKey, StoredReplies
 from shared.intake.messages import Refusal, Reply, rejected, reply_message
 from shared.intake.parse import CheckedCommand
@@ -46,7 +46,7 @@ class CommandExecutor:
         """Run commands in one transaction, then count and log their replies.
 
         The first pass takes no savepoints (two round trips per command saved) and holds
-        the commands' appends for one statement before the replies (`DeferredAppends`). A
+        the commands' appends for one statement before the replies (`HeldAppends`). A
         command refused by a `DomainError` must leave no writes, so such a pass is rolled
         back as a whole and run again with a savepoint per command; nothing of the first was
         visible. Held appends that meet another writer, or a cached state from a rolled-back
@@ -78,7 +78,7 @@ class CommandExecutor:
             transaction = conn.transaction()
             await transaction.start()
             try:
-                with (deferring_appends(conn, self.schema) if hold_appends
+                with (holding_appends(conn, self.schema) if hold_appends
                       else contextlib.nullcontext()) as held:
                     outcomes = await self._outcomes(conn, commands, savepoints=savepoints,
                                                     consistent=consistent, held=held)
@@ -93,7 +93,7 @@ class CommandExecutor:
 
     async def _outcomes(self, conn: asyncpg.Connection, commands: Sequence[CheckedCommand], *,
                         savepoints: bool, consistent: bool,
-                        held: DeferredAppends | None) -> list[Outcome] | None:
+                        held: HeldAppends | None) -> list[Outcome] | None:
         stored = await self.replies.lookup(
             conn, [(c.context.channel, c.context.request_id) for c in commands])
         outcomes: list[Outcome] = []

@@ -26,7 +26,7 @@ from shared.events import EventMeta
 from shared.eventstore import (
     HeldAppendsConflictError,
     PostgresEventStore,
-    deferring_appends,
+    holding_appends,
 )
 from shared.settings import CardDeskSettings
 from shared.topics import reply_topic
@@ -63,7 +63,7 @@ async def test_held_appends_are_read_back_within_the_batch_and_written_in_one_st
 
     async with pool.acquire() as conn, conn.transaction():
         store = PostgresEventStore(conn, schema, TOPIC)
-        with deferring_appends(conn, schema) as held:
+        with holding_appends(conn, schema) as held:
             sent.clear()
             first = await store.append("a", 0, pending(2), last_hash=GENESIS_HASH)
             second = await store.append("b", 1, pending(1), last_hash=before.hash)
@@ -98,7 +98,7 @@ async def test_held_appends_onto_a_stream_another_writer_moved_keep_nothing(
     async def batch() -> None:
         async with pool.acquire() as conn, conn.transaction():
             store = PostgresEventStore(conn, schema, TOPIC)
-            with deferring_appends(conn, schema) as held:
+            with holding_appends(conn, schema) as held:
                 await store.append("fresh", 0, pending(1), last_hash=GENESIS_HASH)
                 await store.append("moved", 1, pending(1), last_hash=base.hash)
                 async with pool.acquire() as other, other.transaction():  # gets there first
