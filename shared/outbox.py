@@ -94,11 +94,10 @@ class Outgoing:
 
 @dataclass(frozen=True, slots=True)
 class InFlight:
-    """Replies sent and not yet acknowledged; `after` is the last position their round read."""
+    """Replies sent and not yet acknowledged."""
 
     sent: list[Outgoing]
     futures: list[asyncio.Future[Any]]
-    after: int
 
 
 class OutboxRelay:
@@ -157,10 +156,13 @@ class OutboxRelay:
         application not yet pending). A transaction writes its events before its reply, so
         a round that ends between them has sent the events already."""
         in_flight = self._in_flight
+        # Not `position > ` the last one read: a transaction that took its positions
+        # earlier may commit later, and its rows must not wait for the replies in flight.
         rows = await conn.fetch(
             f"SELECT position, topic, key, value, headers FROM {self.schema}.outbox"
-            " WHERE sent_at IS NULL AND position > $2 ORDER BY position LIMIT $1",
-            self.batch_size, in_flight.after if in_flight is not None else 0,
+            " WHERE sent_at IS NULL AND position <> ALL($2::bigint[])"
+            " ORDER BY position LIMIT $1",
+            self.batch_size, [o.position for o in in_flight.sent] if in_flight else [],
         )
         now: list[Outgoing] = []  # the events, and the replies before the first of them
         later: list[Outgoing] = []
@@ -173,8 +175,7 @@ class OutboxRelay:
         await asyncio.gather(*futures, *(in_flight.futures if in_flight else ()))
         self._in_flight = None
         if later:
-            self._in_flight = InFlight(later, [await self._send(o) for o in later],
-                                       after=rows[-1]["position"])
+            self._in_flight = InFlight(later, [await self._send(o) for o in later])
         await self._mark(conn, [*(in_flight.sent if in_flight else ()), *now])
         return len(rows)
 

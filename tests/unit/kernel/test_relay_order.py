@@ -62,17 +62,18 @@ async def test_a_batch_of_replies_alone_is_sent_at_once() -> None:
 
 
 class Rounds:
-    """A connection that gives one list of rows per read (the rows after the position the
-    relay asks for) and notes the positions each update marked sent."""
+    """A connection that gives one list of rows per read (less the positions the relay
+    leaves out) and notes the positions each update marked sent."""
 
     def __init__(self, *rounds: list[dict[str, Any]]) -> None:
         self.rounds = list(rounds)
-        self.read_after: list[int] = []
+        self.left_out: list[list[int]] = []
         self.marked: list[list[int]] = []
 
-    async def fetch(self, _sql: str, _limit: int, after: int) -> list[dict[str, Any]]:
-        self.read_after.append(after)
-        return [r for r in self.rounds.pop(0) if r["position"] > after] if self.rounds else []
+    async def fetch(self, _sql: str, _limit: int, left_out: list[int]) -> list[dict[str, Any]]:
+        self.left_out.append(left_out)
+        rows = self.rounds.pop(0) if self.rounds else []
+        return [r for r in rows if r["position"] not in left_out]
 
     async def execute(self, _sql: str, positions: list[int]) -> None:
         self.marked.append(positions)
@@ -81,24 +82,27 @@ class Rounds:
 async def test_a_rounds_replies_go_out_with_the_next_rounds_events_and_are_marked_once_acked(
 ) -> None:
     producer = Producer()
+    # The second read also finds row 0: its transaction took the position first and
+    # committed last. It is sent, not left behind the reply in flight.
     conn = Rounds([row(1, "loss.events", EVENT), row(2, "channel.replies.app")],
-                  [row(3, "loss.events", EVENT), row(4, "channel.replies.wechat-oa")])
+                  [row(0, "loss.events", EVENT), row(2, "channel.replies.app"),
+                   row(3, "loss.events", EVENT), row(4, "channel.replies.wechat-oa")])
     relay = OutboxRelay(None, producer, "unit_order")
 
     assert await relay._publish(conn) == 2
     assert conn.marked == [[1]]  # the reply is sent, not yet acknowledged
     assert producer.sent[-1] == ("channel.replies.app", set())  # after its event's ack
 
-    assert await relay._publish(conn) == 2
-    assert conn.read_after == [0, 2]  # the reply in flight is not read again
-    # The next event went out while the reply could still be in flight; the next reply
-    # only once that event was acknowledged.
+    assert await relay._publish(conn) == 3
+    assert conn.left_out == [[], [2]]  # the reply in flight is not read again
+    # The next events went out while the reply could still be in flight; the next reply
+    # only once they were acknowledged.
     assert producer.sent[2] == ("loss.events", {"channel.replies.app"})
-    assert producer.sent[3] == ("channel.replies.wechat-oa", set())
-    assert conn.marked == [[1], [2, 3]]
+    assert producer.sent[4] == ("channel.replies.wechat-oa", set())
+    assert conn.marked == [[1], [2, 0, 3]]
 
     assert await relay._publish(conn) == 0
-    assert conn.marked == [[1], [2, 3], [4]]
-    assert conn.read_after == [0, 2, 4]
+    assert conn.marked == [[1], [2, 0, 3], [4]]
+    assert conn.left_out == [[], [2], [4]]
     assert await relay.publish_pending(conn) == 0
-    assert conn.read_after[-1] == 0  # nothing in flight: every unsent row is read again
+    assert conn.left_out[-1] == []  # nothing in flight: every unsent row is read again
