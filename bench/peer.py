@@ -155,8 +155,10 @@ def peer_environment(database_url: str, schema: str, view_schema: str) -> dict[s
 
 def writer(env: dict[str, str], cards: Sequence[UUID], start_at: float, seconds: float,
            done: Any) -> None:
-    """One writer process: commands round its own cards from `start_at` for `seconds`."""
-    app = PeerCards(env)
+    """One writer process: commands round its own cards from `start_at` for `seconds`. The
+    tables exist by then (`run_writers`): two writers creating them at once can fail in
+    PostgreSQL's catalog (`tuple concurrently updated`)."""
+    app = PeerCards({**env, "CREATE_TABLE": "no"})
     app.repository.get(cards[0])  # connected and warm before the clock runs
     while time.time() < start_at:
         time.sleep(0.001)
