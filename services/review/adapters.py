@@ -3,6 +3,8 @@ which citizen each application belongs to (so a decision finds its stream)."""
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
+
 import asyncpg
 
 from services.review.domain import LossView
@@ -44,14 +46,30 @@ class ReviewTables:
             return None
         return LossView(row["loss_id"], row["kind"], row["card_no"], row["in_force"])
 
-    async def save_loss(self, conn: asyncpg.Connection, citizen_ref: str, loss: LossView) -> None:
+    async def losses_of(self, conn: asyncpg.Connection,
+                        citizen_refs: Collection[str]) -> dict[str, LossView]:
+        """`loss_of` each of `citizen_refs` that has a loss case, in one statement."""
+        rows = await conn.fetch(
+            f"SELECT citizen_ref, loss_id, kind, card_no, in_force FROM {self.schema}.losses"
+            " WHERE citizen_ref = ANY($1::text[])",
+            sorted(set(citizen_refs)),
+        )
+        return {row["citizen_ref"]: LossView(row["loss_id"], row["kind"], row["card_no"],
+                                             row["in_force"]) for row in rows}
+
+    async def save_losses(self, conn: asyncpg.Connection, losses: Mapping[str, LossView]) -> None:
+        """Record each citizen's loss case, in one statement."""
+        if not losses:
+            return
         await conn.execute(
             f"INSERT INTO {self.schema}.losses (citizen_ref, loss_id, kind, card_no, in_force)"
-            " VALUES ($1, $2, $3, $4, $5)"
+            " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bool[])"
             " ON CONFLICT (citizen_ref) DO UPDATE SET loss_id = EXCLUDED.loss_id,"
             " kind = EXCLUDED.kind, card_no = EXCLUDED.card_no, in_force = EXCLUDED.in_force,"
             " updated_at = now()",
-            citizen_ref, loss.loss_id, loss.kind, loss.card_no, loss.in_force,
+            list(losses), [loss.loss_id for loss in losses.values()],
+            [loss.kind for loss in losses.values()], [loss.card_no for loss in losses.values()],
+            [loss.in_force for loss in losses.values()],
         )
 
     async def record_application(

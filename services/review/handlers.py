@@ -103,24 +103,37 @@ class ReviewHandlers:
 
     async def on_loss_event(self, conn: asyncpg.Connection, envelope: EventEnvelope) -> None:
         """Track the citizen's loss case; a cancelled loss withdraws its application."""
-        event = decode_followed(decoders.LOSS, envelope)
-        citizen_ref = envelope.citizen_ref
-        current = await self.tables.loss_of(conn, citizen_ref)
-        updated = domain.track_loss(current, event)
-        if updated is not None and updated != current:
-            await self.tables.save_loss(conn, citizen_ref, updated)
-            log.info("review.loss_tracked", loss_id=updated.loss_id, kind=updated.kind,
-                     in_force=updated.in_force)
-        withdrawal = domain.withdrawal_for(event)
-        if withdrawal is None:
-            return
-        meta = EventMeta(citizen_ref=citizen_ref, occurred_at=envelope.occurred_at,
-                         correlation_id=envelope.correlation_id,
-                         causation_id=str(envelope.event_id))
-        for recorded in await self._run(conn, withdrawal, meta, envelope.occurred_at):
-            if isinstance(recorded, ApplicationWithdrawn):
-                log.info("review.withdrawn", application_id=recorded.application_id,
-                         reason=recorded.reason)
+        await self.on_loss_events(conn, [envelope])
+
+    async def on_loss_events(self, conn: asyncpg.Connection,
+                             envelopes: Sequence[EventEnvelope]) -> None:
+        """`on_loss_event` for a partition's batch, in order: the citizens' loss cases read
+        in one statement and the changed ones written in one, before any withdrawal (which
+        reads the case it decides on)."""
+        events = [(envelope, decode_followed(decoders.LOSS, envelope)) for envelope in envelopes]
+        cases = await self.tables.losses_of(conn, {envelope.citizen_ref for envelope in envelopes})
+        changed: dict[str, domain.LossView] = {}
+        for envelope, event in events:
+            citizen_ref = envelope.citizen_ref
+            current = cases.get(citizen_ref)
+            updated = domain.track_loss(current, event)
+            if updated is not None and updated != current:
+                cases[citizen_ref] = changed[citizen_ref] = updated
+                log.info("review.loss_tracked", citizen_ref=citizen_ref, loss_id=updated.loss_id,
+                         kind=updated.kind, in_force=updated.in_force)
+            withdrawal = domain.withdrawal_for(event)
+            if withdrawal is None:
+                continue
+            await self.tables.save_losses(conn, changed)
+            changed.clear()
+            meta = EventMeta(citizen_ref=citizen_ref, occurred_at=envelope.occurred_at,
+                             correlation_id=envelope.correlation_id,
+                             causation_id=str(envelope.event_id))
+            for recorded in await self._run(conn, withdrawal, meta, envelope.occurred_at):
+                if isinstance(recorded, ApplicationWithdrawn):
+                    log.info("review.withdrawn", citizen_ref=citizen_ref,
+                             application_id=recorded.application_id, reason=recorded.reason)
+        await self.tables.save_losses(conn, changed)
 
     # ------------------------------------------------------------------------- the one path
 

@@ -32,7 +32,8 @@ def wire(kit: Kit[ReviewSettings]) -> Wiring:
         commands="SubmitReissueApplication; DecideReview and EraseSubject (bureau only)",
         follows=[
             Follow("loss.events", handlers.on_loss_event,
-                   "Loss cases: whether a formal loss is in force; cancellation withdraws"),
+                   "Loss cases: whether a formal loss is in force; cancellation withdraws",
+                   batch_handler=handlers.on_loss_events),
         ],
         erased=handlers.streams.erased_among,
     )
