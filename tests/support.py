@@ -18,6 +18,7 @@ from services.status.main import SPEC as STATUS
 from services.status.main import query_app
 from services.status.settings import StatusSettings
 from shared.consumer import Inbound
+from shared.eventstore import migrate
 from shared.kafka import client_options
 from shared.outbox import make_producer
 from shared.runtime import ServiceRuntime, stop_step
@@ -43,6 +44,20 @@ def kafka_options() -> dict[str, Any]:
 
 def unique(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+@asynccontextmanager
+async def schema_pair(pool: asyncpg.Pool, ddl: Callable[[str], str],
+                      prefixes: tuple[str, str]) -> AsyncIterator[tuple[str, str]]:
+    """Two throwaway schemas with a service's tables, for one path against another."""
+    names = unique(prefixes[0]), unique(prefixes[1])
+    for name in names:
+        await migrate(pool, name, ddl(name))
+    try:
+        yield names
+    finally:
+        for name in names:
+            await pool.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
 
 
 async def create_topics(bootstrap: str, names: Sequence[str], partitions: int = 6) -> None:

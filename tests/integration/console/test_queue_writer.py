@@ -14,21 +14,16 @@ from services.console.queue import QueueWriter, queue_ddl
 from shared.contracts import review
 from shared.contracts.common import SubjectErased
 from shared.envelope import EventEnvelope
-from shared.eventstore import migrate
 from tests.builders import CitizenStreams
-from tests.support import unique
+from tests.support import schema_pair
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 async def schemas(pool: asyncpg.Pool) -> AsyncIterator[tuple[str, str]]:
-    names = unique("qa"), unique("qb")
-    for name in names:
-        await migrate(pool, name, queue_ddl(name))
-    yield names
-    for name in names:
-        await pool.execute(f"DROP SCHEMA {name} CASCADE")
+    async with schema_pair(pool, queue_ddl, ("qa", "qb")) as names:
+        yield names
 
 
 def applied(streams: CitizenStreams, application_id: str) -> EventEnvelope:

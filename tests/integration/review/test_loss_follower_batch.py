@@ -19,22 +19,18 @@ from shared.contracts.loss import LossCancelled, LossClosed, LossReported
 from shared.contracts.review import ReissueApplied
 from shared.envelope import EventEnvelope
 from shared.events import EventMeta, to_pending
-from shared.eventstore import PostgresEventStore, migrate
+from shared.eventstore import PostgresEventStore
 from shared.service import Kit
 from tests.builders import CitizenStreams
-from tests.support import unique
+from tests.support import schema_pair
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 async def schemas(pool: asyncpg.Pool) -> AsyncIterator[tuple[str, str]]:
-    names = unique("rb"), unique("ro")
-    for name in names:
-        await migrate(pool, name, review_ddl(name))
-    yield names
-    for name in names:
-        await pool.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+    async with schema_pair(pool, review_ddl, ("rb", "ro")) as names:
+        yield names
 
 
 async def applied_for(pool: asyncpg.Pool, schema: str, ref: str, loss_id: str) -> None:
