@@ -10,7 +10,8 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 
-from shared.envelope import GENESIS_HASH, EventEnvelope
+from shared.decider import Decider
+from shared.envelope import GENESIS_HASH, EventEnvelope, PendingEvent
 from shared.events import DomainEvent, EventMeta, to_pending
 
 # The stream a service keeps per citizen, by the topic it publishes it on.
@@ -88,3 +89,27 @@ class Citizens(dict[str, CitizenStreams]):
     def __missing__(self, citizen_ref: str) -> CitizenStreams:
         streams = self[citizen_ref] = CitizenStreams(citizen_ref)
         return streams
+
+
+def pending(n: int, citizen: str = "ref") -> list[PendingEvent]:
+    """`n` probe events for a store to seal and append."""
+    return [
+        PendingEvent(event_id=uuid.uuid4(), type="Probe", citizen_ref=citizen,
+                     occurred_at=datetime.now(UTC), correlation_id="c", causation_id="c",
+                     data={"i": i})
+        for i in range(n)
+    ]
+
+
+def _identity(envelope: EventEnvelope) -> EventEnvelope:
+    return envelope
+
+
+def _count(state: int, _event: EventEnvelope) -> int:
+    return state + 1
+
+
+# A stream's state is how many events it holds; the stream id is the citizen_ref.
+COUNTER: Decider[None, int, EventEnvelope, None] = Decider(
+    initial=0, evolve=_count, decide=lambda _c, _s, _x: [], decode=_identity,
+    stream_id=lambda ref: ref, is_erased=lambda _s: False)

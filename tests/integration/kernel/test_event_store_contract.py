@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime
@@ -14,23 +13,14 @@ import pytest
 
 from shared.application import StateCache, handle_command
 from shared.contracts.loss import LossCancelled
-from shared.decider import Decider
-from shared.envelope import GENESIS_HASH, EventEnvelope, PendingEvent, verify_stream
+from shared.envelope import GENESIS_HASH, EventEnvelope, verify_stream
 from shared.events import EventMeta
 from shared.eventstore import ConcurrencyError, EventStore, InMemoryEventStore, PostgresEventStore
+from tests.builders import COUNTER, pending
 
 pytestmark = pytest.mark.integration
 
 StoreFactory = Callable[[], AbstractAsyncContextManager[EventStore]]
-
-
-def pending(n: int, citizen: str = "ref") -> list[PendingEvent]:
-    return [
-        PendingEvent(event_id=uuid.uuid4(), type="Probe", citizen_ref=citizen,
-                     occurred_at=datetime.now(UTC), correlation_id="c", causation_id="c",
-                     data={"i": i})
-        for i in range(n)
-    ]
 
 
 @pytest.fixture(params=["memory", "postgres"])
@@ -175,7 +165,7 @@ async def test_a_command_decided_on_a_cached_state_of_a_rolled_back_write_is_dec
     async def append_one() -> list[EventEnvelope]:
         async with pool.acquire() as conn, conn.transaction():
             return await handle_command(
-                PostgresEventStore(conn, schema, "probe.events"), _COUNTER, "cached",
+                PostgresEventStore(conn, schema, "probe.events"), COUNTER, "cached",
                 lambda _: [LossCancelled(loss_id="l")], meta, cache)
 
     await append_one()
@@ -183,7 +173,7 @@ async def test_a_command_decided_on_a_cached_state_of_a_rolled_back_write_is_dec
     with contextlib.suppress(RuntimeError):
         async with pool.acquire() as conn, conn.transaction():
             await handle_command(
-                PostgresEventStore(conn, schema, "probe.events"), _COUNTER, "cached",
+                PostgresEventStore(conn, schema, "probe.events"), COUNTER, "cached",
                 lambda _: [LossCancelled(loss_id="l")], meta, cache)
             raise RuntimeError("rolled back")
     [appended] = await append_one()
@@ -191,16 +181,3 @@ async def test_a_command_decided_on_a_cached_state_of_a_rolled_back_write_is_dec
     async with pool.acquire() as conn:
         events = await PostgresEventStore(conn, schema, "probe.events").read_stream("cached")
     assert verify_stream("cached", [e.to_json_dict() for e in events]) == []
-
-
-def _identity(envelope: EventEnvelope) -> EventEnvelope:
-    return envelope
-
-
-def _count(state: int, _event: EventEnvelope) -> int:
-    return state + 1
-
-
-_COUNTER: Decider[None, int, EventEnvelope, None] = Decider(
-    initial=0, evolve=_count, decide=lambda _c, _s, _x: [], decode=_identity,
-    stream_id=lambda ref: ref, is_erased=lambda _s: False)

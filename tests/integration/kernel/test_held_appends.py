@@ -20,8 +20,7 @@ from shared.channels import Channel, ChannelRegistry, sign
 from shared.commands import CommandContext, CommandIntake, CommandRoute
 from shared.consumer import Inbound
 from shared.contracts.loss import LossCancelled
-from shared.decider import Decider
-from shared.envelope import GENESIS_HASH, EventEnvelope, verify_stream
+from shared.envelope import GENESIS_HASH, verify_stream
 from shared.events import EventMeta
 from shared.eventstore import (
     HeldAppendsConflictError,
@@ -30,7 +29,7 @@ from shared.eventstore import (
 )
 from shared.settings import CardDeskSettings
 from shared.topics import reply_topic
-from tests.integration.kernel.test_event_store_contract import pending
+from tests.builders import COUNTER, pending
 from tests.support import RecordingDeadLetters
 
 pytestmark = pytest.mark.integration
@@ -39,13 +38,6 @@ TOPIC = "probe.events"
 CHANNEL = Channel(channel_id="held-channel", secret="held-secret")
 
 
-def _count(state: int, _event: EventEnvelope) -> int:
-    return state + 1
-
-
-COUNTER: Decider[None, int, EventEnvelope, None] = Decider(
-    initial=0, evolve=_count, decide=lambda _c, _s, _x: [], decode=lambda e: e,
-    stream_id=lambda ref: ref, is_erased=lambda _s: False)
 
 
 async def outbox_event_ids(conn: asyncpg.Connection, schema: str) -> list[str]:
