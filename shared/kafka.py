@@ -179,11 +179,11 @@ class BatchEndsCommit:
     FastStream's acknowledgement calls aiokafka's `commit()` without offsets, which commits
     the position of every assigned partition: each batch wrote one `__consumer_offsets`
     record per partition the consumer holds (24 for the status service's four topics),
-    however few it moved. Here the commit names the offset after each partition's last record of the
-    batch, which is the position the batch moved it to, so what the group has committed
-    after each batch is what it was before. A partition revoked while the batch ran is left
-    out, as aiokafka's own commit leaves out what is no longer assigned. A rewind (`seek`,
-    FastStream's negative acknowledgement) goes to the consumer itself.
+    however few it moved. Here the commit names the offset after each partition's last
+    record of the batch, which is the position the batch moved it to, so what the group has
+    committed after each batch is what it was before. A partition revoked while the batch
+    ran is left out, as aiokafka's own commit leaves out what is no longer assigned. A
+    rewind (`seek`, FastStream's negative acknowledgement) goes to the consumer itself.
     """
 
     def __init__(self, consumer: AIOKafkaConsumer,
