@@ -64,6 +64,9 @@ async def current_state(
     if cached is not None and cached[0] == version and cached[1] == last_hash:
         return cast(S, cached[2]), version, last_hash
     state, after, expected_prev = decider.initial, 0, GENESIS_HASH
+    if version == 0:  # no events: nothing to read (a new citizen's first command)
+        cache.put(stream_id, version, last_hash, state)
+        return state, version, last_hash
     if cached is not None and cached[0] < version:
         state, after, expected_prev = cast(S, cached[2]), cached[0], cached[1]
     envelopes = await store.read_stream(stream_id, after_version=after)

@@ -50,7 +50,15 @@ async def test_a_stream_unchanged_since_the_last_command_is_not_read_again() -> 
     await append_one(store, cache)
     state, version, _ = await current_state(store, COUNTER, "s", cache)
     assert (state, version) == (2, 2)
-    assert store.reads == [0]  # only the very first command read the (empty) stream
+    assert store.reads == []  # the first found the stream empty by its head; none read it
+
+
+async def test_a_stream_emptied_under_a_cached_state_is_the_initial_state() -> None:
+    store, cache = CountingStore(), StateCache()
+    cache.put("s", 3, "f" * 64, 999)  # what a write that was rolled back would leave
+    state, version, _ = await current_state(store, COUNTER, "s", cache)
+    assert (state, version) == (0, 0)
+    assert store.reads == []
 
 
 async def test_events_written_by_another_process_are_folded_onto_the_cached_state() -> None:
