@@ -39,13 +39,18 @@ class Applications:
 
     async def record(self, conn: asyncpg.Connection, application_id: str,
                      citizen_ref: str) -> str:
-        """Remember whose application this is; returns the citizen_ref on record."""
-        await conn.execute(
-            f"INSERT INTO {self.schema}.applications (application_id, citizen_ref)"
-            " VALUES ($1, $2) ON CONFLICT (application_id) DO NOTHING",
+        """Remember whose application this is; returns the citizen_ref on record (one
+        statement, unless a concurrent writer's row committed while it ran)."""
+        ref = await conn.fetchval(
+            f"WITH inserted AS (INSERT INTO {self.schema}.applications"
+            " (application_id, citizen_ref) VALUES ($1, $2)"
+            " ON CONFLICT (application_id) DO NOTHING RETURNING citizen_ref)"
+            " SELECT citizen_ref FROM inserted UNION ALL"
+            f" SELECT citizen_ref FROM {self.schema}.applications WHERE application_id = $1"
+            " LIMIT 1",
             application_id, citizen_ref,
         )
-        return str(await self.holder_of(conn, application_id))
+        return str(ref if ref is not None else await self.holder_of(conn, application_id))
 
     async def holder_of(self, conn: asyncpg.Connection, application_id: str) -> str | None:
         ref = await conn.fetchval(
