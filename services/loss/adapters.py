@@ -4,6 +4,9 @@ timers. Every write joins the caller's transaction."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from dataclasses import dataclass
+
 import asyncpg
 
 from services.loss.domain import ApplicationStatus
@@ -28,76 +31,110 @@ def loss_ddl(schema: str) -> str:
     """
 
 
-async def facts_of(conn: asyncpg.Connection, schema: str,
-                   citizen_ref: str) -> tuple[str | None, ApplicationStatus]:
-    """What a loss decision knows from the other services, in one round trip: the card the
-    citizen holds (None before issuance told of one) and their application's status."""
-    row = await conn.fetchrow(
-        f"SELECT (SELECT card_no FROM {schema}.cards WHERE citizen_ref = $1) AS card_no,"
-        f" (SELECT status FROM {schema}.applications WHERE citizen_ref = $1) AS status",
-        citizen_ref)
-    assert row is not None, "a SELECT without FROM returns one row"
-    status: ApplicationStatus = row["status"] or "none"
-    return row["card_no"], status
+@dataclass(frozen=True, slots=True)
+class Application:
+    """A citizen's latest reissue application, as review and issuance told of it."""
+
+    application_id: str
+    status: ApplicationStatus
 
 
-class Cards:
-    """`cards`: the card each citizen holds, from issuance.events."""
+def applied(current: Application | None, application_id: str) -> Application:
+    """A new application replaces the one before; the same one again changes nothing."""
+    if current is not None and current.application_id == application_id:
+        return current
+    return Application(application_id, "pending")
 
-    def __init__(self, schema: str) -> None:
+
+def decided(current: Application | None, application_id: str,
+            status: ApplicationStatus) -> Application:
+    """A decision only touches the application it names, and a completed one (its card was
+    reissued) never goes back, whatever order the two topics deliver in."""
+    if current is None:
+        return Application(application_id, status)
+    if current.application_id == application_id and current.status != "completed":
+        return Application(application_id, status)
+    return current
+
+
+class Facts:
+    """What a loss decision knows from the other services about some citizens (`cards`: the
+    card each holds; `applications`: their latest reissue application), read in one
+    statement; what changed is written back in one statement per table by `save`."""
+
+    def __init__(self, schema: str, cards: dict[str, str],
+                 applications: dict[str, Application]) -> None:
         self.schema = schema
+        self.cards = cards
+        self.applications = applications
+        self._changed_cards: set[str] = set()
+        self._changed_applications: set[str] = set()
 
-    async def hold(self, conn: asyncpg.Connection, citizen_ref: str, card_no: str) -> None:
-        await conn.execute(
-            f"INSERT INTO {self.schema}.cards (citizen_ref, card_no) VALUES ($1, $2)"
-            " ON CONFLICT (citizen_ref) DO UPDATE"
-            " SET card_no = EXCLUDED.card_no, updated_at = now()",
-            citizen_ref,
-            card_no,
+    @classmethod
+    async def read(cls, conn: asyncpg.Connection, schema: str,
+                   citizen_refs: Collection[str]) -> Facts:
+        rows = await conn.fetch(
+            "SELECT r.ref, c.card_no, a.application_id, a.status"
+            " FROM unnest($1::text[]) AS r(ref)"
+            f" LEFT JOIN {schema}.cards c ON c.citizen_ref = r.ref"
+            f" LEFT JOIN {schema}.applications a ON a.citizen_ref = r.ref",
+            sorted(set(citizen_refs)),
+        )
+        return cls(
+            schema,
+            {row["ref"]: row["card_no"] for row in rows if row["card_no"] is not None},
+            {row["ref"]: Application(row["application_id"], row["status"])
+             for row in rows if row["application_id"] is not None},
         )
 
+    def card_no(self, citizen_ref: str) -> str | None:
+        """The card the citizen holds; None before issuance told of one."""
+        return self.cards.get(citizen_ref)
 
-class Applications:
-    """`applications`: the status of each citizen's latest reissue application.
+    def application_status(self, citizen_ref: str) -> ApplicationStatus:
+        application = self.applications.get(citizen_ref)
+        return "none" if application is None else application.status
 
-    A new application replaces the row; a decision only touches the application it names, and
-    a completed one (its card was reissued) never goes back, whatever order the two topics
-    deliver in.
-    """
+    def hold(self, citizen_ref: str, card_no: str) -> None:
+        if self.cards.get(citizen_ref) != card_no:
+            self.cards[citizen_ref] = card_no
+            self._changed_cards.add(citizen_ref)
 
-    def __init__(self, schema: str) -> None:
-        self.schema = schema
+    def applied(self, citizen_ref: str, application_id: str) -> None:
+        self._set(citizen_ref, applied(self.applications.get(citizen_ref), application_id))
 
-    async def applied(
-        self, conn: asyncpg.Connection, citizen_ref: str, application_id: str
-    ) -> None:
-        await conn.execute(
-            f"INSERT INTO {self.schema}.applications AS a (citizen_ref, application_id, status)"
-            " VALUES ($1, $2, 'pending')"
-            " ON CONFLICT (citizen_ref) DO UPDATE"
-            " SET application_id = EXCLUDED.application_id, status = 'pending', updated_at = now()"
-            " WHERE a.application_id <> EXCLUDED.application_id",
-            citizen_ref,
-            application_id,
-        )
+    def decided(self, citizen_ref: str, application_id: str, status: ApplicationStatus) -> None:
+        self._set(citizen_ref,
+                  decided(self.applications.get(citizen_ref), application_id, status))
 
-    async def set_status(
-        self,
-        conn: asyncpg.Connection,
-        citizen_ref: str,
-        application_id: str,
-        status: ApplicationStatus,
-    ) -> None:
-        await conn.execute(
-            f"INSERT INTO {self.schema}.applications AS a (citizen_ref, application_id, status)"
-            " VALUES ($1, $2, $3)"
-            " ON CONFLICT (citizen_ref) DO UPDATE"
-            " SET status = EXCLUDED.status, updated_at = now()"
-            " WHERE a.application_id = EXCLUDED.application_id AND a.status <> 'completed'",
-            citizen_ref,
-            application_id,
-            status,
-        )
+    def _set(self, citizen_ref: str, application: Application) -> None:
+        if self.applications.get(citizen_ref) != application:
+            self.applications[citizen_ref] = application
+            self._changed_applications.add(citizen_ref)
+
+    async def save(self, conn: asyncpg.Connection) -> None:
+        """Write what changed since `read` (or the last `save`)."""
+        if self._changed_cards:
+            refs = sorted(self._changed_cards)
+            await conn.execute(
+                f"INSERT INTO {self.schema}.cards (citizen_ref, card_no)"
+                " SELECT * FROM unnest($1::text[], $2::text[])"
+                " ON CONFLICT (citizen_ref) DO UPDATE"
+                " SET card_no = EXCLUDED.card_no, updated_at = now()",
+                refs, [self.cards[ref] for ref in refs],
+            )
+            self._changed_cards.clear()
+        if self._changed_applications:
+            refs = sorted(self._changed_applications)
+            await conn.execute(
+                f"INSERT INTO {self.schema}.applications (citizen_ref, application_id, status)"
+                " SELECT * FROM unnest($1::text[], $2::text[], $3::text[])"
+                " ON CONFLICT (citizen_ref) DO UPDATE SET application_id ="
+                " EXCLUDED.application_id, status = EXCLUDED.status, updated_at = now()",
+                refs, [self.applications[ref].application_id for ref in refs],
+                [self.applications[ref].status for ref in refs],
+            )
+            self._changed_applications.clear()
 
 
 def expiry_timers(schema: str) -> DurableTimers:

@@ -12,7 +12,7 @@ import asyncpg
 import structlog
 
 from services.loss import domain
-from services.loss.adapters import Applications, Cards, expiry_timers, facts_of
+from services.loss.adapters import Facts, expiry_timers
 from services.loss.settings import LossSettings
 from shared.application import Streams
 from shared.commands import CommandContext
@@ -49,8 +49,6 @@ class LossHandlers:
         )
         self.batch_size = settings.loss_expiry_batch_size
         self.scan_interval = settings.loss_expiry_scan_interval.total_seconds()
-        self.cards = Cards(kit.schema)
-        self.applications = Applications(kit.schema)
         self.timers = expiry_timers(kit.schema)
         self.streams = Streams(domain.DECIDER, kit.schema, kit.events_topic)
         self.erasure = Erasure(
@@ -130,61 +128,84 @@ class LossHandlers:
     # ------------------------------------------------------------------------- followers
 
     async def on_issuance_event(self, conn: asyncpg.Connection, envelope: EventEnvelope) -> None:
-        event = decode_followed(decoders.ISSUANCE, envelope)
-        citizen_ref = envelope.citizen_ref
-        match event:
-            case issuance.CardIssued(card_no=card_no):
-                await self.cards.hold(conn, citizen_ref, card_no)
-            case issuance.CardReissued(new_card_no=new_card_no, application_id=application_id):
-                await self.cards.hold(conn, citizen_ref, new_card_no)
-                await self.applications.set_status(conn, citizen_ref, application_id, "completed")
-                now = self.clock()
-                meta = EventMeta(citizen_ref, now, envelope.correlation_id, str(envelope.event_id))
-                closed = await self._run(conn, domain.CloseLoss(new_card_no), meta, now)
-                if closed:
-                    log.info("loss.closed")
-            case (issuance.CardProductionStarted() | issuance.CardReadyForPickup()
-                  | issuance.CardCollected() | SubjectErased()):
-                pass
-            case _:
-                assert_never(event)
+        await self.on_issuance_events(conn, [envelope])
+
+    async def on_issuance_events(self, conn: asyncpg.Connection,
+                                 envelopes: Sequence[EventEnvelope]) -> None:
+        """A partition's batch, in order, under the citizens' lock (the follower's): their
+        facts read in one statement and what changed written at the end; a reissue closes
+        the loss on the facts as the batch left them."""
+        facts = await Facts.read(conn, self.schema, {e.citizen_ref for e in envelopes})
+        for envelope in envelopes:
+            event = decode_followed(decoders.ISSUANCE, envelope)
+            citizen_ref = envelope.citizen_ref
+            match event:
+                case issuance.CardIssued(card_no=card_no):
+                    facts.hold(citizen_ref, card_no)
+                case issuance.CardReissued(new_card_no=new_card_no,
+                                           application_id=application_id):
+                    facts.hold(citizen_ref, new_card_no)
+                    facts.decided(citizen_ref, application_id, "completed")
+                    now = self.clock()
+                    meta = EventMeta(citizen_ref, now, envelope.correlation_id,
+                                     str(envelope.event_id))
+                    if await self._run(conn, domain.CloseLoss(new_card_no), meta, now,
+                                       facts=facts):
+                        log.info("loss.closed")
+                case (issuance.CardProductionStarted() | issuance.CardReadyForPickup()
+                      | issuance.CardCollected() | SubjectErased()):
+                    pass
+                case _:
+                    assert_never(event)
+        await facts.save(conn)
 
     async def on_review_event(self, conn: asyncpg.Connection, envelope: EventEnvelope) -> None:
-        event = decode_followed(decoders.REVIEW, envelope)
-        citizen_ref = envelope.citizen_ref
-        match event:
-            case review.ReissueApplied(application_id=application_id):
-                await self.applications.applied(conn, citizen_ref, application_id)
-            case review.ReviewApproved(application_id=application_id):
-                await self.applications.set_status(conn, citizen_ref, application_id, "approved")
-            case review.ReviewRejected(application_id=application_id):
-                await self.applications.set_status(conn, citizen_ref, application_id, "rejected")
-            case review.ApplicationWithdrawn(application_id=application_id):
-                await self.applications.set_status(conn, citizen_ref, application_id, "none")
-            case SubjectErased():
-                pass
-            case _:
-                assert_never(event)
+        await self.on_review_events(conn, [envelope])
+
+    async def on_review_events(self, conn: asyncpg.Connection,
+                               envelopes: Sequence[EventEnvelope]) -> None:
+        """A partition's batch, in order: the citizens' applications read in one statement
+        and the changed ones written in one."""
+        facts = await Facts.read(conn, self.schema, {e.citizen_ref for e in envelopes})
+        for envelope in envelopes:
+            event = decode_followed(decoders.REVIEW, envelope)
+            citizen_ref = envelope.citizen_ref
+            match event:
+                case review.ReissueApplied(application_id=application_id):
+                    facts.applied(citizen_ref, application_id)
+                case review.ReviewApproved(application_id=application_id):
+                    facts.decided(citizen_ref, application_id, "approved")
+                case review.ReviewRejected(application_id=application_id):
+                    facts.decided(citizen_ref, application_id, "rejected")
+                case review.ApplicationWithdrawn(application_id=application_id):
+                    facts.decided(citizen_ref, application_id, "none")
+                case SubjectErased():
+                    pass
+                case _:
+                    assert_never(event)
+        await facts.save(conn)
 
     # ------------------------------------------------------------------------- the one path
 
     async def _run(
         self, conn: asyncpg.Connection, command: domain.LossCommand, meta: EventMeta,
-        now: datetime,
+        now: datetime, *, facts: Facts | None = None,
     ) -> list[contract.LossEvent]:
         """Load the citizen's case, decide, append, and keep the expiry timers in step.
 
         The citizen's lock comes first: a follower applying issuance or review facts for
-        them either committed before (and its facts are read here) or waits for this."""
-        await lock_citizens(conn, citizen_namespace(self.schema), [meta.citizen_ref])
-        # After the lock, in a statement of its own: its snapshot includes what a follower
-        # committed while this command waited for the lock.
-        card_no, application_status = await facts_of(conn, self.schema, meta.citizen_ref)
+        them either committed before (and its facts are read here) or waits for this. A
+        follower passes the `facts` it holds under that lock already."""
+        if facts is None:
+            await lock_citizens(conn, citizen_namespace(self.schema), [meta.citizen_ref])
+            # After the lock, in a statement of its own: its snapshot includes what a
+            # follower committed while this command waited for the lock.
+            facts = await Facts.read(conn, self.schema, [meta.citizen_ref])
         context = domain.DecisionContext(
             now=now,
             new_id=self.ids,
-            card_no=card_no,
-            application_status=application_status,
+            card_no=facts.card_no(meta.citizen_ref),
+            application_status=facts.application_status(meta.citizen_ref),
             policy=self.policy,
         )
         sealed = await self.streams.decide(conn, command, context, meta)

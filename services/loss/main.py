@@ -31,9 +31,11 @@ def wire(kit: Kit[LossSettings]) -> Wiring:
         commands="ReportLoss, CancelLoss; EraseSubject (bureau only)",
         follows=[
             Follow("issuance.events", handlers.on_issuance_event,
-                   "which card each citizen holds; a reissue closes the loss"),
+                   "which card each citizen holds; a reissue closes the loss",
+                   batch_handler=handlers.on_issuance_events),
             Follow("review.events", handlers.on_review_event,
-                   "reissue applications: a pending one blocks cancellation"),
+                   "reissue applications: a pending one blocks cancellation",
+                   batch_handler=handlers.on_review_events),
         ],
         erased=handlers.streams.erased_among,
         loops=[handlers.expiry_loop],
