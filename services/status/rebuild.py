@@ -43,7 +43,7 @@ from services.status.settings import StatusSettings
 from services.status.timeline import description
 from shared.consumer import Inbound, Rejected, parse_event
 from shared.contracts import KNOWN_EVENT_TYPES
-from shared.envelope import EventEnvelope
+from shared.envelope import EventEnvelope, canonical_bytes
 from shared.kafka import client_options
 
 log = structlog.get_logger()
@@ -116,12 +116,6 @@ class RebuildReport:
 
 
 # --- the fold ---------------------------------------------------------------------------
-
-def canonical_bytes(value: Any) -> bytes:
-    """`canonical_json(value)` for a value `orjson.loads` made, in the usual case; callers
-    compare a hash over it, and on a mismatch check again with `parse_event`'s own bytes."""
-    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-
 
 def accept(message: Inbound, known_types: Collection[str]) -> EventEnvelope:
     """`parse_event`, faster on the messages it accepts; every refusal is `parse_event`'s own.

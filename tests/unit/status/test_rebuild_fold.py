@@ -12,11 +12,11 @@ import pytest
 
 from services.status.adapters import card_record, status_follower
 from services.status.projection import CardStatusRow, project
-from services.status.rebuild import ProjectionFold, accept, canonical_bytes
+from services.status.rebuild import ProjectionFold, accept
 from services.status.timeline import timeline_entry
 from shared.consumer import Inbound, Rejected, parse_event
 from shared.contracts import KNOWN_EVENT_TYPES, loss, review
-from shared.envelope import EventEnvelope, canonical_json, chain_hash
+from shared.envelope import EventEnvelope, canonical_bytes, canonical_json, chain_hash
 from tests.unit.status.events import T0, Streams, interleave, whole_journey
 
 
