@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from shared.envelope import GENESIS_HASH, EventEnvelope
+from shared.locks import lock_keys_sql
 
 
 class ChainBreak(Exception):  # noqa: N818 - a verdict on one event, as `Rejected` is
@@ -55,23 +56,19 @@ class FollowedChains:
                    envelopes: Sequence[EventEnvelope]) -> ChainView:
         """One statement: the recorded rows at each event's version and the one before (an
         index range each), then one row without a version for every stream seen at all."""
-        rows = await conn.fetch(
-            "SELECT c.stream_id, c.version, c.hash"
-            " FROM unnest($1::text[], $2::int[]) AS w(stream_id, version)"
-            f" JOIN {self.schema}.followed_chain c ON c.stream_id = w.stream_id"
-            "  AND c.version BETWEEN w.version - 1 AND w.version"
-            " UNION ALL"
-            " SELECT s.stream_id, NULL, NULL FROM unnest($3::text[]) AS s(stream_id)"
-            f" WHERE EXISTS (SELECT FROM {self.schema}.followed_chain c"
-            "  WHERE c.stream_id = s.stream_id)",
-            [e.stream_id for e in envelopes], [e.version for e in envelopes],
-            sorted({e.stream_id for e in envelopes}))
-        view = ChainView()
-        for row in rows:
-            view.seen.add(row["stream_id"])
-            if row["version"] is not None:
-                view.known[(row["stream_id"], row["version"])] = row["hash"]
-        return view
+        return _view_of(await conn.fetch(
+            view_sql(self.schema, "$1::text[]", "$2::int[]", "$3::text[]"),
+            *_view_arguments(envelopes)))
+
+    async def locked_view(self, conn: asyncpg.Connection, namespace: str,
+                          envelopes: Sequence[EventEnvelope]) -> ChainView:
+        """The citizens' locks in `namespace` (`shared.locks`), then `view`, in one round
+        trip: the schema's `locked_chain_view` function reads after the locks are taken, in
+        a snapshot of its own, so it sees what their last holders committed."""
+        return _view_of(await conn.fetch(
+            f"SELECT * FROM {self.schema}.locked_chain_view($1, $2, $3, $4, $5)",
+            namespace, sorted({e.citizen_ref for e in envelopes}),
+            *_view_arguments(envelopes)))
 
     async def take(self, conn: asyncpg.Connection,
                    envelopes: Sequence[EventEnvelope]) -> list[ChainBreak]:
@@ -82,6 +79,59 @@ class FollowedChains:
         if verdicts.taken:
             await conn.execute(chain_insert(self.schema, 1), *chain_columns(verdicts.taken))
         return verdicts.breaks
+
+
+def view_sql(schema: str, ids: str, versions: str, streams: str) -> str:
+    """`view`'s query over the arrays `ids` and `versions` (each event's stream and version)
+    and `streams` (the distinct streams), given as parameters or names."""
+    return ("SELECT c.stream_id, c.version, c.hash"
+            f" FROM unnest({ids}, {versions}) AS w(stream_id, version)"
+            f" JOIN {schema}.followed_chain c ON c.stream_id = w.stream_id"
+            "  AND c.version BETWEEN w.version - 1 AND w.version"
+            " UNION ALL"
+            f" SELECT s.stream_id, NULL, NULL FROM unnest({streams}) AS s(stream_id)"
+            f" WHERE EXISTS (SELECT FROM {schema}.followed_chain c"
+            "  WHERE c.stream_id = s.stream_id)")
+
+
+def chain_ddl(schema: str) -> str:
+    """`followed_chain`, and the function that takes the citizens' locks and then reads it
+    (`FollowedChains.locked_view`): a volatile function's every statement has a fresh
+    snapshot under READ COMMITTED, so the read sees what the locks' last holders wrote."""
+    return f"""
+    -- Every event a follower has taken as authentic, so the next one must chain onto it.
+    CREATE TABLE IF NOT EXISTS {schema}.followed_chain (
+        stream_id text    NOT NULL,
+        version   integer NOT NULL,
+        hash      text    NOT NULL,
+        PRIMARY KEY (stream_id, version)
+    );
+    CREATE OR REPLACE FUNCTION {schema}.locked_chain_view(
+        lock_namespace text, refs text[], ids text[], versions integer[], streams text[])
+    RETURNS TABLE (stream_id text, version integer, hash text)
+    LANGUAGE plpgsql VOLATILE AS $fn$
+    #variable_conflict use_column
+    BEGIN
+        {lock_keys_sql("lock_namespace", "refs", verb="PERFORM")};
+        RETURN QUERY {view_sql(schema, "ids", "versions", "streams")};
+    END
+    $fn$;
+    """
+
+
+def _view_arguments(envelopes: Sequence[EventEnvelope],
+                    ) -> tuple[list[str], list[int], list[str]]:
+    return ([e.stream_id for e in envelopes], [e.version for e in envelopes],
+            sorted({e.stream_id for e in envelopes}))
+
+
+def _view_of(rows: Sequence[asyncpg.Record]) -> ChainView:
+    view = ChainView()
+    for row in rows:
+        view.seen.add(row["stream_id"])
+        if row["version"] is not None:
+            view.known[(row["stream_id"], row["version"])] = row["hash"]
+    return view
 
 
 def chain_insert(schema: str, first: int) -> str:

@@ -468,10 +468,7 @@ class EventConsumer:
     async def _locked_view(self, conn: asyncpg.Connection,
                            envelopes: Sequence[EventEnvelope]) -> ChainView:
         """The citizens' lock, then what `followed_chain` holds about `envelopes`."""
-        # The lock first: the chains read next are then those its holder committed.
-        await lock_citizens(conn, citizen_namespace(self.schema),
-                            [envelope.citizen_ref for envelope in envelopes])
-        return await self.chains.view(conn, envelopes)
+        return await self.chains.locked_view(conn, citizen_namespace(self.schema), envelopes)
 
     async def _take_and_apply(
         self, conn: asyncpg.Connection, parsed: Sequence[Parsed], view: ChainView,

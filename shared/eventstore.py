@@ -14,6 +14,7 @@ from typing import Protocol
 
 import asyncpg
 
+from shared.chain import chain_ddl
 from shared.envelope import GENESIS_HASH, EventEnvelope, PendingEvent
 from shared.metrics import EVENTS_APPENDED
 from shared.outbox import OutboxMessage, notify_channel, outbox_columns, outbox_insert
@@ -201,13 +202,7 @@ def schema_ddl(schema: str) -> str:
         processed_at timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (consumer, message_id)
     );
-    -- Every event a follower has taken as authentic, so the next one must chain onto it.
-    CREATE TABLE IF NOT EXISTS {schema}.followed_chain (
-        stream_id text    NOT NULL,
-        version   integer NOT NULL,
-        hash      text    NOT NULL,
-        PRIMARY KEY (stream_id, version)
-    );
+    {chain_ddl(schema)}
     -- Replies keyed by request id alone, before channels had their own: superseded.
     DROP TABLE IF EXISTS {schema}.replies;
     -- The reply each (channel, request_id) got, sealed; purged after the freshness window.

@@ -8,14 +8,18 @@ from collections.abc import Iterable
 import asyncpg
 
 
+def lock_keys_sql(namespace: str, refs: str, *, verb: str = "SELECT") -> str:
+    """The statement that takes the locks of the citizens in the text array `refs` (a
+    parameter or a name) in `namespace` (likewise), in key order, so that two transactions
+    that both lock several citizens cannot deadlock. `verb="PERFORM"` for PL/pgSQL."""
+    return (f"{verb} count(pg_advisory_xact_lock(hashtext({namespace}), key)) FROM"
+            f" (SELECT DISTINCT hashtext(ref) AS key FROM unnest({refs}) AS ref"
+            "  ORDER BY key) AS keys")
+
+
 async def lock_citizens(conn: asyncpg.Connection, namespace: str, refs: Iterable[str]) -> None:
-    """Take the transaction-scoped advisory lock of each citizen in `namespace`, in key
-    order, so that two transactions that both lock several citizens cannot deadlock."""
-    await conn.execute(
-        "SELECT count(pg_advisory_xact_lock(hashtext($1), key)) FROM"
-        " (SELECT DISTINCT hashtext(ref) AS key FROM unnest($2::text[]) AS ref"
-        "  ORDER BY key) AS keys",
-        namespace, sorted(set(refs)))
+    """Take the transaction-scoped advisory lock of each citizen in `namespace`."""
+    await conn.execute(lock_keys_sql("$1", "$2::text[]"), namespace, sorted(set(refs)))
 
 
 def citizen_namespace(schema: str) -> str:

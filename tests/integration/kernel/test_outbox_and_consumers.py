@@ -388,7 +388,7 @@ async def test_a_batch_with_a_break_and_a_failing_effect_replays_alone_and_sends
     assert len(dead.sent) == 2
 
 
-async def test_a_follower_batch_costs_five_statements_plus_its_effects(
+async def test_a_follower_batch_costs_four_statements_plus_its_effects(
     counted: tuple[asyncpg.Pool, list[str]], schema: str, settings: CardDeskSettings,
 ) -> None:
     pool, sent = counted
@@ -413,11 +413,12 @@ async def test_a_follower_batch_costs_five_statements_plus_its_effects(
     for messages in (batch("a", "b", "a", "c", "b"), batch("d")):
         sent.clear()
         await consumer.handle_batch(messages)
-        # BEGIN, the locks, the chains read, chain rows + processed rows, the effects, COMMIT
-        assert len(sent) == 6, sent
+        # BEGIN, the locks and the chains read (one function call), chain rows + processed
+        # rows, the effects, COMMIT
+        assert len(sent) == 5, sent
     sent.clear()
     await consumer.handle_batch(messages)  # redelivered: no effects to apply
-    assert len(sent) == 5, sent
+    assert len(sent) == 4, sent
     assert await pool.fetchval(f"SELECT count(*) FROM {schema}.seen") == 8
 
 
@@ -528,10 +529,10 @@ async def test_followers_of_two_topics_in_one_fetch_share_one_transaction(
     sent.clear()
     await EventConsumer.handle_together([(a, inbound("a.events", events("x", 2))),
                                          (b, inbound("b.events", events("y", 1)))])
-    # BEGIN, the locks, the chains read, then per follower its chain and processed rows and
-    # its effect (one per event here), COMMIT: 4 + 3 + 2 where apart it would be 6 + 5
-    assert len(sent) == 9, sent
-    assert sum("pg_advisory_xact_lock" in q for q in sent) == 1
+    # BEGIN, the locks with the chains read, then per follower its chain and processed rows
+    # and its effect (one per event here), COMMIT: 3 + 3 + 2 where apart it would be 5 + 4
+    assert len(sent) == 8, sent
+    assert sum("locked_chain_view" in q for q in sent) == 1
     rows = await pool.fetch(f"SELECT citizen_ref, version FROM {schema}.seen ORDER BY seq")
     assert [(r["citizen_ref"], r["version"]) for r in rows] == [
         ("w", 1), ("v", 1), ("x", 1), ("x", 2), ("y", 1)]
