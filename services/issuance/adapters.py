@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncpg
 
 from shared.crypto import data_keys_ddl
+from shared.locks import lock_keys_sql
 from shared.timers import DurableTimers, timers_ddl
 
 
@@ -18,6 +19,20 @@ def issuance_ddl(schema: str) -> str:
         citizen_ref    text        NOT NULL,
         approved_at    timestamptz NOT NULL DEFAULT now()
     );
+    -- A command's application's holder found and locked in one round trip.
+    CREATE OR REPLACE FUNCTION {schema}.locked_holder(lock_namespace text, application text)
+    RETURNS text LANGUAGE plpgsql VOLATILE AS $fn$
+    DECLARE
+        holder text;
+    BEGIN
+        SELECT citizen_ref INTO holder FROM {schema}.applications
+            WHERE application_id = application;
+        IF holder IS NOT NULL THEN
+            {lock_keys_sql("lock_namespace", "ARRAY[holder]", verb="PERFORM")};
+        END IF;
+        RETURN holder;
+    END
+    $fn$;
     """
 
 
@@ -51,6 +66,15 @@ class Applications:
             application_id, citizen_ref,
         )
         return str(ref if ref is not None else await self.holder_of(conn, application_id))
+
+    async def locked_holder_of(self, conn: asyncpg.Connection, namespace: str,
+                               application_id: str) -> str | None:
+        """`holder_of`, with the holder's lock in `namespace` (`shared.locks`) taken, in
+        one round trip (`locked_holder`). A holder never changes, so no read after the lock
+        is needed."""
+        ref = await conn.fetchval(f"SELECT {self.schema}.locked_holder($1, $2)",
+                                  namespace, application_id)
+        return None if ref is None else str(ref)
 
     async def holder_of(self, conn: asyncpg.Connection, application_id: str) -> str | None:
         ref = await conn.fetchval(

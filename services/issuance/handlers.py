@@ -30,7 +30,7 @@ from shared.identity import (
     normalise_id_number,
     normalise_name,
 )
-from shared.locks import citizen_namespace, lock_citizens
+from shared.locks import citizen_namespace
 from shared.masking import mask_card_no
 from shared.service import Kit
 from shared.timers import Timer
@@ -69,12 +69,12 @@ class IssuanceHandlers:
     async def collect_card(
         self, conn: asyncpg.Connection, ctx: CommandContext, payload: CollectCard
     ) -> dict[str, object]:
-        ref = await self.applications.holder_of(conn, payload.application_id)
+        # The review.events follower holds the holder's lock while it starts production.
+        ref = await self.applications.locked_holder_of(conn, citizen_namespace(self.schema),
+                                                       payload.application_id)
         if ref is None:
             raise domain.UnknownApplicationError
         structlog.contextvars.bind_contextvars(citizen_ref=ref)
-        # The review.events follower holds the same lock while it starts production.
-        await lock_citizens(conn, citizen_namespace(self.schema), [ref])
         command = domain.HandOverCard(
             application_id=payload.application_id,
             bureau_id=payload.bureau_id,

@@ -4,13 +4,14 @@ timers. Every write joins the caller's transaction."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import asyncpg
 
 from services.loss.domain import ApplicationStatus
 from shared.crypto import data_keys_ddl
+from shared.locks import lock_keys_sql
 from shared.timers import DurableTimers, timers_ddl
 
 
@@ -28,7 +29,26 @@ def loss_ddl(schema: str) -> str:
             CHECK (status IN ('none', 'pending', 'approved', 'rejected', 'completed')),
         updated_at     timestamptz NOT NULL DEFAULT now()
     );
+    -- A command's citizen locked and their facts read in one round trip (`Facts.locked`):
+    -- the read is a statement of its own, so it sees what the lock's last holder wrote.
+    CREATE OR REPLACE FUNCTION {schema}.locked_facts(lock_namespace text, refs text[])
+    RETURNS TABLE (ref text, card_no text, application_id text, status text)
+    LANGUAGE plpgsql VOLATILE AS $fn$
+    #variable_conflict use_column
+    BEGIN
+        {lock_keys_sql("lock_namespace", "refs", verb="PERFORM")};
+        RETURN QUERY {_facts_sql(schema, "refs")};
+    END
+    $fn$;
     """
+
+
+def _facts_sql(schema: str, refs: str) -> str:
+    """The card and latest application of each citizen in the text array `refs`."""
+    return ("SELECT r.ref, c.card_no, a.application_id, a.status"
+            f" FROM unnest({refs}) AS r(ref)"
+            f" LEFT JOIN {schema}.cards c ON c.citizen_ref = r.ref"
+            f" LEFT JOIN {schema}.applications a ON a.citizen_ref = r.ref")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,13 +93,20 @@ class Facts:
     @classmethod
     async def read(cls, conn: asyncpg.Connection, schema: str,
                    citizen_refs: Collection[str]) -> Facts:
-        rows = await conn.fetch(
-            "SELECT r.ref, c.card_no, a.application_id, a.status"
-            " FROM unnest($1::text[]) AS r(ref)"
-            f" LEFT JOIN {schema}.cards c ON c.citizen_ref = r.ref"
-            f" LEFT JOIN {schema}.applications a ON a.citizen_ref = r.ref",
-            sorted(set(citizen_refs)),
-        )
+        """By a caller that holds the citizens' locks already."""
+        return cls.of(schema, await conn.fetch(_facts_sql(schema, "$1::text[]"),
+                                               sorted(set(citizen_refs))))
+
+    @classmethod
+    async def locked(cls, conn: asyncpg.Connection, schema: str, namespace: str,
+                     citizen_refs: Collection[str]) -> Facts:
+        """The citizens' locks in `namespace` (`shared.locks`), then `read`, in one round
+        trip (`locked_facts`): the read sees what the locks' last holders committed."""
+        return cls.of(schema, await conn.fetch(f"SELECT * FROM {schema}.locked_facts($1, $2)",
+                                               namespace, sorted(set(citizen_refs))))
+
+    @classmethod
+    def of(cls, schema: str, rows: Sequence[asyncpg.Record]) -> Facts:
         return cls(
             schema,
             {row["ref"]: row["card_no"] for row in rows if row["card_no"] is not None},

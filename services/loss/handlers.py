@@ -24,7 +24,7 @@ from shared.crypto import MasterKeys, Vault
 from shared.envelope import EventEnvelope
 from shared.erasure import Erasure
 from shared.events import EventMeta
-from shared.locks import citizen_namespace, lock_citizens
+from shared.locks import citizen_namespace
 from shared.service import Kit
 from shared.timers import Timer
 from shared.tokens import TokenVerifier
@@ -197,10 +197,8 @@ class LossHandlers:
         them either committed before (and its facts are read here) or waits for this. A
         follower passes the `facts` it holds under that lock already."""
         if facts is None:
-            await lock_citizens(conn, citizen_namespace(self.schema), [meta.citizen_ref])
-            # After the lock, in a statement of its own: its snapshot includes what a
-            # follower committed while this command waited for the lock.
-            facts = await Facts.read(conn, self.schema, [meta.citizen_ref])
+            facts = await Facts.locked(conn, self.schema, citizen_namespace(self.schema),
+                                       [meta.citizen_ref])
         context = domain.DecisionContext(
             now=now,
             new_id=self.ids,

@@ -9,6 +9,7 @@ import asyncpg
 
 from services.review.domain import LossView
 from shared.crypto import data_keys_ddl
+from shared.locks import lock_keys_sql
 
 
 def review_ddl(schema: str) -> str:
@@ -27,7 +28,23 @@ def review_ddl(schema: str) -> str:
         created_at     timestamptz NOT NULL DEFAULT now()
     );
     CREATE INDEX IF NOT EXISTS applications_by_citizen ON {schema}.applications (citizen_ref);
+    -- A command's citizen locked and their loss case read in one round trip: the read is a
+    -- statement of its own, so it sees what the lock's last holder wrote.
+    CREATE OR REPLACE FUNCTION {schema}.locked_loss(lock_namespace text, citizen text)
+    RETURNS TABLE (loss_id text, kind text, card_no text, in_force boolean)
+    LANGUAGE plpgsql VOLATILE AS $fn$
+    #variable_conflict use_column
+    BEGIN
+        {lock_keys_sql("lock_namespace", "ARRAY[citizen]", verb="PERFORM")};
+        RETURN QUERY {_loss_sql(schema, "citizen")};
+    END
+    $fn$;
     """ + data_keys_ddl(schema)
+
+
+def _loss_sql(schema: str, ref: str) -> str:
+    return (f"SELECT loss_id, kind, card_no, in_force FROM {schema}.losses"
+            f" WHERE citizen_ref = {ref}")
 
 
 class ReviewTables:
@@ -36,19 +53,16 @@ class ReviewTables:
     def __init__(self, schema: str) -> None:
         self.schema = schema
 
-    async def loss_of(self, conn: asyncpg.Connection, citizen_ref: str) -> LossView | None:
-        row = await conn.fetchrow(
-            f"SELECT loss_id, kind, card_no, in_force FROM {self.schema}.losses"
-            " WHERE citizen_ref = $1",
-            citizen_ref,
-        )
-        if row is None:
-            return None
-        return LossView(row["loss_id"], row["kind"], row["card_no"], row["in_force"])
+    async def locked_loss_of(self, conn: asyncpg.Connection, namespace: str,
+                             citizen_ref: str) -> LossView | None:
+        """The citizen's lock in `namespace` (`shared.locks`), then their loss case, in one
+        round trip (`locked_loss`)."""
+        return _loss_view(await conn.fetchrow(
+            f"SELECT * FROM {self.schema}.locked_loss($1, $2)", namespace, citizen_ref))
 
     async def losses_of(self, conn: asyncpg.Connection,
                         citizen_refs: Collection[str]) -> dict[str, LossView]:
-        """`loss_of` each of `citizen_refs` that has a loss case, in one statement."""
+        """The loss case of each of `citizen_refs` that has one, in one statement."""
         rows = await conn.fetch(
             f"SELECT citizen_ref, loss_id, kind, card_no, in_force FROM {self.schema}.losses"
             " WHERE citizen_ref = ANY($1::text[])",
@@ -87,3 +101,9 @@ class ReviewTables:
             application_id,
         )
         return citizen_ref
+
+
+def _loss_view(row: asyncpg.Record | None) -> LossView | None:
+    if row is None:
+        return None
+    return LossView(row["loss_id"], row["kind"], row["card_no"], row["in_force"])

@@ -32,7 +32,7 @@ from shared.envelope import EventEnvelope
 from shared.erasure import Erasure
 from shared.errors import SubjectErasedError
 from shared.events import EventMeta
-from shared.locks import citizen_namespace, lock_citizens
+from shared.locks import citizen_namespace
 from shared.service import Kit
 from shared.tokens import TokenVerifier
 
@@ -124,12 +124,11 @@ class ReviewHandlers:
             withdrawal = domain.withdrawal_for(event)
             if withdrawal is None:
                 continue
-            await self.tables.save_losses(conn, changed)
-            changed.clear()
             meta = EventMeta(citizen_ref=citizen_ref, occurred_at=envelope.occurred_at,
                              correlation_id=envelope.correlation_id,
                              causation_id=str(envelope.event_id))
-            for recorded in await self._run(conn, withdrawal, meta, envelope.occurred_at):
+            for recorded in await self._decide(conn, withdrawal, meta, envelope.occurred_at,
+                                               cases.get(citizen_ref)):
                 if isinstance(recorded, ApplicationWithdrawn):
                     log.info("review.withdrawn", citizen_ref=citizen_ref,
                              application_id=recorded.application_id, reason=recorded.reason)
@@ -141,17 +140,20 @@ class ReviewHandlers:
         self, conn: asyncpg.Connection, command: domain.ReviewCommand, meta: EventMeta,
         now: datetime,
     ) -> list[ReviewEvent]:
-        """Load the citizen's applications, decide, append.
+        """Lock the citizen, read their loss case, decide, append.
 
-        The citizen's lock comes first: the loss.events follower holds it too, so the loss
-        case read here is the one its latest applied event left."""
-        await lock_citizens(conn, citizen_namespace(self.schema), [meta.citizen_ref])
-        context = domain.DecisionContext(
-            now=now,
-            new_id=self.ids,
-            loss=await self.tables.loss_of(conn, meta.citizen_ref),
-            rule=self.rule,
-        )
+        The lock comes first (one round trip with the read): the loss.events follower holds
+        it too, so the case read is the one its latest applied event left."""
+        loss = await self.tables.locked_loss_of(conn, citizen_namespace(self.schema),
+                                                meta.citizen_ref)
+        return await self._decide(conn, command, meta, now, loss)
+
+    async def _decide(
+        self, conn: asyncpg.Connection, command: domain.ReviewCommand, meta: EventMeta,
+        now: datetime, loss: domain.LossView | None,
+    ) -> list[ReviewEvent]:
+        """Decide on the citizen's loss case `loss`, read under their lock, and append."""
+        context = domain.DecisionContext(now=now, new_id=self.ids, loss=loss, rule=self.rule)
         sealed = await self.streams.decide(conn, command, context, meta)
         return [domain.decode(e) for e in sealed]
 
