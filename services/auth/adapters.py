@@ -97,19 +97,19 @@ class CaptchaStore:
     ) -> CaptchaRecord | None:
         """The captcha as it was before this attempt; marks it used whatever the attempt's
         outcome, so a code cannot be guessed twice."""
+        # One statement: the row locked and read as it was, then marked used if it was not
+        # (a concurrent attempt waits for the lock and then reads it used).
         row = await conn.fetchrow(
-            f"SELECT captcha_id, code_digest, expires_at, used_at FROM {self.schema}.captchas"
-            " WHERE captcha_id = $1 FOR UPDATE",
+            "WITH before AS (SELECT captcha_id, code_digest, expires_at, used_at"
+            f" FROM {self.schema}.captchas WHERE captcha_id = $1 FOR UPDATE),"
+            f" used AS (UPDATE {self.schema}.captchas c SET used_at = $2 FROM before b"
+            "  WHERE c.captcha_id = b.captcha_id AND b.used_at IS NULL)"
+            " SELECT * FROM before",
             captcha_id,
+            now,
         )
         if row is None:
             return None
-        if row["used_at"] is None:
-            await conn.execute(
-                f"UPDATE {self.schema}.captchas SET used_at = $2 WHERE captcha_id = $1",
-                captcha_id,
-                now,
-            )
         return CaptchaRecord(
             captcha_id=row["captcha_id"],
             code_digest=row["code_digest"],
