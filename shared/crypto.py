@@ -100,27 +100,34 @@ class Vault:
             " id is not the one that wrapped it")
 
     async def _key(self, conn: asyncpg.Connection, citizen_ref: str, *, create: bool) -> AESGCM:
-        row = await conn.fetchrow(
-            f"SELECT wrapped_key, destroyed_at, master_key_id FROM {self.schema}.data_keys"
-            " WHERE citizen_ref = $1",
-            citizen_ref,
-        )
-        if row is not None and row["destroyed_at"] is not None:
-            raise DataKeyDestroyedError(citizen_ref)
-        if row is None:
-            if not create:
-                raise DataKeyDestroyedError(citizen_ref)
-            raw = AESGCM.generate_key(bit_length=256)
-            inserted = await conn.fetchval(
-                f"INSERT INTO {self.schema}.data_keys (citizen_ref, wrapped_key, master_key_id)"
-                " VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING true",
+        """The citizen's data key; with `create`, a new one if they have none, in the same
+        statement that reads theirs (one round trip either way)."""
+        raw = AESGCM.generate_key(bit_length=256) if create else None
+        if raw is None:
+            row = await conn.fetchrow(
+                f"SELECT wrapped_key, destroyed_at, master_key_id FROM {self.schema}.data_keys"
+                " WHERE citizen_ref = $1",
+                citizen_ref,
+            )
+        else:
+            row = await conn.fetchrow(
+                f"WITH inserted AS (INSERT INTO {self.schema}.data_keys"
+                " (citizen_ref, wrapped_key, master_key_id) VALUES ($1, $2, $3)"
+                " ON CONFLICT DO NOTHING RETURNING true AS new)"
+                " SELECT NULL AS wrapped_key, NULL AS destroyed_at, NULL AS master_key_id, new"
+                " FROM inserted UNION ALL"
+                " SELECT wrapped_key, destroyed_at, master_key_id, false"
+                f" FROM {self.schema}.data_keys WHERE citizen_ref = $1 LIMIT 1",
                 citizen_ref,
                 self._wrap(citizen_ref, raw),
                 self.master_keys.current_id,
             )
-            if inserted:
+            if row is not None and row["new"]:
                 return AESGCM(raw)
-            return await self._key(conn, citizen_ref, create=False)
+            if row is None:  # another transaction's key committed while this one ran
+                return await self._key(conn, citizen_ref, create=False)
+        if row is None or row["destroyed_at"] is not None:
+            raise DataKeyDestroyedError(citizen_ref)
         return AESGCM(self._unwrap(citizen_ref, bytes(row["wrapped_key"]), row["master_key_id"]))
 
     async def encrypt(self, conn: asyncpg.Connection, citizen_ref: str, plaintext: str) -> str:

@@ -3,6 +3,7 @@ nothing seals or opens once the key is destroyed; the master key rotates."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
 import asyncpg
@@ -40,6 +41,32 @@ async def test_fields_sealed_together_each_open_and_share_no_nonce(
             await vault.decrypt(conn, "citizen-1", sealed[0])
         with pytest.raises(DataKeyDestroyedError):
             await vault.encrypt_all(conn, "citizen-1", ["new"])
+
+
+async def test_two_transactions_sealing_a_new_citizens_first_field_at_once_share_one_key(
+    pool: asyncpg.Pool, schema: str, settings: CardDeskSettings,
+) -> None:
+    await pool.execute(data_keys_ddl(schema))
+    vault = Vault(schema, settings.master_key.get_secret_value())
+    async with pool.acquire() as first, pool.acquire() as second:
+        transaction = first.transaction()
+        await transaction.start()
+        sealed_first = await vault.encrypt(first, "citizen-9", "first")
+
+        async def meanwhile() -> str:
+            async with second.transaction():
+                return await vault.encrypt(second, "citizen-9", "second")
+
+        pending = asyncio.create_task(meanwhile())
+        await asyncio.sleep(0.2)
+        assert not pending.done()  # its insert waits for the first's key, not yet committed
+        await transaction.commit()
+        sealed_second = await asyncio.wait_for(pending, 10)
+    async with pool.acquire() as conn:
+        assert [await vault.decrypt(conn, "citizen-9", s) for s in (sealed_first, sealed_second)
+                ] == ["first", "second"]
+        assert await conn.fetchval(
+            f"SELECT count(*) FROM {schema}.data_keys WHERE citizen_ref = 'citizen-9'") == 1
 
 
 def _key(byte: int) -> str:
