@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from shared.envelope import GENESIS_HASH, EventEnvelope
-from shared.locks import lock_keys_sql
+from shared.locks import locked_read_ddl
 
 
 class ChainBreak(Exception):  # noqa: N818 - a verdict on one event, as `Rejected` is
@@ -96,8 +96,7 @@ def view_sql(schema: str, ids: str, versions: str, streams: str) -> str:
 
 def chain_ddl(schema: str) -> str:
     """`followed_chain`, and the function that takes the citizens' locks and then reads it
-    (`FollowedChains.locked_view`): a volatile function's every statement has a fresh
-    snapshot under READ COMMITTED, so the read sees what the locks' last holders wrote."""
+    (`FollowedChains.locked_view`, `shared.locks.locked_read_ddl`)."""
     return f"""
     -- Every event a follower has taken as authentic, so the next one must chain onto it.
     CREATE TABLE IF NOT EXISTS {schema}.followed_chain (
@@ -106,17 +105,10 @@ def chain_ddl(schema: str) -> str:
         hash      text    NOT NULL,
         PRIMARY KEY (stream_id, version)
     );
-    CREATE OR REPLACE FUNCTION {schema}.locked_chain_view(
-        lock_namespace text, refs text[], ids text[], versions integer[], streams text[])
-    RETURNS TABLE (stream_id text, version integer, hash text)
-    LANGUAGE plpgsql VOLATILE AS $fn$
-    #variable_conflict use_column
-    BEGIN
-        {lock_keys_sql("lock_namespace", "refs", verb="PERFORM")};
-        RETURN QUERY {view_sql(schema, "ids", "versions", "streams")};
-    END
-    $fn$;
-    """
+    """ + locked_read_ddl(f"{schema}.locked_chain_view",
+                          "refs text[], ids text[], versions integer[], streams text[]",
+                          "stream_id text, version integer, hash text", "refs",
+                          view_sql(schema, "ids", "versions", "streams"))
 
 
 def _view_arguments(envelopes: Sequence[EventEnvelope],

@@ -25,3 +25,22 @@ async def lock_citizens(conn: asyncpg.Connection, namespace: str, refs: Iterable
 def citizen_namespace(schema: str) -> str:
     """The lock namespace of a service's citizens: its followers and commands share it."""
     return f"{schema}.citizen"
+
+
+def locked_read_ddl(function: str, params: str, returns: str, refs: str, query: str) -> str:
+    """A PL/pgSQL function `function(lock_namespace text, <params>)` that takes the locks of
+    the citizens in the array expression `refs`, then returns `query`'s rows (`returns`):
+    a lock and the read that must follow it in one round trip. The read is a statement of
+    its own in a volatile function, so under READ COMMITTED it has a fresh snapshot and
+    sees what the locks' last holders committed. Column names win over parameter names."""
+    return f"""
+    CREATE OR REPLACE FUNCTION {function}(lock_namespace text, {params})
+    RETURNS TABLE ({returns})
+    LANGUAGE plpgsql VOLATILE AS $fn$
+    #variable_conflict use_column
+    BEGIN
+        {lock_keys_sql("lock_namespace", refs, verb="PERFORM")};
+        RETURN QUERY {query};
+    END
+    $fn$;
+    """

@@ -11,7 +11,7 @@ import asyncpg
 
 from services.loss.domain import ApplicationStatus
 from shared.crypto import data_keys_ddl
-from shared.locks import lock_keys_sql
+from shared.locks import locked_read_ddl
 from shared.timers import DurableTimers, timers_ddl
 
 
@@ -29,18 +29,10 @@ def loss_ddl(schema: str) -> str:
             CHECK (status IN ('none', 'pending', 'approved', 'rejected', 'completed')),
         updated_at     timestamptz NOT NULL DEFAULT now()
     );
-    -- A command's citizen locked and their facts read in one round trip (`Facts.locked`):
-    -- the read is a statement of its own, so it sees what the lock's last holder wrote.
-    CREATE OR REPLACE FUNCTION {schema}.locked_facts(lock_namespace text, refs text[])
-    RETURNS TABLE (ref text, card_no text, application_id text, status text)
-    LANGUAGE plpgsql VOLATILE AS $fn$
-    #variable_conflict use_column
-    BEGIN
-        {lock_keys_sql("lock_namespace", "refs", verb="PERFORM")};
-        RETURN QUERY {_facts_sql(schema, "refs")};
-    END
-    $fn$;
-    """
+    """ + locked_read_ddl(  # a command's citizen locked and their facts read: `Facts.locked`
+        f"{schema}.locked_facts", "refs text[]",
+        "ref text, card_no text, application_id text, status text", "refs",
+        _facts_sql(schema, "refs"))
 
 
 def _facts_sql(schema: str, refs: str) -> str:

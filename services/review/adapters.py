@@ -9,7 +9,7 @@ import asyncpg
 
 from services.review.domain import LossView
 from shared.crypto import data_keys_ddl
-from shared.locks import lock_keys_sql
+from shared.locks import locked_read_ddl
 
 
 def review_ddl(schema: str) -> str:
@@ -28,18 +28,10 @@ def review_ddl(schema: str) -> str:
         created_at     timestamptz NOT NULL DEFAULT now()
     );
     CREATE INDEX IF NOT EXISTS applications_by_citizen ON {schema}.applications (citizen_ref);
-    -- A command's citizen locked and their loss case read in one round trip: the read is a
-    -- statement of its own, so it sees what the lock's last holder wrote.
-    CREATE OR REPLACE FUNCTION {schema}.locked_loss(lock_namespace text, citizen text)
-    RETURNS TABLE (loss_id text, kind text, card_no text, in_force boolean)
-    LANGUAGE plpgsql VOLATILE AS $fn$
-    #variable_conflict use_column
-    BEGIN
-        {lock_keys_sql("lock_namespace", "ARRAY[citizen]", verb="PERFORM")};
-        RETURN QUERY {_loss_sql(schema, "citizen")};
-    END
-    $fn$;
-    """ + data_keys_ddl(schema)
+    """ + locked_read_ddl(  # a command's citizen locked and their loss case read
+        f"{schema}.locked_loss", "citizen text",
+        "loss_id text, kind text, card_no text, in_force boolean", "ARRAY[citizen]",
+        _loss_sql(schema, "citizen")) + data_keys_ddl(schema)
 
 
 def _loss_sql(schema: str, ref: str) -> str:
