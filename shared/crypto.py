@@ -70,6 +70,10 @@ class MasterKeys:
             f" CARDDESK_MASTER_KEY_ID ({self.current_id!r}) nor in CARDDESK_RETIRED_MASTER_KEYS")
 
 
+# A `data_keys` row as `Vault.decrypt_with` reads it.
+KEY_COLUMNS = ("wrapped_key", "destroyed_at", "master_key_id")
+
+
 class Vault:
     """Per-citizen data keys of one service schema."""
 
@@ -126,7 +130,11 @@ class Vault:
                 return AESGCM(raw)
             if row is None:  # another transaction's key committed while this one ran
                 return await self._key(conn, citizen_ref, create=False)
-        if row is None or row["destroyed_at"] is not None:
+        return self._key_of(citizen_ref, row)
+
+    def _key_of(self, citizen_ref: str, row: asyncpg.Record | None) -> AESGCM:
+        """The key a `data_keys` row holds (`KEY_COLUMNS`; all NULL or None: no key)."""
+        if row is None or row["wrapped_key"] is None or row["destroyed_at"] is not None:
             raise DataKeyDestroyedError(citizen_ref)
         return AESGCM(self._unwrap(citizen_ref, bytes(row["wrapped_key"]), row["master_key_id"]))
 
@@ -146,14 +154,15 @@ class Vault:
         return sealed
 
     async def decrypt(self, conn: asyncpg.Connection, citizen_ref: str, ciphertext: str) -> str:
-        if not ciphertext.startswith(PREFIX):
-            raise ValueError("not an encrypted field")
-        key = await self._key(conn, citizen_ref, create=False)
-        sealed = base64.b64decode(ciphertext[len(PREFIX):])
-        try:
-            return key.decrypt(sealed[:12], sealed[12:], citizen_ref.encode()).decode()
-        except InvalidTag as exc:
-            raise ValueError("ciphertext does not decrypt under this citizen's key") from exc
+        sealed = _sealed(ciphertext)
+        return _open(citizen_ref, await self._key(conn, citizen_ref, create=False), sealed)
+
+    def decrypt_with(self, citizen_ref: str, key_row: asyncpg.Record | None,
+                     ciphertext: str) -> str:
+        """`decrypt` with the citizen's `data_keys` row read by the caller (its
+        `KEY_COLUMNS`, say joined to the row that holds the ciphertext: one round trip)."""
+        sealed = _sealed(ciphertext)
+        return _open(citizen_ref, self._key_of(citizen_ref, key_row), sealed)
 
     async def rewrap(self, conn: asyncpg.Connection, *, limit: int = 1000) -> int:
         """Wrap up to `limit` live data keys held under another master key with the current
@@ -182,3 +191,16 @@ class Vault:
             " ON CONFLICT (citizen_ref) DO UPDATE SET wrapped_key = NULL, destroyed_at = now()",
             citizen_ref,
         )
+
+
+def _sealed(ciphertext: str) -> bytes:
+    if not ciphertext.startswith(PREFIX):
+        raise ValueError("not an encrypted field")
+    return base64.b64decode(ciphertext[len(PREFIX):])
+
+
+def _open(citizen_ref: str, key: AESGCM, sealed: bytes) -> str:
+    try:
+        return key.decrypt(sealed[:12], sealed[12:], citizen_ref.encode()).decode()
+    except InvalidTag as exc:
+        raise ValueError("ciphertext does not decrypt under this citizen's key") from exc

@@ -17,7 +17,7 @@ import asyncpg
 
 from services.auth.domain import CaptchaRecord, LoginFailures, require_valid_id_number
 from services.auth.settings import AuthSettings
-from shared.crypto import MasterKeys, Vault, data_keys_ddl
+from shared.crypto import KEY_COLUMNS, MasterKeys, Vault, data_keys_ddl
 from shared.identity import citizen_ref, name_digest, normalise_name
 
 # The service's own schema; a test runs the service in one of its own.
@@ -224,13 +224,16 @@ class PostgresRegistry:
         return _digest_matches(stored, name_digest(self.pepper, name))
 
     async def face_template(self, citizen_ref: str) -> list[float] | None:
-        sealed = await self.conn.fetchval(
-            f"SELECT face_template_enc FROM {self.schema}.registry WHERE citizen_ref = $1",
+        """The template and the citizen's data key in one statement."""
+        row = await self.conn.fetchrow(
+            "SELECT r.face_template_enc, " + ", ".join(f"k.{c}" for c in KEY_COLUMNS) +
+            f" FROM {self.schema}.registry r LEFT JOIN {self.schema}.data_keys k"
+            " ON k.citizen_ref = r.citizen_ref WHERE r.citizen_ref = $1",
             citizen_ref,
         )
-        if sealed is None:
+        if row is None or row["face_template_enc"] is None:
             return None
-        return _template(await self.vault.decrypt(self.conn, citizen_ref, sealed))
+        return _template(self.vault.decrypt_with(citizen_ref, row, row["face_template_enc"]))
 
 
 @dataclass
