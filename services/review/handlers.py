@@ -108,8 +108,8 @@ class ReviewHandlers:
     async def on_loss_events(self, conn: asyncpg.Connection,
                              envelopes: Sequence[EventEnvelope]) -> None:
         """`on_loss_event` for a partition's batch, in order: the citizens' loss cases read
-        in one statement and the changed ones written in one, before any withdrawal (which
-        reads the case it decides on)."""
+        in one statement and the changed ones written in one at the end; a withdrawal
+        decides on the case as the batch left it, under the follower's lock."""
         events = [(envelope, decode_followed(decoders.LOSS, envelope)) for envelope in envelopes]
         cases = await self.tables.losses_of(conn, {envelope.citizen_ref for envelope in envelopes})
         changed: dict[str, domain.LossView] = {}
