@@ -106,31 +106,26 @@ class Vault:
     async def _key(self, conn: asyncpg.Connection, citizen_ref: str, *, create: bool) -> AESGCM:
         """The citizen's data key; with `create`, a new one if they have none, in the same
         statement that reads theirs (one round trip either way)."""
-        raw = AESGCM.generate_key(bit_length=256) if create else None
-        if raw is None:
-            row = await conn.fetchrow(
-                f"SELECT wrapped_key, destroyed_at, master_key_id FROM {self.schema}.data_keys"
-                " WHERE citizen_ref = $1",
-                citizen_ref,
-            )
-        else:
-            row = await conn.fetchrow(
-                f"WITH inserted AS (INSERT INTO {self.schema}.data_keys"
-                " (citizen_ref, wrapped_key, master_key_id) VALUES ($1, $2, $3)"
-                " ON CONFLICT DO NOTHING RETURNING true AS new)"
-                " SELECT NULL AS wrapped_key, NULL AS destroyed_at, NULL AS master_key_id, new"
-                " FROM inserted UNION ALL"
-                " SELECT wrapped_key, destroyed_at, master_key_id, false"
-                f" FROM {self.schema}.data_keys WHERE citizen_ref = $1 LIMIT 1",
-                citizen_ref,
-                self._wrap(citizen_ref, raw),
-                self.master_keys.current_id,
-            )
-            if row is not None and row["new"]:
-                return AESGCM(raw)
-            if row is None:  # another transaction's key committed while this one ran
-                return await self._key(conn, citizen_ref, create=False)
-        return self._key_of(citizen_ref, row)
+        columns = ", ".join(KEY_COLUMNS)
+        if not create:
+            return self._key_of(citizen_ref, await conn.fetchrow(
+                f"SELECT {columns} FROM {self.schema}.data_keys WHERE citizen_ref = $1",
+                citizen_ref))
+        raw = AESGCM.generate_key(bit_length=256)
+        row = await conn.fetchrow(
+            f"WITH inserted AS (INSERT INTO {self.schema}.data_keys"
+            " (citizen_ref, wrapped_key, master_key_id) VALUES ($1, $2, $3)"
+            " ON CONFLICT DO NOTHING RETURNING true AS new)"
+            " SELECT NULL AS wrapped_key, NULL AS destroyed_at, NULL AS master_key_id, new"
+            f" FROM inserted UNION ALL SELECT {columns}, false"
+            f" FROM {self.schema}.data_keys WHERE citizen_ref = $1 LIMIT 1",
+            citizen_ref,
+            self._wrap(citizen_ref, raw),
+            self.master_keys.current_id,
+        )
+        if row is None:  # another transaction's key committed while this one ran
+            return await self._key(conn, citizen_ref, create=False)
+        return AESGCM(raw) if row["new"] else self._key_of(citizen_ref, row)
 
     def _key_of(self, citizen_ref: str, row: asyncpg.Record | None) -> AESGCM:
         """The key a `data_keys` row holds (`KEY_COLUMNS`; all NULL or None: no key)."""
