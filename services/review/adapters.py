@@ -49,8 +49,9 @@ class ReviewTables:
                              citizen_ref: str) -> LossView | None:
         """The citizen's lock in `namespace` (`shared.locks`), then their loss case, in one
         round trip (`locked_loss`)."""
-        return _loss_view(await conn.fetchrow(
-            f"SELECT * FROM {self.schema}.locked_loss($1, $2)", namespace, citizen_ref))
+        row = await conn.fetchrow(
+            f"SELECT * FROM {self.schema}.locked_loss($1, $2)", namespace, citizen_ref)
+        return None if row is None else _loss_view(row)
 
     async def losses_of(self, conn: asyncpg.Connection,
                         citizen_refs: Collection[str]) -> dict[str, LossView]:
@@ -60,8 +61,7 @@ class ReviewTables:
             " WHERE citizen_ref = ANY($1::text[])",
             sorted(set(citizen_refs)),
         )
-        return {row["citizen_ref"]: LossView(row["loss_id"], row["kind"], row["card_no"],
-                                             row["in_force"]) for row in rows}
+        return {row["citizen_ref"]: _loss_view(row) for row in rows}
 
     async def save_losses(self, conn: asyncpg.Connection, losses: Mapping[str, LossView]) -> None:
         """Record each citizen's loss case, in one statement."""
@@ -95,7 +95,5 @@ class ReviewTables:
         return citizen_ref
 
 
-def _loss_view(row: asyncpg.Record | None) -> LossView | None:
-    if row is None:
-        return None
+def _loss_view(row: asyncpg.Record) -> LossView:
     return LossView(row["loss_id"], row["kind"], row["card_no"], row["in_force"])
