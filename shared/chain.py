@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import asyncpg
 
 from shared.envelope import GENESIS_HASH, EventEnvelope
 from shared.locks import locked_read_ddl
+from shared.purge import delete_in_batches
 
 
 class ChainBreak(Exception):  # noqa: N818 - a verdict on one event, as `Rejected` is
@@ -24,41 +26,53 @@ class ChainBreak(Exception):  # noqa: N818 - a verdict on one event, as `Rejecte
 @dataclass(slots=True)
 class ChainView:
     """What `followed_chain` holds about a batch's events: the hash recorded at each of
-    their versions and the one before, and which of their streams were ever seen."""
+    their versions and the one before, which of those rows are settled (taken longer ago
+    than the settling age), and the last version recorded of each of their streams (a
+    stream without one was never seen)."""
 
     known: dict[tuple[str, int], str] = field(default_factory=dict)
-    seen: set[str] = field(default_factory=set)
+    settled: set[tuple[str, int]] = field(default_factory=set)
+    heads: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
 class Verdicts:
-    """The events of a batch that continue their chains (in order), and the others."""
+    """The events of a batch that continue their chains (in order), the others, and the
+    settled: redeliveries of events taken long ago, which are skipped."""
 
     taken: list[EventEnvelope]
     breaks: list[ChainBreak]
+    settled: list[EventEnvelope] = field(default_factory=list)
 
 
 class FollowedChains:
-    """`followed_chain`: (stream_id, version, hash) of every event a follower took as authentic.
+    """`followed_chain`: (stream_id, version, hash) of the events a follower took as authentic.
 
     An event is taken when its (stream, version) is recorded with the same hash (a
     redelivery), or when it chains onto the recorded previous version (or genesis at
     version 1). A stream never seen before is taken from wherever it starts (a follower that
     starts mid-history); from then on, forks and gaps are breaks.
 
+    The table is bounded: `purge` deletes rows older than the retention, but each stream's
+    last. A row older than `settled_after` (half the retention, by default) is settled: a
+    redelivery of its event, or of any event at or behind the stream's last recorded version
+    whose row is gone, is skipped (`Verdicts.settled`) without its `processed` row being
+    looked at, since those are purged as old (`shared.idempotency.ProcessedMessages.purge`).
+
     `view` reads, `judge` decides (no I/O), `chain_insert` records in the caller's statement;
     `take` is the three in a row."""
 
-    def __init__(self, schema: str) -> None:
+    def __init__(self, schema: str, settled_after: timedelta = timedelta(hours=12)) -> None:
         self.schema = schema
+        self.settled_after = settled_after
 
     async def view(self, conn: asyncpg.Connection,
                    envelopes: Sequence[EventEnvelope]) -> ChainView:
         """One statement: the recorded rows at each event's version and the one before (an
-        index range each), then one row without a version for every stream seen at all."""
+        index range each), then each stream's last version (`view_sql`)."""
         return _view_of(await conn.fetch(
-            view_sql(self.schema, "$1::text[]", "$2::int[]", "$3::text[]"),
-            *_view_arguments(envelopes)))
+            view_sql(self.schema, "$1::text[]", "$2::int[]", "$3::text[]", "$4::interval"),
+            *_view_arguments(envelopes), self.settled_after))
 
     async def locked_view(self, conn: asyncpg.Connection, namespace: str,
                           envelopes: Sequence[EventEnvelope]) -> ChainView:
@@ -66,49 +80,76 @@ class FollowedChains:
         trip: the schema's `locked_chain_view` function reads after the locks are taken, in
         a snapshot of its own, so it sees what their last holders committed."""
         return _view_of(await conn.fetch(
-            f"SELECT * FROM {self.schema}.locked_chain_view($1, $2, $3, $4, $5)",
+            f"SELECT * FROM {self.schema}.locked_chain_view($1, $2, $3, $4, $5, $6)",
             namespace, sorted({e.citizen_ref for e in envelopes}),
-            *_view_arguments(envelopes)))
+            *_view_arguments(envelopes), self.settled_after))
 
     async def take(self, conn: asyncpg.Connection,
-                   envelopes: Sequence[EventEnvelope]) -> list[ChainBreak]:
-        """Record the events that continue their chains (in order); the others' breaks."""
+                   envelopes: Sequence[EventEnvelope]) -> Verdicts:
+        """Record the events that continue their chains (in order); the verdicts."""
         if not envelopes:
-            return []
+            return Verdicts([], [])
         verdicts = judge(envelopes, await self.view(conn, envelopes))
         if verdicts.taken:
             await conn.execute(chain_insert(self.schema, 1), *chain_columns(verdicts.taken))
-        return verdicts.breaks
+        return verdicts
+
+    async def purge(self, pool: asyncpg.Pool, older_than: timedelta, batch: int) -> int:
+        """Delete rows recorded longer ago than `older_than`, but each stream's last, a
+        bounded batch at a time; returns how many went."""
+        return await delete_in_batches(
+            pool,
+            f"DELETE FROM {self.schema}.followed_chain WHERE ctid IN"
+            f" (SELECT c.ctid FROM {self.schema}.followed_chain c"
+            "  WHERE c.recorded_at < now() - $1::interval"
+            f"  AND EXISTS (SELECT FROM {self.schema}.followed_chain n"
+            "   WHERE n.stream_id = c.stream_id AND n.version > c.version) LIMIT $2)",
+            older_than, batch)
 
 
-def view_sql(schema: str, ids: str, versions: str, streams: str) -> str:
+def view_sql(schema: str, ids: str, versions: str, streams: str, settled_after: str) -> str:
     """`view`'s query over the arrays `ids` and `versions` (each event's stream and version)
-    and `streams` (the distinct streams), given as parameters or names."""
-    return ("SELECT c.stream_id, c.version, c.hash"
+    and `streams` (the distinct streams), and the interval `settled_after`, given as
+    parameters or names: the rows at each version and the one before (with whether each is
+    settled), then each stream's last version (without a hash)."""
+    return ("SELECT c.stream_id, c.version, c.hash,"
+            f"  c.recorded_at < now() - {settled_after} AS settled"
             f" FROM unnest({ids}, {versions}) AS w(stream_id, version)"
             f" JOIN {schema}.followed_chain c ON c.stream_id = w.stream_id"
             "  AND c.version BETWEEN w.version - 1 AND w.version"
             " UNION ALL"
-            f" SELECT s.stream_id, NULL, NULL FROM unnest({streams}) AS s(stream_id)"
-            f" WHERE EXISTS (SELECT FROM {schema}.followed_chain c"
-            "  WHERE c.stream_id = s.stream_id)")
+            " SELECT s.stream_id, h.version, NULL, NULL FROM unnest("
+            f"{streams}) AS s(stream_id)"
+            f" CROSS JOIN LATERAL (SELECT c.version FROM {schema}.followed_chain c"
+            "  WHERE c.stream_id = s.stream_id ORDER BY c.version DESC LIMIT 1) AS h")
 
 
 def chain_ddl(schema: str) -> str:
     """`followed_chain`, and the function that takes the citizens' locks and then reads it
     (`FollowedChains.locked_view`, `shared.locks.locked_read_ddl`)."""
     return f"""
-    -- Every event a follower has taken as authentic, so the next one must chain onto it.
+    -- The events a follower has taken as authentic, so the next one must chain onto it;
+    -- rows older than the retention are purged, but each stream's last.
     CREATE TABLE IF NOT EXISTS {schema}.followed_chain (
-        stream_id text    NOT NULL,
-        version   integer NOT NULL,
-        hash      text    NOT NULL,
+        stream_id   text        NOT NULL,
+        version     integer     NOT NULL,
+        hash        text        NOT NULL,
+        recorded_at timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (stream_id, version)
     );
-    """ + locked_read_ddl(f"{schema}.locked_chain_view",
-                          "refs text[], ids text[], versions integer[], streams text[]",
-                          "stream_id text, version integer, hash text", "refs",
-                          view_sql(schema, "ids", "versions", "streams"))
+    ALTER TABLE {schema}.followed_chain
+        ADD COLUMN IF NOT EXISTS recorded_at timestamptz NOT NULL DEFAULT now();
+    -- Rows are appended in time order: a block range index finds the old ones, small and
+    -- cheap to keep.
+    CREATE INDEX IF NOT EXISTS followed_chain_age ON {schema}.followed_chain
+        USING brin (recorded_at);
+    -- Before the settled rows, the function returned three columns.
+    DROP FUNCTION IF EXISTS {schema}.locked_chain_view(text, text[], text[], integer[], text[]);
+    """ + locked_read_ddl(
+        f"{schema}.locked_chain_view",
+        "refs text[], ids text[], versions integer[], streams text[], settled_after interval",
+        "stream_id text, version integer, hash text, settled boolean", "refs",
+        view_sql(schema, "ids", "versions", "streams", "settled_after"))
 
 
 def _view_arguments(envelopes: Sequence[EventEnvelope],
@@ -120,9 +161,13 @@ def _view_arguments(envelopes: Sequence[EventEnvelope],
 def _view_of(rows: Sequence[asyncpg.Record]) -> ChainView:
     view = ChainView()
     for row in rows:
-        view.seen.add(row["stream_id"])
-        if row["version"] is not None:
-            view.known[(row["stream_id"], row["version"])] = row["hash"]
+        if row["hash"] is None:
+            view.heads[row["stream_id"]] = row["version"]
+            continue
+        key = (row["stream_id"], row["version"])
+        view.known[key] = row["hash"]
+        if row["settled"]:
+            view.settled.add(key)
     return view
 
 
@@ -139,31 +184,44 @@ def chain_columns(taken: Sequence[EventEnvelope]) -> tuple[list[str], list[int],
     return [e.stream_id for e in taken], [e.version for e in taken], [e.hash for e in taken]
 
 
+SETTLED = "settled"
+"""`_verdict`'s word for a redelivery of an event taken long ago: skipped."""
+
+
 def judge(envelopes: Sequence[EventEnvelope], view: ChainView) -> Verdicts:
     """Each event in order against what is recorded and what the batch took before it
     (`view` grows with the events taken)."""
-    taken: list[EventEnvelope] = []
-    breaks: list[ChainBreak] = []
+    verdicts = Verdicts([], [])
     for envelope in envelopes:
-        reason = _verdict(envelope, view.known, envelope.stream_id in view.seen)
-        if reason is not None:
-            breaks.append(ChainBreak(envelope, reason))
-            continue
-        view.known[(envelope.stream_id, envelope.version)] = envelope.hash
-        view.seen.add(envelope.stream_id)
-        taken.append(envelope)
-    return Verdicts(taken, breaks)
+        reason = _verdict(envelope, view)
+        if reason is SETTLED:
+            verdicts.settled.append(envelope)
+        elif reason is not None:
+            verdicts.breaks.append(ChainBreak(envelope, reason))
+        else:
+            view.known[(envelope.stream_id, envelope.version)] = envelope.hash
+            view.heads[envelope.stream_id] = max(envelope.version,
+                                                 view.heads.get(envelope.stream_id, 0))
+            verdicts.taken.append(envelope)
+    return verdicts
 
 
-def _verdict(envelope: EventEnvelope, known: dict[tuple[str, int], str],
-             stream_seen: bool) -> str | None:
-    """None when the event continues its chain; else why it does not."""
-    recorded = known.get((envelope.stream_id, envelope.version))
+def _verdict(envelope: EventEnvelope, view: ChainView) -> str | None:
+    """None when the event continues its chain (or is a recent redelivery); `SETTLED` for a
+    redelivery of one taken long ago (its row settled, or purged behind the stream's last);
+    else why it does not."""
+    key = (envelope.stream_id, envelope.version)
+    recorded = view.known.get(key)
     if recorded is not None:
-        return None if recorded == envelope.hash else "another event holds this version"
+        if recorded != envelope.hash:
+            return "another event holds this version"
+        return SETTLED if key in view.settled else None
+    head = view.heads.get(envelope.stream_id)
+    if head is not None and envelope.version <= head:
+        return SETTLED
     if envelope.version == 1:
         return None if envelope.prev_hash == GENESIS_HASH else "version 1 must start at genesis"
-    previous = known.get((envelope.stream_id, envelope.version - 1))
+    previous = view.known.get((envelope.stream_id, envelope.version - 1))
     if previous is not None:
         return None if envelope.prev_hash == previous else "prev_hash is not the previous hash"
-    return "the previous version was never seen" if stream_seen else None
+    return "the previous version was never seen" if head is not None else None

@@ -11,6 +11,7 @@ import hashlib
 import json
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
@@ -356,7 +357,8 @@ class EventConsumer:
         self.dead_letters = dead_letters
         self.known_types = known_types
         self.processed = ProcessedMessages(schema, name)
-        self.chains = FollowedChains(schema)
+        self.chains = FollowedChains(
+            schema, settled_after=timedelta(hours=settings.follower_retention_hours) / 2)
 
     async def handle(self, msg: Inbound) -> None:
         """One record: the batch path, for a batch of one."""
@@ -436,9 +438,12 @@ class EventConsumer:
             envelope = parse_event(msg, self.known_types, self.limits)
             _bind_event(msg.topic, envelope)
             async with self.pool.acquire() as conn, conn.transaction():
-                breaks = await self.chains.take(conn, [envelope])
-            if breaks:
-                raise Rejected("broken_chain", str(breaks[0]))
+                verdicts = await self.chains.take(conn, [envelope])
+            if verdicts.breaks:
+                raise Rejected("broken_chain", str(verdicts.breaks[0]))
+            if verdicts.settled:
+                log.debug("event.settled_skipped")
+                return
             with trace.use_span(self._span(msg, envelope), end_on_exit=True):
                 if await self.apply(envelope):
                     self._applied([(msg, envelope)])
@@ -477,9 +482,13 @@ class EventConsumer:
         their effects append to this schema's streams written in one statement)."""
         verdicts = judge([envelope for _, envelope in parsed], view)
         broken = {id(b.envelope): b for b in verdicts.breaks}
-        taken = [(msg, envelope) for msg, envelope in parsed if id(envelope) not in broken]
+        chained = {id(envelope) for envelope in verdicts.taken}
+        taken = [(msg, envelope) for msg, envelope in parsed if id(envelope) in chained]
+        if verdicts.settled:
+            log.debug("events.settled_skipped", count=len(verdicts.settled))
         fresh = await self.processed.new_of(
-            conn, [str(envelope.event_id) for _, envelope in taken], verdicts.taken)
+            conn, [str(envelope.event_id) for _, envelope in taken], verdicts.taken,
+        ) if taken else set()
         new: list[Parsed] = []
         for msg, envelope in taken:
             event_id = str(envelope.event_id)
@@ -564,3 +573,26 @@ class EventConsumer:
             else:
                 kept.append(item)
         return kept
+
+
+async def purge_bookkeeping(pool: asyncpg.Pool, schema: str, settings: CardDeskSettings,
+                            batch: int = 5000) -> tuple[int, int]:
+    """Forget what the followers of `schema` took longer ago than their retention: the
+    `processed` rows and the `followed_chain` rows but each stream's last (a redelivery
+    that old is settled by the chain alone, `shared.chain`); returns how many of each went."""
+    retention = timedelta(hours=settings.follower_retention_hours)
+    processed = await ProcessedMessages.purge(pool, schema, retention, batch)
+    chained = await FollowedChains(schema).purge(pool, retention, batch)
+    if processed or chained:
+        log.info("followers.bookkeeping_purged", schema=schema, processed=processed,
+                 chain_rows=chained)
+    return processed, chained
+
+
+async def purge_bookkeeping_loop(pool: asyncpg.Pool, schema: str,
+                                 settings: CardDeskSettings) -> None:
+    """`purge_bookkeeping` every quarter of the retention (at most every hour), for ever."""
+    interval = min(3600.0, settings.follower_retention_hours * 3600 / 4)
+    while True:
+        await purge_bookkeeping(pool, schema, settings)
+        await asyncio.sleep(interval)

@@ -23,6 +23,7 @@ from shared.channels import Channel
 from shared.envelope import EventEnvelope
 from shared.intake.messages import Reply
 from shared.outbox import OutboxMessage, notify_channel, outbox_columns, outbox_insert
+from shared.purge import delete_in_batches
 from shared.topics import REPLY_TOPIC_PREFIX
 
 ReplyKey = tuple[str, str]  # (channel id, request id)
@@ -72,21 +73,9 @@ class StoredReplies:
                 f"  (SELECT position FROM {self.schema}.outbox"
                 f"   WHERE topic LIKE '{REPLY_TOPIC_PREFIX}%' AND sent_at < now() - $1::interval"
                 "   ORDER BY position LIMIT $2)")
-        purged = await _delete_in_batches(pool, replies, older_than, batch)
-        await _delete_in_batches(pool, sent, older_than, batch)
+        purged = await delete_in_batches(pool, replies, older_than, batch)
+        await delete_in_batches(pool, sent, older_than, batch)
         return purged
-
-
-async def _delete_in_batches(pool: asyncpg.Pool, delete: str, older_than: timedelta,
-                             batch: int) -> int:
-    """Run `delete` (parameters: age, batch size) until a batch comes back short."""
-    total = 0
-    while True:
-        deleted: int = await pool.fetchval(
-            f"WITH gone AS ({delete} RETURNING 1) SELECT count(*) FROM gone", older_than, batch)
-        total += deleted
-        if deleted < batch:
-            return total
 
 
 def _reply_key(channel: Channel, request_id: str) -> AESGCM:
@@ -132,3 +121,14 @@ class ProcessedMessages:
             " ON CONFLICT DO NOTHING RETURNING message_id)"
             " SELECT coalesce(array_agg(message_id), '{}') FROM new",
             self.consumer, list(message_ids), *chain_columns(chained)))
+
+    @staticmethod
+    async def purge(pool: asyncpg.Pool, schema: str, older_than: timedelta, batch: int) -> int:
+        """Delete every consumer's rows in `schema` recorded longer ago than `older_than`, a
+        bounded batch at a time; returns how many went. Only for consumers whose redeliveries
+        that old are recognised otherwise (`shared.chain.FollowedChains`: settled)."""
+        return await delete_in_batches(
+            pool,
+            f"DELETE FROM {schema}.processed WHERE ctid IN (SELECT ctid FROM {schema}.processed"
+            " WHERE processed_at < now() - $1::interval LIMIT $2)",
+            older_than, batch)

@@ -31,6 +31,7 @@ from shared.consumer import (
     EventConsumer,
     EventHandler,
     Inbound,
+    purge_bookkeeping_loop,
 )
 from shared.contracts import KNOWN_EVENT_TYPES
 from shared.decider import Clock, IdSource, new_uuid, utc_now
@@ -168,6 +169,8 @@ def bootstrap(
             {follow.source or follow.topic: _follower(service, follow.topic)
              for follow in wiring.follows},
             description=" ".join(follow.description for follow in wiring.follows))
+        runtime.background(_named("purge_bookkeeping", lambda: purge_bookkeeping_loop(
+            runtime.pool, schema, settings)))
     for loop in wiring.loops:
         runtime.background(_on_pool(runtime, loop))
     return service

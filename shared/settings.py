@@ -66,6 +66,10 @@ class CardDeskSettings(BaseSettings):
     # Sent outbox rows are kept this long (for an operator looking into a delivery), then purged.
     outbox_retention_hours: float = 24.0
     consumer_max_attempts: int = 5
+    # A follower's record of each event it took (`processed`, `followed_chain`) is kept this
+    # long, then purged (each followed stream's last row stays). A redelivery of an event
+    # taken over half of this ago is skipped as settled, by the stream's record alone.
+    follower_retention_hours: float = Field(default=24.0, gt=0)
     # How long a command waits for the service's followers to apply every event published
     # before it; past that it is refused `not_yet_consistent` (shared/barrier.py).
     consistency_wait_ms: int = 3000

@@ -22,7 +22,7 @@ from services.console.settings import ConsoleSettings
 from services.console.staff import LockoutPolicy, Role, StaffDirectory, staff_ddl
 from services.console.web import Console, create_app
 from shared.channels import ChannelRegistry
-from shared.consumer import BatchConsumer, EventConsumer
+from shared.consumer import BatchConsumer, EventConsumer, purge_bookkeeping_loop
 from shared.contracts import KNOWN_EVENT_TYPES
 from shared.logging import configure_logging
 from shared.runtime import ServiceRuntime
@@ -76,6 +76,7 @@ class ConsoleService:
         self._queue: QueueReader | None = None
         self.runtime.on_ready(self._build)
         self.runtime.background(self._purge_sessions)
+        self.runtime.background(self._purge_bookkeeping)
         self.runtime.subscribe(settings.review_events_topic(), self._handler,
                                title=f"{settings.review_events_topic()}:console",
                                description="Projects review.events into the review queue")
@@ -123,6 +124,10 @@ class ConsoleService:
                 asyncpg.InterfaceError):
             return False
         return bool(value == 1)
+
+    async def _purge_bookkeeping(self) -> None:
+        await purge_bookkeeping_loop(self.runtime.pool, self.settings.console_schema,
+                                     self.settings)
 
     async def _purge_sessions(self) -> None:
         while True:

@@ -73,7 +73,7 @@ async def test_a_followers_chain_read_sees_the_chain_row_committed_while_it_wait
         lambda conn: FollowedChains(schema).locked_view(conn, citizen_namespace(schema),
                                                         [second]))
     assert view.known == {("s-1", 1): first.hash}
-    assert view.seen == {"s-1"}
+    assert view.heads == {"s-1": 1}
 
 
 async def test_a_loss_commands_facts_include_the_card_committed_while_it_waited(

@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 
-from shared.consumer import EventConsumer, Inbound
+from shared.consumer import EventConsumer, Inbound, purge_bookkeeping
 from shared.contracts.loss import LossCancelled
 from shared.envelope import EventEnvelope, PendingEvent
 from shared.events import EventMeta, to_pending
@@ -386,6 +386,43 @@ async def test_a_batch_with_a_break_and_a_failing_effect_replays_alone_and_sends
     await consumer.handle_batch([batch[0], batch[3]])  # redelivered: nothing changes
     assert await pool.fetchval(f"SELECT count(*) FROM {schema}.seen") == 2
     assert len(dead.sent) == 2
+
+
+async def test_bookkeeping_older_than_the_retention_goes_and_its_redeliveries_change_nothing(
+    pool: asyncpg.Pool, schema: str, settings: CardDeskSettings,
+) -> None:
+    """Each stream's last chain row stays; every other row taken before the retention goes.
+    Redelivered afterwards (as after a reset of the group's offsets), in a batch or alone,
+    the purged events apply nothing and are not dead-lettered; the streams go on."""
+    consumer, dead = await seen_probe(pool, schema, settings)
+    long_ago, lately = CitizenStreams("old"), CitizenStreams("new")
+    old = long_ago.append_all("s-old", [LossCancelled(loss_id=f"l{i}") for i in range(3)])
+    await consumer.handle_batch(inbound("probe.events", old))
+    await pool.execute(f"UPDATE {schema}.processed SET processed_at = now() - interval '2 days'")
+    await pool.execute(
+        f"UPDATE {schema}.followed_chain SET recorded_at = now() - interval '2 days'")
+    recent = lately.append_all("s-new", [LossCancelled(loss_id=f"l{i}") for i in range(2)])
+    await consumer.handle_batch(inbound("probe.events", recent, start=3))
+
+    assert await purge_bookkeeping(pool, schema, settings) == (3, 2)
+    chain = await pool.fetch(
+        f"SELECT stream_id, version FROM {schema}.followed_chain ORDER BY 1, 2")
+    assert [(r["stream_id"], r["version"]) for r in chain] == [
+        ("s-new", 1), ("s-new", 2), ("s-old", 3)]
+    assert await purge_bookkeeping(pool, schema, settings) == (0, 0)
+
+    everything = inbound("probe.events", old + recent)
+    await consumer.handle_batch(everything)
+    for msg in everything:
+        await consumer.handle_alone(msg)
+    assert await pool.fetchval(f"SELECT count(*) FROM {schema}.seen") == 5
+    assert dead.sent == []
+
+    following = long_ago.append("s-old", LossCancelled(loss_id="l3"))
+    await consumer.handle_batch(inbound("probe.events", [following], start=5))
+    rows = await pool.fetch(f"SELECT event_id FROM {schema}.seen ORDER BY seq")
+    assert rows[-1]["event_id"] == str(following.event_id)
+    assert len(rows) == 6
 
 
 async def test_a_follower_batch_costs_four_statements_plus_its_effects(
