@@ -12,7 +12,7 @@ import asyncpg
 
 from shared.envelope import GENESIS_HASH, EventEnvelope
 from shared.locks import locked_read_ddl
-from shared.purge import delete_in_batches
+from shared.purge import delete_in_one_pass
 
 
 class ChainBreak(Exception):  # noqa: N818 - a verdict on one event, as `Rejected` is
@@ -94,17 +94,15 @@ class FollowedChains:
             await conn.execute(chain_insert(self.schema, 1), *chain_columns(verdicts.taken))
         return verdicts
 
-    async def purge(self, pool: asyncpg.Pool, older_than: timedelta, batch: int) -> int:
-        """Delete rows recorded longer ago than `older_than`, but each stream's last, a
-        bounded batch at a time; returns how many went."""
-        return await delete_in_batches(
-            pool,
-            f"DELETE FROM {self.schema}.followed_chain WHERE ctid IN"
-            f" (SELECT c.ctid FROM {self.schema}.followed_chain c"
-            "  WHERE c.recorded_at < now() - $1::interval"
-            f"  AND EXISTS (SELECT FROM {self.schema}.followed_chain n"
-            "   WHERE n.stream_id = c.stream_id AND n.version > c.version) LIMIT $2)",
-            older_than, batch)
+    async def purge(self, pool: asyncpg.Pool, older_than: timedelta) -> int:
+        """Delete rows recorded longer ago than `older_than`, but each stream's last, in one
+        pass of bounded statements; returns how many went."""
+        return await delete_in_one_pass(
+            pool, f"{self.schema}.followed_chain",
+            "t.recorded_at < now() - $1::interval"
+            f" AND EXISTS (SELECT FROM {self.schema}.followed_chain n"
+            "  WHERE n.stream_id = t.stream_id AND n.version > t.version)",
+            older_than)
 
 
 def view_sql(schema: str, ids: str, versions: str, streams: str, settled_after: str) -> str:
@@ -139,10 +137,6 @@ def chain_ddl(schema: str) -> str:
     );
     ALTER TABLE {schema}.followed_chain
         ADD COLUMN IF NOT EXISTS recorded_at timestamptz NOT NULL DEFAULT now();
-    -- Rows are appended in time order: a block range index finds the old ones, small and
-    -- cheap to keep.
-    CREATE INDEX IF NOT EXISTS followed_chain_age ON {schema}.followed_chain
-        USING brin (recorded_at);
     -- Before the settled rows, the function returned three columns.
     DROP FUNCTION IF EXISTS {schema}.locked_chain_view(text, text[], text[], integer[], text[]);
     """ + locked_read_ddl(

@@ -576,13 +576,13 @@ class EventConsumer:
 
 
 async def purge_bookkeeping(pool: asyncpg.Pool, schema: str, settings: CardDeskSettings,
-                            batch: int = 5000) -> tuple[int, int]:
+                            ) -> tuple[int, int]:
     """Forget what the followers of `schema` took longer ago than their retention: the
     `processed` rows and the `followed_chain` rows but each stream's last (a redelivery
     that old is settled by the chain alone, `shared.chain`); returns how many of each went."""
     retention = timedelta(hours=settings.follower_retention_hours)
-    processed = await ProcessedMessages.purge(pool, schema, retention, batch)
-    chained = await FollowedChains(schema).purge(pool, retention, batch)
+    processed = await ProcessedMessages.purge(pool, schema, retention)
+    chained = await FollowedChains(schema).purge(pool, retention)
     if processed or chained:
         log.info("followers.bookkeeping_purged", schema=schema, processed=processed,
                  chain_rows=chained)

@@ -202,8 +202,6 @@ def schema_ddl(schema: str) -> str:
         processed_at timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (consumer, message_id)
     );
-    -- Purged after the followers' retention (shared/consumer.py `purge_bookkeeping`).
-    CREATE INDEX IF NOT EXISTS processed_age ON {schema}.processed USING brin (processed_at);
     {chain_ddl(schema)}
     -- Replies keyed by request id alone, before channels had their own: superseded.
     DROP TABLE IF EXISTS {schema}.replies;

@@ -23,7 +23,7 @@ from shared.channels import Channel
 from shared.envelope import EventEnvelope
 from shared.intake.messages import Reply
 from shared.outbox import OutboxMessage, notify_channel, outbox_columns, outbox_insert
-from shared.purge import delete_in_batches
+from shared.purge import delete_in_batches, delete_in_one_pass
 from shared.topics import REPLY_TOPIC_PREFIX
 
 ReplyKey = tuple[str, str]  # (channel id, request id)
@@ -123,12 +123,10 @@ class ProcessedMessages:
             self.consumer, list(message_ids), *chain_columns(chained)))
 
     @staticmethod
-    async def purge(pool: asyncpg.Pool, schema: str, older_than: timedelta, batch: int) -> int:
-        """Delete every consumer's rows in `schema` recorded longer ago than `older_than`, a
-        bounded batch at a time; returns how many went. Only for consumers whose redeliveries
-        that old are recognised otherwise (`shared.chain.FollowedChains`: settled)."""
-        return await delete_in_batches(
-            pool,
-            f"DELETE FROM {schema}.processed WHERE ctid IN (SELECT ctid FROM {schema}.processed"
-            " WHERE processed_at < now() - $1::interval LIMIT $2)",
-            older_than, batch)
+    async def purge(pool: asyncpg.Pool, schema: str, older_than: timedelta) -> int:
+        """Delete every consumer's rows in `schema` recorded longer ago than `older_than`, in
+        one pass of bounded statements; returns how many went. Only for consumers whose
+        redeliveries that old are recognised otherwise (`shared.chain.FollowedChains`:
+        settled)."""
+        return await delete_in_one_pass(pool, f"{schema}.processed",
+                                        "t.processed_at < now() - $1::interval", older_than)
