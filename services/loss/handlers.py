@@ -23,7 +23,7 @@ from shared.contracts.common import SubjectErased
 from shared.crypto import MasterKeys, Vault
 from shared.envelope import EventEnvelope
 from shared.erasure import Erasure
-from shared.events import EventMeta
+from shared.events import DomainEvent, EventMeta
 from shared.locks import citizen_namespace
 from shared.service import Kit
 from shared.timers import Timer
@@ -206,15 +206,25 @@ class LossHandlers:
             application_status=facts.application_status(meta.citizen_ref),
             policy=self.policy,
         )
-        sealed = await self.streams.decide(conn, command, context, meta)
+        decided_on: list[domain.LossState] = []
+
+        def decide(state: domain.LossState) -> list[DomainEvent]:
+            decided_on[:] = [state]  # the last call's, if a conflict made it decide again
+            return domain.decide(command, state, context)
+
+        sealed = await self.streams.apply(conn, decide, meta)
         events = [domain.decode(e) for e in sealed]
-        await self._sync_timers(conn, sealed, events)
+        clock_running = bool(decided_on) and isinstance(decided_on[0], domain.TemporaryLoss)
+        await self._sync_timers(conn, sealed, events, clock_running=clock_running)
         return events
 
     async def _sync_timers(
         self, conn: asyncpg.Connection, sealed: Sequence[EventEnvelope],
-        events: Sequence[contract.LossEvent],
+        events: Sequence[contract.LossEvent], *, clock_running: bool,
     ) -> None:
+        """Arm a temporary loss's expiry; end the clock when another event ends the
+        temporary loss that was in force (`clock_running`: the state decided on was one).
+        Without one there is no timer to end (a stray one would be void when due anyway)."""
         for envelope, event in zip(sealed, events, strict=True):
             match event:
                 case contract.LossReported(kind="temporary", expires_at=datetime() as due_at):
@@ -226,7 +236,8 @@ class LossHandlers:
                 case (contract.LossReported() | contract.LossCancelled()
                       | contract.TemporaryLossExpired() | contract.LossClosed()):
                     # At most one loss is in force: anything else ends the temporary one's clock.
-                    await self.timers.disarm_all(conn, envelope.citizen_ref)
+                    if clock_running:
+                        await self.timers.disarm_all(conn, envelope.citizen_ref)
                 case SubjectErased():
                     pass
                 case _:
