@@ -183,7 +183,12 @@ class BatchEndsCommit:
     record of the batch, which is the position the batch moved it to, so what the group has
     committed after each batch is what it was before. A partition revoked while the batch
     ran is left out, as aiokafka's own commit leaves out what is no longer assigned. A
-    rewind (`seek`, FastStream's negative acknowledgement) goes to the consumer itself.
+    rewind (`seek`, FastStream's negative acknowledgement) goes to the consumer itself, for
+    the partitions still assigned: aiokafka refuses to seek any other, and FastStream rewinds
+    a batch's partitions in a loop that such a refusal would end, leaving the partitions
+    after it past records never handled (the next batch's commit would then pass over
+    them). A revoked partition needs no rewind: its next owner reads it from the last
+    committed offset.
     """
 
     def __init__(self, consumer: AIOKafkaConsumer,
@@ -198,7 +203,8 @@ class BatchEndsCommit:
             await self._consumer.commit(offsets)
 
     def seek(self, partition: TopicPartition, offset: int) -> None:
-        self._consumer.seek(partition, offset)
+        if partition in self._consumer.assignment():
+            self._consumer.seek(partition, offset)
 
 
 def commit_batch_ends(message: Any, records: tuple[ConsumerRecord[Any, Any], ...]) -> Any:

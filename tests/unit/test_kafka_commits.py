@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import IllegalStateError
 from faststream.kafka.message import FAKE_CONSUMER, KafkaAckableMessage
 
 from shared.kafka import BatchEndsCommit, commit_batch_ends
@@ -37,6 +38,8 @@ class Held:
         self.commits.append(offsets)
 
     def seek(self, partition: TopicPartition, offset: int) -> None:
+        if partition not in self.assigned:  # as aiokafka's consumer refuses
+            raise IllegalStateError(f"No current assignment for partition {partition}")
         self.seeks.append((partition, offset))
 
 
@@ -79,6 +82,18 @@ async def test_a_rejected_batch_rewinds_each_partition_to_its_first_record() -> 
 
     assert sorted(held.seeks) == [(TopicPartition(TOPIC, 3), 10), (TopicPartition(TOPIC, 7), 40)]
     assert held.commits == []
+
+
+async def test_a_rejected_batch_rewinds_every_partition_still_held_past_a_revoked_one() -> None:
+    partitions = [3, 5, 7]
+    held = Held({TopicPartition(TOPIC, 5), TopicPartition(TOPIC, 7)})  # 3 was revoked
+    records = tuple(record(p, 10 * p) for p in partitions)
+    message = KafkaAckableMessage(raw_message=records, body=b"",
+                                  consumer=BatchEndsCommit(held, records))
+
+    await message.nack()
+
+    assert sorted(held.seeks) == [(TopicPartition(TOPIC, 5), 50), (TopicPartition(TOPIC, 7), 70)]
 
 
 async def test_the_subscribers_parser_acknowledges_through_the_batch_ends() -> None:
