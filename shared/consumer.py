@@ -203,6 +203,13 @@ def load_json(value: bytes, limits: MessageLimits) -> Any:
     return body
 
 
+def _may_nest_deeper(value: bytes, max_depth: int) -> bool:
+    """Whether the JSON text `value` has more opening brackets than `max_depth` (counted at
+    C speed, those inside strings too): with no more, it cannot nest deeper, and the walk of
+    `_depth_exceeds` is not needed."""
+    return value.count(b"{") + value.count(b"[") > max_depth
+
+
 def _depth_exceeds(body: Any, max_depth: int) -> bool:
     """Whether containers nest deeper than `max_depth` (walked without recursion)."""
     pending: list[tuple[Any, int]] = [(body, 1)]
@@ -241,7 +248,9 @@ def _parse_fast(value: bytes, known_types: Collection[str] | None,
         return None
     try:
         body = orjson.loads(value)
-        if not isinstance(body, dict) or _depth_exceeds(body, limits.max_depth):
+        if not isinstance(body, dict) or (
+                _may_nest_deeper(value, limits.max_depth)
+                and _depth_exceeds(body, limits.max_depth)):
             return None
         envelope = EventEnvelope.model_validate(body)
         rest = {k: v for k, v in body.items() if k != "hash"}

@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import re
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import asyncpg
-import orjson
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -41,9 +39,8 @@ from services.status.adapters import (
 from services.status.projection import SubStates, decode_known, evolve, status_row
 from services.status.settings import StatusSettings
 from services.status.timeline import description
-from shared.consumer import Inbound, Rejected, parse_event
+from shared.consumer import Inbound, MessageLimits, Rejected, parse_event
 from shared.contracts import KNOWN_EVENT_TYPES
-from shared.envelope import EventEnvelope, canonical_bytes
 from shared.kafka import client_options
 
 log = structlog.get_logger()
@@ -117,28 +114,6 @@ class RebuildReport:
 
 # --- the fold ---------------------------------------------------------------------------
 
-def accept(message: Inbound, known_types: Collection[str]) -> EventEnvelope:
-    """`parse_event`, faster on the messages it accepts; every refusal is `parse_event`'s own.
-
-    orjson reads and writes the canonical form services produce (sorted keys, no spaces,
-    UTF-8). Where its bytes could differ from `canonical_json`'s (a float's spelling, say),
-    the hash does not match here and `parse_event` decides, over the exact canonical bytes.
-    """
-    value = message.value
-    try:
-        body = orjson.loads(value)
-        if not isinstance(body, dict):
-            return parse_event(message, known_types)
-        envelope = EventEnvelope.model_validate(body)
-        rest = {k: v for k, v in body.items() if k != "hash"}
-        digest = hashlib.sha256(envelope.prev_hash.encode("ascii") + canonical_bytes(rest))
-    except (ValueError, TypeError, ValidationError):  # orjson's errors subclass these
-        return parse_event(message, known_types)
-    if body["hash"] != digest.hexdigest() or envelope.type not in known_types:
-        return parse_event(message, known_types)
-    return envelope
-
-
 class _Citizen:
     __slots__ = ("last_event_id", "sub", "updated_at")
 
@@ -167,8 +142,10 @@ class ProjectionFold:
     under the name of the live follower of the event's topic, `consumer(contract_topic)`.
     """
 
-    def __init__(self, consumer: Callable[[str], str] = status_follower) -> None:
+    def __init__(self, consumer: Callable[[str], str] = status_follower,
+                 limits: MessageLimits | None = None) -> None:
         self.consumer = consumer
+        self.limits = limits or MessageLimits()
         self.citizens: dict[str, _Citizen] = {}
         self.seen: set[str] = set()
         self.applied = self.skipped = self.duplicates = 0
@@ -178,7 +155,7 @@ class ProjectionFold:
 
     def add(self, contract_topic: str, message: Inbound) -> None:
         try:
-            envelope = accept(message, KNOWN_EVENT_TYPES[contract_topic])
+            envelope = parse_event(message, KNOWN_EVENT_TYPES[contract_topic], self.limits)
             event_id = str(envelope.event_id)
             if event_id in self.seen:
                 self.duplicates += 1
@@ -495,7 +472,7 @@ async def rebuild(settings: RebuildSettings, *, keep_old: bool = False,
     schema = settings.status_schema
     started = time.monotonic()
     report = RebuildReport()
-    fold = ProjectionFold()
+    fold = ProjectionFold(limits=MessageLimits.from_settings(settings))
     tables = NextTables(schema)
     reader = TopicReader(settings)
     pool = await asyncpg.create_pool(settings.database_url, min_size=2, max_size=4)

@@ -1,5 +1,6 @@
-"""The rebuild's fast paths give exactly what the live consumer's path gives: the same messages
-accepted and refused, the same status rows, the same timeline rows."""
+"""The fast paths give exactly what the exact ones give: `parse_event`'s orjson path takes only
+what its exact path takes, as the same envelope; the rebuild's fold gives the same status and
+timeline rows as the live projection, and skips what the live consumer refuses."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import pytest
 
 from services.status.adapters import card_record, status_follower
 from services.status.projection import CardStatusRow, project
-from services.status.rebuild import ProjectionFold, accept
+from services.status.rebuild import ProjectionFold
 from services.status.timeline import timeline_entry
-from shared.consumer import Inbound, Rejected, parse_event
+from shared.consumer import Inbound, MessageLimits, Rejected, _parse_exact, _parse_fast
 from shared.contracts import KNOWN_EVENT_TYPES, loss, review
 from shared.envelope import EventEnvelope, canonical_bytes, canonical_json, chain_hash
 from tests.unit.status.events import T0, Streams, interleave, whole_journey
@@ -31,9 +32,11 @@ def resealed(body: dict[str, object]) -> bytes:
 
 
 def outcome(value: bytes, topic: str = "review.events") -> str:
-    """'ok' or the Rejected code; anything else raised is named by its type."""
+    """The exact path's verdict: 'ok' or the Rejected code; anything else raised is named by
+    its type."""
     try:
-        envelope = parse_event(message(topic, value), KNOWN_EVENT_TYPES[topic])
+        envelope = _parse_exact(message(topic, value), KNOWN_EVENT_TYPES[topic],
+                                MessageLimits())
     except Rejected as exc:
         return exc.code
     except Exception as exc:
@@ -42,13 +45,16 @@ def outcome(value: bytes, topic: str = "review.events") -> str:
 
 
 def fast_outcome(value: bytes, topic: str = "review.events") -> str:
-    try:
-        envelope = accept(message(topic, value), KNOWN_EVENT_TYPES[topic])
-    except Rejected as exc:
-        return exc.code
-    except Exception as exc:
-        return type(exc).__name__
-    return f"ok {envelope.event_id}"
+    """'ok' when the orjson path takes the message, else what the exact path says."""
+    envelope = _parse_fast(value, KNOWN_EVENT_TYPES[topic], MessageLimits())
+    return outcome(value, topic) if envelope is None else f"ok {envelope.event_id}"
+
+
+def nested(depth: int) -> object:
+    value: object = "deep"
+    for _ in range(depth):
+        value = {"k": value}
+    return value
 
 
 def corpus() -> list[bytes]:
@@ -77,11 +83,15 @@ def corpus() -> list[bytes]:
         b"not json",
         b"\xff\xfe\x00",
         b"",
+        # Intact, and nested deeper than any message may be (CARDDESK_MAX_JSON_DEPTH, 32).
+        resealed(dict(body, data={"reason": nested(40)})),
+        # Intact, with more brackets than that depth, but inside strings: taken.
+        resealed(dict(body, data={**body["data"], "reason": "{[" * 40})),
     ]
 
 
 @pytest.mark.parametrize("index", range(len(corpus())))
-def test_the_fast_parser_accepts_and_refuses_exactly_what_parse_event_does(index: int) -> None:
+def test_the_fast_path_takes_only_what_the_exact_path_takes(index: int) -> None:
     value = corpus()[index]
     assert fast_outcome(value) == outcome(value)
 
@@ -89,8 +99,8 @@ def test_the_fast_parser_accepts_and_refuses_exactly_what_parse_event_does(index
 def test_the_corpus_holds_both_accepted_and_refused_messages() -> None:
     outcomes = [outcome(v) for v in corpus()]
     assert sum(o.startswith("ok") for o in outcomes) >= 3
-    assert {"bad_hash", "unknown_event_type", "malformed_event", "malformed_json"} <= set(
-        outcomes)
+    assert {"bad_hash", "unknown_event_type", "malformed_event", "malformed_json",
+            "too_deeply_nested"} <= set(outcomes)
 
 
 def test_canonical_bytes_equal_canonical_json_for_what_services_write() -> None:
@@ -178,5 +188,8 @@ def test_a_redelivered_event_and_unprocessable_messages_are_skipped() -> None:
     fold.add("loss.events", message("loss.events", resealed(bad | {"event_id": str(uuid.uuid4())}),
                                     3))
 
-    assert (fold.applied, fold.duplicates, fold.skipped) == (1, 1, 2)
+    fold.add("loss.events", message("loss.events", resealed(
+        first.to_json_dict() | {"event_id": str(uuid.uuid4()), "data": nested(40)}), 4))
+
+    assert (fold.applied, fold.duplicates, fold.skipped) == (1, 1, 3)
     assert [row[1] for row in fold.take(with_status=False).timeline] == [str(first.event_id)]
