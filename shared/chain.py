@@ -53,18 +53,19 @@ class FollowedChains:
     version 1). A stream never seen before is taken from wherever it starts (a follower that
     starts mid-history); from then on, forks and gaps are breaks.
 
-    The table is bounded: `purge` deletes rows older than the retention, but each stream's
-    last. A row older than `settled_after` (half the retention, by default) is settled: a
-    redelivery of its event, or of any event at or behind the stream's last recorded version
-    whose row is gone, is skipped (`Verdicts.settled`) without its `processed` row being
-    looked at, since those are purged as old (`shared.idempotency.ProcessedMessages.purge`).
+    The table is bounded: `purge` deletes rows older than `retention`, but each stream's
+    last. A row older than half the retention is settled: a redelivery of its event, or of
+    any event at or behind the stream's last recorded version whose row is gone, is skipped
+    (`Verdicts.settled`) without its `processed` row being looked at, since those are purged
+    as old (`shared.idempotency.ProcessedMessages.purge`).
 
     `view` reads, `judge` decides (no I/O), `chain_insert` records in the caller's statement;
     `take` is the three in a row."""
 
-    def __init__(self, schema: str, settled_after: timedelta = timedelta(hours=12)) -> None:
+    def __init__(self, schema: str, retention: timedelta) -> None:
         self.schema = schema
-        self.settled_after = settled_after
+        self.retention = retention
+        self.settled_after = retention / 2
 
     async def view(self, conn: asyncpg.Connection,
                    envelopes: Sequence[EventEnvelope]) -> ChainView:
@@ -94,15 +95,15 @@ class FollowedChains:
             await conn.execute(chain_insert(self.schema, 1), *chain_columns(verdicts.taken))
         return verdicts
 
-    async def purge(self, pool: asyncpg.Pool, older_than: timedelta) -> int:
-        """Delete rows recorded longer ago than `older_than`, but each stream's last, in one
+    async def purge(self, pool: asyncpg.Pool) -> int:
+        """Delete rows recorded longer ago than the retention, but each stream's last, in one
         pass of bounded statements; returns how many went."""
         return await delete_in_one_pass(
             pool, f"{self.schema}.followed_chain",
             "t.recorded_at < now() - $1::interval"
             f" AND EXISTS (SELECT FROM {self.schema}.followed_chain n"
             "  WHERE n.stream_id = t.stream_id AND n.version > t.version)",
-            older_than)
+            self.retention)
 
 
 def view_sql(schema: str, ids: str, versions: str, streams: str, settled_after: str) -> str:

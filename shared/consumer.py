@@ -366,8 +366,7 @@ class EventConsumer:
         self.dead_letters = dead_letters
         self.known_types = known_types
         self.processed = ProcessedMessages(schema, name)
-        self.chains = FollowedChains(
-            schema, settled_after=timedelta(hours=settings.follower_retention_hours) / 2)
+        self.chains = FollowedChains(schema, follower_retention(settings))
 
     async def handle(self, msg: Inbound) -> None:
         """One record: the batch path, for a batch of one."""
@@ -584,14 +583,19 @@ class EventConsumer:
         return kept
 
 
+def follower_retention(settings: CardDeskSettings) -> timedelta:
+    """How long followers keep their record of each event (`CARDDESK_FOLLOWER_RETENTION_HOURS`)."""
+    return timedelta(hours=settings.follower_retention_hours)
+
+
 async def purge_bookkeeping(pool: asyncpg.Pool, schema: str, settings: CardDeskSettings,
                             ) -> tuple[int, int]:
     """Forget what the followers of `schema` took longer ago than their retention: the
     `processed` rows and the `followed_chain` rows but each stream's last (a redelivery
     that old is settled by the chain alone, `shared.chain`); returns how many of each went."""
-    retention = timedelta(hours=settings.follower_retention_hours)
+    retention = follower_retention(settings)
     processed = await ProcessedMessages.purge(pool, schema, retention)
-    chained = await FollowedChains(schema).purge(pool, retention)
+    chained = await FollowedChains(schema, retention).purge(pool)
     if processed or chained:
         log.info("followers.bookkeeping_purged", schema=schema, processed=processed,
                  chain_rows=chained)
@@ -601,7 +605,7 @@ async def purge_bookkeeping(pool: asyncpg.Pool, schema: str, settings: CardDeskS
 async def purge_bookkeeping_loop(pool: asyncpg.Pool, schema: str,
                                  settings: CardDeskSettings) -> None:
     """`purge_bookkeeping` every quarter of the retention (at most every hour), for ever."""
-    interval = min(3600.0, settings.follower_retention_hours * 3600 / 4)
+    interval = min(3600.0, follower_retention(settings).total_seconds() / 4)
     while True:
         await purge_bookkeeping(pool, schema, settings)
         await asyncio.sleep(interval)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from typing import TypeVar
 
 import asyncpg
@@ -70,8 +71,8 @@ async def test_a_followers_chain_read_sees_the_chain_row_committed_while_it_wait
     view = await read_behind_the_lock(
         pool, citizen_namespace(schema), streams.citizen_ref,
         lambda conn: conn.execute(chain_insert(schema, 1), *chain_columns([first])),
-        lambda conn: FollowedChains(schema).locked_view(conn, citizen_namespace(schema),
-                                                        [second]))
+        lambda conn: FollowedChains(schema, timedelta(hours=24)).locked_view(
+            conn, citizen_namespace(schema), [second]))
     assert view.known == {("s-1", 1): first.hash}
     assert view.heads == {"s-1": 1}
 
