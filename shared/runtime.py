@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
@@ -62,8 +63,11 @@ class ServiceRuntime:
         self.extra_ddl = extra_ddl
         self.secrets = frozenset(secrets)
         self.shipped_in_use = tuple(shipped_in_use)
+        # FastStream logs "Received" and "Processed" for every batch at `log_level`: two
+        # lines per fetch per consumer, most of a busy service's log. At DEBUG they are
+        # dropped; its errors and partition assignments keep their own levels.
         self.broker = KafkaBroker(settings.kafka_bootstrap, client_id=f"carddesk-{name}",
-                                  security=broker_security(settings))
+                                  security=broker_security(settings), log_level=logging.DEBUG)
         self._pool: asyncpg.Pool | None = None
         self._producer: AIOKafkaProducer | None = None
         self._relay: OutboxRelay | None = None

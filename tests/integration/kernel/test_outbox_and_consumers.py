@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import uuid
 from collections.abc import AsyncIterator, Collection, Sequence
@@ -244,6 +245,40 @@ async def test_a_malformed_message_goes_to_the_dlq_with_its_reason_and_the_next_
     assert first["x-original-offset"].isdigit() and b"not JSON" in first["x-dlq-reason"]
     assert first["x-dlq-consumer"] == probe_service.group.encode()
     assert dead[0].value == b'{"not": "an envelope"'
+
+
+class Kept(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+async def test_a_handled_batch_writes_no_access_log_lines(
+    probe_service: ServiceRuntime, producer: AIOKafkaProducer,
+) -> None:
+    """FastStream's "Received"/"Processed" per batch (two lines per fetch per consumer) are
+    below its logger's level; what it logs at its own levels still reaches the log."""
+    name = probe_service.name
+    access = logging.getLogger("faststream.access.kafka")
+    kept = Kept()
+    access.addHandler(kept)
+    try:
+        [event] = CitizenStreams("quiet").append_all("s-quiet", [LossCancelled(loss_id="l")])
+        await producer.send_and_wait(f"{name}.events", event.to_bytes(), key=b"quiet")
+
+        async def applied() -> bool:
+            count: int = await probe_service.pool.fetchval(f"SELECT count(*) FROM {name}.seen")
+            return count == 1
+
+        await eventually(applied)
+        access.warning("still logged")
+    finally:
+        access.removeHandler(kept)
+    messages = [record.getMessage() for record in kept.records]
+    assert messages == ["still logged"]
 
 
 async def test_per_citizen_order_holds_across_six_partitions_with_citizens_interleaved(
