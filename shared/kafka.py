@@ -21,6 +21,7 @@ from faststream.security import SASLScram512
 from pydantic import SecretStr
 
 from shared.channels import Channel
+from shared.commits import COMMITS, DeferredCommits
 from shared.settings import CardDeskSettings
 
 S = TypeVar("S", bound=CardDeskSettings)
@@ -174,7 +175,7 @@ def linger(subscriber: Any, linger_ms: int) -> None:
 
 class BatchEndsCommit:
     """The consumer FastStream acknowledges a batch through, committing only the partitions
-    the batch moved.
+    the batch moved, on the timer of `shared.commits` (with the batches handled meanwhile).
 
     FastStream's acknowledgement calls aiokafka's `commit()` without offsets, which commits
     the position of every assigned partition: each batch wrote one `__consumer_offsets`
@@ -192,15 +193,16 @@ class BatchEndsCommit:
     """
 
     def __init__(self, consumer: AIOKafkaConsumer,
-                 records: tuple[ConsumerRecord[Any, Any], ...]) -> None:
+                 records: tuple[ConsumerRecord[Any, Any], ...],
+                 commits: DeferredCommits = COMMITS) -> None:
         self._consumer = consumer
         self._ends = {TopicPartition(r.topic, r.partition): r.offset + 1 for r in records}
+        self._commits = commits
 
     async def commit(self) -> None:
-        assigned = self._consumer.assignment()
-        offsets = {tp: end for tp, end in self._ends.items() if tp in assigned}
-        if offsets:
-            await self._consumer.commit(offsets)
+        """Hand the batch's ends to `commits`, which commits them on its timer (at once with
+        an interval of 0), only for partitions the consumer still holds then."""
+        await self._commits.handled(self._consumer, self._ends)
 
     def seek(self, partition: TopicPartition, offset: int) -> None:
         if partition in self._consumer.assignment():

@@ -22,6 +22,7 @@ from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.middlewares import AckPolicy
 
 from shared.barrier import FollowerBarrier
+from shared.commits import COMMITS, FlushOnRevoke
 from shared.consumer import BatchConsumer, DeadLetters, EventConsumer, Inbound
 from shared.eventstore import migrate
 from shared.health import (
@@ -80,6 +81,7 @@ class ServiceRuntime:
         self.progress = FollowerProgress()
         self._subscriptions: list[tuple[str, str]] = []  # (topic, group), for consumer lag
         self._sampler: MetricsSampler | None = None
+        COMMITS.interval_s = settings.consumer_commit_interval_ms / 1000
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -141,6 +143,9 @@ class ServiceRuntime:
         group_id = group or self.group
         self._subscriptions.extend((topic, group_id) for topic in topics)
         batch_size = BATCH_SIZE.labels(",".join(topics))
+        # Offsets are committed on a timer (shared/commits.py), and at once for partitions
+        # a rebalance takes away.
+        listener = FlushOnRevoke(COMMITS, lambda: None)
 
         subscriber = self.broker.subscriber(
             *topics,
@@ -157,7 +162,9 @@ class ServiceRuntime:
             description=description,
             parser=parse_leniently,
             decoder=raw_records,
+            listener=listener,
         )
+        listener.consumer = lambda: running_consumer(subscriber)
         linger(subscriber, self.settings.consumer_linger_ms)
         self.progress.consumer(lambda: _assignment(subscriber))
         # One watch per topic, all of this consumer: /health names each topic it consumes.
@@ -306,6 +313,7 @@ class ServiceRuntime:
             # document with the viewer vendored (`/docs/asyncapi`).
             asgi_routes=[("/health", health), ("/metrics", metrics_asgi())],
             on_startup=[self.start],
+            on_shutdown=[COMMITS.flush_all],  # while the consumers still hold their partitions
             after_shutdown=[self.stop],
         )
 

@@ -87,6 +87,9 @@ class CardDeskSettings(BaseSettings):
     # flight per broker), so a record arriving for it waits for that fetch to come back:
     # this bounds that wait, and sets how often an idle consumer asks again.
     consumer_fetch_wait_ms: int = Field(default=500, ge=1, le=5000)
+    # How long after a batch was handled its offsets are committed, with those of the
+    # batches handled meanwhile (ms; shared/commits.py); 0 commits every batch at once.
+    consumer_commit_interval_ms: int = Field(default=100, ge=0, le=5000)
     # After a fetch short of a full batch, how long a consumer waits for more records to
     # take into the same batch (ms; shared/kafka.py); 0 takes each fetch as it comes.
     consumer_linger_ms: int = Field(default=5, ge=0, le=1000)

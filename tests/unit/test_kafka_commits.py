@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import IllegalStateError
 from faststream.kafka.message import FAKE_CONSUMER, KafkaAckableMessage
 
+from shared.commits import DeferredCommits
 from shared.kafka import BatchEndsCommit, commit_batch_ends
 from shared.metrics import unread
 from shared.runtime import parse_leniently
 
 TOPIC = "status.followed"
+AT_ONCE = DeferredCommits(interval_s=0)
 
 
 def record(partition: int, offset: int, topic: str = TOPIC) -> ConsumerRecord[Any, Any]:
@@ -51,7 +54,7 @@ async def test_a_batch_commits_the_offset_after_each_partitions_last_record_and_
     held = Held(every_partition())
     records = (record(3, 10), record(3, 11), record(7, 40))
 
-    await BatchEndsCommit(held, records).commit()
+    await BatchEndsCommit(held, records, AT_ONCE).commit()
 
     assert held.commits == [{TopicPartition(TOPIC, 3): 12, TopicPartition(TOPIC, 7): 41}]
 
@@ -59,7 +62,7 @@ async def test_a_batch_commits_the_offset_after_each_partitions_last_record_and_
 async def test_a_partition_revoked_while_the_batch_ran_is_left_out() -> None:
     held = Held({TopicPartition(TOPIC, 7)})  # partition 3 went to another instance
 
-    await BatchEndsCommit(held, (record(3, 10), record(7, 40))).commit()
+    await BatchEndsCommit(held, (record(3, 10), record(7, 40)), AT_ONCE).commit()
 
     assert held.commits == [{TopicPartition(TOPIC, 7): 41}]
 
@@ -67,9 +70,21 @@ async def test_a_partition_revoked_while_the_batch_ran_is_left_out() -> None:
 async def test_nothing_is_committed_when_every_partition_of_the_batch_was_revoked() -> None:
     held = Held(set())
 
-    await BatchEndsCommit(held, (record(3, 10),)).commit()
+    await BatchEndsCommit(held, (record(3, 10),), AT_ONCE).commit()
 
     assert held.commits == []
+
+
+async def test_batches_acknowledged_within_the_interval_are_committed_once_together() -> None:
+    held = Held(every_partition())
+    commits = DeferredCommits(interval_s=0.05)
+
+    await BatchEndsCommit(held, (record(3, 10), record(7, 40)), commits).commit()
+    await BatchEndsCommit(held, (record(3, 11),), commits).commit()
+    assert held.commits == []  # the consumer goes on fetching; nothing sent yet
+    await asyncio.sleep(0.2)
+
+    assert held.commits == [{TopicPartition(TOPIC, 3): 12, TopicPartition(TOPIC, 7): 41}]
 
 
 async def test_a_rejected_batch_rewinds_each_partition_to_its_first_record() -> None:

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from shared.consumer import EventConsumer, Inbound, purge_bookkeeping
 from shared.contracts.loss import LossCancelled
@@ -28,6 +29,8 @@ from tests.support import (
     RecordingDeadLetters,
     create_topics,
     eventually,
+    kafka_options,
+    partitions_of,
     read_topic,
     unique,
 )
@@ -683,3 +686,72 @@ async def test_events_about_a_citizen_erased_here_are_taken_and_change_nothing(
     assert asked == [{"gone", "kept"}, {"gone"}]
     assert await pool.fetchval(
         f"SELECT count(*) FROM {schema}.processed WHERE consumer = 'probe'") == 5
+
+
+async def group_committed(settings: CardDeskSettings, group: str,
+                          partitions: Sequence[TopicPartition]) -> dict[int, int]:
+    """The group's committed offset of each partition (-1: none)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **kafka_options())
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group, partitions=list(partitions))
+    finally:
+        await admin.close()
+    return {tp.partition: (meta.offset if meta else -1) for tp, meta in offsets.items()}
+
+
+async def test_offsets_are_committed_on_a_timer_and_a_restart_before_it_applies_nothing_twice(
+    settings: CardDeskSettings, pool: asyncpg.Pool, producer: AIOKafkaProducer,
+) -> None:
+    """Handled batches' ends reach the group within the commit interval; a process stopped
+    before its timer ran leaves them uncommitted, and the next one gets those records again
+    and applies none of them a second time."""
+    name = unique("commits")
+    topic = f"{name}.events"
+    await create_topics(settings.kafka_bootstrap, [topic, f"{topic}.dlq"])
+    slow = settings.model_copy(update={"consumer_commit_interval_ms": 60_000})
+    streams = Citizens()
+    for citizen in (f"c{i}" for i in range(12)):
+        event = streams[citizen].append(f"s-{citizen}", LossCancelled(loss_id="1"))
+        await producer.send(topic, event.to_bytes(), key=citizen.encode())
+    await producer.flush()
+    partitions = await partitions_of(settings.kafka_bootstrap, [topic])
+
+    async def applied_by(runtime_settings: CardDeskSettings) -> BatchRecorder:
+        runtime = ServiceRuntime(name, runtime_settings, extra_ddl=SEEN_DDL.format(schema=name))
+        recorder: dict[str, BatchRecorder] = {}
+
+        async def ready() -> None:
+            consumer, _ = await seen_probe(runtime.pool, name, runtime_settings)
+            recorder["r"] = BatchRecorder(consumer)
+
+        runtime.on_ready(ready)
+        runtime.subscribe(topic, lambda: recorder["r"])
+        await runtime.start()
+        await runtime.broker.start()
+        try:
+            async def all_seen() -> bool:
+                return bool(await pool.fetchval(f"SELECT count(*) FROM {name}.seen") == 12)
+
+            await eventually(all_seen, timeout_s=60)
+            if runtime_settings.consumer_commit_interval_ms < 1000:
+                async def committed() -> bool:  # each partition's end: 12 in all
+                    got = await group_committed(settings, runtime.group, partitions)
+                    return sum(max(o, 0) for o in got.values()) == 12
+
+                await eventually(committed, timeout_s=10)
+            return recorder["r"]
+        finally:
+            await runtime.broker.stop()
+            await runtime.stop()
+
+    try:
+        first = await applied_by(slow)  # stopped long before its timer
+        assert sum(len(call) for call in first.calls) == 12
+        assert set((await group_committed(settings, f"carddesk-{name}",
+                                          partitions)).values()) == {-1}
+        second = await applied_by(settings)  # the default interval
+        assert sum(len(call) for call in second.calls) == 12  # every record again
+        assert await pool.fetchval(f"SELECT count(*) FROM {name}.seen") == 12  # once each
+    finally:
+        await pool.execute(f"DROP SCHEMA {name} CASCADE")

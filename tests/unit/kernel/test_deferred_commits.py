@@ -1,0 +1,97 @@
+"""Offset commits on a timer (shared/commits.py): what is committed, when, and what is kept
+when a commit fails."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiokafka import TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaConnectionError
+
+from shared.commits import DeferredCommits, FlushOnRevoke
+
+TOPIC = "loss.commands"
+
+
+class FakeConsumer:
+    """An aiokafka consumer as far as commits go: its assignment and what it committed."""
+
+    def __init__(self, partitions: int = 3) -> None:
+        self.assigned = {TopicPartition(TOPIC, p) for p in range(partitions)}
+        self.commits: list[dict[TopicPartition, int]] = []
+        self.failures: list[Exception] = []
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.assigned)
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        if self.failures:
+            raise self.failures.pop(0)
+        self.commits.append(dict(offsets))
+
+
+def records(partition: int, *offsets: int) -> dict[TopicPartition, int]:
+    """A handled batch's end on `partition`, whose last record was at `offsets[-1]`."""
+    return {TopicPartition(TOPIC, partition): max(offsets) + 1}
+
+
+def tp(partition: int) -> TopicPartition:
+    return TopicPartition(TOPIC, partition)
+
+
+async def test_batches_handled_within_the_interval_are_committed_once_at_their_ends() -> None:
+    commits, consumer = DeferredCommits(interval_s=0.05), FakeConsumer()
+    await commits.handled(consumer, records(0, 3, 4) | records(1, 7))
+    await commits.handled(consumer, records(0, 5))
+    assert consumer.commits == []  # nothing yet: the timer has not run
+    await asyncio.sleep(0.2)
+    assert consumer.commits == [{tp(0): 6, tp(1): 8}]
+    assert commits.owed(consumer) == {}
+
+
+async def test_an_interval_of_zero_commits_every_batch_at_once() -> None:
+    commits, consumer = DeferredCommits(interval_s=0), FakeConsumer()
+    await commits.handled(consumer, records(2, 0, 1))
+    await commits.handled(consumer, records(2, 2))
+    assert consumer.commits == [{tp(2): 2}, {tp(2): 3}]
+
+
+async def test_a_revocation_commits_the_revoked_partitions_at_once_and_only_them() -> None:
+    commits, consumer = DeferredCommits(interval_s=10), FakeConsumer()
+    await commits.handled(consumer, records(0, 1) | records(1, 4))
+    await FlushOnRevoke(commits, lambda: consumer).on_partitions_revoked({tp(1)})
+    assert consumer.commits == [{tp(1): 5}]
+    assert commits.owed(consumer) == {tp(0): 2}
+
+
+async def test_partitions_the_consumer_no_longer_holds_are_not_committed() -> None:
+    commits, consumer = DeferredCommits(interval_s=10), FakeConsumer()
+    await commits.handled(consumer, records(0, 1) | records(1, 4))
+    consumer.assigned.discard(tp(1))  # taken by another instance: it applies them again
+    await commits.flush(consumer)
+    assert consumer.commits == [{tp(0): 2}]
+    assert commits.owed(consumer) == {}
+
+
+@pytest.mark.parametrize("error", [CommitFailedError("rebalanced"), KafkaConnectionError()])
+async def test_a_commit_that_fails_is_owed_again_and_never_moves_backwards(
+    error: Exception,
+) -> None:
+    commits, consumer = DeferredCommits(interval_s=10), FakeConsumer()
+    await commits.handled(consumer, records(0, 1, 2))
+    consumer.failures.append(error)
+    await commits.flush(consumer)
+    assert consumer.commits == [] and commits.owed(consumer) == {tp(0): 3}
+    await commits.handled(consumer, records(0, 3))
+    await commits.flush(consumer)
+    assert consumer.commits == [{tp(0): 4}]
+
+
+async def test_shutting_down_commits_what_every_consumer_owes() -> None:
+    commits = DeferredCommits(interval_s=10)
+    first, second = FakeConsumer(), FakeConsumer()
+    await commits.handled(first, records(0, 1))
+    await commits.handled(second, records(2, 9))
+    await commits.flush_all()
+    assert (first.commits, second.commits) == ([{tp(0): 2}], [{tp(2): 10}])
