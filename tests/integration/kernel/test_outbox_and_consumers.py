@@ -8,7 +8,7 @@ import json
 import logging
 import random
 import uuid
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -513,6 +513,23 @@ class BatchRecorder:
         await self.inner.handle_batch(messages)
 
 
+async def recording_runtime(name: str, topic: str, settings: CardDeskSettings,
+                            ) -> tuple[ServiceRuntime, Callable[[], BatchRecorder]]:
+    """A started service `name` consuming `topic` into `{name}.seen`, and its recorder."""
+    runtime = ServiceRuntime(name, settings, extra_ddl=SEEN_DDL.format(schema=name))
+    recorder: dict[str, BatchRecorder] = {}
+
+    async def ready() -> None:
+        consumer, _ = await seen_probe(runtime.pool, name, settings)
+        recorder["r"] = BatchRecorder(consumer)
+
+    runtime.on_ready(ready)
+    runtime.subscribe(topic, lambda: recorder["r"])
+    await runtime.start()
+    await runtime.broker.start()
+    return runtime, lambda: recorder["r"]
+
+
 async def test_a_fetch_of_several_partitions_is_one_batch_each_partition_in_order(
     settings: CardDeskSettings, pool: asyncpg.Pool, producer: AIOKafkaProducer,
 ) -> None:
@@ -529,23 +546,13 @@ async def test_a_fetch_of_several_partitions_is_one_batch_each_partition_in_orde
             event = streams[citizen].append(f"s-{citizen}", LossCancelled(loss_id=str(round_)))
             await producer.send(topic, event.to_bytes(), key=citizen.encode())
     await producer.flush()
-    runtime = ServiceRuntime(name, settings, extra_ddl=SEEN_DDL.format(schema=name))
-    recorder: dict[str, BatchRecorder] = {}
-
-    async def ready() -> None:
-        consumer, _ = await seen_probe(runtime.pool, name, settings)
-        recorder["r"] = BatchRecorder(consumer)
-
-    runtime.on_ready(ready)
-    runtime.subscribe(topic, lambda: recorder["r"])
-    await runtime.start()
-    await runtime.broker.start()
+    runtime, recorder = await recording_runtime(name, topic, settings)
     try:
         async def all_seen() -> bool:
             return bool(await pool.fetchval(f"SELECT count(*) FROM {name}.seen") == 72)
 
         await eventually(all_seen, timeout_s=60)
-        calls = recorder["r"].calls
+        calls = recorder().calls
         assert max(len({partition for partition, _ in call}) for call in calls) > 1
         for call in calls:
             for partition in {p for p, _ in call}:
@@ -718,17 +725,7 @@ async def test_offsets_are_committed_on_a_timer_and_a_restart_before_it_applies_
     partitions = await partitions_of(settings.kafka_bootstrap, [topic])
 
     async def applied_by(runtime_settings: CardDeskSettings) -> BatchRecorder:
-        runtime = ServiceRuntime(name, runtime_settings, extra_ddl=SEEN_DDL.format(schema=name))
-        recorder: dict[str, BatchRecorder] = {}
-
-        async def ready() -> None:
-            consumer, _ = await seen_probe(runtime.pool, name, runtime_settings)
-            recorder["r"] = BatchRecorder(consumer)
-
-        runtime.on_ready(ready)
-        runtime.subscribe(topic, lambda: recorder["r"])
-        await runtime.start()
-        await runtime.broker.start()
+        runtime, recorder = await recording_runtime(name, topic, runtime_settings)
         try:
             async def all_seen() -> bool:
                 return bool(await pool.fetchval(f"SELECT count(*) FROM {name}.seen") == 12)
@@ -740,7 +737,7 @@ async def test_offsets_are_committed_on_a_timer_and_a_restart_before_it_applies_
                     return sum(max(o, 0) for o in got.values()) == 12
 
                 await eventually(committed, timeout_s=10)
-            return recorder["r"]
+            return recorder()
         finally:
             await runtime.broker.stop()
             await runtime.stop()
