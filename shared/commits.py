@@ -4,9 +4,11 @@ An acknowledged batch (`shared.kafka.BatchEndsCommit`) used to send its `OffsetC
 once, and the consumer waited for it before its next fetch: a request (and a write to
 `__consumer_offsets`) for every fetch of every consumer, and about 8 ms on every hop of a
 command at 200 commands/s. Here an acknowledged batch only notes where each of its
-partitions ends; the notes are committed `interval` later, together
-with those of the batches handled meanwhile, and at once for partitions being revoked and
-when the process shuts down.
+partitions ends; the notes are committed `interval` later, together with those of the
+batches handled meanwhile, and at once for partitions being revoked and when the process
+shuts down. A commit that fails is owed again; if a later one for the same partition
+succeeded meanwhile, the retry may set the partition back to the earlier end, which only
+redelivers records the consumers take idempotently.
 
 What is committed is always the end of a batch that was handled for good (its transaction
 committed), never a position the consumer merely fetched: a crash loses at most the last
