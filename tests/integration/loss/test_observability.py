@@ -58,8 +58,12 @@ async def test_an_accepted_command_moves_every_metric_of_its_path(harness: Harne
         return total(after, name, **labels) - total(before, name, **labels)
 
     async def published() -> bool:
-        return moved(await scrape(), "carddesk_events_published_total", service=service,
-                     type="LossReported") >= 1
+        # The relay counts a record once Kafka acknowledged it, which may come after the
+        # channel has read the reply: both counters are awaited.
+        now = await scrape()
+        return (moved(now, "carddesk_events_published_total", service=service,
+                      type="LossReported") >= 1
+                and moved(now, "carddesk_replies_published_total", service=service) >= 1)
 
     await eventually(published)
     after = await scrape()
