@@ -34,9 +34,12 @@ log = structlog.get_logger()
 class DeferredCommits:
     """Per consumer, the offsets its handled batches end at, committed on a timer."""
 
-    def __init__(self, interval_s: float = 0.1) -> None:
-        """`interval_s` 0 commits every batch at once, as FastStream does."""
+    def __init__(self, interval_s: float = 0.1, timeout_s: float = 5.0) -> None:
+        """`interval_s` 0 commits every batch at once, as FastStream does. A commit is given
+        up after `timeout_s` (aiokafka looks for the group's coordinator for as long as the
+        broker is away, and a shutdown must not wait for it) and owed again."""
         self.interval_s = interval_s
+        self.timeout_s = timeout_s
         self._pending: dict[Any, dict[TopicPartition, int]] = {}
         self._timers: dict[Any, asyncio.Task[None]] = {}
 
@@ -72,10 +75,10 @@ class DeferredCommits:
         if not offsets:
             return
         try:
-            await consumer.commit(offsets)
-        except (KafkaError, IllegalStateError) as exc:
+            await asyncio.wait_for(consumer.commit(offsets), self.timeout_s)
+        except (KafkaError, IllegalStateError, TimeoutError) as exc:
             log.info("consumer.commit_failed", error=type(exc).__name__,
-                     partitions=len(offsets))
+                     partitions=len(offsets), timeout_s=self.timeout_s)
             owed = self._pending.setdefault(consumer, {})
             for tp, end in offsets.items():
                 owed[tp] = max(owed.get(tp, 0), end)

@@ -95,3 +95,14 @@ async def test_shutting_down_commits_what_every_consumer_owes() -> None:
     await commits.handled(second, records(2, 9))
     await commits.flush_all()
     assert (first.commits, second.commits) == ([{tp(0): 2}], [{tp(2): 10}])
+
+
+async def test_a_commit_the_broker_never_answers_is_given_up_and_owed_again() -> None:
+    class Unanswered(FakeConsumer):
+        async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+            await asyncio.Event().wait()  # no coordinator: aiokafka keeps looking
+
+    commits, consumer = DeferredCommits(interval_s=10, timeout_s=0.05), Unanswered()
+    await commits.handled(consumer, records(1, 4))
+    await asyncio.wait_for(commits.flush_all(), 1.0)  # a shutdown is not held up
+    assert commits.owed(consumer) == {tp(1): 5}
