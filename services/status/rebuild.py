@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -213,10 +214,13 @@ class ProjectionFold:
 
 
 class TopicReader:
-    """The event topics from offset 0, read with a consumer of our own."""
+    """The event topics from offset 0, read with a consumer of our own; `after_batch` runs
+    after each batch has been folded."""
 
-    def __init__(self, settings: RebuildSettings) -> None:
+    def __init__(self, settings: RebuildSettings,
+                 after_batch: Callable[[], None] = lambda: None) -> None:
         self.settings = settings
+        self.after_batch = after_batch
         self.contract_of = {topic: contract for contract, topic
                             in settings.consumed_topics().items()}
         self.partitions: list[TopicPartition] = []
@@ -301,6 +305,7 @@ class TopicReader:
                 count += len(records)
             if batch:
                 last_progress = time.monotonic()
+                self.after_batch()
                 if on_batch is not None:
                     await on_batch(count)
             elif time.monotonic() - last_progress > self.settings.rebuild_stall_timeout_seconds:
@@ -474,7 +479,11 @@ async def rebuild(settings: RebuildSettings, *, keep_old: bool = False,
     report = RebuildReport()
     fold = ProjectionFold(limits=MessageLimits.from_settings(settings))
     tables = NextTables(schema)
-    reader = TopicReader(settings)
+    # The fold keeps every citizen's state and every event id until the swap: millions of
+    # long-lived objects, which each full pass of Python's cyclic collector would scan
+    # again (the load ran about 1.5x slower for it). Frozen after each batch, they stay out
+    # of its sight until the rebuild ends; what is dropped is still freed by its refcount.
+    reader = TopicReader(settings, after_batch=gc.freeze)
     pool = await asyncpg.create_pool(settings.database_url, min_size=2, max_size=4)
     try:
         async with pool.acquire() as guard:
@@ -506,6 +515,7 @@ async def rebuild(settings: RebuildSettings, *, keep_old: bool = False,
                 await guard.execute("SELECT pg_advisory_unlock(hashtext($1))",
                                     f"rebuild:{schema}")
     finally:
+        gc.unfreeze()
         await pool.close()
     report.applied, report.skipped = fold.applied, fold.skipped
     report.duplicates, report.citizens = fold.duplicates, len(fold.citizens)

@@ -5,6 +5,7 @@ ones held (and what a pure fold gives), and the running service carries on with 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -254,6 +255,22 @@ async def test_events_written_during_the_rebuild_end_up_in_the_swapped_tables(
     assert tables.timeline == timeline
     assert not any(name.endswith(("_next", "_next_pkey")) or "_old_" in name
                    for name in tables.names)
+
+
+async def test_the_fold_is_out_of_the_cyclic_collectors_sight_until_the_rebuild_ends(
+    isolated: Isolated,
+) -> None:
+    await isolated.send(Citizen().journey(3))
+    await isolated.all_applied()
+    frozen: list[int] = []
+
+    async def count_frozen_objects() -> None:
+        frozen.append(gc.get_freeze_count())
+
+    await rebuild(isolated.settings, before_swap=count_frozen_objects)
+
+    assert frozen[0] > 0  # the batches read so far, the fold among them
+    assert gc.get_freeze_count() == 0  # given back to the collector
 
 
 async def test_a_failed_rebuild_leaves_the_live_tables_as_they_were(
