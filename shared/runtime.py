@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from datetime import timedelta
@@ -82,9 +81,6 @@ class ServiceRuntime:
         self.progress = FollowerProgress()
         self._subscriptions: list[tuple[str, str]] = []  # (topic, group), for consumer lag
         self._sampler: MetricsSampler | None = None
-        # Set by a process's entry point, never by tests that run services in-process:
-        # then what start-up made lives as long as the process (`freeze_start_up`).
-        self.owns_process = False
         COMMITS.interval_s = settings.consumer_commit_interval_ms / 1000
 
     @property
@@ -236,8 +232,6 @@ class ServiceRuntime:
         for loop in self._background:
             self._tasks.append(asyncio.create_task(supervise(loop.__name__, loop)))
         self._start_metrics()
-        if self.owns_process:
-            freeze_start_up()
         log.info("service.started", schema=self.schema)
 
     def _start_metrics(self) -> None:
@@ -324,16 +318,6 @@ class ServiceRuntime:
         )
 
 
-def freeze_start_up() -> None:
-    """Every object alive now (modules, classes, clients, pools: what start-up made and the
-    process keeps) out of the cyclic collector's sight (`gc.freeze`), garbage collected
-    first so that none is kept for good. A full collection otherwise scans them all again,
-    stopping the event loop meanwhile: under load, 110-270 ms each, about once in 30 s per
-    service (measured with `gc.callbacks`), which a command's reply waited out."""
-    gc.collect()
-    gc.freeze()
-
-
 async def stop_step(step: str, work: Awaitable[Any],
                     timeout_s: float = STOP_STEP_TIMEOUT_S) -> bool:
     """Run one step of stopping for at most `timeout_s`; False (logged) when it failed or
@@ -405,7 +389,6 @@ def run_service(runtime: ServiceRuntime, default_health_port: int) -> None:
         exit_refused(error)
     port = settings.health_port or default_health_port
     runtime.arm_watchdog()
-    runtime.owns_process = True
     app = runtime.app()
     uvloop.run(app.run(run_extra_options={"host": settings.http_host, "port": port}))
 

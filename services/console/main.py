@@ -146,7 +146,6 @@ def build(settings: ConsoleSettings | None = None) -> ConsoleService:
 def main() -> None:
     service = build()
     configure_logging("console", service.settings.log_level)
-    service.runtime.owns_process = True
     uvloop.run(service.serve())
 
 

@@ -88,7 +88,6 @@ def main() -> None:
     service = bootstrap(SPEC, settings, schema=settings.status_schema)
     configure_logging("status", settings.log_level)
     service.runtime.arm_watchdog()
-    service.runtime.owns_process = True
     uvloop.run(serve(query_app(service), settings.http_host, settings.http_port))
 
 
