@@ -482,8 +482,9 @@ async def rebuild(settings: RebuildSettings, *, keep_old: bool = False,
     # The fold keeps every citizen's state and every event id until the swap: millions of
     # long-lived objects, which each full pass of Python's cyclic collector would scan
     # again (in a rebuild of 390,000 events, 14 full passes took 2.3 s of about 25). Frozen
-    # after each batch, they stay out of its sight until the rebuild ends; what is dropped
-    # is still freed by its reference count.
+    # after each batch, they stay out of its sight until the rebuild ends. What is dropped
+    # is still freed by its reference count; only cyclic garbage frozen with a batch waits
+    # for the end.
     reader = TopicReader(settings, after_batch=gc.freeze)
     pool = await asyncpg.create_pool(settings.database_url, min_size=2, max_size=4)
     try:
