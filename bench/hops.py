@@ -32,7 +32,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer
 
 from bench.common import percentiles, print_table
-from shared.kafka import as_principal, client_options
+from shared.kafka import ADMIN, as_principal, client_options
 from shared.logging import configure_logging
 from shared.settings import CardDeskSettings
 
@@ -99,7 +99,7 @@ async def read_all(settings: CardDeskSettings, seconds: float) -> list[Seen]:
     """Every record written to a command, event or reply topic during `seconds`."""
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
                                 auto_offset_reset="latest", fetch_max_wait_ms=50,
-                                **client_options(as_principal(settings, "admin")))
+                                **client_options(as_principal(settings, ADMIN)))
     await consumer.start()
     try:
         topics = sorted(t for t in await consumer.topics()

@@ -46,9 +46,7 @@ class DeferredCommits:
     async def handled(self, consumer: Any, ends: Mapping[TopicPartition, int]) -> None:
         """Note that `consumer` has handled its partitions up to `ends` (each the offset after
         a handled batch's last record there)."""
-        pending = self._pending.setdefault(consumer, {})
-        for tp, end in ends.items():
-            pending[tp] = max(pending.get(tp, 0), end)
+        self._owe(consumer, ends)
         if self.interval_s <= 0:
             await self.flush(consumer)
         elif consumer not in self._timers:
@@ -79,9 +77,12 @@ class DeferredCommits:
         except (KafkaError, IllegalStateError, TimeoutError) as exc:
             log.info("consumer.commit_failed", error=type(exc).__name__,
                      partitions=len(offsets), timeout_s=self.timeout_s)
-            owed = self._pending.setdefault(consumer, {})
-            for tp, end in offsets.items():
-                owed[tp] = max(owed.get(tp, 0), end)
+            self._owe(consumer, offsets)
+
+    def _owe(self, consumer: Any, ends: Mapping[TopicPartition, int]) -> None:
+        pending = self._pending.setdefault(consumer, {})
+        for tp, end in ends.items():
+            pending[tp] = max(pending.get(tp, 0), end)
 
     async def flush_all(self) -> None:
         """Commit what every consumer owes (the process is shutting down)."""
