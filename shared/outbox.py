@@ -106,6 +106,11 @@ class OutboxRelay:
     An advisory lock makes one relay per schema active at a time, so per-key order holds
     even with several replicas. A crash between Kafka's acknowledgement and the `sent_at`
     update republishes the batch: consumers drop the duplicates by message id.
+
+    Rows Kafka acknowledged are marked sent by the next round's update, or by the round
+    the fallback poll runs once the relay has been idle that long: a command's events and
+    its reply then cost one read and one update, not two of each. Until marked they are
+    left out of every read, as the replies in flight are.
     """
 
     def __init__(
@@ -130,6 +135,7 @@ class OutboxRelay:
         self.purge_batch = purge_batch
         self._purged_at = float("-inf")
         self._in_flight: InFlight | None = None
+        self._acknowledged: list[Outgoing] = []  # not yet marked sent
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
 
@@ -156,13 +162,14 @@ class OutboxRelay:
         application not yet pending). A transaction writes its events before its reply, so
         a round that ends between them has sent the events already."""
         in_flight = self._in_flight
+        unmarked = [*self._acknowledged, *(in_flight.sent if in_flight else ())]
         # Not `position > ` the last one read: a transaction that took its positions
         # earlier may commit later, and its rows must not wait for the replies in flight.
         rows = await conn.fetch(
             f"SELECT position, topic, key, value, headers FROM {self.schema}.outbox"
             " WHERE sent_at IS NULL AND position <> ALL($2::bigint[])"
             " ORDER BY position LIMIT $1",
-            self.batch_size, [o.position for o in in_flight.sent] if in_flight else [],
+            self.batch_size, [o.position for o in unmarked],
         )
         now: list[Outgoing] = []  # the events, and the replies before the first of them
         later: list[Outgoing] = []
@@ -179,12 +186,17 @@ class OutboxRelay:
         await self._mark(conn, [*(in_flight.sent if in_flight else ()), *now])
         return len(rows)
 
-    async def _settle(self, conn: asyncpg.Connection) -> None:
-        """Wait for the replies in flight and mark them sent."""
+    async def _acknowledge(self) -> None:
+        """Wait for the replies in flight; they are marked sent with the next update."""
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is not None:
             await asyncio.gather(*in_flight.futures)
-            await self._mark(conn, in_flight.sent)
+            self._acknowledged.extend(in_flight.sent)
+
+    async def _settle(self, conn: asyncpg.Connection) -> None:
+        """Wait for the replies in flight and mark every acknowledged row sent."""
+        await self._acknowledge()
+        await self._mark(conn, [])
 
     async def _send(self, outgoing: Outgoing) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = await self.producer.send(
@@ -192,12 +204,15 @@ class OutboxRelay:
         return future
 
     async def _mark(self, conn: asyncpg.Connection, acknowledged: Sequence[Outgoing]) -> None:
+        """Mark `acknowledged` sent, with the rows acknowledged before and not yet marked."""
+        acknowledged = [*self._acknowledged, *acknowledged]
         if not acknowledged:
             return
         await conn.execute(
             f"UPDATE {self.schema}.outbox SET sent_at = now() WHERE position = ANY($1::bigint[])",
             [o.position for o in acknowledged],
         )
+        self._acknowledged = []
         self._count(len(acknowledged),
                     [o.event_type for o in acknowledged if o.event_type is not None])
 
@@ -235,7 +250,9 @@ class OutboxRelay:
         return purged
 
     async def run(self) -> None:
-        self._in_flight = None  # a run that crashed left its rows unmarked: read them again
+        # A run that crashed left its replies in flight unmarked: read them again. What Kafka
+        # acknowledged is marked by this run's first update.
+        self._in_flight = None
         async with self.pool.acquire() as conn:
             await conn.add_listener(notify_channel(self.schema), self._on_notify)
             try:
@@ -252,8 +269,11 @@ class OutboxRelay:
                         log.debug("outbox.published", schema=self.schema, count=sent)
                     if time.monotonic() - self._purged_at >= self.purge_interval:
                         await self.purge_sent(conn)
-                    if sent < self.batch_size and self._in_flight is None:
-                        await self._sleep()
+                    if sent < self.batch_size:
+                        if not self._wake.is_set():  # nothing committed meanwhile
+                            await self._acknowledge()
+                        if self._in_flight is None:
+                            await self._sleep()
                 await self._settle(conn)
             finally:
                 await conn.remove_listener(notify_channel(self.schema), self._on_notify)

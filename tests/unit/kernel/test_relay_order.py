@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 from shared.outbox import OutboxRelay
@@ -106,3 +108,51 @@ async def test_a_rounds_replies_go_out_with_the_next_rounds_events_and_are_marke
     assert conn.left_out == [[], [2], [4]]
     assert await relay.publish_pending(conn) == 0
     assert conn.left_out[-1] == []  # nothing in flight: every unsent row is read again
+
+
+class Listening(Rounds):
+    """`Rounds` as the running relay uses it: its lock is free, nothing to purge."""
+
+    async def fetchval(self, sql: str, *_: Any) -> bool | int:
+        return "pg_try_advisory_lock" in sql or 0
+
+    async def execute(self, sql: str, *positions: list[int]) -> None:
+        if positions:
+            self.marked.append(positions[0])
+
+    async def add_listener(self, *_: Any) -> None: ...
+
+    async def remove_listener(self, *_: Any) -> None: ...
+
+
+class OneConnection:
+    def __init__(self, conn: Listening) -> None:
+        self.conn = conn
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Listening]:
+        yield self.conn
+
+
+async def test_an_idle_relay_marks_an_acknowledged_reply_with_its_next_update_not_one_of_its_own(
+) -> None:
+    producer = Producer()
+    conn = Listening([row(1, "loss.events", EVENT), row(2, "channel.replies.app")])
+    relay = OutboxRelay(OneConnection(conn), producer, "unit_order",  # type: ignore[arg-type]
+                        poll_interval=0.3)
+    running = asyncio.create_task(relay.run())
+    try:
+        async with asyncio.timeout(5):
+            while len(producer.sent) < 2:
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.1)  # the reply is acknowledged; nothing else committed
+            assert conn.marked == [[1]] and conn.left_out == [[]]  # one read, one update
+
+            while len(conn.marked) < 2:  # the fallback poll's round marks the reply
+                await asyncio.sleep(0.01)
+            assert conn.marked == [[1], [2]]
+            assert conn.left_out == [[], [2]]  # and did not read it again
+    finally:
+        relay.stop()
+        await asyncio.wait_for(running, 5)
+    assert conn.marked == [[1], [2]]  # stopping has nothing left to mark
