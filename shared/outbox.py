@@ -187,10 +187,12 @@ class OutboxRelay:
         return len(rows)
 
     async def _acknowledge(self) -> None:
-        """Wait for the replies in flight; they are marked sent with the next update."""
+        """Wait for the replies in flight and count them published; they are marked sent
+        with the next update."""
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is not None:
             await asyncio.gather(*in_flight.futures)
+            self._count(in_flight.sent)
             self._acknowledged.extend(in_flight.sent)
 
     async def _settle(self, conn: asyncpg.Connection) -> None:
@@ -204,27 +206,31 @@ class OutboxRelay:
         return future
 
     async def _mark(self, conn: asyncpg.Connection, acknowledged: Sequence[Outgoing]) -> None:
-        """Mark `acknowledged` sent, with the rows acknowledged before and not yet marked."""
-        acknowledged = [*self._acknowledged, *acknowledged]
-        if not acknowledged:
+        """Count `acknowledged` published and mark it sent, with the rows acknowledged
+        before and not yet marked."""
+        self._count(acknowledged)
+        unmarked = [*self._acknowledged, *acknowledged]
+        if not unmarked:
             return
         await conn.execute(
             f"UPDATE {self.schema}.outbox SET sent_at = now() WHERE position = ANY($1::bigint[])",
-            [o.position for o in acknowledged],
+            [o.position for o in unmarked],
         )
         self._acknowledged = []
-        self._count(len(acknowledged),
-                    [o.event_type for o in acknowledged if o.event_type is not None])
 
-    def _count(self, sent: int, event_types: list[str]) -> None:
+    def _count(self, published: Sequence[Outgoing]) -> None:
         """Published events by type; every other row the relay sends is a reply."""
         by_type: dict[str, int] = {}
-        for event_type in event_types:
-            by_type[event_type] = by_type.get(event_type, 0) + 1
+        replies = 0
+        for outgoing in published:
+            if outgoing.event_type is None:
+                replies += 1
+            else:
+                by_type[outgoing.event_type] = by_type.get(outgoing.event_type, 0) + 1
         for event_type, count in by_type.items():
             EVENTS_PUBLISHED.labels(self.schema, event_type).inc(count)
-        if sent > len(event_types):
-            REPLIES_PUBLISHED.labels(self.schema).inc(sent - len(event_types))
+        if replies:
+            REPLIES_PUBLISHED.labels(self.schema).inc(replies)
 
     async def purge_sent(self, conn: asyncpg.Connection) -> int:
         """Delete rows sent longer ago than the retention, a bounded batch at a time from the

@@ -8,8 +8,10 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+from cardctl.top import parse, total
+from shared.metrics import exposition
 from shared.outbox import OutboxRelay
-from tests.support import OutboxRows
+from tests.support import OutboxRows, eventually
 
 EVENT = json.dumps([["event-type", "CardIssued"], ["event-id", "e1"]])
 
@@ -136,23 +138,34 @@ class OneConnection:
 
 async def test_an_idle_relay_marks_an_acknowledged_reply_with_its_next_update_not_one_of_its_own(
 ) -> None:
+    def replies_published() -> float:
+        return total(parse(exposition()[0].decode()), "carddesk_replies_published_total",
+                     service="unit_idle")
+
     producer = Producer()
     conn = Listening([row(1, "loss.events", EVENT), row(2, "channel.replies.app")])
-    relay = OutboxRelay(OneConnection(conn), producer, "unit_order",  # type: ignore[arg-type]
-                        poll_interval=0.3)
+    relay = OutboxRelay(OneConnection(conn), producer, "unit_idle",
+                        poll_interval=1.0)
+    before = replies_published()
+
+    async def replied() -> bool:
+        return len(producer.sent) == 2
+
+    async def reply_marked() -> bool:
+        return len(conn.marked) == 2
+
     running = asyncio.create_task(relay.run())
     try:
-        async with asyncio.timeout(5):
-            while len(producer.sent) < 2:
-                await asyncio.sleep(0.005)
-            await asyncio.sleep(0.1)  # the reply is acknowledged; nothing else committed
-            assert conn.marked == [[1]] and conn.left_out == [[]]  # one read, one update
+        await eventually(replied, timeout_s=5)
+        await asyncio.sleep(0.2)  # the reply is acknowledged; nothing else committed
+        assert conn.marked == [[1]] and conn.left_out == [[]]  # one read, one update
+        assert replies_published() == before + 1  # counted once acknowledged
 
-            while len(conn.marked) < 2:  # the fallback poll's round marks the reply
-                await asyncio.sleep(0.01)
-            assert conn.marked == [[1], [2]]
-            assert conn.left_out == [[], [2]]  # and did not read it again
+        await eventually(reply_marked, timeout_s=5)  # the fallback poll's round marks it
+        assert conn.marked == [[1], [2]]
+        assert conn.left_out == [[], [2]]  # and did not read it again
     finally:
         relay.stop()
         await asyncio.wait_for(running, 5)
     assert conn.marked == [[1], [2]]  # stopping has nothing left to mark
+    assert replies_published() == before + 1  # and marking it did not count it again
