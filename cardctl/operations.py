@@ -13,7 +13,7 @@ import asyncpg
 from cardctl.channel import ChannelSimulator, pick_channel
 from cardctl.citizens import SyntheticCitizen, generate
 from cardctl.journey import Journey, Session
-from services.auth.adapters import enroll, enrolled
+from services.auth.adapters import enroll_all, enrolled
 from services.auth.settings import AuthSettings
 from shared.channels import ChannelRegistry
 from shared.settings import CardDeskSettings
@@ -46,8 +46,7 @@ async def seed(
         if len(citizens) < count:
             raise RuntimeError(f"only {len(citizens)} of {count} drawn ID numbers are new")
         async with conn.transaction():
-            for citizen in citizens:
-                await enroll(conn, citizen.id_number, citizen.name, citizen.face_embedding,
+            await enroll_all(conn, [(c.id_number, c.name, c.face_embedding) for c in citizens],
                              auth_settings)
     finally:
         await conn.close()

@@ -8,7 +8,7 @@ import hmac
 import json
 import secrets
 import string
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -314,13 +314,30 @@ async def enroll(
     *,
     schema: str = SCHEMA,
 ) -> str:
-    """Load one citizen into the registry and return their citizen_ref.
+    """Load one citizen into the registry and return their citizen_ref."""
+    [ref] = await enroll_all(conn, [(id_number, name, face_embedding)], settings, schema=schema)
+    return ref
+
+
+async def enroll_all(
+    conn: asyncpg.Connection,
+    people: Iterable[tuple[str, str, Sequence[float]]],
+    settings: AuthSettings | None = None,
+    *,
+    schema: str = SCHEMA,
+) -> list[str]:
+    """Load citizens (ID number, name, face embedding) into the registry and return their
+    citizen_refs, in order; the tables are made (if need be) once, not per citizen.
 
     `cardctl seed` calls this directly: it stands in for the external population registry.
     """
     settings = settings or AuthSettings()
-    normalised = require_valid_id_number(id_number)
-    ref = citizen_ref(settings.citizen_ref_pepper.get_secret_value(), normalised)
+    pepper = settings.citizen_ref_pepper.get_secret_value()
     await ensure_registry_tables(conn, schema)
-    await postgres_registry(conn, settings, schema).enroll(ref, name, face_embedding)
-    return ref
+    registry = postgres_registry(conn, settings, schema)
+    refs = []
+    for id_number, name, face_embedding in people:
+        ref = citizen_ref(pepper, require_valid_id_number(id_number))
+        await registry.enroll(ref, name, face_embedding)
+        refs.append(ref)
+    return refs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -12,6 +13,7 @@ from services.auth.adapters import (
     InMemoryRegistry,
     PopulationRegistry,
     enroll,
+    enroll_all,
     enrolled,
     postgres_registry,
 )
@@ -157,3 +159,41 @@ async def test_an_erased_citizens_template_can_no_longer_be_read(
                 await postgres_registry(conn, auth_settings, auth_schema).face_template(ref)
         finally:
             await transaction.rollback()
+
+
+class CountingDdl:
+    """A connection that counts the statements creating the registry's tables."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.ddl = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+    async def execute(self, query: str, *args: Any) -> str:
+        self.ddl += "CREATE TABLE IF NOT EXISTS" in query
+        status: str = await self.conn.execute(query, *args)
+        return status
+
+
+async def test_enrolling_many_makes_the_tables_once_and_enrols_each_in_order(
+    pool: asyncpg.Pool, auth_settings: AuthSettings, auth_schema: str
+) -> None:
+    """`cardctl seed` enrols thousands at a time: the registry's DDL runs once for them."""
+    people = [new_citizen() for _ in range(3)]
+    async with pool.acquire() as conn:
+        transaction = conn.transaction()
+        await transaction.start()
+        try:
+            counting = CountingDdl(conn)
+            refs = await enroll_all(counting, [(p.id_number, p.name, p.face) for p in people],
+                                    auth_settings, schema=auth_schema)
+            registry = postgres_registry(conn, auth_settings, auth_schema)
+            matches = [await registry.name_matches(ref, p.name) for ref, p in zip(
+                refs, people, strict=True)]
+        finally:
+            await transaction.rollback()
+    assert counting.ddl == 1
+    assert refs == [ref_of(auth_settings, p.id_number) for p in people]
+    assert matches == [True, True, True]
