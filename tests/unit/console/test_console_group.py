@@ -1,7 +1,15 @@
-"""The console's runtime consumes in the configured group, so what it dead-letters names it."""
+"""The console's runtime: it consumes in the configured group, so what it dead-letters names
+it; its process exits when it stays unhealthy, as the other services' do."""
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
+from typing import Any
+
+import pytest
+import uvloop
+
+from services.console import main as console_main
 from services.console.main import ConsoleService
 from services.console.settings import ConsoleSettings
 
@@ -11,3 +19,24 @@ async def test_the_console_consumes_and_dead_letters_in_its_configured_group() -
     assert service.runtime.group == "carddesk-console-blue"
     assert service.runtime._subscriptions == [(service.settings.review_events_topic(),
                                                "carddesk-console-blue")]
+
+
+def test_the_console_process_arms_the_unhealthy_exit_as_the_other_services_do(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    built: list[ConsoleService] = []
+
+    def build() -> ConsoleService:
+        built.append(ConsoleService(ConsoleSettings(unhealthy_exit_seconds=60)))
+        return built[-1]
+
+    def run(serving: Coroutine[Any, Any, None]) -> None:
+        serving.close()  # the entry point would serve for ever
+
+    monkeypatch.setattr(console_main, "build", build)
+    monkeypatch.setattr(console_main, "configure_logging", lambda *_: None)
+    monkeypatch.setattr(uvloop, "run", run)
+    console_main.main()
+
+    [service] = built
+    assert service.runtime._watchdog in service.runtime._background
