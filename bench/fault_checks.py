@@ -235,11 +235,14 @@ Position = tuple[str, int, int]  # topic, partition, offset
 @dataclass(frozen=True, slots=True)
 class VerifyVerdict:
     """`audit verify`'s failures split into the poison this run wrote into the event topics
-    (each must be flagged) and everything else (there must be none)."""
+    (each must be flagged), failures at records from before this run (another run's, or
+    another test's deliberately hostile ones, which a reused log keeps), and everything
+    else (there must be none)."""
 
     expected: int
     unexpected: list[str]
     unflagged_poison: list[Position]
+    earlier: int = 0
 
     @property
     def clean(self) -> bool:
@@ -247,18 +250,25 @@ class VerifyVerdict:
 
 
 def verify_verdict(failures: Iterable[tuple[Position, str]], poison: Iterable[Position],
-                   must_flag: Iterable[Position] = ()) -> VerifyVerdict:
+                   must_flag: Iterable[Position] = (),
+                   since: Mapping[tuple[str, int], int] | None = None) -> VerifyVerdict:
     """`poison`: every planted message in the log (earlier runs' too, for the log keeps
-    everything); `must_flag`: this run's, each of which verify must have reported."""
+    everything); `must_flag`: this run's, each of which verify must have reported; `since`:
+    where this run's records start in each partition (offsets before it are older)."""
     planted = set(poison) | set(must_flag)
+    starts = since or {}
     flagged: set[Position] = set()
     unexpected = []
+    earlier = 0
     for position, description in failures:
+        topic, partition, offset = position
         if position in planted:
             flagged.add(position)
+        elif offset < starts.get((topic, partition), 0):
+            earlier += 1
         else:
             unexpected.append(description)
-    return VerifyVerdict(len(flagged), unexpected, sorted(set(must_flag) - flagged))
+    return VerifyVerdict(len(flagged), unexpected, sorted(set(must_flag) - flagged), earlier)
 
 
 @dataclass(frozen=True, slots=True)

@@ -667,7 +667,13 @@ def _poison_key() -> bytes:
 
 async def dlq_ends(settings: CardDeskSettings) -> dict[TopicPartition, int]:
     """The end offset of every DLQ partition: where this run's dead letters start."""
-    topics = [dlq_topic(t) for s in COMMAND_SERVICES for t in (command_topic(s), event_topic(s))]
+    return await end_offsets(settings, [
+        dlq_topic(t) for s in COMMAND_SERVICES for t in (command_topic(s), event_topic(s))])
+
+
+async def end_offsets(settings: CardDeskSettings,
+                      topics: list[str]) -> dict[TopicPartition, int]:
+    """The end offset of every partition of `topics`."""
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
                                 **client_options(settings))
     await consumer.start()
@@ -824,7 +830,8 @@ class Findings:
 
 async def check(settings: CardDeskSettings, plan: FaultPlan, driver: LoadDriver,
                 ledger: Ledger, injector: Injector,
-                dlq_start: Mapping[TopicPartition, int]) -> Findings:
+                dlq_start: Mapping[TopicPartition, int],
+                events_start: Mapping[TopicPartition, int]) -> Findings:
     found = Findings(faults=injector.records, commands=len(ledger.sent), resends=ledger.resends,
                      not_yet=ledger.not_yet)
     found.rounds = len(driver.rounds)
@@ -868,10 +875,12 @@ async def check(settings: CardDeskSettings, plan: FaultPlan, driver: LoadDriver,
                 if p.position is not None and p.topic.endswith(".events")}
     verdict = verify_verdict(
         (((f.topic, f.partition, f.offset), f.describe()) for f in report.failures),
-        planted, must_flag=this_run)
+        planted, must_flag=this_run,
+        since={(tp.topic, tp.partition): end for tp, end in events_start.items()})
     found.verify = (f"{report.streams} streams, {report.events} events, {report.duplicates} "
                     f"benign duplicates; {verdict.expected} planted poison flagged, "
-                    f"{len(verdict.unexpected)} other failure(s)")
+                    f"{len(verdict.unexpected)} other failure(s), {verdict.earlier} at"
+                    " records from before this run")
     found.verify_problems = verdict.unexpected + [
         f"poison at {t}[{p}]@{o} not flagged" for t, p, o in verdict.unflagged_poison]
     found.verify_problems += [f"topic {t} missing" for t in report.missing_topics]
@@ -910,6 +919,9 @@ async def run(settings: CardDeskSettings, plan: FaultPlan,
     pepper = settings.citizen_ref_pepper.get_secret_value()
     sessions = [Session(c, citizen_ref=citizen_ref(pepper, c.id_number)) for c in people]
     dlq_start = await dlq_ends(settings)
+    # The log keeps what earlier runs and other tests wrote (hostile records among them):
+    # audit verify judges the whole log, this run answers for what it appended.
+    events_start = await end_offsets(settings, list(event_topics("")))
     ledger = Ledger()
     async with ChannelSimulator.for_settings(settings) as sim:
         journey = FaultJourney(PatientChannel(sim, ledger, plan), plan)
@@ -952,7 +964,8 @@ async def run(settings: CardDeskSettings, plan: FaultPlan,
         if not await injector.heal(final, loop.time() + plan.recovery_bound_s):
             final.progress_after_s = None
             injector.records.append(final)
-        return await check(settings, plan, driver, ledger, injector, dlq_start)
+        return await check(settings, plan, driver, ledger, injector, dlq_start,
+                           events_start)
 
 
 def _bind(method: Callable[[str], Awaitable[FaultRecord]],

@@ -140,6 +140,21 @@ def test_verify_failures_at_planted_poison_are_expected_and_must_all_be_there() 
     assert missed.unflagged_poison == [("loss.events", 2, 7)] and not missed.clean
 
 
+def test_verify_failures_at_records_older_than_the_run_are_counted_apart_not_blamed_on_it(
+) -> None:
+    """A reused log keeps other runs' and other tests' hostile records; the run answers for
+    what it appended, from the end offsets it saw when it started."""
+    failures = [(("issuance.events", 1, 240), "unparseable: not JSON"),
+                (("issuance.events", 1, 255), "card-x v1: expected version 6"),
+                (("issuance.events", 2, 3), "card-y v2: prev_hash does not link")]
+    since = {("issuance.events", 1): 300, ("issuance.events", 2): 0}
+    verdict = verify_verdict(failures, [], since=since)
+    assert verdict.earlier == 2
+    assert verdict.unexpected == ["card-y v2: prev_hash does not link"] and not verdict.clean
+    assert verify_verdict(failures[:2], [], since=since).clean
+    assert verify_verdict(failures[:2], []).unexpected == [d for _, d in failures[:2]]
+
+
 def test_a_real_message_in_a_dlq_and_poison_that_never_landed_are_both_findings() -> None:
     poison = {b"poison:1": "loss.commands unsigned", b"poison:2": "loss.events not JSON"}
     letters = [DeadLetter("loss.commands.dlq", b"poison:1", "bad_signature"),
