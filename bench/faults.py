@@ -912,6 +912,9 @@ async def run(settings: CardDeskSettings, plan: FaultPlan,
     rng = random.Random(plan.seed)
     stack = Stack(settings, report=lambda line: console.print(f"[dim]• {line}[/]"))
     await asyncio.to_thread(stack.up)
+    # The log keeps what earlier runs and other tests wrote (hostile records among them):
+    # audit verify judges the whole log, this run answers for what it appends, seeding on.
+    events_start = await end_offsets(settings, list(event_topics("")))
     report(f"seeding {plan.citizens} citizens …")
     people: list[SyntheticCitizen] = await seed(
         settings, plan.citizens, settings.state_dir / "fault-citizens.jsonl",
@@ -919,9 +922,6 @@ async def run(settings: CardDeskSettings, plan: FaultPlan,
     pepper = settings.citizen_ref_pepper.get_secret_value()
     sessions = [Session(c, citizen_ref=citizen_ref(pepper, c.id_number)) for c in people]
     dlq_start = await dlq_ends(settings)
-    # The log keeps what earlier runs and other tests wrote (hostile records among them):
-    # audit verify judges the whole log, this run answers for what it appended.
-    events_start = await end_offsets(settings, list(event_topics("")))
     ledger = Ledger()
     async with ChannelSimulator.for_settings(settings) as sim:
         journey = FaultJourney(PatientChannel(sim, ledger, plan), plan)
