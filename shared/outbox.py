@@ -179,11 +179,10 @@ class OutboxRelay:
             (later if outgoing.is_reply and event_seen else now).append(outgoing)
             event_seen = event_seen or not outgoing.is_reply
         futures = [await self._send(o) for o in now]
-        await asyncio.gather(*futures, *(in_flight.futures if in_flight else ()))
-        self._in_flight = None
+        await asyncio.gather(*futures, self._acknowledge())  # and the replies in flight
         if later:
             self._in_flight = InFlight(later, [await self._send(o) for o in later])
-        await self._mark(conn, [*(in_flight.sent if in_flight else ()), *now])
+        await self._mark(conn, now)
         return len(rows)
 
     async def _acknowledge(self) -> None:
