@@ -4,9 +4,10 @@ its place in the chain it claims cannot be."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import asyncpg
 
@@ -71,7 +72,7 @@ class FollowedChains:
                    envelopes: Sequence[EventEnvelope]) -> ChainView:
         """One statement: the recorded rows at each event's version and the one before (an
         index range each), then each stream's last version (`view_sql`)."""
-        return _view_of(await conn.fetch(
+        return view_of(await conn.fetch(
             view_sql(self.schema, "$1::text[]", "$2::int[]", "$3::text[]", "$4::interval"),
             *_view_arguments(envelopes), self.settled_after))
 
@@ -80,7 +81,7 @@ class FollowedChains:
         """The citizens' locks in `namespace` (`shared.locks`), then `view`, in one round
         trip: the schema's `locked_chain_view` function reads after the locks are taken, in
         a snapshot of its own, so it sees what their last holders committed."""
-        return _view_of(await conn.fetch(
+        return view_of(await conn.fetch(
             f"SELECT * FROM {self.schema}.locked_chain_view($1, $2, $3, $4, $5, $6)",
             namespace, sorted({e.citizen_ref for e in envelopes}),
             *_view_arguments(envelopes), self.settled_after))
@@ -153,16 +154,16 @@ def _view_arguments(envelopes: Sequence[EventEnvelope],
             sorted({e.stream_id for e in envelopes}))
 
 
-def _view_of(rows: Sequence[asyncpg.Record]) -> ChainView:
+def view_of(rows: Iterable[Sequence[Any]]) -> ChainView:
+    """The view `view_sql`'s rows (stream id, version, hash, settled) make."""
     view = ChainView()
-    for row in rows:
-        if row["hash"] is None:
-            view.heads[row["stream_id"]] = row["version"]
+    for stream_id, version, hash_, settled in rows:
+        if hash_ is None:
+            view.heads[stream_id] = version
             continue
-        key = (row["stream_id"], row["version"])
-        view.known[key] = row["hash"]
-        if row["settled"]:
-            view.settled.add(key)
+        view.known[(stream_id, version)] = hash_
+        if settled:
+            view.settled.add((stream_id, version))
     return view
 
 

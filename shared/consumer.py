@@ -23,7 +23,9 @@ from opentelemetry import trace
 from opentelemetry.trace import Span
 from pydantic import ValidationError
 
+from shared import checked
 from shared.chain import ChainBreak, ChainView, FollowedChains, judge
+from shared.checked import Bookkeeping, CheckedFollow
 from shared.envelope import EventEnvelope, canonical_bytes, hash_is_intact
 from shared.eventstore import ConcurrencyError, holding_appends
 from shared.idempotency import ProcessedMessages
@@ -327,6 +329,32 @@ class BatchConsumer(Protocol):
 
 
 Parsed = tuple[Inbound, EventEnvelope]
+# A batch's events applied for the first time, and those that break their chains.
+Outcome = tuple[list[Parsed], list[tuple[Inbound, ChainBreak]]]
+
+
+def _bind_batch(new: Sequence[Parsed]) -> None:
+    """The log context of applying `new`: the event's, or the topic and how many."""
+    if len(new) == 1:
+        _bind_event(new[0][0].topic, new[0][1])
+    elif new:
+        bind_message_context(topic=new[0][0].topic, events=len(new))
+
+
+def _not_processed(consumer: str, parsed: Sequence[Parsed], taken: Sequence[EventEnvelope],
+                   processed: Collection[tuple[str, str]]) -> list[Parsed]:
+    """The `taken` events of `parsed` that `consumer` has not processed, each once (a
+    redelivered copy later in the batch is skipped)."""
+    chained = {id(envelope) for envelope in taken}
+    seen: set[str] = set()
+    new: list[Parsed] = []
+    for msg, envelope in parsed:
+        event_id = str(envelope.event_id)
+        if id(envelope) in chained and (consumer, event_id) not in processed \
+                and event_id not in seen:
+            seen.add(event_id)
+            new.append((msg, envelope))
+    return new
 
 
 class EventConsumer:
@@ -348,12 +376,15 @@ class EventConsumer:
         on_applied: Callable[[Sequence[Parsed]], None] | None = None,
         log_applied: bool = False,
         erased: ErasedAmong | None = None,
+        checked: CheckedFollow | None = None,
     ) -> None:
         """`on_applied` hears of the events applied for the first time, after their commit;
         with `log_applied`, each commit is logged with the trace ids of its events. Events
         about citizens `erased` names are recorded as processed and change nothing (one
-        lookup per transaction, under the citizens' lock)."""
+        lookup per transaction, under the citizens' lock). With `checked`, a batch is first
+        tried in two statements (`shared.checked`), then the locked way."""
         self.erased = erased
+        self.checked = checked if erased is None else None
         self.on_applied = on_applied
         self.log_applied = log_applied
         self.pool = pool
@@ -404,11 +435,13 @@ class EventConsumer:
             return
         first = readable[0][0]
         try:
-            async with first.pool.acquire() as conn, conn.transaction():
-                view = await first._locked_view(
-                    conn, [envelope for _, parsed in readable for _, envelope in parsed])
-                outcomes = [await consumer._take_and_apply(conn, parsed, view)
-                            for consumer, parsed in readable]
+            outcomes = await EventConsumer._apply_checked(readable)
+            if outcomes is None:
+                async with first.pool.acquire() as conn, conn.transaction():
+                    view = await first._locked_view(
+                        conn, [envelope for _, parsed in readable for _, envelope in parsed])
+                    outcomes = [await consumer._take_and_apply(conn, parsed, view)
+                                for consumer, parsed in readable]
         except Exception as exc:
             log.info("batch.replayed_by_topic", error=type(exc).__name__,
                      size=sum(len(parsed) for _, parsed in readable))
@@ -469,14 +502,74 @@ class EventConsumer:
                 await self.dead_letters.send(msg, exc.code, exc.reason)
         return parsed
 
-    async def _apply_batch(
-        self, parsed: Sequence[Parsed],
-    ) -> tuple[list[Parsed], list[tuple[Inbound, ChainBreak]]]:
-        """In one transaction: the events not processed before that continue their chains,
-        applied; those events, and the breaks (not dead-lettered yet)."""
+    async def _apply_batch(self, parsed: Sequence[Parsed]) -> Outcome:
+        """In one transaction (or one checked statement): the events not processed before
+        that continue their chains, applied; those events, and the breaks (not dead-lettered
+        yet)."""
+        outcomes = await self._apply_checked([(self, parsed)])
+        if outcomes is not None:
+            return outcomes[0]
         async with self.pool.acquire() as conn, conn.transaction():
             view = await self._locked_view(conn, [envelope for _, envelope in parsed])
             return await self._take_and_apply(conn, parsed, view)
+
+    @staticmethod
+    async def _apply_checked(readable: Sequence[tuple[EventConsumer, Sequence[Parsed]]],
+                             ) -> list[Outcome] | None:
+        """The batches of followers that share one checked writer, in two statements: an
+        unlocked read, then the writer's checked call (`shared.checked`). None when they do
+        not share one, when an event seems to break its chain (only a locked read may say
+        so), or when the check found that another writer got there first: the caller then
+        goes the locked way."""
+        first = readable[0][0]
+        if first.checked is None or any(
+                consumer.checked is None or consumer.checked.writer is not first.checked.writer
+                for consumer, _ in readable):
+            return None
+        writer = first.checked.writer
+        envelopes = [envelope for _, parsed in readable for _, envelope in parsed]
+        async with first.pool.acquire() as conn:
+            found = await checked.read(
+                conn, writer, first.chains.settled_after, envelopes,
+                [(consumer.name, str(envelope.event_id))
+                 for consumer, parsed in readable for _, envelope in parsed])
+            recorded = set(found.view.known)  # before judging adds the events taken
+            outcomes: list[Outcome] = []
+            batches: list[tuple[str, list[EventEnvelope]]] = []
+            processed: list[tuple[str, str]] = []
+            chained: list[EventEnvelope] = []
+            for consumer, parsed in readable:
+                assert consumer.checked is not None
+                verdicts = judge([envelope for _, envelope in parsed], found.view)
+                if verdicts.breaks:
+                    return None
+                if verdicts.settled:
+                    log.debug("events.settled_skipped", count=len(verdicts.settled))
+                new = _not_processed(consumer.name, parsed, verdicts.taken, found.processed)
+                outcomes.append((new, []))
+                batches.append((consumer.checked.topic, [envelope for _, envelope in new]))
+                processed.extend((consumer.name, str(envelope.event_id)) for _, envelope in new)
+                chained.extend(envelope for envelope in verdicts.taken
+                               if (envelope.stream_id, envelope.version) not in recorded)
+            if not processed and not chained:  # redeliveries only: nothing to write
+                return outcomes
+            new_events = [item for new, _ in outcomes for item in new]
+            _bind_batch(new_events)
+            spans = [consumer._span(msg, envelope) for (consumer, _), (new, _) in
+                     zip(readable, outcomes, strict=True) for msg, envelope in new]
+            try:
+                applied = await writer.apply_checked(
+                    conn, citizen_namespace(first.schema), found, batches,
+                    Bookkeeping.of(found, envelopes, processed, chained))
+            except asyncpg.exceptions.SerializationError:
+                applied = False
+            finally:
+                for span in spans:
+                    span.end()
+        if not applied:
+            log.info("batch.checked_write_missed", size=len(envelopes))
+            return None
+        return outcomes
 
     async def _locked_view(self, conn: asyncpg.Connection,
                            envelopes: Sequence[EventEnvelope]) -> ChainView:
@@ -485,7 +578,7 @@ class EventConsumer:
 
     async def _take_and_apply(
         self, conn: asyncpg.Connection, parsed: Sequence[Parsed], view: ChainView,
-    ) -> tuple[list[Parsed], list[tuple[Inbound, ChainBreak]]]:
+    ) -> Outcome:
         """Under the lock: judge the chains, record the taken, apply the new (whatever
         their effects append to this schema's streams written in one statement)."""
         verdicts = judge([envelope for _, envelope in parsed], view)
@@ -521,10 +614,7 @@ class EventConsumer:
                 with trace.use_span(self._span(msg, envelope), end_on_exit=True):
                     await self.handler(conn, envelope)
             return
-        if len(new) == 1:
-            _bind_event(new[0][0].topic, new[0][1])
-        else:
-            bind_message_context(topic=new[0][0].topic, events=len(new))
+        _bind_batch(new)
         spans = [self._span(msg, envelope) for msg, envelope in new]
         try:
             await self.batch_handler(conn, [envelope for _, envelope in new])

@@ -23,6 +23,7 @@ from typing import Generic, TypeVar
 import asyncpg
 
 from shared.channels import ChannelRegistry
+from shared.checked import CheckedFollow
 from shared.commands import CommandIntake, CommandRoute
 from shared.consumer import (
     BatchConsumer,
@@ -77,6 +78,8 @@ class Follow:
     batch_handler: BatchEventHandler | None = None
     on_applied: Callable[[Sequence[tuple[Inbound, EventEnvelope]]], None] | None = None
     log_applied: bool = False
+    # A batch first tried in two statements, then the locked way (`shared.checked`).
+    checked: CheckedFollow | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +159,7 @@ def bootstrap(
                 runtime.dead_letters, known_types=KNOWN_EVENT_TYPES[follow.topic],
                 settings=settings,
                 batch_handler=follow.batch_handler, on_applied=follow.on_applied,
-                log_applied=follow.log_applied, erased=wiring.erased)
+                log_applied=follow.log_applied, erased=wiring.erased, checked=follow.checked)
 
     runtime.on_ready(ready)
     if wiring.routes:

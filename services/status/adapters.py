@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from services.status.projection import CardStatusRow, SubStates, project
 from services.status.timeline import ListedEntry, TimelineEntry, listed_timeline, timeline_entry
+from shared.checked import BOOKKEEPING_ARGUMENTS, Bookkeeping, CheckedRead, checked_apply_ddl
 from shared.consumer import (
     BatchEventHandler,
     EventHandler,
@@ -64,7 +65,7 @@ def status_ddl(schema: str) -> str:
     );
     CREATE INDEX IF NOT EXISTS card_timeline_in_order
         ON {schema}.card_timeline (citizen_ref, occurred_at, stream_id, version);
-    """ + _processed_renamed(schema)
+    """ + _processed_renamed(schema) + checked_ddl(schema)
 
 
 def _processed_renamed(schema: str) -> str:
@@ -87,7 +88,10 @@ CARD_COLUMNS = ("citizen_ref", "card_no_masked", "status", "e_card_status", "los
 
 
 class StatusWriter:
-    """Applies events to `card_status` and `card_timeline` inside the caller's transaction."""
+    """Applies events to `card_status` and `card_timeline`: inside the caller's transaction
+    (the locked way), or read and written in two statements (`shared.checked`)."""
+
+    table = "card_status"
 
     def __init__(self, schema: str) -> None:
         self.schema = schema
@@ -121,15 +125,36 @@ class StatusWriter:
         read without row locks, which would only add a write to each."""
         refs = sorted({e.citizen_ref for e in envelopes})
         rows = await load_rows(conn, self.schema, refs)
-        entries: list[TimelineEntry] = []
-        try:
+        entries = _fold(rows, [(topic, envelopes)])
+        await save(conn, self.schema, [rows[ref] for ref in refs], entries)
+
+    async def apply_checked(self, conn: asyncpg.Connection, namespace: str, read: CheckedRead,
+                            batches: Sequence[tuple[str, Sequence[EventEnvelope]]],
+                            bookkeeping: Bookkeeping) -> bool:
+        """`shared.checked.CheckedWriter`: fold onto the rows read, then one call of
+        `<schema>.apply_checked`."""
+        rows = {ref: CardStatusRow.model_validate_json(body) for ref, body in read.rows.items()}
+        entries = _fold(rows, batches)
+        saved = [rows[ref] for ref in sorted({e.citizen_ref for _, es in batches for e in es})]
+        arguments = (*bookkeeping.arguments(namespace), *save_arguments(saved, entries))
+        placeholders = ", ".join(f"${i}" for i in range(1, len(arguments) + 1))
+        return bool(await conn.fetchval(
+            f"SELECT {self.schema}.apply_checked({placeholders})", *arguments))
+
+
+def _fold(rows: dict[str, CardStatusRow],
+          batches: Sequence[tuple[str, Sequence[EventEnvelope]]]) -> list[TimelineEntry]:
+    """Each topic's events in order onto `rows` (in place); their timeline entries."""
+    entries: list[TimelineEntry] = []
+    try:
+        for topic, envelopes in batches:
             for envelope in envelopes:
                 ref = envelope.citizen_ref
                 rows[ref] = project(rows.get(ref), envelope)
                 entries.append(timeline_entry(envelope, topic))
-        except ValidationError as exc:
-            raise Rejected("invalid_event_data", describe_validation_error(exc)) from exc
-        await save(conn, self.schema, [rows[ref] for ref in refs], entries)
+    except ValidationError as exc:
+        raise Rejected("invalid_event_data", describe_validation_error(exc)) from exc
+    return entries
 
 
 def _row_of(record: asyncpg.Record) -> CardStatusRow:
@@ -164,31 +189,54 @@ _CARD_TYPES = ("text", "text", "text", "text", "text", "timestamptz", "text", "t
                "timestamptz", "text", "text")
 
 
+def save_sql(schema: str, first: int) -> str:
+    """The statement `save` runs, over the arrays of `save_arguments` at `$first`..: also a
+    statement of the checked function, which names its own parameters the same way."""
+    columns = (*CARD_COLUMNS, "sub_states")
+    arrays = ", ".join(f"${i}::{t}[]" for i, t in enumerate(_CARD_TYPES, start=first))
+    selected = ", ".join(columns[:-1]) + ", sub_states::jsonb"
+    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns[1:])
+    t = first + len(columns)
+    return (f"WITH saved AS (INSERT INTO {schema}.card_status ({', '.join(columns)})"
+            f"  SELECT {selected} FROM unnest({arrays}) AS u({', '.join(columns)})"
+            f"  ON CONFLICT (citizen_ref) DO UPDATE SET {updates})"
+            f" INSERT INTO {schema}.card_timeline"
+            " (citizen_ref, event_id, type, occurred_at, description, topic, stream_id, version)"
+            f" SELECT * FROM unnest(${t}::text[], ${t + 1}::text[], ${t + 2}::text[],"
+            f" ${t + 3}::timestamptz[], ${t + 4}::text[], ${t + 5}::text[], ${t + 6}::text[],"
+            f" ${t + 7}::int[])"
+            " ON CONFLICT (event_id) DO NOTHING")
+
+
+def save_arguments(rows: Sequence[CardStatusRow],
+                   entries: Sequence[TimelineEntry]) -> list[list[Any]]:
+    """The arrays `save_sql` reads: the rows' columns, then the entries'."""
+    records = [card_record(row) for row in rows]
+    return [*([record[i] for record in records] for i in range(len(_CARD_TYPES))),
+            [e.citizen_ref for e in entries], [e.event_id for e in entries],
+            [e.type for e in entries], [e.occurred_at for e in entries],
+            [e.description for e in entries], [e.topic for e in entries],
+            [e.stream_id for e in entries], [e.version for e in entries]]
+
+
+# The checked function's own parameters: `save_sql`'s arrays.
+_SAVE_PARAMS = ", ".join(
+    [f"card_{i} {t}[]" for i, t in enumerate(_CARD_TYPES, start=1)]
+    + [f"entry_{i} {t}[]" for i, t in enumerate(
+        ("text", "text", "text", "timestamptz", "text", "text", "text", "integer"), start=1)])
+
+
+def checked_ddl(schema: str) -> str:
+    """`<schema>.apply_checked`: a batch's bookkeeping, rows and timeline entries in one
+    checked call (`shared.checked`)."""
+    return checked_apply_ddl(f"{schema}.apply_checked", schema, "card_status", _SAVE_PARAMS,
+                             save_sql(schema, BOOKKEEPING_ARGUMENTS + 1))
+
+
 async def save(conn: asyncpg.Connection, schema: str, rows: Sequence[CardStatusRow],
                entries: Sequence[TimelineEntry]) -> None:
     """Rows replace what is there, timeline entries are added once: one statement."""
-    columns = (*CARD_COLUMNS, "sub_states")
-    arrays = ", ".join(f"${i}::{t}[]" for i, t in enumerate(_CARD_TYPES, start=1))
-    selected = ", ".join(columns[:-1]) + ", sub_states::jsonb"
-    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns[1:])
-    n = len(columns)
-    records = [card_record(row) for row in rows]
-    await conn.execute(
-        f"WITH saved AS (INSERT INTO {schema}.card_status ({', '.join(columns)})"
-        f"  SELECT {selected} FROM unnest({arrays}) AS u({', '.join(columns)})"
-        f"  ON CONFLICT (citizen_ref) DO UPDATE SET {updates})"
-        f" INSERT INTO {schema}.card_timeline"
-        " (citizen_ref, event_id, type, occurred_at, description, topic, stream_id, version)"
-        f" SELECT * FROM unnest(${n + 1}::text[], ${n + 2}::text[], ${n + 3}::text[],"
-        f" ${n + 4}::timestamptz[], ${n + 5}::text[], ${n + 6}::text[], ${n + 7}::text[],"
-        f" ${n + 8}::int[])"
-        " ON CONFLICT (event_id) DO NOTHING",
-        *([record[i] for record in records] for i in range(n)),
-        [e.citizen_ref for e in entries], [e.event_id for e in entries],
-        [e.type for e in entries], [e.occurred_at for e in entries],
-        [e.description for e in entries], [e.topic for e in entries],
-        [e.stream_id for e in entries], [e.version for e in entries],
-    )
+    await conn.execute(save_sql(schema, 1), *save_arguments(rows, entries))
 
 
 # --- queries ------------------------------------------------------------------------------

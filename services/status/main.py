@@ -20,6 +20,7 @@ from starlette.routing import Route
 from services.status.adapters import SERVICE, StatusWriter, status_ddl
 from services.status.api import QueryBackend, create_app
 from services.status.settings import StatusSettings
+from shared.checked import CheckedFollow
 from shared.consumer import Inbound
 from shared.envelope import EventEnvelope
 from shared.logging import configure_logging
@@ -34,7 +35,8 @@ def wire(kit: Kit[StatusSettings]) -> Wiring:
     return Wiring(follows=[
         Follow(topic, writer.handler_for(topic), f"Projects {topic} into card_status",
                source=source, batch_handler=writer.batch_handler_for(topic),
-               on_applied=projected(kit.schema, topic), log_applied=True)
+               on_applied=projected(kit.schema, topic), log_applied=True,
+               checked=CheckedFollow(writer, topic))
         for topic, source in kit.settings.consumed_topics().items()
     ])
 
