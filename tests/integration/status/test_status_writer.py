@@ -187,15 +187,13 @@ async def checked_call(pool: asyncpg.Pool, writer: StatusWriter, topic: str,
                        between: Callable[[asyncpg.Connection], Awaitable[object]]) -> bool:
     """The unlocked read of `envelopes` (none processed or recorded before), `between`,
     then the checked call that writes them all."""
-    consumer = status_follower(topic)
+    consumed = [(status_follower(topic), str(e.event_id)) for e in envelopes]
     async with pool.acquire() as conn:
-        found = await checked.read(conn, writer, timedelta(days=1), envelopes,
-                                   [(consumer, str(e.event_id)) for e in envelopes])
+        found = await checked.read(conn, writer, timedelta(days=1), envelopes, consumed)
         await between(conn)
         return await writer.apply_checked(
             conn, citizen_namespace(writer.schema), found, [(topic, envelopes)],
-            Bookkeeping.of(found, envelopes, [(consumer, str(e.event_id)) for e in envelopes],
-                           list(envelopes)))
+            Bookkeeping.of(found, envelopes, consumed, list(envelopes)))
 
 
 async def test_a_checked_write_changes_nothing_when_a_stream_moved_after_its_read(
