@@ -31,7 +31,7 @@ from shared.eventstore import ConcurrencyError, holding_appends
 from shared.idempotency import ProcessedMessages
 from shared.locks import citizen_namespace, lock_citizens
 from shared.logging import bind_message_context
-from shared.metrics import DEAD_LETTERS, EVENTS_APPLIED
+from shared.metrics import CHECKED_WRITES, DEAD_LETTERS, EVENTS_APPLIED
 from shared.settings import CardDeskSettings
 from shared.tracing import start_span, trace_id_in
 
@@ -566,6 +566,8 @@ class EventConsumer:
             finally:
                 for span in spans:
                     span.end()
+        for consumer, _ in readable:
+            CHECKED_WRITES.labels(consumer.name, "applied" if applied else "missed").inc()
         if not applied:
             log.info("batch.checked_write_missed", size=len(envelopes))
             return None

@@ -86,6 +86,10 @@ BATCH_SIZE = Histogram(
 EVENTS_APPLIED = Counter(
     "carddesk_events_applied", "Events a follower or projection applied (first time only)",
     ["consumer", "topic"], registry=REGISTRY)
+CHECKED_WRITES = Counter(
+    "carddesk_checked_writes", "Follower batches tried as one read and one checked call, by"
+    " status: applied, or missed (something moved; the batch went the locked way)",
+    ["consumer", "status"], registry=REGISTRY)
 SAMPLER_ERRORS = Counter(
     "carddesk_metrics_sample_errors", "Failed samples of the outbox or the consumer lag",
     ["service", "what"], registry=REGISTRY)

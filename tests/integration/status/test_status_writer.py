@@ -22,6 +22,7 @@ from shared.contracts import issuance, loss
 from shared.envelope import EventEnvelope
 from shared.eventstore import migrate
 from shared.locks import citizen_namespace
+from shared.metrics import REGISTRY
 from shared.settings import CardDeskSettings
 from tests.builders import CitizenStreams
 from tests.support import RecordingDeadLetters, unique
@@ -114,6 +115,13 @@ async def bookkeeping(pool: asyncpg.Pool, schema: str) -> tuple[int, int, int]:
         f" (SELECT count(*) FROM {schema}.card_timeline)"))
 
 
+def checked_writes(topic: str, status: str) -> float:
+    """How many batches of `topic`'s status follower were checked calls with that outcome,
+    in this process (every test's follower has the same name)."""
+    return REGISTRY.get_sample_value("carddesk_checked_writes_total", {
+        "consumer": status_follower(topic), "status": status}) or 0.0
+
+
 def formal_loss(c: CitizenStreams) -> EventEnvelope:
     return c.emit("loss.events", loss.LossReported(
         loss_id="l1", kind="formal", card_no="A01234567", expires_at=None,
@@ -136,7 +144,9 @@ async def test_a_checked_batch_is_one_read_and_one_call_with_no_transaction_of_i
                  application_id="app-1", pickup_bureau="bureau-1",
                  ready_by=datetime.now(UTC)))]
     sent.clear()
+    applied_before = checked_writes("issuance.events", "applied")
     await cards.handle_batch(records("issuance.events", batch))
+    assert checked_writes("issuance.events", "applied") == applied_before + 1
     assert len(sent) == 2 and not any(q.startswith(("BEGIN", "COMMIT")) for q in sent), sent
     assert writer.returned == [True, True]
     async with pool.acquire() as conn:
@@ -168,12 +178,14 @@ async def test_a_checked_write_that_finds_the_row_changed_since_its_read_goes_th
 
     card = follower(pool, schema, "issuance.events", settings, plain, handler=write_then_linger)
     losses = checked_follower(pool, schema, "loss.events", settings, checked)
+    missed_before = checked_writes("loss.events", "missed")
     first = asyncio.create_task(card.handle(records("issuance.events", [issued])[0]))
     await asyncio.wait_for(written.wait(), timeout=10)
     await asyncio.wait_for(losses.handle(records("loss.events", [reported])[0]), timeout=10)
     await asyncio.wait_for(first, timeout=10)
 
     assert checked.returned == [False]  # it read no row; under the lock there was one
+    assert checked_writes("loss.events", "missed") == missed_before + 1
     async with pool.acquire() as conn:
         row = (await load_rows(conn, schema, [c.citizen_ref]))[c.citizen_ref]
     # Without the check the loss follower writes its row over the card's.
