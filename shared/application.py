@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Generic, TypeVar, cast
 from uuid import UUID, uuid4
 
@@ -154,20 +154,27 @@ class Streams(Generic[C, S, E, X]):
         """Whether the citizen's stream here records an erasure."""
         return self.decider.is_erased(await self.state(conn, citizen_ref))
 
-    async def erased_among(self, conn: asyncpg.Connection,
-                           citizen_refs: Collection[str]) -> set[str]:
+    def stream_id(self, citizen_ref: str) -> str:
+        """The citizen's stream here."""
+        return self.decider.stream_id(citizen_ref)
+
+    async def erased_among(self, conn: asyncpg.Connection, citizen_refs: Collection[str],
+                           heads: Mapping[str, tuple[int, str]] | None = None) -> set[str]:
         """Those of `citizen_refs` whose stream here records an erasure: every head in one
-        statement, each state from the cache when it holds that head (else folded; a stream
-        without events is in the initial state)."""
+        statement (or those in `heads`, just read under the citizens' locks: a stream not
+        in it has no events), each state from the cache when it holds that head (else
+        folded; a stream without events is in the initial state)."""
         store = self.store(conn)
         streams = {ref: self.decider.stream_id(ref) for ref in citizen_refs}
-        heads = await store.heads(streams.values())
+        if heads is None:
+            heads = await store.heads(streams.values())
         erased: set[str] = set()
         for ref, stream_id in streams.items():
+            head = heads.get(stream_id, (0, GENESIS_HASH))
             state = self.decider.initial
-            if heads[stream_id][0] > 0:
+            if head[0] > 0:
                 state, _, _ = await current_state(store, self.decider, stream_id, self.cache,
-                                                  head=heads[stream_id])
+                                                  head=head)
             if self.decider.is_erased(state):
                 erased.add(ref)
         return erased

@@ -4,7 +4,7 @@ its place in the chain it claims cannot be."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -34,6 +34,8 @@ class ChainView:
     known: dict[tuple[str, int], str] = field(default_factory=dict)
     settled: set[tuple[str, int]] = field(default_factory=set)
     heads: dict[str, int] = field(default_factory=dict)
+    # The last (version, hash) of each of the service's own streams asked for that has one.
+    own_heads: dict[str, tuple[int, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,14 +79,16 @@ class FollowedChains:
             *_view_arguments(envelopes), self.settled_after))
 
     async def locked_view(self, conn: asyncpg.Connection, namespace: str,
-                          envelopes: Sequence[EventEnvelope]) -> ChainView:
-        """The citizens' locks in `namespace` (`shared.locks`), then `view`, in one round
-        trip: the schema's `locked_chain_view` function reads after the locks are taken, in
-        a snapshot of its own, so it sees what their last holders committed."""
+                          envelopes: Sequence[EventEnvelope],
+                          own: Collection[str] = ()) -> ChainView:
+        """The citizens' locks in `namespace` (`shared.locks`), then `view` and the heads
+        of the service's `own` streams (`ChainView.own_heads`), in one round trip: the
+        schema's `locked_chain_view` function reads after the locks are taken, in a snapshot
+        of its own, so it sees what their last holders committed."""
         return view_of(await conn.fetch(
-            f"SELECT * FROM {self.schema}.locked_chain_view($1, $2, $3, $4, $5, $6)",
+            f"SELECT * FROM {self.schema}.locked_chain_view($1, $2, $3, $4, $5, $6, $7)",
             namespace, sorted({e.citizen_ref for e in envelopes}),
-            *_view_arguments(envelopes), self.settled_after))
+            *_view_arguments(envelopes), self.settled_after, sorted(set(own))))
 
     async def take(self, conn: asyncpg.Connection,
                    envelopes: Sequence[EventEnvelope]) -> Verdicts:
@@ -107,21 +111,30 @@ class FollowedChains:
             self.retention)
 
 
-def view_sql(schema: str, ids: str, versions: str, streams: str, settled_after: str) -> str:
+def view_sql(schema: str, ids: str, versions: str, streams: str, settled_after: str,
+             own: str | None = None) -> str:
     """`view`'s query over the arrays `ids` and `versions` (each event's stream and version)
     and `streams` (the distinct streams), and the interval `settled_after`, given as
     parameters or names: the rows at each version and the one before (with whether each is
-    settled), then each stream's last version (without a hash)."""
-    return ("SELECT c.stream_id, c.version, c.hash,"
-            f"  c.recorded_at < now() - {settled_after} AS settled"
-            f" FROM unnest({ids}, {versions}) AS w(stream_id, version)"
-            f" JOIN {schema}.followed_chain c ON c.stream_id = w.stream_id"
-            "  AND c.version BETWEEN w.version - 1 AND w.version"
-            " UNION ALL"
-            " SELECT s.stream_id, h.version, NULL, NULL FROM unnest("
-            f"{streams}) AS s(stream_id)"
-            f" CROSS JOIN LATERAL (SELECT c.version FROM {schema}.followed_chain c"
-            "  WHERE c.stream_id = s.stream_id ORDER BY c.version DESC LIMIT 1) AS h")
+    settled), then each stream's last version (without a hash); with `own` (an array of the
+    service's own stream ids), then each of those streams' last event (with its hash, and
+    neither settled nor not: `view_of` tells the three kinds of row apart so)."""
+    query = ("SELECT c.stream_id, c.version, c.hash,"
+             f"  c.recorded_at < now() - {settled_after} AS settled"
+             f" FROM unnest({ids}, {versions}) AS w(stream_id, version)"
+             f" JOIN {schema}.followed_chain c ON c.stream_id = w.stream_id"
+             "  AND c.version BETWEEN w.version - 1 AND w.version"
+             " UNION ALL"
+             " SELECT s.stream_id, h.version, NULL, NULL FROM unnest("
+             f"{streams}) AS s(stream_id)"
+             f" CROSS JOIN LATERAL (SELECT c.version FROM {schema}.followed_chain c"
+             "  WHERE c.stream_id = s.stream_id ORDER BY c.version DESC LIMIT 1) AS h")
+    if own is None:
+        return query
+    return (query + " UNION ALL"
+            f" SELECT o.stream_id, e.version, e.hash, NULL FROM unnest({own}) AS o(stream_id)"
+            f" CROSS JOIN LATERAL (SELECT e.version, e.hash FROM {schema}.events e"
+            "  WHERE e.stream_id = o.stream_id ORDER BY e.version DESC LIMIT 1) AS e")
 
 
 def chain_ddl(schema: str) -> str:
@@ -139,13 +152,17 @@ def chain_ddl(schema: str) -> str:
     );
     ALTER TABLE {schema}.followed_chain
         ADD COLUMN IF NOT EXISTS recorded_at timestamptz NOT NULL DEFAULT now();
-    -- Before the settled rows, the function returned three columns.
+    -- Before the settled rows, the function returned three columns; before the own
+    -- streams' heads, it took one argument fewer.
     DROP FUNCTION IF EXISTS {schema}.locked_chain_view(text, text[], text[], integer[], text[]);
+    DROP FUNCTION IF EXISTS
+        {schema}.locked_chain_view(text, text[], text[], integer[], text[], interval);
     """ + locked_read_ddl(
         f"{schema}.locked_chain_view",
-        "refs text[], ids text[], versions integer[], streams text[], settled_after interval",
+        "refs text[], ids text[], versions integer[], streams text[], settled_after interval,"
+        " own text[]",
         "stream_id text, version integer, hash text, settled boolean", "refs",
-        view_sql(schema, "ids", "versions", "streams", "settled_after"))
+        view_sql(schema, "ids", "versions", "streams", "settled_after", "own"))
 
 
 def _view_arguments(envelopes: Sequence[EventEnvelope],
@@ -155,15 +172,19 @@ def _view_arguments(envelopes: Sequence[EventEnvelope],
 
 
 def view_of(rows: Iterable[Sequence[Any]]) -> ChainView:
-    """The view `view_sql`'s rows (stream id, version, hash, settled) make."""
+    """The view `view_sql`'s rows (stream id, version, hash, settled) make: a chain row has
+    a hash and is settled or not, a chain head has no hash, an own stream's head has a hash
+    and no settled."""
     view = ChainView()
     for stream_id, version, hash_, settled in rows:
         if hash_ is None:
             view.heads[stream_id] = version
-            continue
-        view.known[(stream_id, version)] = hash_
-        if settled:
-            view.settled.add((stream_id, version))
+        elif settled is None:
+            view.own_heads[stream_id] = (version, hash_)
+        else:
+            view.known[(stream_id, version)] = hash_
+            if settled:
+                view.settled.add((stream_id, version))
     return view
 
 

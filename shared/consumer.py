@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Protocol, TypeVar
@@ -303,8 +303,19 @@ def describe_validation_error(exc: ValidationError) -> str:
 EventHandler = Callable[[asyncpg.Connection, EventEnvelope], Awaitable[None]]
 # Applies several events of one partition, in order, as `EventHandler` would one by one.
 BatchEventHandler = Callable[[asyncpg.Connection, Sequence[EventEnvelope]], Awaitable[None]]
-# Those of the citizens whose followed events change nothing here: erased in this service.
-ErasedAmong = Callable[[asyncpg.Connection, Collection[str]], Awaitable[set[str]]]
+
+
+class Erasures(Protocol):
+    """The citizens whose followed events change nothing here: erased in this service
+    (`shared.application.Streams`)."""
+
+    def stream_id(self, citizen_ref: str) -> str: ...
+
+    async def erased_among(self, conn: asyncpg.Connection, citizen_refs: Collection[str],
+                           heads: Mapping[str, tuple[int, str]] | None = None) -> set[str]:
+        """Those of `citizen_refs` erased here; `heads`: their streams' heads, when the
+        caller has just read them under the citizens' locks."""
+        ...
 
 
 def _bind_event(topic: str, envelope: EventEnvelope) -> None:
@@ -375,13 +386,14 @@ class EventConsumer:
         batch_handler: BatchEventHandler | None = None,
         on_applied: Callable[[Sequence[Parsed]], None] | None = None,
         log_applied: bool = False,
-        erased: ErasedAmong | None = None,
+        erased: Erasures | None = None,
         checked: CheckedFollow | None = None,
     ) -> None:
         """`on_applied` hears of the events applied for the first time, after their commit;
         with `log_applied`, each commit is logged with the trace ids of its events. Events
         about citizens `erased` names are recorded as processed and change nothing (one
-        lookup per transaction, under the citizens' lock). With `checked`, a batch is first
+        lookup per transaction, under the citizens' lock: their streams' heads come with the
+        locked chain view). With `checked`, a batch is first
         tried in two statements (`shared.checked`), then the locked way."""
         self.erased = erased
         self.checked = checked if erased is None else None
@@ -440,8 +452,10 @@ class EventConsumer:
                 async with first.pool.acquire() as conn, conn.transaction():
                     view = await first._locked_view(
                         conn, [envelope for _, parsed in readable for _, envelope in parsed])
-                    outcomes = [await consumer._take_and_apply(conn, parsed, view)
-                                for consumer, parsed in readable]
+                    # The heads were read before any part's effects: the first part's.
+                    outcomes = [await consumer._take_and_apply(conn, parsed, view,
+                                                               own_heads=index == 0)
+                                for index, (consumer, parsed) in enumerate(readable)]
         except Exception as exc:
             log.info("batch.replayed_by_topic", error=type(exc).__name__,
                      size=sum(len(parsed) for _, parsed in readable))
@@ -575,14 +589,20 @@ class EventConsumer:
 
     async def _locked_view(self, conn: asyncpg.Connection,
                            envelopes: Sequence[EventEnvelope]) -> ChainView:
-        """The citizens' lock, then what `followed_chain` holds about `envelopes`."""
-        return await self.chains.locked_view(conn, citizen_namespace(self.schema), envelopes)
+        """The citizens' lock, then what `followed_chain` holds about `envelopes` (and the
+        heads of the citizens' streams here, for the erasure check)."""
+        own = ([self.erased.stream_id(ref) for ref in {e.citizen_ref for e in envelopes}]
+               if self.erased is not None else [])
+        return await self.chains.locked_view(conn, citizen_namespace(self.schema), envelopes,
+                                             own)
 
     async def _take_and_apply(
         self, conn: asyncpg.Connection, parsed: Sequence[Parsed], view: ChainView,
+        *, own_heads: bool = True,
     ) -> Outcome:
         """Under the lock: judge the chains, record the taken, apply the new (whatever
-        their effects append to this schema's streams written in one statement)."""
+        their effects append to this schema's streams written in one statement). With
+        `own_heads`, the erasure check takes the heads the view read."""
         verdicts = judge([envelope for _, envelope in parsed], view)
         broken = {id(b.envelope): b for b in verdicts.breaks}
         chained = {id(envelope) for envelope in verdicts.taken}
@@ -599,15 +619,16 @@ class EventConsumer:
                 fresh.discard(event_id)  # a redelivered copy later in it is skipped
                 new.append((msg, envelope))
         with holding_appends(conn, self.schema) as held:
-            await self._effects(conn, new)
+            await self._effects(conn, new, view.own_heads if own_heads else None)
             await held.flush()
         return new, [(msg, broken[id(envelope)]) for msg, envelope in parsed
                      if id(envelope) in broken]
 
-    async def _effects(self, conn: asyncpg.Connection, new: Sequence[Parsed]) -> None:
+    async def _effects(self, conn: asyncpg.Connection, new: Sequence[Parsed],
+                       heads: Mapping[str, tuple[int, str]] | None) -> None:
         """The effects of `new` events: by `batch_handler` at once, else one by one; none
-        for events about citizens erased here."""
-        new = await self._unless_erased(conn, new)
+        for events about citizens erased here (`heads`: their streams', if just read)."""
+        new = await self._unless_erased(conn, new, heads)
         if not new:
             return
         if self.batch_handler is None:
@@ -657,12 +678,14 @@ class EventConsumer:
 
     async def _unless_erased(self, conn: asyncpg.Connection,
                              events: Sequence[tuple[M, EventEnvelope]],
+                             heads: Mapping[str, tuple[int, str]] | None = None,
                              ) -> Sequence[tuple[M, EventEnvelope]]:
         """`events` but those about citizens erased here, which change nothing (logged, so an
         operator sees why)."""
         if self.erased is None or not events:
             return events
-        erased = await self.erased(conn, {envelope.citizen_ref for _, envelope in events})
+        erased = await self.erased.erased_among(
+            conn, {envelope.citizen_ref for _, envelope in events}, heads)
         if not erased:
             return events
         kept: list[tuple[M, EventEnvelope]] = []

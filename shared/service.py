@@ -28,7 +28,7 @@ from shared.commands import CommandIntake, CommandRoute
 from shared.consumer import (
     BatchConsumer,
     BatchEventHandler,
-    ErasedAmong,
+    Erasures,
     EventConsumer,
     EventHandler,
     Inbound,
@@ -90,8 +90,8 @@ class Wiring:
     commands: str = ""  # what `<name>.commands` carries, for the AsyncAPI document
     follows: Sequence[Follow] = ()
     loops: Sequence[Loop] = ()
-    # Citizens erased here, whose followed events change nothing (`Streams.erased_among`).
-    erased: ErasedAmong | None = None
+    # Citizens erased here, whose followed events change nothing (`Streams`).
+    erased: Erasures | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ def wire(kit: Kit[IssuanceSettings]) -> Wiring:
             Follow("review.events", handlers.on_review_event,
                    "ReviewApproved starts a card's production"),
         ],
-        erased=handlers.streams.erased_among,
+        erased=handlers.streams,
         loops=[handlers.production_timer],
     )
 

@@ -37,7 +37,7 @@ def wire(kit: Kit[LossSettings]) -> Wiring:
                    "reissue applications: a pending one blocks cancellation",
                    batch_handler=handlers.on_review_events),
         ],
-        erased=handlers.streams.erased_among,
+        erased=handlers.streams,
         loops=[handlers.expiry_loop],
     )
 

@@ -35,7 +35,7 @@ def wire(kit: Kit[ReviewSettings]) -> Wiring:
                    "Loss cases: whether a formal loss is in force; cancellation withdraws",
                    batch_handler=handlers.on_loss_events),
         ],
-        erased=handlers.streams.erased_among,
+        erased=handlers.streams,
     )
 
 
