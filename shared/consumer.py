@@ -393,8 +393,8 @@ class EventConsumer:
         with `log_applied`, each commit is logged with the trace ids of its events. Events
         about citizens `erased` names are recorded as processed and change nothing (one
         lookup per transaction, under the citizens' lock: their streams' heads come with the
-        locked chain view). With `checked`, a batch is first
-        tried in two statements (`shared.checked`), then the locked way."""
+        locked chain view). With `checked` (and no `erased`), a batch is first tried in two
+        statements (`shared.checked`), then the locked way."""
         self.erased = erased
         self.checked = checked if erased is None else None
         self.on_applied = on_applied

@@ -31,13 +31,20 @@ async def record(pool: asyncpg.Pool, streams: Streams[Any, Any, Any, Any], ref: 
         await streams.apply(conn, lambda _state: [event], meta)
 
 
+async def gone_and_kept(pool: asyncpg.Pool, schema: str) -> Streams[Any, Any, Any, Any]:
+    """Loss's streams in `schema`: "gone" erased, "kept" with a cancellation, both states
+    cached."""
+    streams = Streams(DECIDER, schema, "loss.events")
+    await record(pool, streams, "gone", SubjectErased(reason="asked"))
+    await record(pool, streams, "kept", LossCancelled(loss_id="l"))
+    return streams
+
+
 async def test_the_erased_are_named_from_one_read_of_every_head_when_the_cache_holds_them(
     counted: tuple[asyncpg.Pool, list[str]], schema: str,
 ) -> None:
     pool, sent = counted
-    streams = Streams(DECIDER, schema, "loss.events")
-    await record(pool, streams, "gone", SubjectErased(reason="asked"))
-    await record(pool, streams, "kept", LossCancelled(loss_id="l"))
+    streams = await gone_and_kept(pool, schema)
 
     sent.clear()
     async with pool.acquire() as conn:
@@ -64,9 +71,7 @@ async def test_the_heads_come_with_the_locked_chain_view_and_the_check_reads_not
     counted: tuple[asyncpg.Pool, list[str]], schema: str,
 ) -> None:
     pool, sent = counted
-    streams = Streams(DECIDER, schema, "loss.events")
-    await record(pool, streams, "gone", SubjectErased(reason="asked"))
-    await record(pool, streams, "kept", LossCancelled(loss_id="l"))
+    streams = await gone_and_kept(pool, schema)
     followed = [CitizenStreams(ref).append(f"card-{ref}", LossCancelled(loss_id="x"))
                 for ref in sorted(CITIZENS)]
 
