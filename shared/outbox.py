@@ -107,10 +107,10 @@ class OutboxRelay:
     even with several replicas. A crash between Kafka's acknowledgement and the `sent_at`
     update republishes the batch: consumers drop the duplicates by message id.
 
-    Rows Kafka acknowledged are marked sent by the next round's update, or by the round
-    the fallback poll runs once the relay has been idle that long: a command's events and
-    its reply then cost one read and one update, not two of each. Until marked they are
-    left out of every read, as the replies in flight are.
+    Rows Kafka acknowledged are marked sent by the next round's read (one statement that
+    marks them and reads what follows), or by the round the fallback poll runs once the
+    relay has been idle that long: a round costs one statement, not a read and an update.
+    Until marked they are left out of every read, as the replies in flight are.
     """
 
     def __init__(
@@ -147,11 +147,12 @@ class OutboxRelay:
         return read
 
     async def _publish(self, conn: asyncpg.Connection) -> int:
-        """One round: read the next rows, send them, mark sent what Kafka acknowledged;
-        return how many rows it read. The replies that follow the round's first event are
-        left in flight, sent but not yet acknowledged, and the next round (or `_settle`)
-        waits for them: under load they share a produce request with the next round's
-        events instead of costing a wait and a request of their own.
+        """One round: mark sent what Kafka acknowledged since the last and read the next
+        rows (one statement), send them; return how many rows it read. The replies that
+        follow the round's first event are left in flight, sent but not yet acknowledged,
+        and the next round (or `_settle`) waits for them: under load they share a produce
+        request with the next round's events instead of costing a wait and a request of
+        their own.
 
         A reply is sent only once Kafka has acknowledged every event before it. A reply
         sent with them could be appended first (another partition, another topic), and a
@@ -162,15 +163,21 @@ class OutboxRelay:
         application not yet pending). A transaction writes its events before its reply, so
         a round that ends between them has sent the events already."""
         in_flight = self._in_flight
-        unmarked = [*self._acknowledged, *(in_flight.sent if in_flight else ())]
+        marking = self._acknowledged
+        unmarked = [*marking, *(in_flight.sent if in_flight else ())]
         # Not `position > ` the last one read: a transaction that took its positions
         # earlier may commit later, and its rows must not wait for the replies in flight.
+        # The rows acknowledged since the last read are marked sent by this statement (its
+        # read sees them unsent, so they are left out by position).
         rows = await conn.fetch(
-            f"SELECT position, topic, key, value, headers FROM {self.schema}.outbox"
+            f"WITH marked AS (UPDATE {self.schema}.outbox SET sent_at = now()"
+            "  WHERE position = ANY($3::bigint[]))"
+            f" SELECT position, topic, key, value, headers FROM {self.schema}.outbox"
             " WHERE sent_at IS NULL AND position <> ALL($2::bigint[])"
             " ORDER BY position LIMIT $1",
-            self.batch_size, [o.position for o in unmarked],
+            self.batch_size, [o.position for o in unmarked], [o.position for o in marking],
         )
+        self._acknowledged = []
         now: list[Outgoing] = []  # the events, and the replies before the first of them
         later: list[Outgoing] = []
         event_seen = False
@@ -182,7 +189,8 @@ class OutboxRelay:
         await asyncio.gather(*futures, self._acknowledge())  # and the replies in flight
         if later:
             self._in_flight = InFlight(later, [await self._send(o) for o in later])
-        await self._mark(conn, now)
+        self._count(now)
+        self._acknowledged.extend(now)  # marked by the next read
         return len(rows)
 
     async def _acknowledge(self) -> None:

@@ -67,15 +67,18 @@ async def test_a_batch_of_replies_alone_is_sent_at_once() -> None:
 
 class Rounds:
     """A connection that gives one list of rows per read (less the positions the relay
-    leaves out) and notes the positions each update marked sent."""
+    leaves out) and notes the positions each statement marked sent."""
 
     def __init__(self, *rounds: list[dict[str, Any]]) -> None:
         self.rounds = list(rounds)
         self.left_out: list[list[int]] = []
         self.marked: list[list[int]] = []
 
-    async def fetch(self, _sql: str, _limit: int, left_out: list[int]) -> list[dict[str, Any]]:
+    async def fetch(self, _sql: str, _limit: int, left_out: list[int],
+                    marking: list[int]) -> list[dict[str, Any]]:
         self.left_out.append(left_out)
+        if marking:
+            self.marked.append(marking)
         rows = self.rounds.pop(0) if self.rounds else []
         return [r for r in rows if r["position"] not in left_out]
 
@@ -94,22 +97,23 @@ async def test_a_rounds_replies_go_out_with_the_next_rounds_events_and_are_marke
     relay = OutboxRelay(None, producer, "unit_order")
 
     assert await relay._publish(conn) == 2
-    assert conn.marked == [[1]]  # the reply is sent, not yet acknowledged
+    assert conn.marked == []  # the event is acknowledged, the reply not yet
     assert producer.sent[-1] == ("channel.replies.app", set())  # after its event's ack
 
     assert await relay._publish(conn) == 3
-    assert conn.left_out == [[], [2]]  # the reply in flight is not read again
+    # The read marked the acknowledged event and left it out, with the reply in flight.
+    assert conn.left_out == [[], [1, 2]] and conn.marked == [[1]]
     # The next events went out while the reply could still be in flight; the next reply
     # only once they were acknowledged.
     assert producer.sent[2] == ("loss.events", {"channel.replies.app"})
     assert producer.sent[4] == ("channel.replies.wechat-oa", set())
-    assert conn.marked == [[1], [2, 0, 3]]
 
     assert await relay._publish(conn) == 0
-    assert conn.marked == [[1], [2, 0, 3], [4]]
-    assert conn.left_out == [[], [2], [4]]
+    assert conn.marked == [[1], [2, 0, 3]]
+    assert conn.left_out == [[], [1, 2], [2, 0, 3, 4]]
     assert await relay.publish_pending(conn) == 0
-    assert conn.left_out[-1] == []  # nothing in flight: every unsent row is read again
+    assert conn.marked == [[1], [2, 0, 3], [4]]
+    assert conn.left_out[-1] == [4]  # marked by that read; nothing else left out
 
 
 class Listening(Rounds):
@@ -136,7 +140,7 @@ class OneConnection:
         yield self.conn
 
 
-async def test_an_idle_relay_marks_an_acknowledged_reply_with_its_next_update_not_one_of_its_own(
+async def test_an_idle_relay_marks_what_kafka_acknowledged_with_its_next_read_not_an_update(
 ) -> None:
     def replies_published() -> float:
         return total(parse(exposition()[0].decode()), "carddesk_replies_published_total",
@@ -151,21 +155,21 @@ async def test_an_idle_relay_marks_an_acknowledged_reply_with_its_next_update_no
     async def replied() -> bool:
         return len(producer.sent) == 2
 
-    async def reply_marked() -> bool:
-        return len(conn.marked) == 2
+    async def marked() -> bool:
+        return len(conn.marked) == 1
 
     running = asyncio.create_task(relay.run())
     try:
         await eventually(replied, timeout_s=5)
         await asyncio.sleep(0.2)  # the reply is acknowledged; nothing else committed
-        assert conn.marked == [[1]] and conn.left_out == [[]]  # one read, one update
+        assert conn.marked == [] and conn.left_out == [[]]  # one read, no update
         assert replies_published() == before + 1  # counted once acknowledged
 
-        await eventually(reply_marked, timeout_s=5)  # the fallback poll's round marks it
-        assert conn.marked == [[1], [2]]
-        assert conn.left_out == [[], [2]]  # and did not read it again
+        await eventually(marked, timeout_s=5)  # the fallback poll's read marks both
+        assert conn.marked == [[1, 2]]
+        assert conn.left_out == [[], [1, 2]]  # and did not read them again
     finally:
         relay.stop()
         await asyncio.wait_for(running, 5)
-    assert conn.marked == [[1], [2]]  # stopping has nothing left to mark
+    assert conn.marked == [[1, 2]]  # stopping has nothing left to mark
     assert replies_published() == before + 1  # and marking it did not count it again
