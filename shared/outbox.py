@@ -264,7 +264,7 @@ class OutboxRelay:
 
     async def run(self) -> None:
         # A run that crashed left its replies in flight unmarked: read them again. What Kafka
-        # acknowledged is marked by this run's first update.
+        # acknowledged is marked by this run's first read.
         self._in_flight = None
         async with self.pool.acquire() as conn:
             await conn.add_listener(notify_channel(self.schema), self._on_notify)
