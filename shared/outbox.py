@@ -195,7 +195,7 @@ class OutboxRelay:
 
     async def _acknowledge(self) -> None:
         """Wait for the replies in flight and count them published; they are marked sent
-        with the next update."""
+        by the next read."""
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is not None:
             await asyncio.gather(*in_flight.futures)
@@ -205,23 +205,20 @@ class OutboxRelay:
     async def _settle(self, conn: asyncpg.Connection) -> None:
         """Wait for the replies in flight and mark every acknowledged row sent."""
         await self._acknowledge()
-        await self._mark(conn, [])
+        await self._mark(conn)
 
     async def _send(self, outgoing: Outgoing) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = await self.producer.send(
             outgoing.topic, value=outgoing.value, key=outgoing.key, headers=outgoing.headers)
         return future
 
-    async def _mark(self, conn: asyncpg.Connection, acknowledged: Sequence[Outgoing]) -> None:
-        """Count `acknowledged` published and mark it sent, with the rows acknowledged
-        before and not yet marked."""
-        self._count(acknowledged)
-        unmarked = [*self._acknowledged, *acknowledged]
-        if not unmarked:
+    async def _mark(self, conn: asyncpg.Connection) -> None:
+        """Mark sent the rows acknowledged and not yet marked (at shutdown: no next read)."""
+        if not self._acknowledged:
             return
         await conn.execute(
             f"UPDATE {self.schema}.outbox SET sent_at = now() WHERE position = ANY($1::bigint[])",
-            [o.position for o in unmarked],
+            [o.position for o in self._acknowledged],
         )
         self._acknowledged = []
 
