@@ -76,7 +76,7 @@ class FollowedChains:
         index range each), then each stream's last version (`view_sql`)."""
         return view_of(await conn.fetch(
             view_sql(self.schema, "$1::text[]", "$2::int[]", "$3::text[]", "$4::interval"),
-            *_view_arguments(envelopes), self.settled_after))
+            *view_arguments(envelopes), self.settled_after))
 
     async def locked_view(self, conn: asyncpg.Connection, namespace: str,
                           envelopes: Sequence[EventEnvelope],
@@ -88,7 +88,7 @@ class FollowedChains:
         return view_of(await conn.fetch(
             f"SELECT * FROM {self.schema}.locked_chain_view($1, $2, $3, $4, $5, $6, $7)",
             namespace, sorted({e.citizen_ref for e in envelopes}),
-            *_view_arguments(envelopes), self.settled_after, sorted(set(own))))
+            *view_arguments(envelopes), self.settled_after, sorted(set(own))))
 
     async def take(self, conn: asyncpg.Connection,
                    envelopes: Sequence[EventEnvelope]) -> Verdicts:
@@ -165,8 +165,10 @@ def chain_ddl(schema: str) -> str:
         view_sql(schema, "ids", "versions", "streams", "settled_after", "own"))
 
 
-def _view_arguments(envelopes: Sequence[EventEnvelope],
-                    ) -> tuple[list[str], list[int], list[str]]:
+def view_arguments(envelopes: Sequence[EventEnvelope],
+                   ) -> tuple[list[str], list[int], list[str]]:
+    """`view_sql`'s arrays for `envelopes`: each event's stream and version, and the
+    distinct streams in order."""
     return ([e.stream_id for e in envelopes], [e.version for e in envelopes],
             sorted({e.stream_id for e in envelopes}))
 

@@ -30,7 +30,14 @@ from typing import Any, Protocol
 
 import asyncpg
 
-from shared.chain import ChainView, chain_columns, chain_insert, view_of, view_sql
+from shared.chain import (
+    ChainView,
+    chain_columns,
+    chain_insert,
+    view_arguments,
+    view_of,
+    view_sql,
+)
 from shared.envelope import EventEnvelope
 from shared.locks import lock_keys_sql
 
@@ -40,10 +47,13 @@ BOOKKEEPING_ARGUMENTS = 10
 
 @dataclass(slots=True)
 class CheckedRead:
-    """What one unlocked read found: the chain view, the (consumer, message id) pairs
-    already processed, and the writer's rows by citizen as JSON with their versions."""
+    """What one unlocked read of a batch's citizens (`refs`) and streams found: the chain
+    view, the (consumer, message id) pairs already processed, and the writer's rows by
+    citizen as JSON with their versions."""
 
-    view: ChainView
+    refs: list[str]
+    streams: list[str]
+    view: ChainView = field(default_factory=ChainView)
     processed: set[tuple[str, str]] = field(default_factory=set)
     rows: dict[str, str] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
@@ -62,12 +72,11 @@ class Bookkeeping:
     chained: list[EventEnvelope]  # the events whose chain rows are recorded
 
     @classmethod
-    def of(cls, read: CheckedRead, envelopes: Sequence[EventEnvelope],
-           processed: list[tuple[str, str]], chained: list[EventEnvelope]) -> Bookkeeping:
-        refs = sorted({e.citizen_ref for e in envelopes})
-        streams = sorted({e.stream_id for e in envelopes})
-        return cls(refs, [read.versions.get(ref) for ref in refs], streams,
-                   [read.heads.get(stream, 0) for stream in streams], processed, chained)
+    def of(cls, read: CheckedRead, processed: list[tuple[str, str]],
+           chained: list[EventEnvelope]) -> Bookkeeping:
+        """What to check: every citizen and stream of the read, as it found them."""
+        return cls(read.refs, [read.versions.get(ref) for ref in read.refs], read.streams,
+                   [read.heads.get(stream, 0) for stream in read.streams], processed, chained)
 
     def arguments(self, namespace: str) -> tuple[Any, ...]:
         """The checked function's first `BOOKKEEPING_ARGUMENTS` arguments."""
@@ -121,14 +130,13 @@ async def read(conn: asyncpg.Connection, writer: CheckedWriter, settled_after: t
     """One statement: what the batch of `envelopes` needs, `consumed` being each event's
     (consumer, message id)."""
     pairs = list(consumed)
+    ids, versions, streams = view_arguments(envelopes)
+    found = CheckedRead(sorted({e.citizen_ref for e in envelopes}), streams)
     records = await conn.fetch(
-        read_sql(writer.schema, writer.table),
-        [e.stream_id for e in envelopes], [e.version for e in envelopes],
-        sorted({e.stream_id for e in envelopes}), settled_after,
+        read_sql(writer.schema, writer.table), ids, versions, streams, settled_after,
         [consumer for consumer, _ in pairs], [message_id for _, message_id in pairs],
-        sorted({e.citizen_ref for e in envelopes}))
+        found.refs)
     chain: list[tuple[str, int, str | None, bool | None]] = []
-    found = CheckedRead(ChainView())
     for kind, key, version, detail, settled, body in records:
         if kind == "chain":
             chain.append((key, version, detail, settled))

@@ -574,7 +574,7 @@ class EventConsumer:
             try:
                 applied = await writer.apply_checked(
                     conn, citizen_namespace(first.schema), found, batches,
-                    Bookkeeping.of(found, envelopes, processed, chained))
+                    Bookkeeping.of(found, processed, chained))
             except asyncpg.exceptions.SerializationError:
                 applied = False
             finally:

@@ -205,7 +205,7 @@ async def checked_call(pool: asyncpg.Pool, writer: StatusWriter, topic: str,
         await between(conn)
         return await writer.apply_checked(
             conn, citizen_namespace(writer.schema), found, [(topic, envelopes)],
-            Bookkeeping.of(found, envelopes, consumed, list(envelopes)))
+            Bookkeeping.of(found, consumed, list(envelopes)))
 
 
 async def test_a_checked_write_changes_nothing_when_a_stream_moved_after_its_read(
