@@ -352,17 +352,16 @@ def _bind_batch(new: Sequence[Parsed]) -> None:
         bind_message_context(topic=new[0][0].topic, events=len(new))
 
 
-def _not_processed(consumer: str, parsed: Sequence[Parsed], taken: Sequence[EventEnvelope],
-                   processed: Collection[tuple[str, str]]) -> list[Parsed]:
-    """The `taken` events of `parsed` that `consumer` has not processed, each once (a
-    redelivered copy later in the batch is skipped)."""
+def _new_among(parsed: Sequence[Parsed], taken: Sequence[EventEnvelope],
+               fresh: Collection[str]) -> list[Parsed]:
+    """The `taken` events of `parsed` whose ids are `fresh` (not processed before), each
+    once (a redelivered copy later in the batch is skipped)."""
     chained = {id(envelope) for envelope in taken}
     seen: set[str] = set()
     new: list[Parsed] = []
     for msg, envelope in parsed:
         event_id = str(envelope.event_id)
-        if id(envelope) in chained and (consumer, event_id) not in processed \
-                and event_id not in seen:
+        if id(envelope) in chained and event_id not in seen and event_id in fresh:
             seen.add(event_id)
             new.append((msg, envelope))
     return new
@@ -559,7 +558,10 @@ class EventConsumer:
                     return None
                 if verdicts.settled:
                     log.debug("events.settled_skipped", count=len(verdicts.settled))
-                new = _not_processed(consumer.name, parsed, verdicts.taken, found.processed)
+                fresh = {event_id for envelope in verdicts.taken
+                         if (consumer.name, event_id := str(envelope.event_id))
+                         not in found.processed}
+                new = _new_among(parsed, verdicts.taken, fresh)
                 outcomes.append((new, []))
                 batches.append((consumer.checked.topic, [envelope for _, envelope in new]))
                 processed.extend((consumer.name, str(envelope.event_id)) for _, envelope in new)
@@ -605,19 +607,12 @@ class EventConsumer:
         `own_heads`, the erasure check takes the heads the view read."""
         verdicts = judge([envelope for _, envelope in parsed], view)
         broken = {id(b.envelope): b for b in verdicts.breaks}
-        chained = {id(envelope) for envelope in verdicts.taken}
-        taken = [(msg, envelope) for msg, envelope in parsed if id(envelope) in chained]
         if verdicts.settled:
             log.debug("events.settled_skipped", count=len(verdicts.settled))
         fresh = await self.processed.new_of(
-            conn, [str(envelope.event_id) for _, envelope in taken], verdicts.taken,
-        ) if taken else set()
-        new: list[Parsed] = []
-        for msg, envelope in taken:
-            event_id = str(envelope.event_id)
-            if event_id in fresh:
-                fresh.discard(event_id)  # a redelivered copy later in it is skipped
-                new.append((msg, envelope))
+            conn, [str(envelope.event_id) for envelope in verdicts.taken], verdicts.taken,
+        ) if verdicts.taken else set()
+        new = _new_among(parsed, verdicts.taken, fresh)
         with holding_appends(conn, self.schema) as held:
             await self._effects(conn, new, view.own_heads if own_heads else None)
             await held.flush()
