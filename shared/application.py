@@ -10,9 +10,10 @@ import contextlib
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Generic, TypeVar, cast
-from uuid import UUID, uuid4
+from uuid import UUID
 
 import asyncpg
+from uuid_utils.compat import uuid7
 
 from shared.decider import Decider
 from shared.envelope import GENESIS_HASH, EventEnvelope
@@ -88,7 +89,7 @@ async def handle_command(
     meta: EventMeta,
     cache: StateCache,
     *,
-    new_id: Callable[[], UUID] = uuid4,
+    new_id: Callable[[], UUID] = uuid7,
     max_attempts: int = 5,
 ) -> list[EventEnvelope]:
     """Decide against the latest state; a concurrent writer makes us re-read and decide again.

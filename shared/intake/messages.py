@@ -8,12 +8,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
-from uuid import UUID, uuid4
+from uuid import UUID
 
 import asyncpg
 from pydantic import AwareDatetime, BaseModel, ConfigDict
 
 from shared.channels import Channel
+from shared.decider import new_uuid
 from shared.outbox import OutboxMessage
 from shared.topics import reply_topic
 
@@ -41,14 +42,10 @@ class Reply(BaseModel):
         return json.dumps(self.model_dump(mode="json"), ensure_ascii=False).encode()
 
 
-def new_uuid() -> str:
-    return str(uuid4())
-
-
 @dataclass(frozen=True, slots=True)
 class CommandContext:
     """Who asked, when, and under which ids: what deciders get instead of a clock and
-    `uuid4()`."""
+    `uuid7()`."""
 
     request_id: str
     channel: Channel

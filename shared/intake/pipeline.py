@@ -20,10 +20,11 @@ import structlog
 from shared.barrier import FollowerBarrier
 from shared.channels import Channel, ChannelRegistry
 from shared.consumer import DeadLetters, Inbound, MessageLimits, Rejected, with_retries
+from shared.decider import new_uuid
 from shared.idempotency import StoredReplies
 from shared.intake.auth import authenticate
 from shared.intake.execute import CommandExecutor
-from shared.intake.messages import CommandRoute, new_uuid, rejected
+from shared.intake.messages import CommandRoute, rejected
 from shared.intake.parse import CheckedCommand, CommandChecks, request_id_of
 from shared.logging import bind_message_context
 from shared.metrics import (
