@@ -234,8 +234,21 @@ def summary(runs: Sequence[Mapping[str, float]], figure: str) -> dict[str, float
     return spread([run[figure] for run in runs])
 
 
+def require_postgres(database_url: str) -> None:
+    """Stop with what to do when the stack's PostgreSQL is not up: `python -m bench` starts
+    it before the peer, and run alone the peer starts nothing."""
+    try:
+        psycopg.connect(database_url, connect_timeout=5).close()
+    except psycopg.OperationalError as exc:
+        where = urlsplit(database_url)
+        raise SystemExit(
+            f"PostgreSQL is not reachable at {where.hostname}:{where.port}; start it with "
+            f"`cardctl stack up --no-services` ({str(exc).splitlines()[0]})") from None
+
+
 def main(runs: int, seconds: float, writers: int, cards: int) -> None:
     settings = CardDeskSettings()
+    require_postgres(settings.database_url)
     results = []
     for k in range(runs):
         console.print(f"peer run {k + 1}/{runs}: {writers} writers × {seconds:.0f} s over "
