@@ -170,8 +170,7 @@ class OutboxRelay:
         # The rows acknowledged since the last read are marked sent by this statement (its
         # read sees them unsent, so they are left out by position).
         rows = await conn.fetch(
-            f"WITH marked AS (UPDATE {self.schema}.outbox SET sent_at = now()"
-            "  WHERE position = ANY($3::bigint[]))"
+            f"WITH marked AS ({self._mark_sql('$3')})"
             f" SELECT position, topic, key, value, headers FROM {self.schema}.outbox"
             " WHERE sent_at IS NULL AND position <> ALL($2::bigint[])"
             " ORDER BY position LIMIT $1",
@@ -216,11 +215,14 @@ class OutboxRelay:
         """Mark sent the rows acknowledged and not yet marked (at shutdown: no next read)."""
         if not self._acknowledged:
             return
-        await conn.execute(
-            f"UPDATE {self.schema}.outbox SET sent_at = now() WHERE position = ANY($1::bigint[])",
-            [o.position for o in self._acknowledged],
-        )
+        await conn.execute(self._mark_sql("$1"), [o.position for o in self._acknowledged])
         self._acknowledged = []
+
+    def _mark_sql(self, positions: str) -> str:
+        """The update that marks sent the rows at the positions of parameter `positions`:
+        a statement of its own at shutdown, else part of the next read."""
+        return (f"UPDATE {self.schema}.outbox SET sent_at = now()"
+                f" WHERE position = ANY({positions}::bigint[])")
 
     def _count(self, published: Sequence[Outgoing]) -> None:
         """Published events by type; every other row the relay sends is a reply."""
