@@ -2,9 +2,10 @@
 
 `access_plan` is pure: from the channels and the topics it derives every principal's ACLs.
 `apply_access` brings a broker in line with a plan through the Admin API: it upserts the
-SCRAM credentials (AlterUserScramCredentials, which aiokafka lacks, spoken with its protocol
-classes) and creates the missing ACLs and deletes the ones no longer planned, so running it
-again, or after the channels file gained or lost a channel, converges.
+SCRAM credentials and deletes those of users no longer planned
+(Describe/AlterUserScramCredentials, which aiokafka lacks, spoken with its protocol
+classes), and creates the missing ACLs and deletes the ones no longer planned, so running
+it again, or after the channels file gained or lost a channel, converges.
 """
 
 from __future__ import annotations
@@ -206,7 +207,10 @@ class AlterUserScramCredentialsRequest_v0(RequestStruct):  # type: ignore[misc] 
 class AlterUserScramCredentials(Request[AlterUserScramCredentialsRequest_v0]):  # type: ignore[misc]
     API_KEY = 51
 
-    def __init__(self, users: Mapping[str, str]) -> None:
+    def __init__(self, users: Mapping[str, str], deletions: Iterable[str] = ()) -> None:
+        """Upsert each of `users`' SCRAM-SHA-512 credential; delete those of `deletions`."""
+        self._deletions: list[tuple[str, int, dict[int, bytes]]] = [
+            (name, _SCRAM_SHA_512, {}) for name in sorted(deletions)]
         self._upsertions: list[tuple[str, int, int, bytes, bytes, dict[int, bytes]]] = []
         for name, password in sorted(users.items()):
             salt = os.urandom(32)
@@ -215,7 +219,43 @@ class AlterUserScramCredentials(Request[AlterUserScramCredentialsRequest_v0]):  
 
     def build(self, request_struct_class: type[AlterUserScramCredentialsRequest_v0],
               ) -> AlterUserScramCredentialsRequest_v0:
-        return request_struct_class([], self._upsertions, {})
+        return request_struct_class(self._deletions, self._upsertions, {})
+
+
+class DescribeUserScramCredentialsResponse_v0(Response):  # type: ignore[misc]  # noqa: N801
+    API_KEY = 50
+    API_VERSION = 0
+    SCHEMA = Schema(
+        ("throttle_time_ms", Int32),
+        ("error_code", Int16),
+        ("error_message", CompactString("utf-8")),
+        ("results", CompactArray(("user", CompactString("utf-8")), ("error_code", Int16),
+                                 ("error_message", CompactString("utf-8")),
+                                 ("credential_infos", CompactArray(
+                                     ("mechanism", Int8), ("iterations", Int32),
+                                     ("tags", TaggedFields))),
+                                 ("tags", TaggedFields))),
+        ("tags", TaggedFields),
+    )
+
+
+class DescribeUserScramCredentialsRequest_v0(RequestStruct):  # type: ignore[misc]  # noqa: N801
+    FLEXIBLE_VERSION = True
+    API_KEY = 50
+    API_VERSION = 0
+    RESPONSE_TYPE = DescribeUserScramCredentialsResponse_v0
+    SCHEMA = Schema(
+        ("users", CompactArray(("name", CompactString("utf-8")), ("tags", TaggedFields))),
+        ("tags", TaggedFields),
+    )
+
+
+class DescribeAllScramUsers(Request[DescribeUserScramCredentialsRequest_v0]):  # type: ignore[misc]
+    API_KEY = 50
+
+    def build(self, request_struct_class: type[DescribeUserScramCredentialsRequest_v0],
+              ) -> DescribeUserScramCredentialsRequest_v0:
+        return request_struct_class(None, {})  # null: every user
 
 
 # ----------------------------------------------------------------------------- ACL requests
@@ -277,12 +317,24 @@ async def describe_acls(admin: AIOKafkaAdminClient) -> set[Acl]:
     return found
 
 
+async def scram_users(admin: AIOKafkaAdminClient) -> set[str]:
+    """Every user the broker holds a SCRAM credential for."""
+    response: DescribeUserScramCredentialsResponse_v0 = await _send(
+        admin, DescribeAllScramUsers())
+    if response.error_code != 0:
+        raise AccessError("DescribeUserScramCredentials failed: "
+                          f"{response.error_code} {response.error_message}")
+    return {user for user, code, _message, _infos, _tags in response.results if code == 0}
+
+
 async def apply_access(admin: AIOKafkaAdminClient, users: Mapping[str, str],
-                       plan: set[Acl]) -> tuple[int, int]:
-    """Upsert every user's SCRAM-SHA-512 credential, then make the broker's ACLs equal to
-    `plan`; returns (ACLs created, ACLs deleted)."""
+                       plan: set[Acl]) -> tuple[int, int, int]:
+    """Make the broker's SCRAM users equal to `users` (each credential upserted, every other
+    user's deleted but the superuser's: a channel that left the file can no longer log in),
+    then its ACLs equal to `plan`; returns (ACLs created, ACLs deleted, users deleted)."""
+    stale = await scram_users(admin) - set(users) - {ADMIN}
     response: AlterUserScramCredentialsResponse_v0 = await _send(
-        admin, AlterUserScramCredentials(users))
+        admin, AlterUserScramCredentials(users, deletions=stale))
     failed = [(user, code, message) for user, code, message, _ in response.results if code]
     if failed:
         raise AccessError(f"AlterUserScramCredentials failed: {failed}")
@@ -299,4 +351,4 @@ async def apply_access(admin: AIOKafkaAdminClient, users: Mapping[str, str],
         errors = [(row[0], row[1]) for row in deleted.filter_responses if row[0]]
         if errors:
             raise AccessError(f"DeleteAcls failed: {errors[:3]}")
-    return len(missing), len(extra)
+    return len(missing), len(extra), len(stale)

@@ -205,9 +205,9 @@ async def ensure_topics(settings: CardDeskSettings, topics: Sequence[TopicSpec])
 
 
 async def ensure_access(settings: CardDeskSettings, users: dict[str, str],
-                        channel_ids: Sequence[str]) -> tuple[int, int]:
+                        channel_ids: Sequence[str]) -> tuple[int, int, int]:
     """Bring the broker's SCRAM users and ACLs in line with the plan (admin credentials);
-    returns (ACLs created, ACLs deleted)."""
+    returns (ACLs created, ACLs deleted, users deleted)."""
     admin = await _open_admin(settings, 15.0)
     try:
         plan = access_plan(channel_ids)
@@ -234,8 +234,8 @@ def provision(admin: CardDeskSettings, credentials_file: Path, channels_file: Pa
               report: Callable[[str], None]) -> None:
     """Topics, then users and ACLs, as `admin` (a superuser): every principal of
     `credentials_file` (the services, the auditor; the file's format is credentials.json's)
-    and every channel of `channels_file` with its `kafka_password`. Idempotent; ACLs that
-    are no longer planned (a channel left the file) are deleted."""
+    and every channel of `channels_file` with its `kafka_password`. Idempotent; users and
+    ACLs that are no longer planned (a channel left the file) are deleted."""
     channels = list(ChannelRegistry.from_file(channels_file))
     topics = all_topics(admin.partitions, (c.channel_id for c in channels))
     created = run_sync(lambda: ensure_topics(admin, topics))
@@ -248,11 +248,12 @@ def provision(admin: CardDeskSettings, credentials_file: Path, channels_file: Pa
     users = dict(read_credentials(credentials_file).values())
     users.update({c.channel_id: c.kafka_password for c in channels if c.kafka_password})
     try:
-        added, removed = run_sync(lambda: ensure_access(
+        added, removed, gone = run_sync(lambda: ensure_access(
             admin, users, [c.channel_id for c in channels]))
     except AccessError as error:
         raise StackError(str(error)) from error
-    report(f"kafka access: {len(users)} users, {added} ACLs added, {removed} removed")
+    report(f"kafka access: {len(users)} users, {added} ACLs added, {removed} removed"
+           + (f", {gone} users no longer planned deleted" if gone else ""))
 
 
 def service_ports(settings: CardDeskSettings, instance: int = 1) -> dict[str, int]:

@@ -19,8 +19,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError, TopicAuthorizationFailedError
 
-from cardctl.kafka_access import describe_acls
-from cardctl.stack import Stack, _open_admin
+from cardctl.kafka_access import describe_acls, scram_users
+from cardctl.stack import Stack, _open_admin, kafka_answers
 from shared.channels import ChannelRegistry
 from shared.kafka import client_options, read_credentials, with_credentials
 from shared.settings import CardDeskSettings
@@ -210,7 +210,24 @@ async def test_a_channel_added_to_the_file_gets_access_and_loses_it_when_removed
     try:
         await asyncio.to_thread(wider.ensure_topics_and_access)
         assert await read_first(as_kiosk, replies) == []
+        assert kiosk in await users_on(stack)
     finally:
         await asyncio.to_thread(stack.ensure_topics_and_access)
-    with pytest.raises(TopicAuthorizationFailedError):
+    # Its user is gone, not only its ACLs: the password it was given no longer logs in.
+    assert kiosk not in await users_on(stack)
+    deadline = asyncio.get_running_loop().time() + TIMEOUT_S
+    while await kafka_answers(as_kiosk, timeout_s=5.0):  # the broker applies it a moment later
+        assert asyncio.get_running_loop().time() < deadline, f"{kiosk} still logs in"
+        await asyncio.sleep(0.2)
+    with pytest.raises((KafkaError, TimeoutError)):
         await read_first(as_kiosk, replies)
+    assert {"admin", "auditor", "status", "console", "wechat-oa"} <= await users_on(stack)
+
+
+async def users_on(stack: Stack) -> set[str]:
+    """The broker's SCRAM users, as the administrator sees them."""
+    admin = await _open_admin(stack.admin_settings(), TIMEOUT_S)
+    try:
+        return await scram_users(admin)
+    finally:
+        await admin.close()
