@@ -1,0 +1,157 @@
+"""A change against a base revision, measured in alternating rounds on the local stack.
+
+    .venv/bin/python -m bench.ab --base main --rounds 6
+    .venv/bin/python -m bench.ab --base 4692d38 --rounds 4 --seconds 20 --rate 150
+
+Runs of the same code on one stack spread over about ±15% (README, Performance), as much as
+most single changes are worth, so one run of each side says nothing. This checks the base out
+in a worktree of its own, then runs `bench.journeys` once per side per round (each side's
+services restarted from its own tree), alternating which side goes first (A B, B A, …) so
+that a drift of the machine meets both sides alike. It prints every round, each side's
+median, their ratio, and in how many rounds the change did better: a difference is worth
+reporting when the change wins (or loses) nearly every round, not when the medians differ by
+less than the spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.common import console, print_table, write_result
+from shared.settings import PROJECT_ROOT
+
+# Each run of `bench.journeys` (seeding, warm-up, both phases, the drain) is bounded.
+RUN_TIMEOUT_S = 15 * 60
+BASE, CHANGE = "base", "change"
+
+
+@dataclass(frozen=True, slots=True)
+class Figure:
+    """A figure of one journeys result, and which way is better."""
+
+    label: str
+    read: Callable[[Mapping[str, Any]], float]
+    higher_is_better: bool
+
+
+def _paced(result: Mapping[str, Any], key: str) -> float:
+    return float(result["figures"]["paced"][0]["runs"][0][key]["p99_ms"])
+
+
+FIGURES = (
+    Figure("sustained commands/s",
+           lambda r: float(r["figures"]["sustained"]["commands_per_s"]["median"]), True),
+    Figure("paced: command → reply p99 ms", lambda r: _paced(r, "command_to_reply"), False),
+    Figure("paced: command → status visible p99 ms",
+           lambda r: _paced(r, "command_to_status_visible"), False),
+)
+
+
+def order(rounds: int) -> list[tuple[int, str]]:
+    """(round, side) in the order they run: the base first in odd rounds, the change first
+    in even ones."""
+    sides = [(BASE, CHANGE), (CHANGE, BASE)]
+    return [(r, side) for r in range(1, rounds + 1) for side in sides[(r - 1) % 2]]
+
+
+def summarize(runs: Mapping[str, Sequence[float]], higher_is_better: bool,
+              ) -> dict[str, Any]:
+    """Each side's runs (round by round) of one figure: medians, the change's median as a
+    ratio to the base's, and the rounds in which the change did better."""
+    base, change = list(runs[BASE]), list(runs[CHANGE])
+    wins = sum((c > b) if higher_is_better else (c < b) for b, c in zip(base, change, strict=True))
+    base_median, change_median = statistics.median(base), statistics.median(change)
+    return {"base": base, "change": change, "base_median": base_median,
+            "change_median": change_median,
+            "ratio": change_median / base_median if base_median else float("nan"),
+            "change_better_in": wins, "rounds": len(base)}
+
+
+def verdict(summary: Mapping[str, Any]) -> str:
+    """What the rounds say, in words a README can quote."""
+    wins, rounds = summary["change_better_in"], summary["rounds"]
+    if rounds >= 3 and wins == rounds:
+        return "better in every round"
+    if rounds >= 3 and wins == 0:
+        return "worse in every round"
+    return f"better in {wins} of {rounds} rounds: within the spread"
+
+
+def newest_journeys(tree: Path, since: float) -> dict[str, Any]:
+    """The journeys result the run in `tree` just wrote (newer than `since`)."""
+    paths = [p for p in (tree / "bench" / "results").glob("journeys-*.json")
+             if p.stat().st_mtime >= since]
+    if not paths:
+        raise RuntimeError(f"bench.journeys wrote no result in {tree}")
+    result: dict[str, Any] = json.loads(max(paths, key=lambda p: p.stat().st_mtime).read_text())
+    return result
+
+
+def run_journeys(tree: Path, journeys_args: Sequence[str]) -> dict[str, Any]:
+    """One `bench.journeys` run with `tree`'s code (its services restarted from it)."""
+    started = time.time()
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    subprocess.run([sys.executable, "-m", "bench.journeys", *journeys_args], cwd=tree, env=env,
+                   check=True, timeout=RUN_TIMEOUT_S, stdout=subprocess.DEVNULL)
+    return newest_journeys(tree, started)
+
+
+def worktree(revision: str, into: Path) -> Path:
+    """A detached checkout of `revision` at `into`."""
+    subprocess.run(["git", "worktree", "add", "--detach", str(into), revision], cwd=PROJECT_ROOT,
+                   check=True, capture_output=True, timeout=120)
+    return into
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", required=True, help="the revision to measure against")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--citizens", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=200)
+    parser.add_argument("--seconds", type=float, default=25.0)
+    parser.add_argument("--rate", type=float, default=200.0,
+                        help="the paced phase's rate (commands/s)")
+    args = parser.parse_args()
+    journeys_args = ["--citizens", str(args.citizens), "--concurrency", str(args.concurrency),
+                     "--seconds", str(args.seconds), "--rate", str(args.rate), "--runs", "1"]
+    with tempfile.TemporaryDirectory(prefix="carddesk-ab-") as scratch:
+        base_tree = worktree(args.base, Path(scratch) / "base")
+        try:
+            trees = {BASE: base_tree, CHANGE: PROJECT_ROOT}
+            runs: dict[str, dict[str, list[float]]] = {
+                f.label: {BASE: [], CHANGE: []} for f in FIGURES}
+            for round_no, side in order(args.rounds):
+                result = run_journeys(trees[side], journeys_args)
+                figures = {f.label: f.read(result) for f in FIGURES}
+                for label, value in figures.items():
+                    runs[label][side].append(value)
+                console.print(f"round {round_no} {side}: " + ", ".join(
+                    f"{label} {value:,.0f}" for label, value in figures.items()))
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(base_tree)],
+                           cwd=PROJECT_ROOT, capture_output=True, timeout=120)
+    summaries = {f.label: summarize(runs[f.label], f.higher_is_better) for f in FIGURES}
+    print_table(f"the working tree against {args.base}: rounds {args.rounds}, alternating", [
+        (label, f"{s['change_median']:,.0f} against {s['base_median']:,.0f}"
+                f" ({s['ratio']:.2f}×); {verdict(s)}")
+        for label, s in summaries.items()])
+    path = write_result("ab", {"base": args.base, "rounds": args.rounds,
+                               "journeys": journeys_args, "figures": summaries})
+    console.print(f"written {path}")
+
+
+if __name__ == "__main__":
+    main()

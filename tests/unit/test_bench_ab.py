@@ -1,0 +1,66 @@
+"""`bench.ab`: the order of the runs, and what the rounds say."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.ab import BASE, CHANGE, FIGURES, newest_journeys, order, summarize, verdict
+
+
+def test_the_sides_alternate_which_goes_first_round_by_round() -> None:
+    assert order(3) == [(1, BASE), (1, CHANGE), (2, CHANGE), (2, BASE),
+                        (3, BASE), (3, CHANGE)]
+
+
+def test_a_change_better_in_every_round_is_called_so_and_its_ratio_is_of_the_medians() -> None:
+    summary = summarize({BASE: [300, 350, 400], CHANGE: [330, 360, 480]}, higher_is_better=True)
+    assert (summary["base_median"], summary["change_median"]) == (350, 360)
+    assert summary["ratio"] == pytest.approx(360 / 350)
+    assert verdict(summary) == "better in every round"
+
+
+def test_lower_is_better_for_latencies() -> None:
+    summary = summarize({BASE: [500, 400, 450], CHANGE: [520, 410, 460]}, higher_is_better=False)
+    assert verdict(summary) == "worse in every round"
+
+
+def test_medians_apart_but_rounds_split_is_within_the_spread() -> None:
+    summary = summarize({BASE: [300, 420, 330, 410], CHANGE: [390, 400, 380, 360]},
+                        higher_is_better=True)
+    assert summary["change_median"] > summary["base_median"]
+    assert verdict(summary) == "better in 2 of 4 rounds: within the spread"
+
+
+def test_two_rounds_are_never_enough_to_call_it() -> None:
+    summary = summarize({BASE: [300, 310], CHANGE: [400, 410]}, higher_is_better=True)
+    assert verdict(summary) == "better in 2 of 2 rounds: within the spread"
+
+
+def journeys_result(sustained: float, reply_p99: float, visible_p99: float) -> dict[str, Any]:
+    """The parts of a `bench.journeys` result file that `bench.ab` reads."""
+    return {"benchmark": "journeys", "figures": {
+        "sustained": {"commands_per_s": {"min": sustained, "median": sustained,
+                                         "max": sustained, "runs": 1}},
+        "paced": [{"target_commands_per_s": 200.0, "runs": [{
+            "command_to_reply": {"p50_ms": 1.0, "p95_ms": 2.0, "p99_ms": reply_p99},
+            "command_to_status_visible": {"p50_ms": 1.0, "p95_ms": 2.0,
+                                          "p99_ms": visible_p99}}]}]}}
+
+
+def test_each_figure_is_read_from_the_run_the_tree_just_wrote(tmp_path: Path) -> None:
+    results = tmp_path / "bench" / "results"
+    results.mkdir(parents=True)
+    old = results / "journeys-20261130T100000Z.json"
+    old.write_text(json.dumps(journeys_result(100, 900, 950)))
+    os.utime(old, (1_000, 1_000))
+    (results / "journeys-20261130T110000Z.json").write_text(
+        json.dumps(journeys_result(412.5, 310, 480)))
+    result = newest_journeys(tmp_path, since=2_000)
+    assert [f.read(result) for f in FIGURES] == [412.5, 310, 480]
+    with pytest.raises(RuntimeError):
+        newest_journeys(tmp_path / "elsewhere", since=0)
