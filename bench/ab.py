@@ -16,19 +16,18 @@ medians differ: identical code's medians differed by 11-14% over four rounds (RE
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.common import console, print_table, write_result
+from bench.common import console, latest_result, print_table, write_result
 from shared.settings import PROJECT_ROOT
 
 # Each run of `bench.journeys` (seeding, warm-up, both phases, the drain) is bounded.
@@ -91,19 +90,17 @@ def verdict(summary: Mapping[str, Any]) -> str:
     return f"better in {wins} of {rounds} rounds: within the spread"
 
 
-def newest_journeys(tree: Path, since: float) -> dict[str, Any]:
-    """The journeys result the run in `tree` just wrote (newer than `since`)."""
-    paths = [p for p in (tree / "bench" / "results").glob("journeys-*.json")
-             if p.stat().st_mtime >= since]
-    if not paths:
-        raise RuntimeError(f"bench.journeys wrote no result in {tree}")
-    result: dict[str, Any] = json.loads(max(paths, key=lambda p: p.stat().st_mtime).read_text())
+def newest_journeys(tree: Path, since: datetime) -> dict[str, Any]:
+    """The journeys result the run in `tree` just wrote (stamped at `since` or later)."""
+    result = latest_result("journeys", tree / "bench" / "results")
+    if result is None or datetime.fromisoformat(result["at"]) < since:
+        raise RuntimeError(f"bench.journeys wrote no result in {tree} since {since:%H:%M:%S}")
     return result
 
 
 def run_journeys(tree: Path, journeys_args: Sequence[str]) -> dict[str, Any]:
     """One `bench.journeys` run with `tree`'s code (its services restarted from it)."""
-    started = time.time()
+    started = datetime.now(UTC)
     env = {**os.environ, "PYTHONPATH": str(tree)}
     subprocess.run([sys.executable, "-m", "bench.journeys", *journeys_args], cwd=tree, env=env,
                    check=True, timeout=RUN_TIMEOUT_S, stdout=subprocess.DEVNULL)

@@ -46,9 +46,10 @@ def spread_text(s: Mapping[str, float], digits: int = 0) -> str:
     return f"{s['min']:,.{digits}f} / {s['median']:,.{digits}f} / {s['max']:,.{digits}f}"
 
 
-def latest_result(name: str) -> dict[str, Any] | None:
-    """The newest result file of benchmark `name`, or None."""
-    paths = sorted(RESULTS.glob(f"{name}-*.json"))
+def latest_result(name: str, results: Path = RESULTS) -> dict[str, Any] | None:
+    """The newest result file of benchmark `name` (in `results`: another checkout's), or
+    None."""
+    paths = sorted(results.glob(f"{name}-*.json"))
     return json.loads(paths[-1].read_text()) if paths else None
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +45,10 @@ def test_four_rounds_are_never_enough_to_call_it() -> None:
     assert verdict(summary) == "better in 4 of 4 rounds: within the spread"
 
 
-def journeys_result(sustained: float, reply_p99: float, visible_p99: float) -> dict[str, Any]:
+def journeys_result(at: datetime, sustained: float, reply_p99: float, visible_p99: float,
+                    ) -> dict[str, Any]:
     """The parts of a `bench.journeys` result file that `bench.ab` reads."""
-    return {"benchmark": "journeys", "figures": {
+    return {"benchmark": "journeys", "at": at.isoformat(), "figures": {
         "sustained": {"commands_per_s": {"min": sustained, "median": sustained,
                                          "max": sustained, "runs": 1}},
         "paced": [{"target_commands_per_s": 200.0, "runs": [{
@@ -59,12 +60,14 @@ def journeys_result(sustained: float, reply_p99: float, visible_p99: float) -> d
 def test_each_figure_is_read_from_the_run_the_tree_just_wrote(tmp_path: Path) -> None:
     results = tmp_path / "bench" / "results"
     results.mkdir(parents=True)
-    old = results / "journeys-20261130T100000Z.json"
-    old.write_text(json.dumps(journeys_result(100, 900, 950)))
-    os.utime(old, (1_000, 1_000))
+    ten, eleven = (datetime(2026, 11, 30, hour, tzinfo=UTC) for hour in (10, 11))
+    (results / "journeys-20261130T100000Z.json").write_text(
+        json.dumps(journeys_result(ten, 100, 900, 950)))
     (results / "journeys-20261130T110000Z.json").write_text(
-        json.dumps(journeys_result(412.5, 310, 480)))
-    result = newest_journeys(tmp_path, since=2_000)
+        json.dumps(journeys_result(eleven, 412.5, 310, 480)))
+    result = newest_journeys(tmp_path, since=ten + timedelta(minutes=30))
     assert [f.read(result) for f in FIGURES] == [412.5, 310, 480]
+    with pytest.raises(RuntimeError):  # nothing written since the run started
+        newest_journeys(tmp_path, since=eleven + timedelta(minutes=1))
     with pytest.raises(RuntimeError):
-        newest_journeys(tmp_path / "elsewhere", since=0)
+        newest_journeys(tmp_path / "elsewhere", since=ten)
