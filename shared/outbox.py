@@ -58,13 +58,18 @@ def outbox_insert(schema: str, first: int) -> str:
 
 def make_producer(settings: CardDeskSettings) -> AIOKafkaProducer:
     """Idempotent, fully acknowledged, ordered per partition even when retried; it
-    authenticates with the process's Kafka credentials."""
+    authenticates with the process's Kafka credentials.
+
+    No linger: the relay queues a round's rows before the sender runs, and what is queued
+    while a request is in flight goes in the next one (one request per broker at a time),
+    so a linger batched nothing more and held every round's events, and then its replies,
+    that long (README, "What the targets ask of a command")."""
     return AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap,
         **client_options(settings),
         enable_idempotence=True,
         acks="all",
-        linger_ms=2,
+        linger_ms=0,
         max_batch_size=256 * 1024,
     )
 
@@ -150,9 +155,8 @@ class OutboxRelay:
         """One round: mark sent what Kafka acknowledged since the last and read the next
         rows (one statement), send them; return how many rows it read. The replies that
         follow the round's first event are left in flight, sent but not yet acknowledged,
-        and the next round (or `_settle`) waits for them: under load they share a produce
-        request with the next round's events instead of costing a wait and a request of
-        their own.
+        and the next round (or `_settle`) waits for them: under load the next round's read
+        runs while they travel, instead of after a wait for them.
 
         A reply is sent only once Kafka has acknowledged every event before it. A reply
         sent with them could be appended first (another partition, another topic), and a
