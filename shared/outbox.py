@@ -61,9 +61,10 @@ def make_producer(settings: CardDeskSettings) -> AIOKafkaProducer:
     authenticates with the process's Kafka credentials.
 
     No linger: the relay queues a round's rows before the sender runs, and what is queued
-    while a request is in flight goes in the next one (one request per broker at a time),
-    so a linger batched nothing more and held every round's events, and then its replies,
-    that long (README, "What the targets ask of a command")."""
+    while a request is in flight goes in the next one (one request per broker at a time).
+    With a linger, each partition's batch waited out its own, so a round left in several
+    requests and reached every consumer in smaller batches (README, "What the targets ask
+    of a command")."""
     return AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap,
         **client_options(settings),
