@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -107,11 +109,26 @@ def run_journeys(tree: Path, journeys_args: Sequence[str]) -> dict[str, Any]:
     return newest_journeys(tree, started)
 
 
-def worktree(revision: str, into: Path) -> Path:
-    """A detached checkout of `revision` at `into`."""
-    subprocess.run(["git", "worktree", "add", "--detach", str(into), revision], cwd=PROJECT_ROOT,
+@contextmanager
+def worktree(revision: str, into: Path, repository: Path = PROJECT_ROOT) -> Iterator[Path]:
+    """A detached checkout of `revision` at `into`, removed again however the run ends."""
+    subprocess.run(["git", "worktree", "add", "--detach", str(into), revision], cwd=repository,
                    check=True, capture_output=True, timeout=120)
-    return into
+    try:
+        yield into
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(into)], cwd=repository,
+                       capture_output=True, timeout=120)
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (`kill`, `timeout`) ends the run as Ctrl-C does, through the `finally`s that
+    remove the base's worktree and stop the run in progress; Python's default for SIGTERM
+    ends the process without them."""
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def main() -> None:
@@ -127,22 +144,19 @@ def main() -> None:
     args = parser.parse_args()
     journeys_args = ["--citizens", str(args.citizens), "--concurrency", str(args.concurrency),
                      "--seconds", str(args.seconds), "--rate", str(args.rate), "--runs", "1"]
-    with tempfile.TemporaryDirectory(prefix="carddesk-ab-") as scratch:
-        base_tree = worktree(args.base, Path(scratch) / "base")
-        try:
-            trees = {BASE: base_tree, CHANGE: PROJECT_ROOT}
-            runs: dict[str, dict[str, list[float]]] = {
-                f.label: {BASE: [], CHANGE: []} for f in FIGURES}
-            for round_no, side in order(args.rounds):
-                result = run_journeys(trees[side], journeys_args)
-                figures = {f.label: f.read(result) for f in FIGURES}
-                for label, value in figures.items():
-                    runs[label][side].append(value)
-                console.print(f"round {round_no} {side}: " + ", ".join(
-                    f"{label} {value:,.0f}" for label, value in figures.items()))
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(base_tree)],
-                           cwd=PROJECT_ROOT, capture_output=True, timeout=120)
+    stop_on_sigterm()
+    with (tempfile.TemporaryDirectory(prefix="carddesk-ab-") as scratch,
+          worktree(args.base, Path(scratch) / "base") as base_tree):
+        trees = {BASE: base_tree, CHANGE: PROJECT_ROOT}
+        runs: dict[str, dict[str, list[float]]] = {
+            f.label: {BASE: [], CHANGE: []} for f in FIGURES}
+        for round_no, side in order(args.rounds):
+            result = run_journeys(trees[side], journeys_args)
+            figures = {f.label: f.read(result) for f in FIGURES}
+            for label, value in figures.items():
+                runs[label][side].append(value)
+            console.print(f"round {round_no} {side}: " + ", ".join(
+                f"{label} {value:,.0f}" for label, value in figures.items()))
     summaries = {f.label: summarize(runs[f.label], f.higher_is_better) for f in FIGURES}
     print_table(f"the working tree against {args.base}: rounds {args.rounds}, alternating", [
         (label, f"{s['change_median']:,.0f} against {s['base_median']:,.0f}"

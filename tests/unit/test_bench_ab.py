@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -10,6 +14,7 @@ from typing import Any
 import pytest
 
 from bench.ab import BASE, CHANGE, FIGURES, newest_journeys, order, summarize, verdict
+from shared.settings import PROJECT_ROOT
 
 
 def test_the_sides_alternate_which_goes_first_round_by_round() -> None:
@@ -71,3 +76,57 @@ def test_each_figure_is_read_from_the_run_the_tree_just_wrote(tmp_path: Path) ->
         newest_journeys(tmp_path, since=eleven + timedelta(minutes=1))
     with pytest.raises(RuntimeError):
         newest_journeys(tmp_path / "elsewhere", since=ten)
+
+
+# Stands in for `python -m bench.ab`: the base's worktree in a repository of the test's own,
+# and a run that reports which tree it runs in, then takes its time.
+STOPPED_RUN = """
+import sys, time
+from pathlib import Path
+import bench.ab as ab
+
+repository, started = Path(sys.argv[1]), Path(sys.argv[2])
+in_repository = ab.worktree
+ab.worktree = lambda revision, into: in_repository(revision, into, repository=repository)
+
+def run_journeys(tree, _args):
+    started.write_text(str(tree))
+    time.sleep(60)
+
+ab.run_journeys = run_journeys
+sys.argv = ["bench.ab", "--base", "HEAD", "--rounds", "1"]
+ab.main()
+"""
+
+
+def git(repository: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repository), "-c", "user.name=t",
+                           "-c", "user.email=t@example.org", *args],
+                          check=True, capture_output=True, text=True, timeout=30).stdout
+
+
+def test_a_run_stopped_by_sigterm_removes_the_worktree_of_the_base(tmp_path: Path) -> None:
+    repository, started = tmp_path / "repo", tmp_path / "started"
+    repository.mkdir()
+    git(repository, "init", "-q")
+    (repository / "file").write_text("base\n")
+    git(repository, "add", "file")
+    git(repository, "commit", "-q", "-m", "base")
+    run = subprocess.Popen([sys.executable, "-c", STOPPED_RUN, str(repository), str(started)],
+                           cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started.exists(), "the stand-in run did not start (or ended first)"
+        base_tree = Path(started.read_text())
+        assert (base_tree / "file").read_text() == "base\n"
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        run.kill()
+        run.wait(timeout=30)
+    assert not base_tree.exists()
+    listed = [line for line in git(repository, "worktree", "list", "--porcelain").splitlines()
+              if line.startswith("worktree ")]
+    assert listed == [f"worktree {repository}"]
