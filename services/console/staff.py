@@ -1,7 +1,8 @@
 """Staff accounts, roles, sign-in with lockout, and server-side sessions (console schema).
 
-Passwords are Argon2id hashes (argon2-cffi); a session is a random token in an HttpOnly
-cookie, kept here only as its SHA-256, with its own CSRF token.
+Passwords are Argon2id hashes (argon2-cffi), computed one at a time (`PasswordWork`); a
+session is a random token in an HttpOnly cookie, kept here only as its SHA-256, with its own
+CSRF token.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ import asyncio
 import hashlib
 import re
 import secrets
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Literal
+from typing import Literal, TypeVar
 
 import asyncpg
 from argon2 import PasswordHasher
@@ -22,6 +25,10 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 STAFF_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{1,63}$")
 MIN_PASSWORD_LENGTH = 12
 MAX_PASSWORD_LENGTH = 256
+# How long a sign-in waits for its turn at the password hasher before it is refused as busy.
+PASSWORD_WAIT_S = 5.0
+
+T = TypeVar("T")
 
 
 class Role(StrEnum):
@@ -100,7 +107,7 @@ class StaffSession:
     created_at: datetime
 
 
-SignInOutcome = Literal["ok", "invalid", "locked"]
+SignInOutcome = Literal["ok", "invalid", "locked", "busy"]
 
 
 @dataclass(frozen=True)
@@ -149,6 +156,47 @@ def check_password(password: str) -> str:
     return password
 
 
+class PasswordWorkBusyError(Exception):
+    """No turn at the password hasher within the wait."""
+
+
+class PasswordWork:
+    """Argon2id hashing and verification, one at a time, each wait for a turn bounded.
+
+    One hash holds 64 MiB while it runs (argon2-cffi's default cost) and about 125 ms of a
+    core here. Sign-in attempts come before any authentication: run side by side in
+    asyncio's thread pool (six threads on two cores), twelve took the console's memory to
+    467 MB. One at a time it stays within one hash's worth, and a flood waits its turn
+    instead, for at most `wait_s`, then is refused."""
+
+    def __init__(self, hasher: PasswordHasher, wait_s: float = PASSWORD_WAIT_S) -> None:
+        self.hasher = hasher
+        self.wait_s = wait_s
+        self._lock = asyncio.Lock()
+
+    @asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """Hold the hasher; `PasswordWorkBusyError` when it is not free within `wait_s`."""
+        try:
+            async with asyncio.timeout(self.wait_s):
+                await self._lock.acquire()
+        except TimeoutError:
+            raise PasswordWorkBusyError() from None
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    async def run(self, work: Callable[..., T], *args: str) -> T:
+        """`work(*args)` off the event loop; the caller holds the turn."""
+        assert self._lock.locked(), "password work runs only in its turn"
+        return await asyncio.to_thread(work, *args)
+
+    async def hash(self, password: str) -> str:
+        async with self.turn():
+            return await self.run(self.hasher.hash, password)
+
+
 class StaffDirectory:
     """Accounts and sessions in the console's schema."""
 
@@ -161,6 +209,7 @@ class StaffDirectory:
         self.idle = idle
         self.max_age = max_age
         self.hasher = hasher or PasswordHasher()  # Argon2id
+        self.passwords = PasswordWork(self.hasher)
         # Verified against when the id is unknown, so timing does not tell which ids exist.
         self._dummy_hash = self.hasher.hash(secrets.token_urlsafe(16))
 
@@ -171,7 +220,7 @@ class StaffDirectory:
 
     async def add(self, staff_id: str, role: Role, password: str, now: datetime) -> None:
         check_staff_id(staff_id)
-        digest = await asyncio.to_thread(self.hasher.hash, check_password(password))
+        digest = await self.passwords.hash(check_password(password))
         inserted = await self.pool.fetchval(
             f"INSERT INTO {self.schema}.staff (staff_id, role, password_hash, created_at)"
             " VALUES ($1, $2, $3, $4) ON CONFLICT (staff_id) DO NOTHING RETURNING staff_id",
@@ -206,18 +255,27 @@ class StaffDirectory:
 
     async def sign_in(self, staff_id: str, password: str, now: datetime) -> SignIn:
         """Check the password; a locked, disabled or unknown account fails alike to the
-        caller except for `locked`, which staff must be told to wait out."""
+        caller except for `locked`, which staff must be told to wait out, and `busy`: the
+        hasher was not free in time. The turn is taken before a connection, so that a flood
+        of attempts waits without holding the pool."""
         password = password[:MAX_PASSWORD_LENGTH]
+        try:
+            async with self.passwords.turn():
+                return await self._sign_in(staff_id, password, now)
+        except PasswordWorkBusyError:
+            return SignIn("busy")
+
+    async def _sign_in(self, staff_id: str, password: str, now: datetime) -> SignIn:
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 f"SELECT * FROM {self.schema}.staff WHERE staff_id = $1 FOR UPDATE", staff_id)
             if row is None:
-                await asyncio.to_thread(self._verify, self._dummy_hash, password)
+                await self.passwords.run(self._verify, self._dummy_hash, password)
                 return SignIn("invalid")
             attempts = Attempts(row["failed_attempts"], row["locked_until"])
             if is_locked(attempts, now):
                 return SignIn("locked")
-            good = await asyncio.to_thread(self._verify, row["password_hash"], password)
+            good = await self.passwords.run(self._verify, row["password_hash"], password)
             if not good or row["disabled"]:
                 attempts = after_failure(attempts, now, self.policy) if not row["disabled"] \
                     else attempts

@@ -33,7 +33,14 @@ from services.console.i18n import LANGUAGES, choose_language, translator
 from services.console.queue import QueueReader
 from services.console.reads import StatusUnavailableError
 from services.console.settings import ConsoleSettings
-from services.console.staff import Area, Role, StaffDirectory, StaffSession, may_use
+from services.console.staff import (
+    PASSWORD_WAIT_S,
+    Area,
+    Role,
+    StaffDirectory,
+    StaffSession,
+    may_use,
+)
 from shared.commands import Reply
 from shared.identity import citizen_ref, is_valid_id_number, normalise_id_number
 from shared.masking import mask_id_number
@@ -296,6 +303,10 @@ class AccountPages(Pages):
         log.info("console.sign_in", staff_id=staff_id, outcome=result.outcome)
         if result.outcome == "locked":
             return self.sign_in_form(request, 423, "locked")
+        if result.outcome == "busy":
+            busy = self.sign_in_form(request, 503, "busy")
+            busy.headers["Retry-After"] = f"{PASSWORD_WAIT_S:.0f}"
+            return busy
         if result.outcome != "ok" or result.session is None or result.session_token is None:
             return self.sign_in_form(request, 401, "bad_credentials")
         secure = self.settings.console_cookie_secure

@@ -66,6 +66,22 @@ async def test_a_wrong_password_is_refused_and_repeated_ones_lock_the_account(
     assert (await desk.sign_in(staff_id)).status_code == 303
 
 
+async def test_a_sign_in_that_cannot_get_the_hasher_in_time_is_refused_busy_not_failed(
+        desk: Desk) -> None:
+    """A flood of sign-ins waits for the one password hasher, at most its bound; those
+    refused as busy (503) do not count as wrong passwords towards the lockout."""
+    staff_id = await desk.add(Role.REVIEWER)
+    desk.staff.passwords.wait_s = 0.1
+    async with desk.staff.passwords.turn():  # someone else's sign-in, taking its time
+        for _ in range(4):  # more than the lockout's three attempts
+            busy = await desk.sign_in(staff_id, "wrong password!!")
+            assert busy.status_code == 503
+            assert busy.headers["retry-after"].isdigit()
+            assert "Too many sign-ins" in busy.text or "登录请求过多" in busy.text
+            assert SESSION_COOKIE not in busy.headers.get("set-cookie", "")
+    assert (await desk.sign_in(staff_id)).status_code == 303
+
+
 async def test_an_unknown_staff_id_is_refused_like_a_wrong_password(desk: Desk) -> None:
     response = await desk.sign_in("nobody-here")
     assert response.status_code == 401
