@@ -23,6 +23,7 @@ FULL = [
      "--runs", "3"],
     ["bench.observability"],
     ["bench.idle", "--seconds", "30"],
+    ["bench.signins", "--attempts", "40"],
 ]
 QUICK = [
     ["bench.peer", "--runs", "1", "--seconds", "5", "--cards", "500"],
@@ -32,6 +33,7 @@ QUICK = [
      "--concurrency", "20", "--runs", "1"],
     ["bench.observability", "--commands", "2000"],
     ["bench.idle", "--seconds", "10", "--settle", "10"],
+    ["bench.signins", "--attempts", "12"],
 ]
 
 
@@ -55,9 +57,11 @@ Rows = list[tuple[str, str]]
 def summary(since: datetime) -> None:
     """The headline figures of this run, each with its ratio to the peer's (issue 12's
     targets: ≥ 2.3× commands/s, ≥ 30× projection rebuild, p99s at half the sustained rate,
-    idle ≤ 1% of a core and peak RSS ≤ 150 MB per service)."""
+    idle ≤ 1% of a core and peak RSS ≤ 150 MB per service, the console's under a flood of
+    sign-ins too)."""
     peer, journeys = this_run("peer", since), this_run("journeys", since)
     rebuild, idle = this_run("rebuild", since), this_run("idle", since)
+    signins = this_run("signins", since)
     rows: Rows = []
     if peer is not None:
         rows += [("peer: commands/s", spread_text(peer["commands_per_s"])),
@@ -71,6 +75,10 @@ def summary(since: datetime) -> None:
                   ratio(rebuild["events_per_s"], peer, "projection_events_per_s", 30))]
     if idle is not None:
         rows += idle_rows(idle)
+    if signins is not None:
+        after = signins["peak_rss_mb_after"]
+        rows.append((f"console under {signins['attempts']} sign-ins at once: peak RSS MB "
+                     "(≤ 150)", f"{after:.0f}" if after else "?"))
     print_table("headline figures of this run, min / median / max", rows)
 
 
