@@ -21,12 +21,12 @@ from collections import Counter
 import httpx
 
 from bench.common import console, peak_rss_mb, percentiles, print_table, write_result
+from bench.idle import TARGET_RSS_MB
 from cardctl.stack import Stack
 from services.console.settings import ConsoleSettings
 from shared.logging import configure_logging
 from shared.settings import CardDeskSettings
 
-TARGET_RSS_MB = 150.0
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 TIMEOUT_S = 60.0
 
