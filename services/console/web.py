@@ -8,6 +8,7 @@ command of the console's bureau channel carrying the staff id, and logged with i
 from __future__ import annotations
 
 import hmac
+import math
 import re
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
@@ -33,14 +34,7 @@ from services.console.i18n import LANGUAGES, choose_language, translator
 from services.console.queue import QueueReader
 from services.console.reads import StatusUnavailableError
 from services.console.settings import ConsoleSettings
-from services.console.staff import (
-    PASSWORD_WAIT_S,
-    Area,
-    Role,
-    StaffDirectory,
-    StaffSession,
-    may_use,
-)
+from services.console.staff import Area, Role, StaffDirectory, StaffSession, may_use
 from shared.commands import Reply
 from shared.identity import citizen_ref, is_valid_id_number, normalise_id_number
 from shared.masking import mask_id_number
@@ -305,7 +299,8 @@ class AccountPages(Pages):
             return self.sign_in_form(request, 423, "locked")
         if result.outcome == "busy":
             busy = self.sign_in_form(request, 503, "busy")
-            busy.headers["Retry-After"] = f"{PASSWORD_WAIT_S:.0f}"
+            # The wait this directory gives a sign-in, in whole seconds (at least one).
+            busy.headers["Retry-After"] = str(math.ceil(self.console.staff().passwords.wait_s))
             return busy
         if result.outcome != "ok" or result.session is None or result.session_token is None:
             return self.sign_in_form(request, 401, "bad_credentials")
