@@ -8,7 +8,11 @@ partitions ends; the notes are committed `interval` later, together with those o
 batches handled meanwhile, and at once for partitions being revoked and when the process
 shuts down. A commit that fails is owed again; if a later one for the same partition
 succeeded meanwhile, the retry may set the partition back to the earlier end, which only
-redelivers records the consumers take idempotently.
+redelivers records the consumers take idempotently. An owed commit is retried on its own
+timer, not only with the next batch, and how long a consumer's commits have failed without a
+success in between is kept for its health check (`shared.health.ConsumerWatch`): a consumer
+that fetches and handles but can no longer commit (a group coordinator it lost track of)
+would otherwise look healthy while its group's lag grows for ever.
 
 What is committed is always the end of a batch that was handled for good (its transaction
 committed), never a position the consumer merely fetched: a crash loses at most the last
@@ -21,7 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Collection, Mapping
+import time
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import structlog
@@ -34,14 +39,20 @@ log = structlog.get_logger()
 class DeferredCommits:
     """Per consumer, the offsets its handled batches end at, committed on a timer."""
 
-    def __init__(self, interval_s: float = 0.1, timeout_s: float = 5.0) -> None:
+    def __init__(self, interval_s: float = 0.1, timeout_s: float = 5.0, retry_s: float = 1.0,
+                 clock: Callable[[], float] = time.time) -> None:
         """`interval_s` 0 commits every batch at once, as FastStream does. A commit is given
         up after `timeout_s` (aiokafka looks for the group's coordinator for as long as the
-        broker is away, and a shutdown must not wait for it) and owed again."""
+        broker is away, and a shutdown must not wait for it) and owed again, retried
+        `retry_s` later if no batch comes first."""
         self.interval_s = interval_s
         self.timeout_s = timeout_s
+        self.retry_s = retry_s
+        self.clock = clock
         self._pending: dict[Any, dict[TopicPartition, int]] = {}
         self._timers: dict[Any, asyncio.Task[None]] = {}
+        self._failing_since: dict[Any, float] = {}
+        self._closing = False
 
     async def handled(self, consumer: Any, ends: Mapping[TopicPartition, int]) -> None:
         """Note that `consumer` has handled its partitions up to `ends` (each the offset after
@@ -49,12 +60,17 @@ class DeferredCommits:
         self._owe(consumer, ends)
         if self.interval_s <= 0:
             await self.flush(consumer)
-        elif consumer not in self._timers:
-            self._timers[consumer] = asyncio.create_task(self._later(consumer))
+        else:
+            self._schedule(consumer, self.interval_s)
 
     def owed(self, consumer: Any) -> dict[TopicPartition, int]:
         """What `consumer` has handled and not committed yet."""
         return dict(self._pending.get(consumer, {}))
+
+    def failing_since(self, consumer: Any) -> float | None:
+        """When `consumer`'s commits began to fail, with none succeeding since; None while
+        they succeed (or none was tried)."""
+        return self._failing_since.get(consumer)
 
     async def flush(self, consumer: Any,
                     partitions: Collection[TopicPartition] | None = None) -> None:
@@ -71,13 +87,21 @@ class DeferredCommits:
         assigned = consumer.assignment()
         offsets = {tp: end for tp, end in chosen.items() if tp in assigned}
         if not offsets:
+            if consumer not in self._pending:  # nothing owed: nothing is failing either
+                self._failing_since.pop(consumer, None)
             return
         try:
             await asyncio.wait_for(consumer.commit(offsets), self.timeout_s)
         except (KafkaError, IllegalStateError, TimeoutError) as exc:
+            since = self._failing_since.setdefault(consumer, self.clock())
             log.info("consumer.commit_failed", error=type(exc).__name__,
-                     partitions=len(offsets), timeout_s=self.timeout_s)
+                     partitions=len(offsets), timeout_s=self.timeout_s,
+                     failing_s=round(self.clock() - since, 1))
             self._owe(consumer, offsets)
+            if not self._closing:
+                self._schedule(consumer, max(self.interval_s, self.retry_s))
+        else:
+            self._failing_since.pop(consumer, None)
 
     def _owe(self, consumer: Any, ends: Mapping[TopicPartition, int]) -> None:
         pending = self._pending.setdefault(consumer, {})
@@ -86,15 +110,20 @@ class DeferredCommits:
 
     async def flush_all(self) -> None:
         """Commit what every consumer owes (the process is shutting down)."""
+        self._closing = True
         for timer in list(self._timers.values()):
             timer.cancel()
         for consumer in list(self._pending):
             with contextlib.suppress(Exception):  # a stopped consumer: redelivered later
                 await self.flush(consumer)
 
-    async def _later(self, consumer: Any) -> None:
+    def _schedule(self, consumer: Any, delay_s: float) -> None:
+        if consumer not in self._timers:
+            self._timers[consumer] = asyncio.create_task(self._later(consumer, delay_s))
+
+    async def _later(self, consumer: Any, delay_s: float) -> None:
         try:
-            await asyncio.sleep(self.interval_s)
+            await asyncio.sleep(delay_s)
         finally:
             self._timers.pop(consumer, None)
         await self.flush(consumer)

@@ -1,5 +1,6 @@
 """Honest health: a service is healthy only while its database runs a query within a bound
-and every one of its consumers is consuming (a live loop, partitions assigned, fetching).
+and every one of its consumers is consuming (a live loop, partitions assigned, fetching,
+its offsets committed).
 
 The watchdog turns a lasting failure into an exit, so the supervisor restarts the process:
 a consumer that lost its assignment or a pool that never recovers costs one restart, not a
@@ -18,6 +19,8 @@ from typing import Any
 import asyncpg
 import structlog
 
+from shared.commits import COMMITS, DeferredCommits
+
 log = structlog.get_logger()
 
 OK = "ok"
@@ -33,11 +36,13 @@ class ConsumerWatch:
     """
 
     def __init__(self, topic: str, subscriber: Callable[[], Any], stall_s: float,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 commits: DeferredCommits = COMMITS) -> None:
         self.topic = topic
         self.subscriber = subscriber
         self.stall_s = stall_s
         self.clock = clock
+        self.commits = commits
         self.created_at = clock()
         self.unassigned_since: float | None = None
         self.in_flight_since: float | None = None
@@ -71,6 +76,11 @@ class ConsumerWatch:
             return f"one batch in progress for {now - self.in_flight_since:.0f}s"
         if self.failing_since is not None and now - self.failing_since > self.stall_s:
             return f"every batch failing for {now - self.failing_since:.0f}s"
+        # Batches handled and replied to, but their offsets never committed: the group's
+        # lag grows, and a restart would redo all of it (a coordinator aiokafka lost).
+        uncommitted = self.commits.failing_since(consumer)
+        if uncommitted is not None and now - uncommitted > self.stall_s:
+            return f"offsets not committed for {now - uncommitted:.0f}s"
         assignment = consumer.assignment()
         if not assignment:
             if self.unassigned_since is None:

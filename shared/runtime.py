@@ -168,7 +168,8 @@ class ServiceRuntime:
         linger(subscriber, self.settings.consumer_linger_ms)
         self.progress.consumer(lambda: _assignment(subscriber))
         # One watch per topic, all of this consumer: /health names each topic it consumes.
-        watches = [ConsumerWatch(topic, lambda: subscriber, self.settings.consumer_stall_seconds)
+        watches = [ConsumerWatch(topic, lambda: subscriber, self.settings.consumer_stall_seconds,
+                                 commits=COMMITS)
                    for topic in topics]
         self.watches.extend(watches)
 

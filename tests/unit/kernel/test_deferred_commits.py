@@ -106,3 +106,49 @@ async def test_a_commit_the_broker_never_answers_is_given_up_and_owed_again() ->
     await commits.handled(consumer, records(1, 4))
     await asyncio.wait_for(commits.flush_all(), 1.0)  # a shutdown is not held up
     assert commits.owed(consumer) == {tp(1): 5}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_an_owed_commit_is_retried_on_its_own_timer_without_another_batch() -> None:
+    commits = DeferredCommits(interval_s=0.01, retry_s=0.05)
+    consumer = FakeConsumer()
+    consumer.failures.append(KafkaConnectionError())
+    await commits.handled(consumer, records(0, 6))
+    await asyncio.sleep(0.03)  # the first try failed; no batch follows
+    assert consumer.commits == [] and commits.owed(consumer) == {tp(0): 7}
+    await asyncio.sleep(0.2)
+    assert consumer.commits == [{tp(0): 7}] and commits.owed(consumer) == {}
+
+
+async def test_commits_failing_are_timed_from_the_first_failure_until_one_succeeds() -> None:
+    clock = Clock()
+    commits, consumer = DeferredCommits(interval_s=10, clock=clock), FakeConsumer()
+    await commits.handled(consumer, records(0, 1))
+    assert commits.failing_since(consumer) is None
+    consumer.failures.extend([CommitFailedError("rebalanced"), KafkaConnectionError()])
+    await commits.flush(consumer)
+    clock.now += 7
+    await commits.flush(consumer)
+    assert commits.failing_since(consumer) == 1_000.0  # the second failure does not restart it
+    await commits.flush(consumer)
+    assert consumer.commits == [{tp(0): 2}] and commits.failing_since(consumer) is None
+    await commits.flush_all()
+
+
+async def test_nothing_owed_any_more_is_nothing_failing() -> None:
+    commits, consumer = DeferredCommits(interval_s=10), FakeConsumer()
+    await commits.handled(consumer, records(1, 4))
+    consumer.failures.append(KafkaConnectionError())
+    await commits.flush(consumer)
+    assert commits.failing_since(consumer) is not None
+    consumer.assigned.discard(tp(1))  # revoked: its next owner applies the records again
+    await commits.flush(consumer)
+    assert commits.owed(consumer) == {} and commits.failing_since(consumer) is None
+    await commits.flush_all()

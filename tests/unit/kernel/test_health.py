@@ -7,6 +7,9 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiokafka.errors import KafkaConnectionError
+
+from shared.commits import DeferredCommits
 from shared.health import EXIT_UNHEALTHY, ConsumerWatch, summarise, watchdog
 
 STALL_S = 30.0
@@ -20,10 +23,15 @@ class Clock:
         return self.now
 
 
-@dataclass
+@dataclass(eq=False)  # hashable, as aiokafka's consumer is
 class FakeConsumer:
     partitions: set[str] = field(default_factory=lambda: {"t-0"})
     fetched_at_ms: int | None = None
+    commit_error: Exception | None = None
+
+    async def commit(self, _offsets: dict[str, int]) -> None:
+        if self.commit_error is not None:
+            raise self.commit_error
 
     def assignment(self) -> set[str]:
         return self.partitions
@@ -172,3 +180,28 @@ async def test_a_probe_that_raises_counts_as_failing() -> None:
     await asyncio.wait_for(
         watchdog("loss", broken, exit_after_s=0.05, every_s=0.02, exit=exits.append), 2.0)
     assert exits == [EXIT_UNHEALTHY]
+
+
+async def test_offsets_that_fail_to_commit_past_the_stall_bound_are_reported() -> None:
+    """A consumer that fetches and handles but cannot commit (a coordinator aiokafka lost
+    track of) looks busy, while its group's lag grows: a restart is the way out."""
+    clock = Clock()
+    commits = DeferredCommits(interval_s=10, clock=clock)
+    sub = FakeSubscriber()
+    watch = ConsumerWatch("loss.commands", lambda: sub, STALL_S, clock, commits=commits)
+    consumer = sub.consumer
+    assert consumer is not None
+    consumer.commit_error = KafkaConnectionError()
+    await commits.handled(consumer, {"t-0": 5})
+    await commits.flush(consumer)
+    assert commits.owed(consumer) == {"t-0": 5}
+    clock.now += STALL_S - 1
+    consumer.fetched_at_ms = int(clock.now * 1000)
+    assert watch.problem() is None
+    clock.now += 2
+    consumer.fetched_at_ms = int(clock.now * 1000)
+    assert watch.problem() == "offsets not committed for 31s"
+    consumer.commit_error = None  # the coordinator answers again
+    await commits.flush(consumer)
+    assert watch.problem() is None
+    await commits.flush_all()
