@@ -24,7 +24,6 @@ failed is not acknowledged (FastStream rewinds its partitions), so nothing past 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
@@ -109,13 +108,14 @@ class DeferredCommits:
             pending[tp] = max(pending.get(tp, 0), end)
 
     async def flush_all(self) -> None:
-        """Commit what every consumer owes (the process is shutting down)."""
+        """Commit what every consumer owes (the process is shutting down), all at once: a
+        shutdown waits `timeout_s` at most, not that for each consumer."""
         self._closing = True
         for timer in list(self._timers.values()):
             timer.cancel()
-        for consumer in list(self._pending):
-            with contextlib.suppress(Exception):  # a stopped consumer: redelivered later
-                await self.flush(consumer)
+        # An exception is a stopped consumer: its records are redelivered later.
+        await asyncio.gather(*(self.flush(consumer) for consumer in list(self._pending)),
+                             return_exceptions=True)
 
     def _schedule(self, consumer: Any, delay_s: float) -> None:
         if consumer not in self._timers:

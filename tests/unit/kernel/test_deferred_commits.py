@@ -152,3 +152,27 @@ async def test_nothing_owed_any_more_is_nothing_failing() -> None:
     await commits.flush(consumer)
     assert commits.owed(consumer) == {} and commits.failing_since(consumer) is None
     await commits.flush_all()
+
+
+async def test_a_shutdown_commits_every_consumer_at_once_not_each_in_turn() -> None:
+    """Each unanswered commit is bounded; in turn, five would hold a shutdown five bounds."""
+    waiting: list[FakeConsumer] = []
+    most_at_once = 0
+
+    class Unanswered(FakeConsumer):
+        async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+            nonlocal most_at_once
+            waiting.append(self)
+            most_at_once = max(most_at_once, len(waiting))
+            try:
+                await asyncio.Event().wait()
+            finally:
+                waiting.remove(self)
+
+    commits = DeferredCommits(interval_s=10, timeout_s=0.05)
+    consumers = [Unanswered() for _ in range(5)]
+    for consumer in consumers:
+        await commits.handled(consumer, records(0, 1))
+    await asyncio.wait_for(commits.flush_all(), 2.0)
+    assert most_at_once == len(consumers)
+    assert all(commits.owed(consumer) == {tp(0): 2} for consumer in consumers)
