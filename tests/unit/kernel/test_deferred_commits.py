@@ -21,6 +21,7 @@ class FakeConsumer:
         self.assigned = {TopicPartition(TOPIC, p) for p in range(partitions)}
         self.commits: list[dict[TopicPartition, int]] = []
         self.failures: list[Exception] = []
+        self.committed = asyncio.Event()
 
     def assignment(self) -> set[TopicPartition]:
         return set(self.assigned)
@@ -29,6 +30,7 @@ class FakeConsumer:
         if self.failures:
             raise self.failures.pop(0)
         self.commits.append(dict(offsets))
+        self.committed.set()
 
 
 def records(partition: int, *offsets: int) -> dict[TopicPartition, int]:
@@ -121,9 +123,8 @@ async def test_an_owed_commit_is_retried_on_its_own_timer_without_another_batch(
     consumer = FakeConsumer()
     consumer.failures.append(KafkaConnectionError())
     await commits.handled(consumer, records(0, 6))  # and no batch after it
-    async with asyncio.timeout(5.0):  # a bound for a loaded machine, not a speed figure
-        while not consumer.commits:
-            await asyncio.sleep(0.01)
+    # A bound for a loaded machine, not a speed figure.
+    await asyncio.wait_for(consumer.committed.wait(), 5.0)
     assert consumer.failures == []  # the first try failed
     assert consumer.commits == [{tp(0): 7}] and commits.owed(consumer) == {}
 
