@@ -27,6 +27,8 @@ LABELS: dict[str, tuple[str, str]] = {  # key: (zh, en)
     "locked": ("错误次数过多，账号已锁定，请稍后再试。",
                "Too many wrong passwords: the account is locked for a while."),
     "busy": ("登录请求过多，请稍后再试。", "Too many sign-ins at once: try again in a moment."),
+    "too_many_sign_ins": ("此地址登录尝试过多，请稍后再试。",
+                          "Too many sign-in attempts from this address: try again later."),
     "forbidden": ("您的角色无权访问此页面。", "Your role may not use this page."),
     "csrf_refused": ("表单已过期或无效，请重新打开页面后再提交。",
                      "This form has expired or is not valid: open the page again and resubmit."),

@@ -1,8 +1,11 @@
-"""Console settings (`CARDDESK_CONSOLE_*`): its port, channel, sessions and lockout."""
+"""Console settings (`CARDDESK_CONSOLE_*`): its port, channel, sessions, lockout and the
+sign-in rate per client address."""
 
 from __future__ import annotations
 
-from pydantic import Field
+from ipaddress import IPv4Network, IPv6Network, ip_network
+
+from pydantic import Field, field_validator
 
 from shared.settings import CardDeskSettings
 
@@ -33,6 +36,26 @@ class ConsoleSettings(CardDeskSettings):
     console_max_form_bytes: int = Field(default=16_384, ge=1024)
     # How long a page waits for a command's reply.
     console_reply_timeout_seconds: float = Field(default=15, gt=0)
+    # Sign-in attempts per client address: a bucket of `burst`, refilled at this many a
+    # minute; past it, 429 before any password is hashed.
+    console_sign_in_per_minute: float = Field(default=20, gt=0)
+    console_sign_in_burst: int = Field(default=20, ge=1)
+    # Reverse proxies (addresses or networks, comma-separated) whose `X-Forwarded-For` names
+    # the client. Empty: the address that connected is the client's, and the header is
+    # ignored (anyone may send it).
+    console_trusted_proxies: str = ""
+
+    @field_validator("console_trusted_proxies")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        for entry in value.split(","):
+            if entry.strip():
+                ip_network(entry.strip(), strict=False)  # ValueError names the bad entry
+        return value
+
+    def trusted_proxies(self) -> tuple[IPv4Network | IPv6Network, ...]:
+        return tuple(ip_network(entry.strip(), strict=False)
+                     for entry in self.console_trusted_proxies.split(",") if entry.strip())
 
     def status_url(self) -> str:
         return self.console_status_url or f"http://{self.http_host}:{self.http_port}"

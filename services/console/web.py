@@ -28,6 +28,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.console.addresses import client_address
 from services.console.audits import AuditBusyError, AuditRunner
 from services.console.channel import ReplyTimeoutError
 from services.console.i18n import LANGUAGES, choose_language, translator
@@ -38,6 +39,7 @@ from services.console.staff import Area, Role, StaffDirectory, StaffSession, may
 from shared.commands import Reply
 from shared.identity import citizen_ref, is_valid_id_number, normalise_id_number
 from shared.masking import mask_id_number
+from shared.ratelimit import RateLimiter
 
 log = structlog.get_logger()
 
@@ -269,6 +271,17 @@ class Pages:
 class AccountPages(Pages):
     """Signing in and out, the home redirect and the language switch."""
 
+    # Client addresses whose sign-in buckets are kept; the least recently seen go first.
+    ADDRESSES_KEPT = 10_000
+
+    def __init__(self, console: Console, templates: Environment) -> None:
+        super().__init__(console, templates)
+        settings = console.settings
+        self.trusted_proxies = settings.trusted_proxies()
+        self.sign_ins = RateLimiter(settings.console_sign_in_per_minute / 60,
+                                    settings.console_sign_in_burst,
+                                    capacity=self.ADDRESSES_KEPT)
+
     async def sign_in_page(self, request: Request) -> Response:
         if await self.current(request) is not None:
             return RedirectResponse("/", status_code=303)
@@ -286,6 +299,14 @@ class AccountPages(Pages):
     async def sign_in(self, request: Request) -> Response:
         if not same_origin(request):
             raise RefusedError(403, "csrf_refused")
+        # Before the form is read or a password hashed: one address cannot take every turn
+        # at the hasher. The address is not logged (it may be a person's).
+        wait = self.sign_ins.allow(client_address(request, self.trusted_proxies))
+        if wait is not None:
+            log.warning("console.sign_in_limited")
+            limited = self.sign_in_form(request, 429, "too_many_sign_ins")
+            limited.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+            return limited
         form = await read_form(request, self.settings.console_max_form_bytes)
         expected = request.cookies.get(self.login_cookie, "")
         if not expected or not hmac.compare_digest(form.get("csrf_token", "").encode(),

@@ -22,11 +22,12 @@ from starlette.staticfiles import StaticFiles
 
 from services.status.adapters import fetch_card, fetch_timeline
 from services.status.asyncapi import ASYNCAPI_STATIC_PATH, asyncapi_html, asyncapi_json
-from services.status.callers import ApiKeys, Caller, RateLimiter
+from services.status.callers import ApiKeys, Caller
 from services.status.settings import StatusSettings
 from shared.channels import ChannelRegistry
 from shared.contracts.common import CITIZEN_REF_PATTERN
 from shared.health import summarise
+from shared.ratelimit import RateLimiter
 from shared.webapp import Lifespan
 
 log = structlog.get_logger()

@@ -1,12 +1,12 @@
-"""Who may query the status API: bearer API keys of channels and auditors, and a rate limit
-per caller. Keys are compared in constant time; a key never appears in a log line."""
+"""Who may query the status API: bearer API keys of channels and auditors (the rate limit per
+caller is `shared.ratelimit`). Keys are compared in constant time; a key never appears in a
+log line."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -55,26 +55,3 @@ class ApiKeys:
             if hmac.compare_digest(known, digest) and found is None:
                 found = caller
         return found
-
-
-class RateLimiter:
-    """A token bucket per caller: `rate` requests a second on average, `burst` at once.
-    Only authenticated callers get a bucket, so their number is bounded by the key lists."""
-
-    def __init__(self, rate: float, burst: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate = rate
-        self.burst = float(burst)
-        self.clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}
-
-    def allow(self, caller_id: str) -> float | None:
-        """None if the request may go ahead, else the seconds until it would."""
-        now = self.clock()
-        tokens, last = self._buckets.get(caller_id, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
-        if tokens >= 1.0:
-            self._buckets[caller_id] = (tokens - 1.0, now)
-            return None
-        self._buckets[caller_id] = (tokens, now)
-        return (1.0 - tokens) / self.rate

@@ -85,9 +85,10 @@ class Desk:
         assert page.status_code == 200
         return csrf_of(page.text)
 
-    async def sign_in(self, staff_id: str, password: str = PASSWORD) -> httpx.Response:
+    async def sign_in(self, staff_id: str, password: str = PASSWORD,
+                      headers: Mapping[str, str] | None = None) -> httpx.Response:
         token = await self.sign_in_form()
-        return await self.http.post("/sign-in", data={
+        return await self.http.post("/sign-in", headers=headers, data={
             "csrf_token": token, "staff_id": staff_id, "password": password})
 
     async def signed_in(self, role: Role) -> tuple[str, str]:
@@ -107,8 +108,12 @@ def csrf_of(page: str) -> str:
 
 
 @pytest.fixture
-async def desk(stack: object) -> AsyncIterator[Desk]:
-    settings = ConsoleSettings(console_schema=unique("console"), console_lockout_attempts=3)
+async def desk(stack: object, request: pytest.FixtureRequest) -> AsyncIterator[Desk]:
+    """The console with a lockout after three wrong passwords, and any other settings a test
+    gives as its indirect parameter."""
+    overrides: dict[str, Any] = getattr(request, "param", {})
+    settings = ConsoleSettings(console_schema=unique("console"), console_lockout_attempts=3,
+                               **overrides)
     schema = settings.console_schema
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
     clock = Clock()

@@ -82,6 +82,53 @@ async def test_a_sign_in_that_cannot_get_the_hasher_in_time_is_refused_busy_not_
     assert (await desk.sign_in(staff_id)).status_code == 303
 
 
+# The ASGI transport connects from 127.0.0.1: trusted here as the bureau's reverse proxy.
+BEHIND_A_PROXY = {"console_sign_in_burst": 2, "console_sign_in_per_minute": 6,
+                  "console_trusted_proxies": "127.0.0.1, 10.20.0.0/16"}
+
+
+@pytest.mark.parametrize("desk", [BEHIND_A_PROXY], indirect=True)
+async def test_one_address_past_its_sign_in_rate_is_refused_before_any_password_is_checked(
+        desk: Desk) -> None:
+    """An unauthenticated flood from one address gets 429s without a hash: it cannot take
+    the hasher's turns from staff elsewhere, nor lock an account."""
+    staff_id = await desk.add(Role.REVIEWER)
+    flooder = {"X-Forwarded-For": "203.0.113.9"}
+    for _ in range(2):  # the burst: checked, and wrong
+        assert (await desk.sign_in(staff_id, "wrong", flooder)).status_code == 401
+    for _ in range(3):  # past it: refused unchecked, so the lockout (three) is not reached
+        limited = await desk.sign_in(staff_id, "wrong", flooder)
+        assert limited.status_code == 429
+        assert limited.headers["retry-after"] == "10"  # a token each 10 s at 6 a minute
+        assert "Too many sign-in attempts" in limited.text or "登录尝试过多" in limited.text
+        assert SESSION_COOKIE not in limited.headers.get("set-cookie", "")
+    # The right password from the same address is refused too: it is the address's rate.
+    assert (await desk.sign_in(staff_id, headers=flooder)).status_code == 429
+    # A colleague at another address, through a chain of the bureau's proxies, signs in:
+    # the account was not locked.
+    colleague = {"X-Forwarded-For": "198.51.100.7, 10.20.1.1"}
+    assert (await desk.sign_in(staff_id, headers=colleague)).status_code == 303
+
+
+@pytest.mark.parametrize("desk", [BEHIND_A_PROXY], indirect=True)
+async def test_a_forwarded_address_the_flooder_writes_itself_does_not_give_it_a_new_rate(
+        desk: Desk) -> None:
+    """Left of the first untrusted address, X-Forwarded-For is the client's own say."""
+    staff_id = await desk.add(Role.REVIEWER)
+    statuses = [(await desk.sign_in(staff_id, "wrong", {
+        "X-Forwarded-For": f"192.0.2.{n}, 203.0.113.9"})).status_code for n in range(5)]
+    assert statuses == [401, 401, 429, 429, 429]
+
+
+@pytest.mark.parametrize("desk", [{"console_sign_in_burst": 2}], indirect=True)
+async def test_without_trusted_proxies_a_forwarded_header_is_ignored(desk: Desk) -> None:
+    """By default the address that connected is the client's, whatever a header says."""
+    staff_id = await desk.add(Role.REVIEWER)
+    statuses = [(await desk.sign_in(staff_id, "wrong", {
+        "X-Forwarded-For": f"192.0.2.{n}"})).status_code for n in range(3)]
+    assert statuses == [401, 401, 429]
+
+
 async def test_an_unknown_staff_id_is_refused_like_a_wrong_password(desk: Desk) -> None:
     response = await desk.sign_in("nobody-here")
     assert response.status_code == 401

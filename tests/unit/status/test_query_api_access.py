@@ -12,9 +12,10 @@ import httpx
 import pytest
 
 from services.status.api import QueryBackend, create_app
-from services.status.callers import ApiKeys, Caller, RateLimiter
+from services.status.callers import ApiKeys, Caller
 from services.status.settings import DEV_AUDITOR_API_KEY, StatusSettings
 from shared.channels import ChannelRegistry
+from shared.ratelimit import RateLimiter
 
 REF = "ab" * 32
 CHANNEL_KEY = "dev-api-key-wechat-oa"  # config/channels.dev.json
