@@ -803,29 +803,31 @@ class Findings:
 
     def missed(self) -> list[str]:
         """Every target this run missed; empty when it met them all."""
-        missed = []
-        if self.failed or self.completed == 0:
-            missed.append(f"{len(self.failed)} journey(s) failed, {self.completed} completed")
-        for name, count in (("lost", self.lost), ("duplicated", self.duplicated),
-                            ("unacknowledged", self.unacknowledged)):
-            if count:
-                missed.append(f"{count} {name} effect(s)")
-        if self.timeline:
-            missed.append(f"{len(self.timeline)} timeline finding(s)")
-        if self.card_invariant or self.status_invariant:
-            missed.append(f"{len(self.card_invariant) + len(self.status_invariant)}"
-                          " invariant violation(s)")
-        if self.verify_problems:
-            missed.append("audit verify not clean")
-        if self.replay_problems:
-            missed.append("audit replay not clean")
-        if self.dlq_problems:
-            missed.append(f"{len(self.dlq_problems)} dead-letter finding(s)")
-        if self.drained_after_s is None:
-            missed.append("consumer groups never caught up")
+        invariants = len(self.card_invariant) + len(self.status_invariant)
+        unanswered = self.unanswered_poison()
+        checks = [
+            (bool(self.failed or self.completed == 0),
+             f"{len(self.failed)} journey(s) failed, {self.completed} completed"),
+            *((count > 0, f"{count} {name} effect(s)") for name, count in (
+                ("lost", self.lost), ("duplicated", self.duplicated),
+                ("unacknowledged", self.unacknowledged))),
+            (bool(self.timeline), f"{len(self.timeline)} timeline finding(s)"),
+            (invariants > 0, f"{invariants} invariant violation(s)"),
+            (bool(self.verify_problems), "audit verify not clean"),
+            (bool(self.replay_problems), "audit replay not clean"),
+            (bool(self.dlq_problems), f"{len(self.dlq_problems)} dead-letter finding(s)"),
+            (self.drained_after_s is None, "consumer groups never caught up"),
+            # DESIGN 4: a correctly signed message with a malformed body gets its refusal.
+            (unanswered > 0, f"{unanswered} signed poison message(s) got no reply"),
+        ]
+        missed = [text for failed, text in checks if failed]
         missed += [f"{f.kind} {f.target}: not recovered ({'; '.join(f.notes)})"
                    for f in self.faults if not f.recovered]
         return missed
+
+    def unanswered_poison(self) -> int:
+        return sum(n for outcome, n in self.poison_replies.items()
+                   if outcome.endswith(": no reply"))
 
 
 async def check(settings: CardDeskSettings, plan: FaultPlan, driver: LoadDriver,

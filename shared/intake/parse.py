@@ -4,6 +4,7 @@ check raises `Rejected` with the code the refusal carries back to the channel.""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -100,10 +101,21 @@ class CommandChecks:
                                   self.routes)
 
 
+# A signed message over the size limit is still read for its request id, up to this many
+# times the limit (the broker's own cap on a message is about 1 MB).
+OVERSIZED_READ_FACTOR = 4
+
+
 def request_id_of(msg: Inbound, limits: MessageLimits) -> str:
-    """The request id of a message that may be unreadable: from the body, else the key."""
+    """The request id of a message that may be unreadable: from the body, else the key.
+
+    Only signed messages are refused with a reply, and a command's key is its session id
+    when it has one: an oversized command answered under its key could not be matched to
+    its request by the channel, so its body is read for the request id alone."""
+    reading = (limits if len(msg.value) <= limits.max_bytes else
+               dataclasses.replace(limits, max_bytes=limits.max_bytes * OVERSIZED_READ_FACTOR))
     try:
-        body = load_json(msg.value, limits)
+        body = load_json(msg.value, reading)
     except Rejected:
         body = None
     if isinstance(body, dict) and isinstance(body.get("request_id"), str):

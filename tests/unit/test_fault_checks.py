@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -19,6 +20,7 @@ from bench.fault_checks import (
     timeline_findings,
     verify_verdict,
 )
+from bench.faults import Findings
 
 T0 = datetime(2026, 11, 29, 6, 0, tzinfo=UTC)
 REF = "a1b2c3d4e5f60718"
@@ -183,3 +185,12 @@ def test_only_readable_envelopes_are_taken_from_the_log() -> None:
                     {**body, "occurred_at": "yesterday"}, {**body, "data": []},
                     {k: v for k, v in body.items() if k != "causation_id"}):
         assert LoggedEvent.parse(hostile) is None
+
+
+def test_a_signed_poison_message_without_a_reply_is_a_miss() -> None:
+    found = Findings(completed=1, drained_after_s=1.0, poison_replies=Counter({
+        "signed malformed JSON: rejected: malformed_json": 4,
+        "signed huge value: no reply": 2}))
+    assert found.missed() == ["2 signed poison message(s) got no reply"]
+    found.poison_replies["signed huge value: no reply"] = 0
+    assert found.missed() == []

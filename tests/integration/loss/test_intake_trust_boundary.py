@@ -301,6 +301,22 @@ async def test_poison_commands_reach_the_dlq_once_and_the_command_behind_them_is
     assert harness.runtime.broker.running
 
 
+async def test_an_oversized_signed_command_is_refused_under_its_own_request_id(
+    harness: Harness, watch: Watch,
+) -> None:
+    """Keyed by its session, as a command with a session is: a refusal under the key could
+    not be matched to the request by the channel."""
+    session_key, request_id = f"session-{uuid.uuid4()}", str(uuid.uuid4())
+    value = envelope("wechat-oa", "ReportLoss",
+                     {"session_token": "x" * 400_000, "kind": "temporary"}, request_id=request_id)
+    assert len(value) > harness.settings.max_message_bytes
+    await send_signed(harness, "wechat-oa", value, key=session_key)
+    reply = await watch.reply("wechat-oa", request_id)
+    assert (reply["status"], reply["code"]) == ("rejected", "message_too_large")
+    assert dlq_code(await parked_once(watch.commands_dlq, session_key)) == "message_too_large"
+    assert watch.replies_keyed(session_key) == []
+
+
 async def test_poison_events_reach_the_dlq_once_and_the_event_behind_them_is_applied(
     harness: Harness, watch: Watch,
 ) -> None:

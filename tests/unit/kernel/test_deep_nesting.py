@@ -3,6 +3,8 @@ refused at once with its code, never retried as if the fault might pass."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from cardctl.audit import LogReplayer, LogVerifier, event_topics
@@ -37,3 +39,13 @@ def test_the_auditors_tools_flag_or_skip_a_deeply_nested_message_instead_of_cras
     everyone = LogReplayer(event_topics(""))
     everyone.feed(message)
     assert everyone.skipped == {"too_deeply_nested": 1}
+
+
+def test_an_oversized_command_is_answered_under_its_request_id_up_to_a_bound() -> None:
+    limits = MessageLimits(max_bytes=1024, max_depth=32)
+    body = {"request_id": "r-2", "payload": {"session_token": "x" * 2000}}
+    oversized = Inbound("loss.commands", 0, 7, b"session-1", json.dumps(body).encode())
+    assert request_id_of(oversized, limits) == "r-2"
+    body["payload"] = {"session_token": "x" * 5000}  # past four times the limit: unread
+    far_past = Inbound("loss.commands", 0, 7, b"session-1", json.dumps(body).encode())
+    assert request_id_of(far_past, limits) == "session-1"
