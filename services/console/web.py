@@ -288,10 +288,14 @@ class AccountPages(Pages):
         return self.sign_in_form(request)
 
     def sign_in_form(self, request: Request, status_code: int = 200,
-                     message: str | None = None) -> Response:
+                     message: str | None = None, retry_after_s: float | None = None) -> Response:
+        """The sign-in page; a refusal to come back later says when, in whole seconds (at
+        least one), in `Retry-After`."""
         token = secrets.token_urlsafe(32)
         response = self.render(request, "sign_in.html", None, status_code, login_csrf=token,
                                message=message, message_kind="error")
+        if retry_after_s is not None:
+            response.headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
         response.set_cookie(self.login_cookie, token, max_age=3600, httponly=True,
                             secure=self.settings.console_cookie_secure, samesite="strict")
         return response
@@ -304,9 +308,7 @@ class AccountPages(Pages):
         wait = self.sign_ins.allow(client_address(request, self.trusted_proxies))
         if wait is not None:
             log.warning("console.sign_in_limited")
-            limited = self.sign_in_form(request, 429, "too_many_sign_ins")
-            limited.headers["Retry-After"] = str(max(1, math.ceil(wait)))
-            return limited
+            return self.sign_in_form(request, 429, "too_many_sign_ins", retry_after_s=wait)
         form = await read_form(request, self.settings.console_max_form_bytes)
         expected = request.cookies.get(self.login_cookie, "")
         if not expected or not hmac.compare_digest(form.get("csrf_token", "").encode(),
@@ -319,10 +321,9 @@ class AccountPages(Pages):
         if result.outcome == "locked":
             return self.sign_in_form(request, 423, "locked")
         if result.outcome == "busy":
-            busy = self.sign_in_form(request, 503, "busy")
-            # The wait this directory gives a sign-in, in whole seconds (at least one).
-            busy.headers["Retry-After"] = str(math.ceil(self.console.staff().passwords.wait_s))
-            return busy
+            # The wait this directory gives a sign-in.
+            return self.sign_in_form(request, 503, "busy",
+                                     retry_after_s=self.console.staff().passwords.wait_s)
         if result.outcome != "ok" or result.session is None or result.session_token is None:
             return self.sign_in_form(request, 401, "bad_credentials")
         secure = self.settings.console_cookie_secure
