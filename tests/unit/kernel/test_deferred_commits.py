@@ -124,7 +124,11 @@ async def test_an_owed_commit_is_retried_on_its_own_timer_without_another_batch(
     consumer.failures.append(KafkaConnectionError())
     await commits.handled(consumer, records(0, 6))  # and no batch after it
     # A bound for a loaded machine, not a speed figure.
-    await asyncio.wait_for(consumer.committed.wait(), 5.0)
+    try:
+        await asyncio.wait_for(consumer.committed.wait(), 5.0)
+    except TimeoutError:
+        pytest.fail(f"no commit within 5 s: failures left {consumer.failures}, "
+                    f"owed {commits.owed(consumer)}")
     assert consumer.failures == []  # the first try failed
     assert consumer.commits == [{tp(0): 7}] and commits.owed(consumer) == {}
 
@@ -175,6 +179,10 @@ async def test_a_shutdown_commits_every_consumer_at_once_not_each_in_turn() -> N
     consumers = [Unanswered() for _ in range(5)]
     for consumer in consumers:
         await commits.handled(consumer, records(0, 1))
-    await asyncio.wait_for(commits.flush_all(), 2.0)
+    try:
+        await asyncio.wait_for(commits.flush_all(), 2.0)
+    except TimeoutError:
+        pytest.fail(f"shutdown held past 2 s: {len(waiting)} commits still waiting, "
+                    f"at most {most_at_once} at once")
     assert most_at_once == len(consumers)
     assert all(commits.owed(consumer) == {tp(0): 2} for consumer in consumers)
