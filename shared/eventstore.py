@@ -251,6 +251,24 @@ class PostgresEventStore:
             events += [e for e in held.streams.get(stream_id, ()) if e.version > after_version]
         return events
 
+    async def read_streams(self, stream_ids: Collection[str]) -> dict[str, list[EventEnvelope]]:
+        """Every event of each of `stream_ids`, in one statement (a stream without events
+        is not in the answer)."""
+        rows = await self.conn.fetch(
+            f"SELECT stream_id, body FROM {self.schema}.events"
+            " WHERE stream_id = ANY($1::text[]) ORDER BY stream_id, version",
+            sorted(set(stream_ids)),
+        )
+        streams: dict[str, list[EventEnvelope]] = {}
+        for row in rows:
+            streams.setdefault(row["stream_id"], []).append(
+                EventEnvelope.model_validate_json(row["body"]))
+        held = self._held
+        if held is not None:
+            for stream_id in stream_ids:
+                streams.setdefault(stream_id, []).extend(held.streams.get(stream_id, ()))
+        return {stream_id: events for stream_id, events in streams.items() if events}
+
     async def head(self, stream_id: str) -> tuple[int, str]:
         held = self._held
         if held is not None and (head := held.head(stream_id)) is not None:

@@ -37,6 +37,7 @@ from shared.consumer import (
 from shared.contracts import KNOWN_EVENT_TYPES
 from shared.decider import Clock, IdSource, new_uuid, utc_now
 from shared.envelope import EventEnvelope
+from shared.intake.prepare import BatchPrepare
 from shared.runtime import ServiceRuntime, run_service
 from shared.settings import CardDeskSettings
 from shared.topics import command_topic
@@ -92,6 +93,9 @@ class Wiring:
     loops: Sequence[Loop] = ()
     # Citizens erased here, whose followed events change nothing (`Streams`).
     erased: Erasures | None = None
+    # Reads for a command batch's citizens at once, before its commands run (their routes'
+    # `citizen`; `shared.intake.prepare`).
+    prepare: BatchPrepare | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +156,7 @@ def bootstrap(
             service.intake = CommandIntake(
                 runtime.pool, schema, ChannelRegistry.from_file(settings.channels_file),
                 wiring.routes, runtime.dead_letters, clock,
-                settings=settings, barrier=barrier, ids=ids)
+                settings=settings, barrier=barrier, ids=ids, prepare=wiring.prepare)
         for follow in wiring.follows:
             service.followers[follow.topic] = EventConsumer(
                 runtime.pool, schema, follower_name(spec.name, follow.topic), follow.handler,

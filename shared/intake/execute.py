@@ -18,6 +18,7 @@ from shared.eventstore import HeldAppends, HeldAppendsConflictError, holding_app
 from shared.idempotency import ReplyKey, StoredReplies
 from shared.intake.messages import Refusal, Reply, rejected, reply_message
 from shared.intake.parse import CheckedCommand
+from shared.intake.prepare import BatchPrepare, preparing
 from shared.logging import bind_message_context
 from shared.metrics import COMMANDS_REPEATED, COMMANDS_REPLIED, observe_command_latency
 from shared.tracing import trace_id_of
@@ -36,11 +37,12 @@ class Outcome:
 
 class CommandExecutor:
     def __init__(self, pool: asyncpg.Pool, schema: str, replies: StoredReplies,
-                 barrier: FollowerBarrier | None) -> None:
+                 barrier: FollowerBarrier | None, prepare: BatchPrepare | None = None) -> None:
         self.pool = pool
         self.schema = schema
         self.replies = replies
         self.barrier = barrier
+        self.prepare = prepare
 
     async def execute(self, commands: Sequence[CheckedCommand]) -> None:
         """Run commands in one transaction, then count and log their replies.
@@ -96,6 +98,34 @@ class CommandExecutor:
                         held: HeldAppends | None) -> list[Outcome] | None:
         stored = await self.replies.lookup(
             conn, [(c.context.channel, c.context.request_id) for c in commands])
+        with preparing(conn, await self._prepared(conn, [
+                c for c in commands
+                if consistent and (c.context.channel.channel_id, c.context.request_id)
+                not in stored])):
+            outcomes = await self._decided(conn, commands, stored, savepoints=savepoints,
+                                           consistent=consistent)
+        if outcomes is None:
+            return None
+        if held is not None:
+            await held.flush()  # the events' outbox rows before the replies'
+        await self.replies.record(
+            conn, [(o.command.context.channel, o.reply) for o in outcomes
+                   if o.kept and not o.repeated],
+            [reply_message(o.command.context.channel.channel_id, o.reply) for o in outcomes])
+        return outcomes
+
+    async def _prepared(self, conn: asyncpg.Connection,
+                        new: Sequence[CheckedCommand]) -> object | None:
+        """What the service reads at once for the citizens the new commands decide on."""
+        if self.prepare is None:
+            return None
+        citizens = {citizen for command in new
+                    if (citizen := citizen_of(command)) is not None}
+        return await self.prepare(conn, citizens) if citizens else None
+
+    async def _decided(self, conn: asyncpg.Connection, commands: Sequence[CheckedCommand],
+                       stored: dict[ReplyKey, Reply], *, savepoints: bool,
+                       consistent: bool) -> list[Outcome] | None:
         outcomes: list[Outcome] = []
         for command in commands:
             bind_command(command)
@@ -109,12 +139,6 @@ class CommandExecutor:
             else:
                 stored[key] = reply  # the same request again later in the batch is a repeat
                 outcomes.append(Outcome(command, reply))
-        if held is not None:
-            await held.flush()  # the events' outbox rows before the replies'
-        await self.replies.record(
-            conn, [(o.command.context.channel, o.reply) for o in outcomes
-                   if o.kept and not o.repeated],
-            [reply_message(o.command.context.channel.channel_id, o.reply) for o in outcomes])
         return outcomes
 
     async def _reply(self, conn: asyncpg.Connection, command: CheckedCommand, *,
@@ -151,6 +175,17 @@ class CommandExecutor:
             command.span.set_attribute("carddesk.reply.code", reply.code)
         log.info("command.repeated" if outcome.repeated else "command.replied",
                  status=reply.status, code=reply.code)
+
+
+def citizen_of(command: CheckedCommand) -> str | None:
+    """Whose stream `command` decides on, if its route can tell before it runs; a command
+    its route cannot read (a bad token) is left to its handler, which refuses it."""
+    if command.route.citizen is None:
+        return None
+    try:
+        return command.route.citizen(command.context, command.payload)
+    except DomainError:
+        return None
 
 
 def unsettled(command: CheckedCommand) -> Reply:

@@ -87,6 +87,9 @@ class CommandRoute:
     handler: CommandHandler
     bureau_only: bool = False
     accepted_message: str = "accepted"
+    # Whose stream the command decides on, when that can be told before it runs (None when
+    # not: the handler then refuses it or reads for itself); see `shared.intake.prepare`.
+    citizen: Callable[[CommandContext, Any], str | None] | None = None
 
 
 def rejected(request_id: str, code: str, message: str) -> Reply:

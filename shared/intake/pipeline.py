@@ -26,6 +26,7 @@ from shared.intake.auth import authenticate
 from shared.intake.execute import CommandExecutor
 from shared.intake.messages import CommandRoute, rejected
 from shared.intake.parse import CheckedCommand, CommandChecks, request_id_of
+from shared.intake.prepare import BatchPrepare
 from shared.logging import bind_message_context
 from shared.metrics import (
     COMMANDS_RECEIVED,
@@ -55,8 +56,10 @@ class CommandIntake:
         settings: CardDeskSettings,
         barrier: FollowerBarrier | None = None,
         ids: Callable[[], str] = new_uuid,
+        prepare: BatchPrepare | None = None,
     ) -> None:
-        """`ids` gives the new ids handlers ask their context for (`CommandContext.new_id`)."""
+        """`ids` gives the new ids handlers ask their context for (`CommandContext.new_id`);
+        `prepare` reads for a batch's citizens at once (`shared.intake.prepare`)."""
         self.pool = pool
         self.schema = schema
         self.channels = channels
@@ -67,7 +70,7 @@ class CommandIntake:
                                     MessageLimits.from_settings(settings), self.freshness,
                                     clock, ids)
         self.replies = StoredReplies(schema)
-        self.executor = CommandExecutor(pool, schema, self.replies, barrier)
+        self.executor = CommandExecutor(pool, schema, self.replies, barrier, prepare)
 
     async def handle(self, msg: Inbound) -> None:
         bind_message_context(topic=msg.topic, partition=msg.partition, offset=msg.offset)

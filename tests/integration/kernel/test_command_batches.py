@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,6 +17,7 @@ from shared.channels import Channel, ChannelRegistry, sign
 from shared.commands import CommandContext, CommandIntake, CommandRoute, Reply
 from shared.consumer import Inbound
 from shared.errors import DomainError
+from shared.intake.prepare import prepared
 from shared.settings import CardDeskSettings
 from shared.topics import reply_topic
 from tests.support import RecordingDeadLetters
@@ -188,3 +190,85 @@ async def test_a_command_refused_while_the_followers_lag_is_decided_afresh_when_
     assert [r.code for r in await queued_replies(pool, schema)] == [
         "not_yet_consistent", "not_yet_consistent", "accepted"]
     assert await notes(pool, schema) == ["one"]
+
+
+class Preparations:
+    """A service's batch preparation: what it was asked for, pass by pass."""
+
+    def __init__(self) -> None:
+        self.asked: list[set[str]] = []
+
+    async def __call__(self, conn: asyncpg.Connection, citizens: Collection[str]) -> str:
+        self.asked.append(set(citizens))
+        return f"pass {len(self.asked)}"
+
+
+def citizen_of_note(_context: CommandContext, payload: Note) -> str:
+    if payload.note.startswith("forged"):
+        raise ProbeRefusalError("its session names nobody")
+    return payload.note.split()[-1]
+
+
+def preparing_intake(pool: asyncpg.Pool, schema: str, prepare: Preparations, *,
+                     barrier: Lagging | None = None) -> CommandIntake:
+    async def write(conn: asyncpg.Connection, _: CommandContext, payload: Note) -> dict[str, Any]:
+        await conn.execute(f"INSERT INTO {schema}.writes (note) VALUES ($1)", payload.note)
+        if payload.note.startswith("refuse"):
+            raise ProbeRefusalError("refused after a write, which must be undone")
+        return {"prepared": prepared(conn)}
+
+    return CommandIntake(pool, schema, ChannelRegistry({CHANNEL.channel_id: CHANNEL}),
+                         {"Write": CommandRoute(Note, write, citizen=citizen_of_note)},
+                         RecordingDeadLetters(), lambda: datetime.now(UTC),  # type: ignore[arg-type]
+                         settings=SETTINGS, barrier=barrier,  # type: ignore[arg-type]
+                         prepare=prepare)
+
+
+async def test_a_batch_is_prepared_once_for_the_citizens_its_new_commands_name(
+    pool: asyncpg.Pool, schema: str,
+) -> None:
+    await pool.execute(WRITES_DDL.format(schema=schema))
+    prepare = Preparations()
+    probe = preparing_intake(pool, schema, prepare)
+    earlier = command(0, "for alice")
+    await probe.handle(earlier)
+    await probe.handle_batch([
+        command(1, "for alice", earlier.key.decode() if earlier.key else None),  # a repeat
+        command(2, "for bob"), command(3, "forged carol"), command(4, "again bob"),
+        command(5, "for dave")])
+
+    assert prepare.asked == [{"alice"}, {"bob", "dave"}]
+    assert [r.data for r in await queued_replies(pool, schema)] == [
+        {"prepared": "pass 1"}, {"prepared": "pass 1"}, {"prepared": "pass 2"},
+        {"prepared": "pass 2"}, {"prepared": "pass 2"}, {"prepared": "pass 2"}]
+    async with pool.acquire() as conn:
+        assert prepared(conn) is None  # the batch's, and nobody's once it is done
+
+
+async def test_a_pass_run_again_after_a_refusal_is_prepared_again(
+    pool: asyncpg.Pool, schema: str,
+) -> None:
+    await pool.execute(WRITES_DDL.format(schema=schema))
+    prepare = Preparations()
+    await preparing_intake(pool, schema, prepare).handle_batch(
+        [command(0, "for erin"), command(1, "refuse frank"), command(2, "for gina")])
+
+    # The first pass met the refusal without savepoints and was rolled back, what it
+    # prepared with it: the second pass read for itself under its own transaction.
+    assert prepare.asked == [{"erin", "frank", "gina"}] * 2
+    replies = await queued_replies(pool, schema)
+    assert [r.code for r in replies] == ["accepted", "refused_by_probe", "accepted"]
+    assert [replies[0].data, replies[2].data] == [{"prepared": "pass 2"}] * 2
+    assert await notes(pool, schema) == ["for erin", "for gina"]
+
+
+async def test_a_batch_refused_while_the_followers_lag_prepares_nothing(
+    pool: asyncpg.Pool, schema: str,
+) -> None:
+    await pool.execute(WRITES_DDL.format(schema=schema))
+    prepare = Preparations()
+    await preparing_intake(pool, schema, prepare, barrier=Lagging()).handle_batch(
+        [command(0, "for hana")])
+
+    assert prepare.asked == []
+    assert [r.code for r in await queued_replies(pool, schema)] == ["not_yet_consistent"]
