@@ -75,10 +75,12 @@ class Facts:
     statement; what changed is written back in one statement per table by `save`."""
 
     def __init__(self, schema: str, cards: dict[str, str],
-                 applications: dict[str, Application]) -> None:
+                 applications: dict[str, Application], *,
+                 covered: Collection[str] = ()) -> None:
         self.schema = schema
         self.cards = cards
         self.applications = applications
+        self.covered = frozenset(covered)  # the citizens read (with or without facts)
         self._changed_cards: set[str] = set()
         self._changed_applications: set[str] = set()
 
@@ -104,7 +106,12 @@ class Facts:
             {row["ref"]: row["card_no"] for row in rows if row["card_no"] is not None},
             {row["ref"]: Application(row["application_id"], row["status"])
              for row in rows if row["application_id"] is not None},
+            covered=[row["ref"] for row in rows],
         )
+
+    def covers(self, citizen_ref: str) -> bool:
+        """Whether the citizen was read: a citizen not read has no facts here to go by."""
+        return citizen_ref in self.covered
 
     def card_no(self, citizen_ref: str) -> str | None:
         """The card the citizen holds; None before issuance told of one."""

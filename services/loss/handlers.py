@@ -4,7 +4,7 @@ issuance and review. Each runs in one transaction: read tables, decide, append, 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any, TypeVar, assert_never
 
@@ -24,6 +24,7 @@ from shared.crypto import MasterKeys, Vault
 from shared.envelope import EventEnvelope
 from shared.erasure import Erasure
 from shared.events import DomainEvent, EventMeta
+from shared.intake.prepare import prepared, session_citizen
 from shared.locks import citizen_namespace
 from shared.service import Kit
 from shared.timers import Timer
@@ -42,6 +43,8 @@ class LossHandlers:
         self.clock = kit.clock
         self.ids = kit.ids
         self.verifier = TokenVerifier.from_settings(settings)
+        # Whose stream a command decides on, before it runs (`CommandRoute.citizen`).
+        self.citizen = session_citizen(self.verifier)
         self.policy = domain.LossPolicy(
             temporary_period=settings.loss_temporary_period,
             portrait_max_age=settings.loss_portrait_max_age,
@@ -92,6 +95,14 @@ class LossHandlers:
         cancelled = next(e for e in events if isinstance(e, contract.LossCancelled))
         log.info("loss.cancelled", loss_id=cancelled.loss_id)
         return {"loss_id": cancelled.loss_id}
+
+    async def prepare(self, conn: asyncpg.Connection, citizen_refs: Collection[str]) -> Facts:
+        """A command batch's citizens locked and their facts read in one statement, then
+        their streams read in one more (`shared.intake.prepare`); `_run` takes the facts."""
+        facts = await Facts.locked(conn, self.schema, citizen_namespace(self.schema),
+                                   citizen_refs)
+        await self.streams.warm(conn, citizen_refs)
+        return facts
 
     # ------------------------------------------------------------------------- expiry
 
@@ -197,8 +208,10 @@ class LossHandlers:
         them either committed before (and its facts are read here) or waits for this. A
         follower passes the `facts` it holds under that lock already."""
         if facts is None:
-            facts = await Facts.locked(conn, self.schema, citizen_namespace(self.schema),
-                                       [meta.citizen_ref])
+            batch = prepared(conn)
+            facts = (batch if isinstance(batch, Facts) and batch.covers(meta.citizen_ref)
+                     else await Facts.locked(conn, self.schema, citizen_namespace(self.schema),
+                                             [meta.citizen_ref]))
         context = domain.DecisionContext(
             now=now,
             new_id=self.ids,

@@ -23,9 +23,11 @@ def wire(kit: Kit[LossSettings]) -> Wiring:
     return Wiring(
         routes={
             "ReportLoss": CommandRoute(ReportLoss, handlers.report_loss,
-                                       accepted_message="loss reported; the card is frozen"),
+                                       accepted_message="loss reported; the card is frozen",
+                                       citizen=handlers.citizen),
             "CancelLoss": CommandRoute(CancelLoss, handlers.cancel_loss,
-                                       accepted_message="loss cancelled; the card works again"),
+                                       accepted_message="loss cancelled; the card works again",
+                                       citizen=handlers.citizen),
             "EraseSubject": erase_route(handlers.erasure),
         },
         commands="ReportLoss, CancelLoss; EraseSubject (bureau only)",
@@ -38,6 +40,7 @@ def wire(kit: Kit[LossSettings]) -> Wiring:
                    batch_handler=handlers.on_review_events),
         ],
         erased=handlers.streams,
+        prepare=handlers.prepare,
         loops=[handlers.expiry_loop],
     )
 

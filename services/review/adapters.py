@@ -4,6 +4,7 @@ which citizen each application belongs to (so a decision finds its stream)."""
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 
 import asyncpg
 
@@ -31,12 +32,28 @@ def review_ddl(schema: str) -> str:
     """ + locked_read_ddl(  # a command's citizen locked and their loss case read
         f"{schema}.locked_loss", "citizen text",
         "loss_id text, kind text, card_no text, in_force boolean", "ARRAY[citizen]",
-        _loss_sql(schema, "citizen")) + data_keys_ddl(schema)
+        _loss_sql(schema, "citizen")) + locked_read_ddl(  # a command batch's, at once
+        f"{schema}.locked_losses", "refs text[]",
+        "citizen_ref text, loss_id text, kind text, card_no text, in_force boolean", "refs",
+        f"SELECT citizen_ref, loss_id, kind, card_no, in_force FROM {schema}.losses"
+        " WHERE citizen_ref = ANY(refs)") + data_keys_ddl(schema)
 
 
 def _loss_sql(schema: str, ref: str) -> str:
     return (f"SELECT loss_id, kind, card_no, in_force FROM {schema}.losses"
             f" WHERE citizen_ref = {ref}")
+
+
+@dataclass(frozen=True, slots=True)
+class LockedLosses:
+    """Some citizens' loss cases, read under their locks (`covered`: the citizens read,
+    with a case or without)."""
+
+    cases: Mapping[str, LossView]
+    covered: frozenset[str]
+
+    def covers(self, citizen_ref: str) -> bool:
+        return citizen_ref in self.covered
 
 
 class ReviewTables:
@@ -52,6 +69,15 @@ class ReviewTables:
         row = await conn.fetchrow(
             f"SELECT * FROM {self.schema}.locked_loss($1, $2)", namespace, citizen_ref)
         return None if row is None else _loss_view(row)
+
+    async def locked_losses_of(self, conn: asyncpg.Connection, namespace: str,
+                               citizen_refs: Collection[str]) -> LockedLosses:
+        """`locked_loss_of` for several citizens at once (a command batch's)."""
+        refs = sorted(set(citizen_refs))
+        rows = await conn.fetch(f"SELECT * FROM {self.schema}.locked_losses($1, $2)",
+                                namespace, refs)
+        return LockedLosses({row["citizen_ref"]: _loss_view(row) for row in rows},
+                            frozenset(refs))
 
     async def losses_of(self, conn: asyncpg.Connection,
                         citizen_refs: Collection[str]) -> dict[str, LossView]:

@@ -4,7 +4,7 @@ citizen, read what review knows of their loss, decide, append."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -12,7 +12,7 @@ import asyncpg
 import structlog
 
 from services.review import domain
-from services.review.adapters import ReviewTables
+from services.review.adapters import LockedLosses, ReviewTables
 from services.review.settings import ReviewSettings
 from shared.application import Streams
 from shared.commands import CommandContext
@@ -32,6 +32,7 @@ from shared.envelope import EventEnvelope
 from shared.erasure import Erasure
 from shared.errors import SubjectErasedError
 from shared.events import EventMeta
+from shared.intake.prepare import prepared, session_citizen
 from shared.locks import citizen_namespace
 from shared.service import Kit
 from shared.tokens import TokenVerifier
@@ -46,6 +47,8 @@ class ReviewHandlers:
         self.schema = kit.schema
         self.ids = kit.ids
         self.verifier = TokenVerifier.from_settings(settings)
+        # Whose stream a command decides on, before it runs (`CommandRoute.citizen`).
+        self.citizen = session_citizen(self.verifier)
         self.vault = Vault(kit.schema, MasterKeys.from_settings(settings))
         self.rule = settings.auto_approval_rule()
         self.tables = ReviewTables(kit.schema)
@@ -144,9 +147,21 @@ class ReviewHandlers:
 
         The lock comes first (one round trip with the read): the loss.events follower holds
         it too, so the case read is the one its latest applied event left."""
-        loss = await self.tables.locked_loss_of(conn, citizen_namespace(self.schema),
-                                                meta.citizen_ref)
+        batch = prepared(conn)
+        loss = (batch.cases.get(meta.citizen_ref)
+                if isinstance(batch, LockedLosses) and batch.covers(meta.citizen_ref)
+                else await self.tables.locked_loss_of(conn, citizen_namespace(self.schema),
+                                                      meta.citizen_ref))
         return await self._decide(conn, command, meta, now, loss)
+
+    async def prepare(self, conn: asyncpg.Connection,
+                      citizen_refs: Collection[str]) -> LockedLosses:
+        """A command batch's citizens locked and their loss cases read in one statement,
+        then their streams read in one more (`shared.intake.prepare`); `_run` takes them."""
+        losses = await self.tables.locked_losses_of(conn, citizen_namespace(self.schema),
+                                                    citizen_refs)
+        await self.streams.warm(conn, citizen_refs)
+        return losses
 
     async def _decide(
         self, conn: asyncpg.Connection, command: domain.ReviewCommand, meta: EventMeta,

@@ -23,7 +23,7 @@ def wire(kit: Kit[ReviewSettings]) -> Wiring:
         routes={
             "SubmitReissueApplication": CommandRoute(
                 SubmitReissueApplication, handlers.submit,
-                accepted_message="reissue application received"),
+                accepted_message="reissue application received", citizen=handlers.citizen),
             "DecideReview": CommandRoute(
                 DecideReview, handlers.decide, bureau_only=True,
                 accepted_message="review decision recorded"),
@@ -36,6 +36,7 @@ def wire(kit: Kit[ReviewSettings]) -> Wiring:
                    batch_handler=handlers.on_loss_events),
         ],
         erased=handlers.streams,
+        prepare=handlers.prepare,
     )
 
 
