@@ -8,7 +8,7 @@ import hmac
 import json
 import secrets
 import string
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -19,6 +19,7 @@ from services.auth.domain import CaptchaRecord, LoginFailures, require_valid_id_
 from services.auth.settings import AuthSettings
 from shared.crypto import KEY_COLUMNS, MasterKeys, Vault, data_keys_ddl
 from shared.identity import citizen_ref, name_digest, normalise_name
+from shared.intake.prepare import prepared
 
 # The service's own schema; a test runs the service in one of its own.
 SCHEMA = "auth"
@@ -190,15 +191,50 @@ class PopulationRegistry(Protocol):
         ...
 
 
+# A registry entry as the registry reads it: the name's digest, the sealed template and the
+# citizen's data key.
+ENTRY_COLUMNS = ("r.name_digest, r.face_template_enc, "
+                 + ", ".join(f"k.{column}" for column in KEY_COLUMNS))
+
+
+@dataclass(slots=True)
+class RegistryEntries:
+    """Some citizens' registry entries with their data keys, read at once for a command
+    batch (`AuthHandlers.prepare`). A citizen erased in the batch is forgotten, so that a
+    later command reads their (destroyed) key afresh."""
+
+    entries: dict[str, asyncpg.Record]
+    covered: set[str]
+
+    @classmethod
+    async def read(cls, conn: asyncpg.Connection, schema: str,
+                   citizen_refs: Collection[str]) -> RegistryEntries:
+        refs = sorted(set(citizen_refs))
+        rows = await conn.fetch(
+            f"SELECT r.citizen_ref, {ENTRY_COLUMNS} FROM {schema}.registry r"
+            f" LEFT JOIN {schema}.data_keys k ON k.citizen_ref = r.citizen_ref"
+            " WHERE r.citizen_ref = ANY($1::text[])", refs)
+        return cls({row["citizen_ref"]: row for row in rows}, set(refs))
+
+    def covers(self, citizen_ref: str) -> bool:
+        return citizen_ref in self.covered
+
+    def forget(self, citizen_ref: str) -> None:
+        self.covered.discard(citizen_ref)
+
+
 class PostgresRegistry:
     """`auth.registry` on one connection: the name as a keyed digest (to match) and, like the
-    face template, encrypted under the citizen's data key (erasable by crypto-shredding)."""
+    face template, encrypted under the citizen's data key (erasable by crypto-shredding).
+    With `read`, the entries it covers come from there instead of a statement each."""
 
-    def __init__(self, conn: asyncpg.Connection, vault: Vault, pepper: str) -> None:
+    def __init__(self, conn: asyncpg.Connection, vault: Vault, pepper: str,
+                 read: RegistryEntries | None = None) -> None:
         self.conn = conn
         self.vault = vault
         self.schema = vault.schema  # the registry lives beside the data keys that seal it
         self.pepper = pepper
+        self.read = read
 
     async def enroll(self, citizen_ref: str, name: str, face_template: Sequence[float]) -> None:
         name_enc = await self.vault.encrypt(self.conn, citizen_ref, normalise_name(name))
@@ -218,22 +254,24 @@ class PostgresRegistry:
         )
 
     async def name_matches(self, citizen_ref: str, name: str) -> bool:
-        stored = await self.conn.fetchval(
-            f"SELECT name_digest FROM {self.schema}.registry WHERE citizen_ref = $1", citizen_ref
-        )
-        return _digest_matches(stored, name_digest(self.pepper, name))
+        row = await self._entry(citizen_ref)
+        return _digest_matches(row["name_digest"] if row else None,
+                               name_digest(self.pepper, name))
 
     async def face_template(self, citizen_ref: str) -> list[float] | None:
-        """The template and the citizen's data key in one statement."""
-        row = await self.conn.fetchrow(
-            "SELECT r.face_template_enc, " + ", ".join(f"k.{c}" for c in KEY_COLUMNS) +
-            f" FROM {self.schema}.registry r LEFT JOIN {self.schema}.data_keys k"
-            " ON k.citizen_ref = r.citizen_ref WHERE r.citizen_ref = $1",
-            citizen_ref,
-        )
+        row = await self._entry(citizen_ref)
         if row is None or row["face_template_enc"] is None:
             return None
         return _template(self.vault.decrypt_with(citizen_ref, row, row["face_template_enc"]))
+
+    async def _entry(self, citizen_ref: str) -> asyncpg.Record | None:
+        """The citizen's entry and data key, in one statement unless read with the batch."""
+        if self.read is not None and self.read.covers(citizen_ref):
+            return self.read.entries.get(citizen_ref)
+        return await self.conn.fetchrow(
+            f"SELECT {ENTRY_COLUMNS} FROM {self.schema}.registry r"
+            f" LEFT JOIN {self.schema}.data_keys k ON k.citizen_ref = r.citizen_ref"
+            " WHERE r.citizen_ref = $1", citizen_ref)
 
 
 @dataclass
@@ -278,10 +316,13 @@ def _template(raw: str) -> list[float]:
 
 def postgres_registry(conn: asyncpg.Connection, settings: AuthSettings,
                       schema: str = SCHEMA) -> PostgresRegistry:
+    """The registry on `conn`, with the entries its command batch read (if it runs in one)."""
+    read = prepared(conn)
     return PostgresRegistry(
         conn,
         Vault(schema, MasterKeys.from_settings(settings)),
         settings.citizen_ref_pepper.get_secret_value(),
+        read if isinstance(read, RegistryEntries) else None,
     )
 
 

@@ -8,7 +8,7 @@ any other `DomainError` undoes the handler's writes.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import datetime
 from typing import Any
 
@@ -20,6 +20,7 @@ from services.auth.adapters import (
     CaptchaStore,
     LoginFailureLog,
     PopulationRegistry,
+    RegistryEntries,
     new_captcha_code,
     postgres_registry,
 )
@@ -39,6 +40,7 @@ from shared.erasure import Erasure
 from shared.errors import DomainError, SubjectErasedError
 from shared.events import EventMeta
 from shared.identity import citizen_ref, is_valid_id_number
+from shared.intake.prepare import prepared, session_citizen
 from shared.service import Kit
 from shared.tokens import SessionClaims, TokenSigner, TokenVerifier
 
@@ -63,6 +65,14 @@ def login_policy(settings: AuthSettings) -> domain.LoginPolicy:
     )
 
 
+async def forget_entry(conn: asyncpg.Connection, citizen_ref: str) -> None:
+    """An erased citizen's entry, read with the batch before their key was destroyed, is not
+    the one to go by for the rest of the batch."""
+    read = prepared(conn)
+    if isinstance(read, RegistryEntries):
+        read.forget(citizen_ref)
+
+
 def bind_citizen(ref: str) -> None:
     structlog.contextvars.bind_contextvars(citizen_ref=ref)
 
@@ -81,6 +91,9 @@ class AuthHandlers:
         self.settings = settings
         self.clock = kit.clock
         self.ids = kit.ids
+        self.schema = kit.schema
+        # The registry in auth's own schema, whose entries a batch reads at once (`prepare`).
+        self.registry_in_schema = registry_for is None
         self.registry_for = registry_for or (
             lambda conn: postgres_registry(conn, settings, kit.schema))
         self.new_code = new_code
@@ -88,11 +101,30 @@ class AuthHandlers:
         self.captchas = CaptchaStore(kit.schema, self.pepper)
         self.signer = TokenSigner.from_settings(settings)
         self.verifier = TokenVerifier.from_settings(settings)
+        # Whose stream a command decides on, before it runs (`CommandRoute.citizen`).
+        self.citizen = session_citizen(self.verifier)
         self.policy = portrait_policy(settings)
         self.login_policy = login_policy(settings)
         self.login_failures = LoginFailureLog(kit.schema)
         self.streams = Streams(domain.DECIDER, kit.schema, kit.events_topic)
-        self.erasure = Erasure(self.streams, Vault(kit.schema, MasterKeys.from_settings(settings)))
+        self.erasure = Erasure(self.streams, Vault(kit.schema, MasterKeys.from_settings(settings)),
+                               on_erased=forget_entry)
+
+    async def prepare(self, conn: asyncpg.Connection,
+                      citizen_refs: Collection[str]) -> RegistryEntries | None:
+        """A command batch's citizens' streams read in one statement and their registry
+        entries in one more (`shared.intake.prepare`); the registry takes the entries."""
+        await self.streams.warm(conn, citizen_refs)
+        if not self.registry_in_schema:
+            return None
+        return await RegistryEntries.read(conn, self.schema, citizen_refs)
+
+    def login_citizen(self, _ctx: CommandContext, cmd: StartSession) -> str | None:
+        """Whose stream a login decides on, if its ID number is well formed (the handler
+        still checks the captcha and the name before it decides anything)."""
+        if not is_valid_id_number(cmd.id_number):
+            return None
+        return citizen_ref(self.pepper, cmd.id_number)
 
     async def issue_captcha(
         self, conn: asyncpg.Connection, ctx: CommandContext, _cmd: IssueCaptcha

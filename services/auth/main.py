@@ -35,17 +35,20 @@ def wire(kit: Kit[AuthSettings]) -> Wiring:
             "IssueCaptcha": CommandRoute(IssueCaptcha, handlers.issue_captcha,
                                          accepted_message="captcha issued"),
             "StartSession": CommandRoute(StartSession, handlers.start_session,
-                                         accepted_message="session started"),
+                                         accepted_message="session started",
+                                         citizen=handlers.login_citizen),
             "AuthorizeElectronicCard": CommandRoute(
                 AuthorizeElectronicCard, handlers.authorize_electronic_card,
-                accepted_message="electronic card authorised"),
+                accepted_message="electronic card authorised", citizen=handlers.citizen),
             "VerifyPortrait": CommandRoute(VerifyPortrait, handlers.verify_portrait,
-                                           accepted_message="portrait verified"),
+                                           accepted_message="portrait verified",
+                                           citizen=handlers.citizen),
             "EraseSubject": erase_route(handlers.erasure),
         },
         commands="IssueCaptcha, StartSession, AuthorizeElectronicCard, VerifyPortrait from the "
                  "channels; EraseSubject (bureau)",
         loops=[handlers.purge_loop],
+        prepare=handlers.prepare,
     )
 
 
