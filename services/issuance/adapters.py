@@ -4,6 +4,8 @@ write joins the caller's transaction."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import asyncpg
 
 from shared.crypto import data_keys_ddl
@@ -45,6 +47,14 @@ class CardNumbers:
     async def next(self, conn: asyncpg.Connection) -> int:
         return int(await conn.fetchval(f"SELECT nextval('{self.schema}.card_no_seq')"))
 
+    async def take(self, conn: asyncpg.Connection, count: int) -> list[int]:
+        """`count` numbers in one statement (like any drawn and not used, a number of a
+        batch rolled back is never used: the numbers only have to be unique)."""
+        rows = await conn.fetch(
+            f"SELECT nextval('{self.schema}.card_no_seq') AS n FROM generate_series(1, $1)",
+            count)
+        return [int(row["n"]) for row in rows]
+
 
 class Applications:
     """`applications`: whose each approved application is, from review.events."""
@@ -52,20 +62,26 @@ class Applications:
     def __init__(self, schema: str) -> None:
         self.schema = schema
 
-    async def record(self, conn: asyncpg.Connection, application_id: str,
-                     citizen_ref: str) -> str:
-        """Remember whose application this is; returns the citizen_ref on record (one
-        statement, unless a concurrent writer's row committed while it ran)."""
-        ref = await conn.fetchval(
+    async def record(self, conn: asyncpg.Connection,
+                     applications: Sequence[tuple[str, str]]) -> dict[str, str | None]:
+        """Remember whose each application (id, citizen_ref) is; returns the citizen_ref on
+        record for each (one statement, unless a concurrent writer's row committed while it
+        ran: that one is read again)."""
+        ids = [application_id for application_id, _ in applications]
+        rows = await conn.fetch(
             f"WITH inserted AS (INSERT INTO {self.schema}.applications"
-            " (application_id, citizen_ref) VALUES ($1, $2)"
-            " ON CONFLICT (application_id) DO NOTHING RETURNING citizen_ref)"
-            " SELECT citizen_ref FROM inserted UNION ALL"
-            f" SELECT citizen_ref FROM {self.schema}.applications WHERE application_id = $1"
-            " LIMIT 1",
-            application_id, citizen_ref,
+            " (application_id, citizen_ref) SELECT * FROM unnest($1::text[], $2::text[])"
+            " ON CONFLICT (application_id) DO NOTHING RETURNING application_id, citizen_ref)"
+            " SELECT application_id, citizen_ref FROM inserted UNION ALL"
+            " SELECT application_id, citizen_ref"
+            f" FROM {self.schema}.applications WHERE application_id = ANY($1::text[])",
+            ids, [citizen_ref for _, citizen_ref in applications],
         )
-        return str(ref if ref is not None else await self.holder_of(conn, application_id))
+        holders: dict[str, str | None] = {
+            row["application_id"]: str(row["citizen_ref"]) for row in rows}
+        for application_id in set(ids) - holders.keys():
+            holders[application_id] = await self.holder_of(conn, application_id)
+        return holders
 
     async def locked_holder_of(self, conn: asyncpg.Connection, namespace: str,
                                application_id: str) -> str | None:

@@ -117,29 +117,45 @@ class IssuanceHandlers:
     # --- review.events ---------------------------------------------------------------------
 
     async def on_review_event(self, conn: asyncpg.Connection, envelope: EventEnvelope) -> None:
-        event = decode_followed(decoders.REVIEW, envelope)
-        if not isinstance(event, ReviewApproved):
-            return  # only an approval starts anything here
-        try:
-            await self.start_production(conn, envelope, event)
-        except DomainError as exc:
-            raise Rejected(exc.code, exc.message) from exc
+        await self.on_review_events(conn, [envelope])
+
+    async def on_review_events(self, conn: asyncpg.Connection,
+                               envelopes: Sequence[EventEnvelope]) -> None:
+        """Approvals start production (other review events change nothing here), a
+        partition's batch at once: the applications recorded in one statement and, with no
+        production time, the new card numbers drawn in one more."""
+        approvals = [(envelope, event) for envelope in envelopes
+                     if isinstance(event := decode_followed(decoders.REVIEW, envelope),
+                                   ReviewApproved)]
+        if not approvals:
+            return
+        holders = await self.applications.record(
+            conn, [(approved.application_id, envelope.citizen_ref)
+                   for envelope, approved in approvals])
+        card_nos = ([self._card_no(n) for n in await self.card_numbers.take(conn, len(approvals))]
+                    if not self.settings.production_time else [None] * len(approvals))
+        for (envelope, approved), card_no in zip(approvals, card_nos, strict=True):
+            if holders[approved.application_id] != envelope.citizen_ref:
+                raise Rejected("application_conflict",
+                               f"application {approved.application_id} belongs to another"
+                               " citizen")
+            try:
+                await self.start_production(conn, envelope, approved, card_no)
+            except DomainError as exc:
+                raise Rejected(exc.code, exc.message) from exc
 
     async def start_production(
-        self, conn: asyncpg.Connection, envelope: EventEnvelope, approved: ReviewApproved
+        self, conn: asyncpg.Connection, envelope: EventEnvelope, approved: ReviewApproved,
+        card_no: str | None,
     ) -> None:
+        """With `card_no` (no production time) the card is ready in the approval's own
+        transaction; else a timer falls due when the decider says it is ready."""
         ref = envelope.citizen_ref
-        holder = await self.applications.record(conn, approved.application_id, ref)
-        if holder != ref:
-            raise Rejected("application_conflict",
-                           f"application {approved.application_id} belongs to another citizen")
         commands: list[domain.IssuanceCommand] = [domain.StartProduction(
             application_id=approved.application_id, pickup_bureau=approved.pickup_bureau,
             old_card_no=approved.old_card_no)]
-        if not self.settings.production_time:
-            # No production time: the card is ready in the approval's own transaction.
-            commands.append(domain.FinishProduction(approved.application_id,
-                                                    await self._new_card_no(conn)))
+        if card_no is not None:
+            commands.append(domain.FinishProduction(approved.application_id, card_no))
         meta = EventMeta(ref, self.clock(), envelope.correlation_id, str(envelope.event_id))
         for stored in await self._decide(conn, commands, meta):
             event = domain.decode(stored)
@@ -208,10 +224,12 @@ class IssuanceHandlers:
         return stored
 
     async def _new_card_no(self, conn: asyncpg.Connection) -> str:
+        return self._card_no(await self.card_numbers.next(conn))
+
+    def _card_no(self, number: int) -> str:
         s = self.settings
         return domain.format_card_no(s.issuance_card_no_prefix, s.issuance_region_code,
-                                     await self.card_numbers.next(conn),
-                                     s.issuance_card_no_digits)
+                                     number, s.issuance_card_no_digits)
 
 
 def _log_outcome(envelopes: Sequence[EventEnvelope]) -> None:

@@ -30,7 +30,8 @@ def wire(kit: Kit[IssuanceSettings]) -> Wiring:
         commands="ImportCard, CollectCard and EraseSubject from bureau channels",
         follows=[
             Follow("review.events", handlers.on_review_event,
-                   "ReviewApproved starts a card's production"),
+                   "ReviewApproved starts a card's production",
+                   batch_handler=handlers.on_review_events),
         ],
         erased=handlers.streams,
         loops=[handlers.production_timer],
