@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import asyncpg
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from asyncpg.connection import LoggedQuery
 
 from cardctl.stack import ensure_topics
 from services.status.main import SPEC as STATUS
@@ -58,6 +59,22 @@ async def schema_pair(pool: asyncpg.Pool, ddl: Callable[[str], str],
     finally:
         for name in names:
             await pool.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+
+
+@contextmanager
+def statements_sent(conn: asyncpg.Connection) -> Iterator[list[str]]:
+    """Every statement `conn` sends while the block runs, `BEGIN` and `COMMIT` too (asyncpg
+    sends one statement per round trip)."""
+    sent: list[str] = []
+
+    def note(query: LoggedQuery) -> None:
+        sent.append(query.query)
+
+    conn.add_query_logger(note)
+    try:
+        yield sent
+    finally:
+        conn.remove_query_logger(note)
 
 
 async def create_topics(bootstrap: str, names: Sequence[str], partitions: int = 6) -> None:

@@ -8,14 +8,13 @@ from datetime import timedelta
 
 import asyncpg
 import pytest
-from asyncpg.connection import LoggedQuery
 
 from services.console.queue import QueueWriter, queue_ddl
 from shared.contracts import review
 from shared.contracts.common import SubjectErased
 from shared.envelope import EventEnvelope
 from tests.builders import CitizenStreams
-from tests.support import schema_pair
+from tests.support import schema_pair, statements_sent
 
 pytestmark = pytest.mark.integration
 
@@ -60,15 +59,9 @@ async def test_a_batch_leaves_the_queue_as_its_events_one_by_one_in_two_statemen
         one.emit("review.events", SubjectErased(reason="request")),
         applied(two, "b-2"),
     ]
-    sent: list[str] = []
-
-    def note(query: LoggedQuery) -> None:
-        sent.append(query.query)
-
     async with pool.acquire() as conn, conn.transaction():
-        conn.add_query_logger(note)
-        await QueueWriter(batched).apply_all(conn, events)
-        conn.remove_query_logger(note)
+        with statements_sent(conn) as sent:
+            await QueueWriter(batched).apply_all(conn, events)
     async with pool.acquire() as conn:
         for envelope in events:
             await QueueWriter(alone).apply(conn, envelope)

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
-from asyncpg.connection import LoggedQuery
 
 from services.issuance.adapters import issuance_ddl
 from services.issuance.handlers import IssuanceHandlers
@@ -18,7 +17,7 @@ from shared.contracts.review import ReissueApplied, ReviewApproved
 from shared.envelope import EventEnvelope
 from shared.service import Kit
 from tests.builders import CitizenStreams
-from tests.support import schema_pair
+from tests.support import schema_pair, statements_sent
 
 pytestmark = pytest.mark.integration
 
@@ -63,17 +62,11 @@ async def test_a_batch_of_approvals_records_and_numbers_them_at_once_as_one_by_o
 ) -> None:
     batch, alone = schemas
     envelopes = approvals(3)
-    sent: list[str] = []
-
-    def note(query: LoggedQuery) -> None:
-        sent.append(query.query)
-
     handlers = IssuanceHandlers(Kit(SETTINGS, batch, f"{batch}.events"))
     async with pool.acquire() as conn:
-        conn.add_query_logger(note)
-        async with conn.transaction():
-            await handlers.on_review_events(conn, envelopes)
-        conn.remove_query_logger(note)
+        with statements_sent(conn) as sent:
+            async with conn.transaction():
+                await handlers.on_review_events(conn, envelopes)
     one_by_one = IssuanceHandlers(Kit(SETTINGS, alone, f"{alone}.events"))
     for envelope in envelopes:
         async with pool.acquire() as conn, conn.transaction():

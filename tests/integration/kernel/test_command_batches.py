@@ -48,20 +48,41 @@ class Lagging:
         return not self.behind
 
 
+class Preparations:
+    """A service's batch preparation: what it was asked for, pass by pass."""
+
+    def __init__(self) -> None:
+        self.asked: list[set[str]] = []
+
+    async def __call__(self, conn: asyncpg.Connection, citizens: Collection[str]) -> str:
+        self.asked.append(set(citizens))
+        return f"pass {len(self.asked)}"
+
+
+def citizen_of_note(_context: CommandContext, payload: Note) -> str:
+    if payload.note.startswith("forged"):
+        raise ProbeRefusalError("its session names nobody")
+    return payload.note.split()[-1]
+
+
 def intake(pool: asyncpg.Pool, schema: str, dead: RecordingDeadLetters, *,
-           barrier: Lagging | None = None) -> CommandIntake:
+           barrier: Lagging | None = None, prepare: Preparations | None = None,
+           ) -> CommandIntake:
+    """A probe service writing each note; with `prepare`, its notes name their citizen last,
+    and each reply says what the handler found prepared."""
     async def write(conn: asyncpg.Connection, _: CommandContext, payload: Note) -> dict[str, Any]:
         await conn.execute(f"INSERT INTO {schema}.writes (note) VALUES ($1)", payload.note)
         if payload.note.startswith("refuse"):
             raise ProbeRefusalError("refused after a write, which must be undone")
         if payload.note.startswith("explode"):
             raise ValueError("a bug, not a refusal")
-        return {"note": payload.note}
+        return {"note": payload.note} if prepare is None else {"prepared": prepared(conn)}
 
+    route = CommandRoute(Note, write, citizen=None if prepare is None else citizen_of_note)
     return CommandIntake(pool, schema, ChannelRegistry({CHANNEL.channel_id: CHANNEL}),
-                         {"Write": CommandRoute(Note, write)}, dead,  # type: ignore[arg-type]
+                         {"Write": route}, dead,  # type: ignore[arg-type]
                          lambda: datetime.now(UTC), settings=SETTINGS,
-                         barrier=barrier)  # type: ignore[arg-type]
+                         barrier=barrier, prepare=prepare)  # type: ignore[arg-type]
 
 
 def command(offset: int, note: str, request_id: str | None = None, *,
@@ -192,44 +213,12 @@ async def test_a_command_refused_while_the_followers_lag_is_decided_afresh_when_
     assert await notes(pool, schema) == ["one"]
 
 
-class Preparations:
-    """A service's batch preparation: what it was asked for, pass by pass."""
-
-    def __init__(self) -> None:
-        self.asked: list[set[str]] = []
-
-    async def __call__(self, conn: asyncpg.Connection, citizens: Collection[str]) -> str:
-        self.asked.append(set(citizens))
-        return f"pass {len(self.asked)}"
-
-
-def citizen_of_note(_context: CommandContext, payload: Note) -> str:
-    if payload.note.startswith("forged"):
-        raise ProbeRefusalError("its session names nobody")
-    return payload.note.split()[-1]
-
-
-def preparing_intake(pool: asyncpg.Pool, schema: str, prepare: Preparations, *,
-                     barrier: Lagging | None = None) -> CommandIntake:
-    async def write(conn: asyncpg.Connection, _: CommandContext, payload: Note) -> dict[str, Any]:
-        await conn.execute(f"INSERT INTO {schema}.writes (note) VALUES ($1)", payload.note)
-        if payload.note.startswith("refuse"):
-            raise ProbeRefusalError("refused after a write, which must be undone")
-        return {"prepared": prepared(conn)}
-
-    return CommandIntake(pool, schema, ChannelRegistry({CHANNEL.channel_id: CHANNEL}),
-                         {"Write": CommandRoute(Note, write, citizen=citizen_of_note)},
-                         RecordingDeadLetters(), lambda: datetime.now(UTC),  # type: ignore[arg-type]
-                         settings=SETTINGS, barrier=barrier,  # type: ignore[arg-type]
-                         prepare=prepare)
-
-
 async def test_a_batch_is_prepared_once_for_the_citizens_its_new_commands_name(
     pool: asyncpg.Pool, schema: str,
 ) -> None:
     await pool.execute(WRITES_DDL.format(schema=schema))
     prepare = Preparations()
-    probe = preparing_intake(pool, schema, prepare)
+    probe = intake(pool, schema, RecordingDeadLetters(), prepare=prepare)
     earlier = command(0, "for alice")
     await probe.handle(earlier)
     await probe.handle_batch([
@@ -250,7 +239,7 @@ async def test_a_pass_run_again_after_a_refusal_is_prepared_again(
 ) -> None:
     await pool.execute(WRITES_DDL.format(schema=schema))
     prepare = Preparations()
-    await preparing_intake(pool, schema, prepare).handle_batch(
+    await intake(pool, schema, RecordingDeadLetters(), prepare=prepare).handle_batch(
         [command(0, "for erin"), command(1, "refuse frank"), command(2, "for gina")])
 
     # The first pass met the refusal without savepoints and was rolled back, what it
@@ -267,7 +256,8 @@ async def test_a_batch_refused_while_the_followers_lag_prepares_nothing(
 ) -> None:
     await pool.execute(WRITES_DDL.format(schema=schema))
     prepare = Preparations()
-    await preparing_intake(pool, schema, prepare, barrier=Lagging()).handle_batch(
+    await intake(pool, schema, RecordingDeadLetters(), prepare=prepare,
+                 barrier=Lagging()).handle_batch(
         [command(0, "for hana")])
 
     assert prepare.asked == []

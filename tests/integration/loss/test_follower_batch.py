@@ -10,7 +10,6 @@ from datetime import UTC, datetime
 
 import asyncpg
 import pytest
-from asyncpg.connection import LoggedQuery
 
 from services.loss import domain
 from services.loss.adapters import loss_ddl
@@ -29,7 +28,7 @@ from shared.events import EventMeta, to_pending
 from shared.eventstore import PostgresEventStore
 from shared.service import Kit
 from tests.builders import CitizenStreams
-from tests.support import schema_pair
+from tests.support import schema_pair, statements_sent
 
 pytestmark = pytest.mark.integration
 
@@ -108,18 +107,12 @@ async def test_a_batch_reads_the_facts_once_and_leaves_what_the_events_one_by_on
         await formal_loss(pool, schema, refs[0])
     settings = LossSettings()
 
-    sent: list[str] = []
-
-    def note(query: LoggedQuery) -> None:
-        sent.append(query.query)
-
     handlers = LossHandlers(Kit(settings, batch, f"{batch}.events"))
     async with pool.acquire() as conn:
-        conn.add_query_logger(note)
-        async with conn.transaction():
-            await handlers.on_review_events(conn, on_review)
-            await handlers.on_issuance_events(conn, on_issuance)
-        conn.remove_query_logger(note)
+        with statements_sent(conn) as sent:
+            async with conn.transaction():
+                await handlers.on_review_events(conn, on_review)
+                await handlers.on_issuance_events(conn, on_issuance)
     one_by_one = LossHandlers(Kit(settings, alone, f"{alone}.events"))
     for envelope in on_review:
         async with pool.acquire() as conn, conn.transaction():

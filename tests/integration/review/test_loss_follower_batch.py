@@ -9,7 +9,6 @@ from datetime import UTC, datetime
 
 import asyncpg
 import pytest
-from asyncpg.connection import LoggedQuery
 
 from services.review import domain
 from services.review.adapters import ReviewTables, review_ddl
@@ -22,7 +21,7 @@ from shared.events import EventMeta, to_pending
 from shared.eventstore import PostgresEventStore
 from shared.service import Kit
 from tests.builders import CitizenStreams
-from tests.support import schema_pair
+from tests.support import schema_pair, statements_sent
 
 pytestmark = pytest.mark.integration
 
@@ -84,17 +83,11 @@ async def test_a_batch_leaves_the_cases_and_withdrawals_the_events_one_by_one_le
         await applied_for(pool, schema, withdrawn, "l-1")
     settings = ReviewSettings(review_auto_approve=False)
 
-    sent: list[str] = []
-
-    def note(query: LoggedQuery) -> None:
-        sent.append(query.query)
-
     async with pool.acquire() as conn:
-        conn.add_query_logger(note)
-        async with conn.transaction():
-            await ReviewHandlers(Kit(settings, batch, f"{batch}.events")).on_loss_events(
-                conn, events)
-        conn.remove_query_logger(note)
+        with statements_sent(conn) as sent:
+            async with conn.transaction():
+                await ReviewHandlers(Kit(settings, batch, f"{batch}.events")).on_loss_events(
+                    conn, events)
     handlers = ReviewHandlers(Kit(settings, alone, f"{alone}.events"))
     for envelope in events:
         async with pool.acquire() as conn, conn.transaction():
