@@ -93,30 +93,15 @@ class CaptchaStore:
             expires_at,
         )
 
-    async def consume(
-        self, conn: asyncpg.Connection, captcha_id: str, now: datetime
-    ) -> CaptchaRecord | None:
-        """The captcha as it was before this attempt; marks it used whatever the attempt's
-        outcome, so a code cannot be guessed twice."""
-        # One statement: the row locked and read as it was, then marked used if it was not
-        # (a concurrent attempt waits for the lock and then reads it used).
-        row = await conn.fetchrow(
-            "WITH before AS (SELECT captcha_id, code_digest, expires_at, used_at"
-            f" FROM {self.schema}.captchas WHERE captcha_id = $1 FOR UPDATE),"
-            f" used AS (UPDATE {self.schema}.captchas c SET used_at = $2 FROM before b"
-            "  WHERE c.captcha_id = b.captcha_id AND b.used_at IS NULL)"
-            " SELECT * FROM before",
-            captcha_id,
-            now,
-        )
-        if row is None:
-            return None
-        return CaptchaRecord(
-            captcha_id=row["captcha_id"],
-            code_digest=row["code_digest"],
-            expires_at=row["expires_at"],
-            used_at=row["used_at"],
-        )
+    def consuming(self, captcha_id: str, now: str) -> str:
+        """The CTEs `before` (the captcha `captcha_id` locked and read as it was, before this
+        attempt) and `used` (marked used at `now` if it was not, whatever the attempt's
+        outcome, so a code cannot be guessed twice): a concurrent attempt waits for the lock
+        and then reads it used. Parameters are SQL expressions (`begin_login`)."""
+        return ("before AS (SELECT captcha_id, code_digest, expires_at, used_at"
+                f" FROM {self.schema}.captchas WHERE captcha_id = {captcha_id} FOR UPDATE),"
+                f" used AS (UPDATE {self.schema}.captchas c SET used_at = {now} FROM before b"
+                "  WHERE c.captcha_id = b.captcha_id AND b.used_at IS NULL)")
 
     async def purge(self, conn: asyncpg.Connection, expired_before: datetime) -> int:
         """Delete captchas that expired before the given time; returns how many."""
@@ -124,6 +109,30 @@ class CaptchaStore:
             f"DELETE FROM {self.schema}.captchas WHERE expires_at < $1 RETURNING 1", expired_before
         )
         return len(deleted)
+
+
+def captcha_of(row: asyncpg.Record | None) -> CaptchaRecord | None:
+    if row is None or row["captcha_id"] is None:
+        return None
+    return CaptchaRecord(captcha_id=row["captcha_id"], code_digest=row["code_digest"],
+                         expires_at=row["expires_at"], used_at=row["used_at"])
+
+
+async def begin_login(conn: asyncpg.Connection, captchas: CaptchaStore,
+                      failures: LoginFailureLog, captcha_id: str, now: datetime,
+                      citizen_ref: str | None, channel: str,
+                      since: datetime) -> tuple[CaptchaRecord | None, LoginFailures]:
+    """A login's captcha as it was before this attempt, burnt by it (`CaptchaStore.consuming`),
+    and the failures counting against it (`LoginFailureLog.counting`), in one round trip."""
+    row = await conn.fetchrow(
+        f"WITH {captchas.consuming('$1', '$2')},"
+        f" failures AS ({failures.counting('$3', '$4', '$5')})"
+        " SELECT f.citizen AS failed_citizen, f.channel AS failed_channel, b.*"
+        " FROM failures f LEFT JOIN before b ON true",
+        captcha_id, now, citizen_ref, channel, since)
+    assert row is not None  # the aggregate's row, with the captcha's or without
+    return captcha_of(row), LoginFailures(citizen=row["failed_citizen"],
+                                          channel=row["failed_channel"])
 
 
 # --- failed logins ------------------------------------------------------------------------
@@ -135,18 +144,15 @@ class LoginFailureLog:
     def __init__(self, schema: str) -> None:
         self.schema = schema
 
-    async def count(self, conn: asyncpg.Connection, citizen_ref: str | None, channel: str,
-                    since: datetime) -> LoginFailures:
-        """Failures after `since`: the citizen's (none without a citizen_ref) and the channel's."""
-        row = await conn.fetchrow(
-            "SELECT count(*) FILTER (WHERE scope = 'citizen') AS citizen,"
-            " count(*) FILTER (WHERE scope = 'channel') AS channel"
-            f" FROM {self.schema}.login_failures WHERE failed_at > $3"
-            " AND ((scope = 'citizen' AND subject = $1) OR (scope = 'channel' AND subject = $2))",
-            citizen_ref, channel, since,
-        )
-        assert row is not None  # an aggregate always returns its row
-        return LoginFailures(citizen=row["citizen"], channel=row["channel"])
+    def counting(self, citizen_ref: str, channel: str, since: str) -> str:
+        """Failures after `since`: the citizen's (none without a citizen_ref) and the
+        channel's (columns `citizen`, `channel`). Parameters are SQL expressions
+        (`begin_login`)."""
+        return ("SELECT count(*) FILTER (WHERE scope = 'citizen') AS citizen,"
+                " count(*) FILTER (WHERE scope = 'channel') AS channel"
+                f" FROM {self.schema}.login_failures WHERE failed_at > {since}"
+                f" AND ((scope = 'citizen' AND subject = {citizen_ref})"
+                f" OR (scope = 'channel' AND subject = {channel}))")
 
     async def record(self, conn: asyncpg.Connection, citizen_ref: str | None, channel: str,
                      at: datetime) -> None:

@@ -21,6 +21,7 @@ from services.auth.adapters import (
     LoginFailureLog,
     PopulationRegistry,
     RegistryEntries,
+    begin_login,
     new_captcha_code,
     postgres_registry,
 )
@@ -140,13 +141,13 @@ class AuthHandlers:
         self, conn: asyncpg.Connection, ctx: CommandContext, cmd: StartSession
     ) -> dict[str, Any] | Refusal:
         now = ctx.received_at
-        # Burnt by this attempt whatever follows: refusals below must keep that write.
-        captcha = await self.captchas.consume(conn, cmd.captcha_id, now)
-        # Failures count by citizen_ref (never the ID number) and by channel.
+        # Failures count by citizen_ref (never the ID number) and by channel. The captcha is
+        # burnt by this attempt whatever follows: refusals below must keep that write.
         presented = (citizen_ref(self.pepper, cmd.id_number)
                      if is_valid_id_number(cmd.id_number) else None)
-        failures = await self.login_failures.count(
-            conn, presented, ctx.channel.channel_id, now - self.login_policy.window)
+        captcha, failures = await begin_login(
+            conn, self.captchas, self.login_failures, cmd.captcha_id, now, presented,
+            ctx.channel.channel_id, now - self.login_policy.window)
         try:
             domain.check_login_throttle(failures, self.login_policy)
         except domain.TooManyAttemptsError as exc:  # not itself a failure: the window runs out

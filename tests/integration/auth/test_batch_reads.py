@@ -1,6 +1,7 @@
 """Auth's commands in a batch read their citizens once: their streams in one statement and
 their registry entries in one more (`AuthHandlers.prepare`), instead of a read per command;
-a citizen erased within the batch has their entry read afresh."""
+a citizen erased within the batch has their entry read afresh. A login's own reads, its
+captcha and its failures, go in one round trip."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from datetime import UTC, datetime
 
 import asyncpg
 import pytest
-from asyncpg.connection import LoggedQuery
 
 from services.auth.adapters import enroll, postgres_registry
 from services.auth.handlers import AuthHandlers
@@ -23,6 +23,7 @@ from shared.identity import citizen_ref
 from shared.intake.prepare import preparing
 from shared.service import Kit
 from tests.integration.auth.citizens import Citizen, new_citizen
+from tests.support import statements_sent
 
 pytestmark = pytest.mark.integration
 
@@ -55,24 +56,16 @@ async def test_a_batch_of_logins_and_portraits_reads_each_citizens_entry_once_fo
         captchas = [await handlers.issue_captcha(conn, context(), IssueCaptcha())
                     for _ in people]
 
-    sent: list[str] = []
-
-    def note(query: LoggedQuery) -> None:
-        sent.append(query.query)
-
-    async with pool.acquire() as conn:
-        conn.add_query_logger(note)
-        async with conn.transaction():
-            with preparing(conn, await handlers.prepare(conn, refs)):
-                sessions = [await handlers.start_session(conn, context(), StartSession(
-                    id_number=person.id_number, name=person.name,
-                    captcha_id=issued["captcha_id"], captcha_code=issued["code"]))
-                    for person, issued in zip(people, captchas, strict=True)]
-                upgraded = [await handlers.verify_portrait(conn, context(), VerifyPortrait(
-                    session_token=session["session_token"], liveness_score=0.95,  # type: ignore[index]
-                    face_embedding=person.face))
-                    for person, session in zip(people, sessions, strict=True)]
-        conn.remove_query_logger(note)
+    async with pool.acquire() as conn, conn.transaction():
+        with statements_sent(conn) as sent, preparing(conn, await handlers.prepare(conn, refs)):
+            sessions = [await handlers.start_session(conn, context(), StartSession(
+                id_number=person.id_number, name=person.name,
+                captcha_id=issued["captcha_id"], captcha_code=issued["code"]))
+                for person, issued in zip(people, captchas, strict=True)]
+            upgraded = [await handlers.verify_portrait(conn, context(), VerifyPortrait(
+                session_token=session["session_token"], liveness_score=0.95,  # type: ignore[index]
+                face_embedding=person.face))
+                for person, session in zip(people, sessions, strict=True)]
 
     assert [session["citizen_ref"] for session in sessions] == refs  # type: ignore[index]
     assert all(isinstance(outcome, dict) and "session_token" in outcome for outcome in upgraded)
@@ -94,3 +87,23 @@ async def test_a_citizen_erased_in_the_batch_has_their_entry_read_afresh(
                                          EraseSubject(citizen_ref=ref, reason="requested"))
             with pytest.raises(DataKeyDestroyedError):
                 await postgres_registry(conn, auth_settings, auth_schema).face_template(ref)
+
+
+async def test_a_login_burns_its_captcha_and_counts_its_failures_in_one_round_trip(
+    pool: asyncpg.Pool, kit: Kit[AuthSettings], auth_settings: AuthSettings, auth_schema: str,
+) -> None:
+    handlers = AuthHandlers(kit)
+    [person] = await enrolled(pool, auth_settings, auth_schema, 1)
+    async with pool.acquire() as conn, conn.transaction():
+        issued = await handlers.issue_captcha(conn, context(), IssueCaptcha())
+        with statements_sent(conn) as sent:
+            session = await handlers.start_session(conn, context(), StartSession(
+                id_number=person.id_number, name=person.name,
+                captcha_id=issued["captcha_id"], captcha_code=issued["code"]))
+        used = await conn.fetchval(f"SELECT used_at FROM {auth_schema}.captchas"
+                                   " WHERE captcha_id = $1", issued["captcha_id"])
+
+    assert isinstance(session, dict) and "session_token" in session
+    assert used is not None
+    [read] = [query for query in sent if ".captchas" in query or ".login_failures" in query]
+    assert ".captchas" in read and ".login_failures" in read
