@@ -197,17 +197,12 @@ class PopulationRegistry(Protocol):
         ...
 
 
-# A registry entry as the registry reads it: the name's digest, the sealed template and the
-# citizen's data key.
-ENTRY_COLUMNS = ("r.name_digest, r.face_template_enc, "
-                 + ", ".join(f"k.{column}" for column in KEY_COLUMNS))
-
-
 @dataclass(slots=True)
 class RegistryEntries:
-    """Some citizens' registry entries with their data keys, read at once for a command
-    batch (`AuthHandlers.prepare`). A citizen erased in the batch is forgotten, so that a
-    later command reads their (destroyed) key afresh."""
+    """Some citizens' registry entries (the name's digest, the sealed template) with their
+    data keys, in one statement: a command batch's at once (`AuthHandlers.prepare`). A
+    citizen erased in the batch is forgotten, so that a later command reads their
+    (destroyed) key afresh."""
 
     entries: dict[str, asyncpg.Record]
     covered: set[str]
@@ -217,7 +212,9 @@ class RegistryEntries:
                    citizen_refs: Collection[str]) -> RegistryEntries:
         refs = sorted(set(citizen_refs))
         rows = await conn.fetch(
-            f"SELECT r.citizen_ref, {ENTRY_COLUMNS} FROM {schema}.registry r"
+            "SELECT r.citizen_ref, r.name_digest, r.face_template_enc, "
+            + ", ".join(f"k.{column}" for column in KEY_COLUMNS)
+            + f" FROM {schema}.registry r"
             f" LEFT JOIN {schema}.data_keys k ON k.citizen_ref = r.citizen_ref"
             " WHERE r.citizen_ref = ANY($1::text[])", refs)
         return cls({row["citizen_ref"]: row for row in rows}, set(refs))
@@ -272,12 +269,10 @@ class PostgresRegistry:
 
     async def _entry(self, citizen_ref: str) -> asyncpg.Record | None:
         """The citizen's entry and data key, in one statement unless read with the batch."""
-        if self.read is not None and self.read.covers(citizen_ref):
-            return self.read.entries.get(citizen_ref)
-        return await self.conn.fetchrow(
-            f"SELECT {ENTRY_COLUMNS} FROM {self.schema}.registry r"
-            f" LEFT JOIN {self.schema}.data_keys k ON k.citizen_ref = r.citizen_ref"
-            " WHERE r.citizen_ref = $1", citizen_ref)
+        read = self.read
+        if read is None or not read.covers(citizen_ref):
+            read = await RegistryEntries.read(self.conn, self.schema, [citizen_ref])
+        return read.entries.get(citizen_ref)
 
 
 @dataclass

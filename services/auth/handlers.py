@@ -121,8 +121,8 @@ class AuthHandlers:
         return await RegistryEntries.read(conn, self.schema, citizen_refs)
 
     def login_citizen(self, _ctx: CommandContext, cmd: StartSession) -> str | None:
-        """Whose stream a login decides on, if its ID number is well formed (the handler
-        still checks the captcha and the name before it decides anything)."""
+        """Whose stream a login decides on, and whose failures it counts, if its ID number is
+        well formed (the handler still checks the captcha and the name before it decides)."""
         if not is_valid_id_number(cmd.id_number):
             return None
         return citizen_ref(self.pepper, cmd.id_number)
@@ -143,8 +143,7 @@ class AuthHandlers:
         now = ctx.received_at
         # Failures count by citizen_ref (never the ID number) and by channel. The captcha is
         # burnt by this attempt whatever follows: refusals below must keep that write.
-        presented = (citizen_ref(self.pepper, cmd.id_number)
-                     if is_valid_id_number(cmd.id_number) else None)
+        presented = self.login_citizen(ctx, cmd)
         captcha, failures = await begin_login(
             conn, self.captchas, self.login_failures, cmd.captcha_id, now, presented,
             ctx.channel.channel_id, now - self.login_policy.window)

@@ -44,9 +44,6 @@ class CardNumbers:
     def __init__(self, schema: str) -> None:
         self.schema = schema
 
-    async def next(self, conn: asyncpg.Connection) -> int:
-        return int(await conn.fetchval(f"SELECT nextval('{self.schema}.card_no_seq')"))
-
     async def take(self, conn: asyncpg.Connection, count: int) -> list[int]:
         """`count` numbers in one statement (like any drawn and not used, a number of a
         batch rolled back is never used: the numbers only have to be unique)."""

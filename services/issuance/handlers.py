@@ -224,7 +224,8 @@ class IssuanceHandlers:
         return stored
 
     async def _new_card_no(self, conn: asyncpg.Connection) -> str:
-        return self._card_no(await self.card_numbers.next(conn))
+        [number] = await self.card_numbers.take(conn, 1)
+        return self._card_no(number)
 
     def _card_no(self, number: int) -> str:
         s = self.settings
