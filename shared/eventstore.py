@@ -7,10 +7,10 @@ so a state change and its publication commit together (DESIGN section 9).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import asyncpg
 
@@ -41,6 +41,17 @@ class HeldAppendsConflictError(ConcurrencyError):
     def __init__(self) -> None:
         Exception.__init__(self, "held appends: a stream moved on before they were written")
         self.stream_id, self.expected, self.actual = "", 0, None
+
+
+@dataclass(frozen=True, slots=True)
+class AlsoWritten:
+    """What a statement that appends writes besides the events: one more `INSERT` (`sql`
+    gives it with its parameters numbered from the one it is passed) and outbox messages,
+    queued after the events' so the relay sends them after the events."""
+
+    sql: Callable[[int], str]
+    arguments: tuple[Any, ...]
+    messages: Sequence[OutboxMessage] = ()
 
 
 @dataclass(slots=True)
@@ -75,14 +86,15 @@ class HeldAppends:
         self.sealed.extend(sealed)
         self.messages.extend(messages)
 
-    async def flush(self) -> None:
-        """Write every held event and its outbox row in one statement; a
-        `HeldAppendsConflictError` when a base is no longer its stream's head (the caller
-        rolls back: events of other streams may have been written)."""
-        if not self.sealed:
+    async def flush(self, also: AlsoWritten | None = None) -> None:
+        """Write every held event and its outbox row in one statement, with `also` (written
+        even when nothing is held); a `HeldAppendsConflictError` when a base is no longer its
+        stream's head (the caller rolls back: events of other streams, and `also`, may have
+        been written)."""
+        if not self.sealed and also is None:
             return
         await insert_events(self.conn, self.schema, self.sealed, self.messages, self.bases,
-                            conflict=HeldAppendsConflictError())
+                            conflict=HeldAppendsConflictError(), also=also)
         self.bases, self.streams, self.sealed, self.messages = {}, {}, [], []
 
 
@@ -338,14 +350,17 @@ class PostgresEventStore:
 
 async def insert_events(conn: asyncpg.Connection, schema: str, sealed: Sequence[EventEnvelope],
                         messages: Sequence[OutboxMessage], bases: dict[str, tuple[int, str]],
-                        *, conflict: ConcurrencyError) -> None:
+                        *, conflict: ConcurrencyError, also: AlsoWritten | None = None) -> None:
     """Insert `sealed` (each stream's events continuing its base in `bases`) and their
-    outbox rows in one statement; raise `conflict` when it inserted none, because a base is
-    not its stream's committed head (another writer got there first, or the base was
-    rolled back). Versions are gapless, so a lost race conflicts on a stream's first event;
-    the rows of other streams it may have inserted are the caller's to roll back."""
+    outbox rows, and `also`, in one statement; raise `conflict` when it inserted none,
+    because a base is not its stream's committed head (another writer got there first, or
+    the base was rolled back). Versions are gapless, so a lost race conflicts on a stream's
+    first event; the rows of other streams (and `also`'s) it may have inserted are the
+    caller's to roll back."""
+    if also is not None:
+        messages = [*messages, *also.messages]
     appended = await conn.fetchval(
-        _append_sql(schema),
+        _append_sql(schema, None if also is None else also.sql(16)),
         [e.stream_id for e in sealed], [e.version for e in sealed],
         [e.event_id for e in sealed], [e.type for e in sealed],
         [e.citizen_ref for e in sealed], [e.occurred_at for e in sealed],
@@ -353,6 +368,7 @@ async def insert_events(conn: asyncpg.Connection, schema: str, sealed: Sequence[
         *outbox_columns(messages),
         list(bases), [version for version, _ in bases.values()],
         [last_hash for _, last_hash in bases.values()],
+        *(() if also is None else also.arguments),
     )
     if appended != len(sealed):
         if appended and len(bases) == 1:
@@ -362,10 +378,13 @@ async def insert_events(conn: asyncpg.Connection, schema: str, sealed: Sequence[
         EVENTS_APPENDED.labels(schema, event.type).inc()
 
 
-def _append_sql(s: str) -> str:
+def _append_sql(s: str, also: str | None = None) -> str:
     """The events (parameters 1-8) inserted only if every base (13-15: stream, version,
     hash; version 0 is the empty stream) is committed, and their outbox rows (9-12) only if
-    every event was inserted; the relay is woken on commit."""
+    every event was inserted, with `also` (its parameters from 16); the relay is woken on
+    commit. (Writes in one statement's WITH run in no set order, so all outbox rows are one
+    `INSERT`: their positions follow the order of its arrays.)"""
+    also_cte = "" if also is None else f", also AS ({also})"
     return f"""
     WITH appended AS (
         INSERT INTO {s}.events
@@ -382,8 +401,8 @@ def _append_sql(s: str) -> str:
         {outbox_insert(s, 9)}
         WHERE (SELECT count(*) FROM appended) = cardinality($2::int[])
         RETURNING 1
-    )
-    SELECT count(*) FROM appended, LATERAL pg_notify('{notify_channel(s)}', '') AS n
+    ){also_cte}
+    SELECT (SELECT count(*) FROM appended) FROM pg_notify('{notify_channel(s)}', '')
     """
 
 

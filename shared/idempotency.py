@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from shared.chain import chain_columns, chain_insert
 from shared.channels import Channel
 from shared.envelope import EventEnvelope
+from shared.eventstore import AlsoWritten
 from shared.intake.messages import Reply
 from shared.outbox import OutboxMessage, notify_channel, outbox_columns, outbox_insert
 from shared.purge import delete_in_batches, delete_in_one_pass
@@ -52,15 +53,29 @@ class StoredReplies:
                      queued: Sequence[OutboxMessage]) -> None:
         """Store the `new` replies and queue `queued` on the outbox, in one statement."""
         await conn.execute(
-            f"WITH stored AS (INSERT INTO {self.schema}.stored_replies"
-            "  (channel, request_id, reply)"
-            "  SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[])),"
+            f"WITH stored AS ({self._insert(1)}),"
             f" queued AS ({outbox_insert(self.schema, 4)})"
             f" SELECT pg_notify('{notify_channel(self.schema)}', '')",
-            [channel.channel_id for channel, _ in new], [reply.request_id for _, reply in new],
-            [seal_reply(channel, reply) for channel, reply in new],
-            *outbox_columns(queued),
+            *self._columns(new), *outbox_columns(queued),
         )
+
+    def written_with(self, new: Sequence[tuple[Channel, Reply]],
+                     queued: Sequence[OutboxMessage]) -> AlsoWritten:
+        """`record` as a part of the statement that writes a batch's held appends
+        (`HeldAppends.flush`): `queued` go on the outbox after the events."""
+        return AlsoWritten(self._insert, self._columns(new), queued)
+
+    def _insert(self, first: int) -> str:
+        return (f"INSERT INTO {self.schema}.stored_replies (channel, request_id, reply)"
+                f" SELECT * FROM unnest(${first}::text[], ${first + 1}::text[],"
+                f" ${first + 2}::bytea[])")
+
+    @staticmethod
+    def _columns(new: Sequence[tuple[Channel, Reply]],
+                 ) -> tuple[list[str], list[str], list[bytes]]:
+        return ([channel.channel_id for channel, _ in new],
+                [reply.request_id for _, reply in new],
+                [seal_reply(channel, reply) for channel, reply in new])
 
     async def purge(self, pool: asyncpg.Pool, older_than: timedelta, batch: int) -> int:
         """Delete stored replies older than `older_than`, and the outbox rows of replies sent

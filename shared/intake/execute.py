@@ -106,12 +106,14 @@ class CommandExecutor:
                                            consistent=consistent)
         if outcomes is None:
             return None
-        if held is not None:
-            await held.flush()  # the events' outbox rows before the replies'
-        await self.replies.record(
-            conn, [(o.command.context.channel, o.reply) for o in outcomes
-                   if o.kept and not o.repeated],
-            [reply_message(o.command.context.channel.channel_id, o.reply) for o in outcomes])
+        new = [(o.command.context.channel, o.reply) for o in outcomes
+               if o.kept and not o.repeated]
+        queued = [reply_message(o.command.context.channel.channel_id, o.reply)
+                  for o in outcomes]
+        if held is not None:  # one statement; the events' outbox rows before the replies'
+            await held.flush(also=self.replies.written_with(new, queued))
+        else:
+            await self.replies.record(conn, new, queued)
         return outcomes
 
     async def _prepared(self, conn: asyncpg.Connection,

@@ -3,6 +3,7 @@ effects it would get alone (DESIGN section 9: idempotent replies, nothing half-a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Collection
@@ -18,6 +19,7 @@ from shared.commands import CommandContext, CommandIntake, CommandRoute, Reply
 from shared.consumer import Inbound
 from shared.errors import DomainError
 from shared.intake.prepare import prepared
+from shared.outbox import notify_channel
 from shared.settings import CardDeskSettings
 from shared.topics import reply_topic
 from tests.support import RecordingDeadLetters
@@ -134,6 +136,22 @@ async def test_a_batch_replies_to_each_command_as_if_it_had_come_alone(
     await intake(pool, schema, dead).handle_batch(batch)
     assert (await queued_replies(pool, schema))[4:] == replies
     assert await notes(pool, schema) == ["one", "two"]
+
+
+async def test_a_batch_that_appends_no_events_still_wakes_the_relay_for_its_replies(
+    pool: asyncpg.Pool, schema: str,
+) -> None:
+    await pool.execute(WRITES_DDL.format(schema=schema))
+    woken = asyncio.Event()
+    def wake(*_: object) -> None:
+        woken.set()
+
+    async with pool.acquire() as listener:
+        await listener.add_listener(notify_channel(schema), wake)
+        await intake(pool, schema, RecordingDeadLetters()).handle_batch([command(0, "one")])
+        await asyncio.wait_for(woken.wait(), 10)
+        await listener.remove_listener(notify_channel(schema), wake)
+    assert [r.data for r in await queued_replies(pool, schema)] == [{"note": "one"}]
 
 
 async def test_a_command_that_fails_undoes_the_batch_and_each_is_run_alone(

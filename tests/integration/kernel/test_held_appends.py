@@ -122,11 +122,9 @@ def command(offset: int, stream: str) -> Inbound:
                     "x-signature": sign(CHANNEL.secret, value).encode()})
 
 
-async def test_a_batch_decided_on_a_cached_state_of_a_rolled_back_write_runs_again(
-    pool: asyncpg.Pool, schema: str,
-) -> None:
-    cache = StateCache()
-
+def counting_intake(pool: asyncpg.Pool, schema: str, cache: StateCache,
+                    dead: RecordingDeadLetters) -> CommandIntake:
+    """A probe service whose command appends one event to the stream it names."""
     async def count(conn: asyncpg.Connection, ctx: CommandContext,
                     payload: Note) -> dict[str, Any]:
         meta = EventMeta(payload.stream, ctx.received_at, ctx.correlation_id, ctx.causation_id)
@@ -135,11 +133,39 @@ async def test_a_batch_decided_on_a_cached_state_of_a_rolled_back_write_runs_aga
                                        meta, cache)
         return {"version": event.version}
 
+    return CommandIntake(pool, schema, ChannelRegistry({CHANNEL.channel_id: CHANNEL}),
+                         {"Count": CommandRoute(Note, count)}, dead,  # type: ignore[arg-type]
+                         lambda: datetime.now(UTC),
+                         settings=CardDeskSettings(consumer_max_attempts=2))
+
+
+async def test_a_batch_writes_its_appends_and_its_replies_in_one_statement(
+    counted: tuple[asyncpg.Pool, list[str]], schema: str,
+) -> None:
+    pool, sent = counted
     dead = RecordingDeadLetters()
-    intake = CommandIntake(pool, schema, ChannelRegistry({CHANNEL.channel_id: CHANNEL}),
-                           {"Count": CommandRoute(Note, count)}, dead,  # type: ignore[arg-type]
-                           lambda: datetime.now(UTC),
-                           settings=CardDeskSettings(consumer_max_attempts=2))
+    intake = counting_intake(pool, schema, StateCache(), dead)
+    sent.clear()
+    await intake.handle_batch([command(0, "x"), command(1, "y"), command(2, "x")])
+
+    writes = [q for q in sent if "INSERT" in q]
+    assert len(writes) == 1, sent
+    assert "stored_replies" in writes[0] and "events" in writes[0]
+    async with pool.acquire() as conn:
+        topics = [r["topic"] for r in await conn.fetch(
+            f"SELECT topic FROM {schema}.outbox ORDER BY position")]
+        assert await conn.fetchval(f"SELECT count(*) FROM {schema}.stored_replies") == 3
+    # The relay sends a reply only after the events queued before it.
+    assert topics == [TOPIC] * 3 + [reply_topic(CHANNEL.channel_id)] * 3
+    assert dead.sent == []
+
+
+async def test_a_batch_decided_on_a_cached_state_of_a_rolled_back_write_runs_again(
+    pool: asyncpg.Pool, schema: str,
+) -> None:
+    cache = StateCache()
+    dead = RecordingDeadLetters()
+    intake = counting_intake(pool, schema, cache, dead)
     await intake.handle_batch([command(0, "stale")])
     # A write that was rolled back left version 2 of "stale" in the cache.
     with contextlib.suppress(RuntimeError):
