@@ -73,6 +73,14 @@ class Meter:
     commands: int = 0
     journeys: int = 0
     failures: list[str] = field(default_factory=list)
+    # Citizens whose journey stopped half-way (a formal loss in force, say): later phases
+    # leave them out, or their first command would be refused and retried until its bound,
+    # stretching that phase past its length and its rate below what was carried.
+    left_behind: set[str] = field(default_factory=set)
+
+    def stopped(self, session: Session, step: str, error: BaseException | str) -> None:
+        self.failures.append(failure(session, step, error))
+        self.left_behind.add(session.citizen.id_number)
 
     async def timed(self, command_type: str, call: Awaitable[Any]) -> Any:
         started = time.monotonic()
@@ -115,6 +123,11 @@ IDLE_WAIT_S = 30.0
 def masked_ref(citizen_ref: str | None) -> str:
     """Enough of a citizen_ref to find the citizen with `cardctl timeline`, no more."""
     return f"{citizen_ref[:9]}…" if citizen_ref else "(not logged in)"
+
+
+def still_going(sessions: list[Session], left_behind: set[str]) -> list[Session]:
+    """The sessions whose citizen no earlier phase left half-way."""
+    return [s for s in sessions if s.citizen.id_number not in left_behind]
 
 
 def failure(session: Session, step: str, error: BaseException | str) -> str:
@@ -198,7 +211,7 @@ async def sustained(journey: Journey, meter: Meter, sessions: list[Session],
                 await again(journey, session, steps)
                 meter.journeys += 1
             except Exception as error:  # a benchmark reports failures, it does not stop
-                meter.failures.append(failure(session, steps.current, error))
+                meter.stopped(session, steps.current, error)
                 continue  # a citizen left half-way is not sent round again
             queue.put_nowait(session)
 
@@ -213,7 +226,14 @@ async def visible_after(client: httpx.AsyncClient, meter: Meter, session: Sessio
     one visibility latency."""
     seen = "no answer"
     while time.monotonic() - sent < VISIBLE_TIMEOUT_S:
-        response = await client.get(f"/v1/citizens/{session.citizen_ref}/card")
+        try:
+            response = await client.get(f"/v1/citizens/{session.citizen_ref}/card")
+        except httpx.TransportError as error:
+            # The server may close a kept-alive connection just as a request goes out on it
+            # (RFC 9112, 9.3.1): a GET is safe to send again.
+            seen = type(error).__name__
+            await asyncio.sleep(0.01)
+            continue
         seen = f"HTTP {response.status_code}"
         if response.status_code == 200:
             seen = f"status {response.json()['status']}"
@@ -251,7 +271,7 @@ async def paced(journey: Journey, meter: Meter, sessions: list[Session], rate: f
             meter.journeys += 1
             idle.put_nowait(session)
         except Exception as error:  # a citizen left half-way is not sent round again
-            meter.failures.append(failure(session, steps.current, error))
+            meter.stopped(session, steps.current, error)
 
     started = time.monotonic()
     tasks = []
@@ -313,6 +333,8 @@ async def run(citizens: int, seconds: float, rates: list[float | str], concurren
                         report=lambda _: None)
     half = len(people) // 2
     all_failures: dict[str, list[str]] = {}
+    # Shared by every phase's meter: a citizen one phase leaves half-way sits out the rest.
+    left_behind: set[str] = set()
     simulator = MeteredSimulator.for_settings(settings)
     simulator.meter = Meter()
     async with simulator as sim:
@@ -324,19 +346,20 @@ async def run(citizens: int, seconds: float, rates: list[float | str], concurren
         # Unmeasured: the restarted services join their consumer groups (seconds, during
         # which the first commands wait) and warm their pools and caches.
         console.print("warming up for 10 s …")
-        simulator.meter = Meter()
+        simulator.meter = Meter(left_behind=left_behind)
         await sustained(journey, simulator.meter, sessions[:20], 20, 10.0)
         await wait_until_drained(admin)
         conn = await asyncpg.connect(settings.database_url)
         sustained_runs: list[dict[str, Any]] = []
         for k in range(runs):
-            meter = Meter()
+            meter = Meter(left_behind=left_behind)
             all_failures[f"sustained run {k + 1}"] = meter.failures
             simulator.meter = meter
             events_before = await count_events(conn)
             console.print(f"sustained phase, run {k + 1}/{runs}: {concurrency} concurrent "
                           f"journeys for {seconds:.0f} s …")
-            elapsed = await sustained(journey, meter, sessions, concurrency, seconds)
+            elapsed = await sustained(journey, meter, still_going(sessions, left_behind),
+                                      concurrency, seconds)
             events = await count_events(conn) - events_before
             sustained_runs.append({
                 "seconds": elapsed, "journeys": meter.journeys, "commands": meter.commands,
@@ -356,13 +379,13 @@ async def run(citizens: int, seconds: float, rates: list[float | str], concurren
             rate = sustained_median / 2 if wanted == HALF else float(wanted)
             runs_at_rate: list[dict[str, Any]] = []
             for k in range(runs):
-                paced_meter = Meter()
+                paced_meter = Meter(left_behind=left_behind)
                 all_failures[f"paced {rate:.0f}/s run {k + 1}"] = paced_meter.failures
                 simulator.meter = paced_meter
                 console.print(f"paced phase, run {k + 1}/{runs}: {rate:.0f} commands/s "
                               f"for {seconds:.0f} s …")
-                paced_elapsed, late = await paced(journey, paced_meter,
-                                                  [Session(c) for c in people[half:]],
+                paced_sessions = still_going([Session(c) for c in people[half:]], left_behind)
+                paced_elapsed, late = await paced(journey, paced_meter, paced_sessions,
                                                   rate, seconds, status_url(settings))
                 runs_at_rate.append({
                     "seconds": paced_elapsed,
@@ -384,7 +407,8 @@ async def run(citizens: int, seconds: float, rates: list[float | str], concurren
     commands = spread([r["commands_per_s"] for r in sustained_runs])
     figures = {"citizens": citizens, "concurrency": concurrency, "runs": runs,
                "sustained": {"commands_per_s": commands, "runs": sustained_runs},
-               "paced": paced_figures, "peak_rss_mb": rss}
+               "paced": paced_figures, "peak_rss_mb": rss,
+               "citizens_left_behind": len(left_behind)}
 
     rows = summary_rows(seconds, commands, sustained_runs, paced_figures, rss)
     print_table(f"journeys on this machine ({citizens} citizens)", rows)
@@ -394,6 +418,8 @@ async def run(citizens: int, seconds: float, rates: list[float | str], concurren
             console.print(f"[red]failed[/] ({phase}) {line}")
         if len(failures) > 20:
             console.print(f"[red]… and {len(failures) - 20} more failures[/] ({phase})")
+    if left_behind:
+        console.print(f"{len(left_behind)} citizen(s) left half-way sat out the later phases")
 
 
 def _over(values: list[dict[str, Any]], key: str, digits: int = 0) -> str:
