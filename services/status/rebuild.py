@@ -2,7 +2,12 @@
 
 1. load: read the event topics from offset 0 up to a snapshot of their ends with a consumer
    of our own (no group, nothing committed), fold every event in memory with the
-   projection's own functions, COPY the rows into `*_next` tables, then index them;
+   projection's own functions, COPY the rows into `*_next` tables, then index them. With
+   `rebuild_processes` > 1 the partition numbers are shared out: a citizen's events are
+   keyed by `citizen_ref`, so they lie in one partition number of every topic, and each
+   process folds its citizens whole. The other processes write their rows and hand back
+   their fold's state; a citizen or an event found by two of them starts the load again in
+   one process;
 2. catch up: read on to the current ends and write what changed, until the lag is small;
 3. swap, in ONE transaction: lock the live tables (the live consumer waits on them), read
    the topics up to their ends *now* — everything the live consumer committed lies below —,
@@ -18,15 +23,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import multiprocessing
+import os
 import re
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from multiprocessing.connection import Connection
 from typing import Any
 
 import asyncpg
 import structlog
+import uvloop
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import Field, ValidationError
@@ -43,6 +53,7 @@ from services.status.timeline import description
 from shared.consumer import Inbound, MessageLimits, Rejected, parse_event
 from shared.contracts import KNOWN_EVENT_TYPES
 from shared.kafka import client_options
+from shared.logging import configure_logging
 
 log = structlog.get_logger()
 
@@ -65,10 +76,21 @@ class RebuildSettings(StatusSettings):
     rebuild_lock_timeout_seconds: float = Field(default=5.0, gt=0)
     rebuild_swap_attempts: int = Field(default=5, gt=0)
     rebuild_stall_timeout_seconds: float = Field(default=60.0, gt=0)
+    # Processes that load (fold and COPY) at once, each a share of the partition numbers;
+    # a log smaller than `rebuild_split_min_events` is loaded by one, as starting another
+    # costs about a second.
+    rebuild_processes: int = Field(default_factory=lambda: min(2, os.cpu_count() or 1),
+                                   ge=1, le=64)
+    rebuild_split_min_events: int = Field(default=100_000, ge=0)
 
 
 class RebuildError(RuntimeError):
     """The rebuild stopped; the live tables are untouched."""
+
+
+class UnsplittableLogError(RebuildError):
+    """Two load processes folded the same citizen or event: the log is not keyed by citizen
+    throughout, so its partitions cannot be loaded apart."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +155,35 @@ class Delta:
     processed: list[tuple[str, str]]
 
 
+_UPDATED_AT = CARD_STATUS_COLUMNS.index("updated_at")
+_LAST_EVENT_ID = CARD_STATUS_COLUMNS.index("last_event_id")
+_SUB_STATES = CARD_STATUS_COLUMNS.index("sub_states")
+
+
+@dataclass(frozen=True, slots=True)
+class FoldState:
+    """What a load process hands back once its rows are written: per citizen what its status
+    row holds of the fold (`updated_at`, `last_event_id`, the sub-states as JSON), every event
+    id it applied, its counts, and where it stopped reading each partition."""
+
+    citizens: dict[str, tuple[datetime, str, str]]
+    seen: set[str]
+    events: int
+    applied: int
+    skipped: int
+    duplicates: int
+    positions: dict[tuple[str, int], int]
+
+    @classmethod
+    def of(cls, fold: ProjectionFold, status: Iterable[tuple[Any, ...]], events: int,
+           positions: Mapping[TopicPartition, int]) -> FoldState:
+        """`status`: the rows `take_all_status` gave, all of this fold's citizens."""
+        return cls({row[0]: (row[_UPDATED_AT], row[_LAST_EVENT_ID], row[_SUB_STATES])
+                    for row in status}, fold.seen, events, fold.applied, fold.skipped,
+                   fold.duplicates, {(tp.topic, tp.partition): at
+                                     for tp, at in positions.items()})
+
+
 class ProjectionFold:
     """The read models in memory, fed message by message as the live consumer is.
 
@@ -148,6 +199,9 @@ class ProjectionFold:
         self.consumer = consumer
         self.limits = limits or MessageLimits()
         self.citizens: dict[str, _Citizen] = {}
+        # Citizens another process folded (`adopt`), kept as their rows hold them until an
+        # event of theirs comes: most never do, and parsing them all would cost seconds.
+        self.adopted: dict[str, tuple[datetime, str, str]] = {}
         self.seen: set[str] = set()
         self.applied = self.skipped = self.duplicates = 0
         self._timeline: list[tuple[Any, ...]] = []
@@ -172,6 +226,10 @@ class ProjectionFold:
             return
         ref, occurred_at = envelope.citizen_ref, envelope.occurred_at
         citizen = self.citizens.get(ref)
+        if citizen is None and ref in self.adopted:
+            updated_at, last_event_id, stored = self.adopted.pop(ref)
+            citizen = self.citizens[ref] = _Citizen(SubStates.model_validate_json(stored),
+                                                    updated_at, last_event_id)
         if citizen is None:
             sub = evolve(SubStates(), event) if event is not None else SubStates()
             self.citizens[ref] = _Citizen(sub, occurred_at, event_id)
@@ -192,6 +250,25 @@ class ProjectionFold:
     def pending_rows(self) -> int:
         return len(self._timeline)
 
+    @property
+    def citizen_count(self) -> int:
+        return len(self.citizens) + len(self.adopted)
+
+    def adopt(self, part: FoldState) -> None:
+        """Carry on from another process's fold of other partitions, whose rows it wrote.
+        Raises `UnsplittableLogError` if both folds hold a citizen or an event id: folded apart,
+        their rows would differ from one fold's."""
+        if not (self.seen.isdisjoint(part.seen)
+                and self.citizens.keys().isdisjoint(part.citizens)
+                and self.adopted.keys().isdisjoint(part.citizens)):
+            raise UnsplittableLogError(
+                "a citizen's events (or an event id) lie in two partition numbers")
+        self.adopted.update(part.citizens)
+        self.seen |= part.seen
+        self.applied += part.applied
+        self.skipped += part.skipped
+        self.duplicates += part.duplicates
+
     def row(self, citizen_ref: str) -> tuple[Any, ...]:
         c = self.citizens[citizen_ref]
         return card_record(status_row(citizen_ref, c.sub, c.updated_at, c.last_event_id))
@@ -206,6 +283,8 @@ class ProjectionFold:
         return delta
 
     def take_all_status(self) -> list[tuple[Any, ...]]:
+        """The status rows of every citizen this fold holds (not of those it adopted, whose
+        rows are written)."""
         self._dirty = set()
         return [self.row(ref) for ref in self.citizens]
 
@@ -228,7 +307,7 @@ class TopicReader:
 
     @property
     def consumer(self) -> AIOKafkaConsumer:
-        """The reading consumer: assigned every partition, no group, nothing committed."""
+        """The reading consumer: no group, nothing committed; `assign` says what it reads."""
         return self._started[1]
 
     @property
@@ -269,8 +348,18 @@ class TopicReader:
         ):
             self._started.append(consumer)
             await consumer.start()
-        self.consumer.assign(self.partitions)
-        await self.consumer.seek_to_beginning(*self.partitions)
+
+    async def assign(self, partitions: Iterable[TopicPartition],
+                     at: Mapping[TopicPartition, int] | None = None) -> None:
+        """Read `partitions` from `at` (from their beginning where it has none)."""
+        partitions = list(partitions)
+        at = at or {}
+        self.consumer.assign(partitions)
+        if fresh := [tp for tp in partitions if tp not in at]:
+            await self.consumer.seek_to_beginning(*fresh)
+        for tp in partitions:
+            if tp in at:
+                self.consumer.seek(tp, at[tp])
 
     async def stop(self) -> None:
         while self._started:
@@ -279,6 +368,22 @@ class TopicReader:
     async def ends(self) -> dict[TopicPartition, int]:
         ends: dict[TopicPartition, int] = await self.offsets.end_offsets(self.partitions)
         return ends
+
+    async def size(self, targets: Mapping[TopicPartition, int]) -> int:
+        """The records from each partition's beginning up to its target."""
+        starts = await self.offsets.beginning_offsets(list(targets))
+        return sum(max(0, end - starts[tp]) for tp, end in targets.items())
+
+    def split(self, processes: int) -> list[frozenset[int]]:
+        """The partition numbers shared out among `processes`, by round robin; one share
+        where the topics differ in partition count (their numbers would not match a
+        citizen's partition of each)."""
+        counts = Counter(tp.topic for tp in self.partitions)
+        numbers = range(max(counts.values(), default=0))
+        if len(set(counts.values())) != 1 or processes <= 1:
+            return [frozenset(numbers)]
+        shares = min(processes, len(numbers))
+        return [frozenset(numbers[i::shares]) for i in range(shares)]
 
     async def lag(self, targets: Mapping[TopicPartition, int]) -> int:
         lag = 0
@@ -477,39 +582,54 @@ async def rebuild(settings: RebuildSettings, *, keep_old: bool = False,
     schema = settings.status_schema
     started = time.monotonic()
     report = RebuildReport()
-    fold = ProjectionFold(limits=MessageLimits.from_settings(settings))
     tables = NextTables(schema)
-    # The fold keeps every citizen's state and every event id until the swap: millions of
-    # long-lived objects, which each full pass of Python's cyclic collector would scan
-    # again (in a rebuild of 390,000 events, 14 full passes took 2.3 s of about 25). Frozen
-    # after each batch, they stay out of its sight until the rebuild ends. What is dropped
-    # is still freed by its reference count; only cyclic garbage frozen with a batch waits
-    # for the end.
-    reader = TopicReader(settings, after_batch=gc.freeze)
     pool = await asyncpg.create_pool(settings.database_url, min_size=2, max_size=4)
+    processes = settings.rebuild_processes
     try:
         async with pool.acquire() as guard:
             if not await guard.fetchval("SELECT pg_try_advisory_lock(hashtext($1))",
                                         f"rebuild:{schema}"):
                 raise RebuildError(f"another rebuild of {schema} is running")
             try:
-                await tables.create(guard)
-                try:
-                    await reader.start()
-                    await _load(settings, pool, reader, fold, tables, report, progress)
-                    await _catch_up(settings, pool, reader, fold, report, progress)
-                    if not allow_shrink:
-                        await _nothing_dropped(guard, schema)
-                    if before_swap is not None:
-                        await before_swap()
-                    report.old_tables = await _swap(settings, guard, reader, fold, tables,
-                                                    report, progress)
-                except BaseException:
-                    with contextlib.suppress(Exception):
-                        await tables.drop(guard)
-                    raise
-                finally:
-                    await reader.stop()
+                while True:
+                    fold = ProjectionFold(limits=MessageLimits.from_settings(settings))
+                    # The fold keeps every citizen's state and every event id until the
+                    # swap: millions of long-lived objects, which each full pass of Python's
+                    # cyclic collector would scan again (in a rebuild of 390,000 events, 14
+                    # full passes took 2.3 s of about 25). Frozen after each batch, they stay
+                    # out of its sight until the rebuild ends. What is dropped is still freed
+                    # by its reference count; only cyclic garbage frozen with a batch waits
+                    # for the end.
+                    reader = TopicReader(settings, after_batch=gc.freeze)
+                    await tables.create(guard)
+                    try:
+                        await reader.start()
+                        await _load(settings, pool, reader, fold, tables, report, progress,
+                                    processes)
+                        await _catch_up(settings, pool, reader, fold, report, progress)
+                        if not allow_shrink:
+                            await _nothing_dropped(guard, schema)
+                        if before_swap is not None:
+                            await before_swap()
+                        report.old_tables = await _swap(settings, guard, reader, fold,
+                                                        tables, report, progress)
+                        break
+                    except UnsplittableLogError as unsplittable:
+                        if processes == 1:
+                            raise  # cannot happen: one fold adopts nothing
+                        log.warning("rebuild.split_mismatch", reason=str(unsplittable),
+                                    action="loading again in one process")
+                        processes = 1
+                        report.phases.clear()
+                        gc.unfreeze()
+                        with contextlib.suppress(Exception):
+                            await tables.drop(guard)
+                    except BaseException:
+                        with contextlib.suppress(Exception):
+                            await tables.drop(guard)
+                        raise
+                    finally:
+                        await reader.stop()
                 if not keep_old:
                     await _drop_old(settings, guard, report.old_tables)
                     report.old_tables = []
@@ -520,7 +640,7 @@ async def rebuild(settings: RebuildSettings, *, keep_old: bool = False,
         gc.unfreeze()
         await pool.close()
     report.applied, report.skipped = fold.applied, fold.skipped
-    report.duplicates, report.citizens = fold.duplicates, len(fold.citizens)
+    report.duplicates, report.citizens = fold.duplicates, fold.citizen_count
     report.seconds = time.monotonic() - started
     log.info("rebuild.done", events=report.events, applied=report.applied,
              skipped=report.skipped, duplicates=report.duplicates, citizens=report.citizens,
@@ -528,25 +648,24 @@ async def rebuild(settings: RebuildSettings, *, keep_old: bool = False,
     return report
 
 
-async def _load(settings: RebuildSettings, pool: asyncpg.Pool, reader: TopicReader,
-                fold: ProjectionFold, tables: NextTables, report: RebuildReport,
-                progress: Callable[[Progress], None]) -> None:
-    """Phase 1: everything up to the snapshot, COPY'd batch by batch while reading on."""
-    phase = PhaseStats("load")
-    started = time.monotonic()
-    targets = await reader.ends()
-    target = await reader.lag(targets)
+async def _read_and_copy(settings: RebuildSettings, pool: asyncpg.Pool, reader: TopicReader,
+                         fold: ProjectionFold, targets: Mapping[TopicPartition, int],
+                         on_count: Callable[[int], None]) -> tuple[int, float,
+                                                                   list[tuple[Any, ...]]]:
+    """Fold the assigned partitions up to `targets`, COPY'ing timeline and processed rows
+    batch by batch while reading on, then every status row. Returns the count read, the
+    seconds spent waiting for a COPY, and the status rows written."""
+    schema = settings.status_schema
     flushing: asyncio.Task[None] | None = None
+    waited = 0.0
 
     async def flush(delta: Delta) -> None:
         async with pool.acquire() as conn:
-            await write_delta(conn, tables.schema, delta, replace=False)
-
-    waited = 0.0
+            await write_delta(conn, schema, delta, replace=False)
 
     async def on_batch(count: int) -> None:
         nonlocal flushing, waited
-        progress(Progress("load", count, target, time.monotonic() - started))
+        on_count(count)
         if fold.pending_rows >= settings.rebuild_batch_rows:
             if flushing is not None:
                 wait_started = time.monotonic()
@@ -556,7 +675,7 @@ async def _load(settings: RebuildSettings, pool: asyncpg.Pool, reader: TopicRead
             flushing = asyncio.create_task(flush(fold.take(with_status=False)))
 
     try:
-        phase.events = await reader.read_to(targets, fold, on_batch=on_batch)
+        events = await reader.read_to(targets, fold, on_batch=on_batch)
         if flushing is not None:
             await flushing
         delta = fold.take(with_status=False)
@@ -565,6 +684,45 @@ async def _load(settings: RebuildSettings, pool: asyncpg.Pool, reader: TopicRead
     finally:
         if flushing is not None and not flushing.done():
             flushing.cancel()
+    return events, waited, delta.status
+
+
+async def _load(settings: RebuildSettings, pool: asyncpg.Pool, reader: TopicReader,
+                fold: ProjectionFold, tables: NextTables, report: RebuildReport,
+                progress: Callable[[Progress], None], processes: int) -> None:
+    """Phase 1: everything up to the snapshot, COPY'd batch by batch while reading on; the
+    first share of the partition numbers here, the others in load processes of their own."""
+    phase = PhaseStats("load")
+    started = time.monotonic()
+    targets = await reader.ends()
+    target = await reader.size(targets)
+    shares = reader.split(processes if target >= settings.rebuild_split_min_events else 1)
+    mine = {tp: end for tp, end in targets.items() if tp.partition in shares[0]}
+    helpers: list[LoadProcess] = []
+    try:
+        for share in shares[1:]:
+            helpers.append(LoadProcess(settings, {tp: end for tp, end in targets.items()
+                                                  if tp.partition in share}))
+
+        def show(own: int) -> None:
+            done = own + sum(helper.count for helper in helpers)
+            progress(Progress("load", done, target, time.monotonic() - started))
+
+        await reader.assign(mine)
+        own, waited, _ = await _read_and_copy(settings, pool, reader, fold, mine, show)
+        phase.events = own
+        at = {tp: await reader.consumer.position(tp) for tp in mine}
+        for helper in helpers:
+            part = await helper.result(lambda: show(own))
+            fold.adopt(part)
+            phase.events += part.events
+            at.update({TopicPartition(topic, partition): position
+                       for (topic, partition), position in part.positions.items()})
+        # The catch-up reads every partition on from where its process stopped.
+        await reader.assign(targets, at)
+    finally:
+        for helper in helpers:
+            helper.stop()
     loaded = time.monotonic()
 
     async def index(table: str) -> None:
@@ -576,8 +734,97 @@ async def _load(settings: RebuildSettings, pool: asyncpg.Pool, reader: TopicRead
     phase.seconds = time.monotonic() - started
     report.phases.append(phase)
     log.info("rebuild.loaded", events=phase.events, seconds=round(phase.seconds, 3),
-             events_per_s=round(phase.rate), citizens=len(fold.citizens),
-             copy_wait_s=round(waited, 3), index_s=round(phase.seconds - (loaded - started), 3))
+             events_per_s=round(phase.rate), citizens=fold.citizen_count,
+             processes=len(shares), copy_wait_s=round(waited, 3),
+             index_s=round(phase.seconds - (loaded - started), 3))
+
+
+# --- load processes --------------------------------------------------------------------
+
+
+class LoadProcess:
+    """A process (spawned: a fork of a running event loop is unsafe) that loads some
+    partitions up to their targets into the next tables and hands back its fold's state.
+    `count` is what it has read so far."""
+
+    def __init__(self, settings: RebuildSettings, targets: Mapping[TopicPartition, int]) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._results, sending = context.Pipe(duplex=False)
+        self._count = context.Value("q", 0, lock=False)
+        self.process = context.Process(
+            target=_load_process, name="carddesk-rebuild-load", daemon=True,
+            args=(settings, [(tp.topic, tp.partition, end) for tp, end in targets.items()],
+                  sending, self._count))
+        self.process.start()
+        sending.close()  # the child's end only: its exit is then our end-of-file
+
+    @property
+    def count(self) -> int:
+        return int(self._count.value)
+
+    async def result(self, tick: Callable[[], None]) -> FoldState:
+        """Its fold's state once it is done; `tick` every half second meanwhile. Ends when the
+        process does: a process that dies without a result is a `RebuildError`."""
+        receiving = asyncio.ensure_future(asyncio.to_thread(self._results.recv))
+        try:
+            while not receiving.done():
+                await asyncio.wait({receiving}, timeout=0.5)
+                tick()
+        finally:
+            # Cancelled here: the thread ends when `stop` ends the process; nobody waits.
+            receiving.cancel()
+        try:
+            outcome, value = receiving.result()
+        except EOFError:
+            raise RebuildError("a load process ended without handing back its fold (exit code"
+                               f" {self.process.exitcode})") from None
+        if outcome != "ok":
+            raise RebuildError(f"a load process failed: {value}")
+        state: FoldState = value
+        return state
+
+    def stop(self) -> None:
+        """Ends the process if it still runs (the rebuild failed elsewhere)."""
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=10)
+        self._results.close()
+
+
+def _load_process(settings: RebuildSettings, targets: list[tuple[str, int, int]],
+                  results: Connection, count: Any) -> None:
+    """A load process's body: ("ok", FoldState) or ("error", what went wrong) down `results`."""
+    configure_logging("status-rebuild", "WARNING")
+    try:
+        state = uvloop.run(_load_share(settings, {TopicPartition(topic, partition): end
+                                                  for topic, partition, end in targets},
+                                       count))
+        results.send(("ok", state))
+    except BaseException as error:  # interrupted too: the parent hears of it at once
+        results.send(("error", f"{type(error).__name__}: {error}"))
+    finally:
+        results.close()
+
+
+async def _load_share(settings: RebuildSettings, targets: Mapping[TopicPartition, int],
+                      count: Any) -> FoldState:
+    fold = ProjectionFold(limits=MessageLimits.from_settings(settings))
+    reader = TopicReader(settings, after_batch=gc.freeze)  # as in the parent, see `rebuild`
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
+    try:
+        await reader.start()
+        await reader.assign(targets)
+
+        def counted(events: int) -> None:
+            count.value = events
+
+        events, _, status = await _read_and_copy(settings, pool, reader, fold, targets,
+                                                 counted)
+        positions = {tp: await reader.consumer.position(tp) for tp in targets}
+    finally:
+        await reader.stop()
+        await pool.close()
+    return FoldState.of(fold, status, events, positions)
 
 
 async def _catch_up(settings: RebuildSettings, pool: asyncpg.Pool, reader: TopicReader,

@@ -96,7 +96,8 @@ async def test_a_rebuild_amid_thirty_journeys_leaves_no_row_stale_and_no_event_l
         await eventually(projected, timeout_s=60)
 
     try:
-        report = await rebuild(RebuildSettings(),
+        # Two load processes, as a log of 100,000 events or more would have.
+        report = await rebuild(RebuildSettings(rebuild_processes=2, rebuild_split_min_events=0),
                                before_swap=commands_kept_flowing_and_were_projected_live)
         outcomes = await driving
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import multiprocessing
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+import structlog
 from aiokafka import AIOKafkaProducer
 
 from services.status.adapters import card_record, status_follower
@@ -23,6 +25,7 @@ from services.status.projection import CardStatusRow, project
 from services.status.rebuild import (
     CARD_STATUS_COLUMNS,
     TIMELINE_COLUMNS,
+    Progress,
     RebuildError,
     RebuildSettings,
     rebuild,
@@ -90,9 +93,13 @@ class Isolated:
                                               key=envelope.citizen_ref.encode())
             self.sent.append((topic, envelope))
 
-    async def send_raw(self, topic: str, value: bytes, key: str) -> None:
-        await self.producer.send_and_wait(self.settings.consumed_topics()[topic], value=value,
-                                          key=key.encode())
+    async def send_raw(self, topic: str, value: bytes, key: str,
+                       partition: int | None = None) -> int:
+        """Sends as a (dishonest) producer would; the partition it went to."""
+        metadata = await self.producer.send_and_wait(self.settings.consumed_topics()[topic],
+                                                     value=value, key=key.encode(),
+                                                     partition=partition)
+        return int(metadata.partition)
 
     async def all_applied(self) -> None:
         """Wait until the timeline holds every event sent (over the query API)."""
@@ -165,6 +172,9 @@ async def isolated(settings: CardDeskSettings) -> AsyncIterator[Isolated]:
         status_topic_prefix=f"{suffix}.",
         rebuild_batch_rows=7,  # several COPY batches even for a few events
         rebuild_swap_max_lag=0,
+        # Two load processes even for a few events: every test here goes through the split.
+        rebuild_processes=2,
+        rebuild_split_min_events=0,
     )
     # The service's schema is the one its rebuild settings name.
     async with isolated_status_service(settings, rebuild_settings,
@@ -267,7 +277,9 @@ async def test_the_fold_is_out_of_the_cyclic_collectors_sight_until_the_rebuild_
     async def count_frozen_objects() -> None:
         frozen.append(gc.get_freeze_count())
 
-    await rebuild(isolated.settings, before_swap=count_frozen_objects)
+    # In one process: the citizen's partition may be in the other process's share.
+    await rebuild(isolated.settings.model_copy(update={"rebuild_processes": 1}),
+                  before_swap=count_frozen_objects)
 
     assert frozen[0] > 0  # the batches read so far, the fold among them
     assert gc.get_freeze_count() == 0  # given back to the collector
@@ -312,3 +324,61 @@ async def test_live_rows_the_topics_do_not_explain_stop_the_swap(
     assert await read_tables(settings, schema) == before
     await rebuild(isolated.settings, allow_shrink=True)
     assert "cr-elsewhere" not in (await read_tables(settings, schema)).status
+
+
+async def test_an_event_in_two_partition_numbers_has_the_log_loaded_again_in_one_process(
+    isolated: Isolated, settings: CardDeskSettings,
+) -> None:
+    assert settings.partitions >= 2, "the split needs two partition numbers"
+    citizens = [Citizen() for _ in range(4)]
+    for citizen in citizens:
+        await isolated.send(citizen.journey(5))
+    # A producer that republishes an event under another key: a copy in the partition number
+    # the other load process reads. The live consumer skips it as seen before.
+    topic, first = isolated.sent[0]
+    home = await isolated.send_raw(topic, first.to_bytes(), first.citizen_ref)
+    await isolated.send_raw(topic, first.to_bytes(), first.citizen_ref,
+                            partition=(home + 1) % settings.partitions)
+    await isolated.all_applied()
+    schema = isolated.settings.status_schema
+    before = await read_tables(settings, schema)
+
+    with structlog.testing.capture_logs() as logs:
+        report = await rebuild(isolated.settings)
+
+    after = await read_tables(settings, schema)
+    status, timeline = isolated.pure_fold()
+    assert after.status == before.status == status
+    assert after.timeline == before.timeline == timeline
+    assert after.names == before.names
+    assert [e["action"] for e in logs if e["event"] == "rebuild.split_mismatch"] == [
+        "loading again in one process"]
+    assert [phase.name for phase in report.phases] == ["load", "catch-up", "swap"]
+    assert (report.applied, report.duplicates) == (len(isolated.sent), 2)
+
+
+async def test_a_load_process_that_dies_fails_the_rebuild_and_leaves_the_live_tables(
+    isolated: Isolated, settings: CardDeskSettings,
+) -> None:
+    for citizen in [Citizen() for _ in range(6)]:
+        await isolated.send(citizen.journey(4))
+    await isolated.all_applied()
+    schema = isolated.settings.status_schema
+    before = await read_tables(settings, schema)
+    killed: list[int] = []
+
+    def kill_the_load_process(step: Progress) -> None:
+        for child in multiprocessing.active_children():
+            if child.name == "carddesk-rebuild-load" and child.pid not in killed:
+                killed.append(child.pid or 0)
+                child.kill()
+
+    with pytest.raises(RebuildError, match="ended without handing back its fold"):
+        await rebuild(isolated.settings, progress=kill_the_load_process)
+
+    assert len(killed) == 1
+    assert await read_tables(settings, schema) == before  # no next table left either
+    assert not [c for c in multiprocessing.active_children()
+                if c.name == "carddesk-rebuild-load"]
+    await rebuild(isolated.settings)  # nothing in the way of the next one
+    assert await read_tables(settings, schema) == before

@@ -1,6 +1,7 @@
 """The fast paths give exactly what the exact ones give: `parse_event`'s orjson path takes only
 what its exact path takes, as the same envelope; the rebuild's fold gives the same status and
-timeline rows as the live projection, and skips what the live consumer refuses."""
+timeline rows as the live projection, and skips what the live consumer refuses; a fold that
+adopts another process's fold carries on as one fold would."""
 
 from __future__ import annotations
 
@@ -10,10 +11,17 @@ import uuid
 from datetime import timedelta
 
 import pytest
+from aiokafka import TopicPartition
 
 from services.status.adapters import card_record, status_follower
 from services.status.projection import CardStatusRow, project
-from services.status.rebuild import ProjectionFold
+from services.status.rebuild import (
+    FoldState,
+    ProjectionFold,
+    RebuildSettings,
+    TopicReader,
+    UnsplittableLogError,
+)
 from services.status.timeline import timeline_entry
 from shared.consumer import Inbound, MessageLimits, Rejected, _parse_exact, _parse_fast
 from shared.contracts import KNOWN_EVENT_TYPES, loss, review
@@ -193,3 +201,91 @@ def test_a_redelivered_event_and_unprocessable_messages_are_skipped() -> None:
 
     assert (fold.applied, fold.duplicates, fold.skipped) == (1, 1, 3)
     assert [row[1] for row in fold.take(with_status=False).timeline] == [str(first.event_id)]
+
+
+def journeys(citizens: int) -> list[tuple[str, EventEnvelope]]:
+    """Whole journeys of `citizens`, one citizen after the other, topic by topic."""
+    arrivals: list[tuple[str, EventEnvelope]] = []
+    for k in range(citizens):
+        topics = whole_journey(Streams(start=T0 + timedelta(minutes=k)))
+        arrivals += [(topic, e) for topic, events in topics.items() for e in events]
+    return arrivals
+
+
+def handed_back(fold: ProjectionFold, events: int) -> FoldState:
+    """What a load process sends its parent: the state of a fold whose rows it wrote."""
+    return FoldState.of(fold, fold.take_all_status(), events, {})
+
+
+def test_a_fold_that_adopts_another_folds_citizens_carries_on_as_one_fold() -> None:
+    arrivals = journeys(4)
+    by_citizen: dict[str, list[tuple[str, EventEnvelope]]] = {}
+    for arrival in arrivals:
+        by_citizen.setdefault(arrival[1].citizen_ref, []).append(arrival)
+    refs = sorted(by_citizen)
+    # Each citizen's first events are loaded (two processes, two citizens each), the rest
+    # come in the catch-up.
+    loaded = {ref: by_citizen[ref][:-3] for ref in refs}
+    later = [arrival for ref in refs for arrival in by_citizen[ref][-3:]]
+    parent, other = ProjectionFold(), ProjectionFold()
+    for index, ref in enumerate(refs):
+        for offset, (topic, envelope) in enumerate(loaded[ref]):
+            (parent if index % 2 else other).add(topic, message(topic, envelope.to_bytes(),
+                                                                offset))
+    written = {row[0]: row for row in parent.take_all_status()}
+    parent.take(with_status=False)
+    other_rows = other.take_all_status()
+    written |= {row[0]: row for row in other_rows}
+    part = FoldState.of(other, other_rows, sum(len(loaded[ref]) for ref in refs[::2]), {})
+
+    parent.adopt(part)
+    # A redelivered event of an adopted citizen is a duplicate here too.
+    topic, again = loaded[refs[0]][0]
+    parent.add(topic, message(topic, again.to_bytes(), 99))
+    for offset, (topic, envelope) in enumerate(later):
+        parent.add(topic, message(topic, envelope.to_bytes(), 100 + offset))
+    delta = parent.take(with_status=True)
+
+    whole = ProjectionFold()
+    for offset, (topic, envelope) in enumerate(arrivals):
+        whole.add(topic, message(topic, envelope.to_bytes(), offset))
+    expected = {row[0]: row for row in whole.take_all_status()}
+    assert written | {row[0]: row for row in delta.status} == expected == live_fold(arrivals)
+    assert (parent.applied, parent.duplicates, parent.skipped) == (len(arrivals), 1, 0)
+    assert parent.citizen_count == 4
+    assert set(parent.citizens) == set(refs)  # all four had events after the load
+
+
+def test_two_folds_that_share_a_citizen_or_an_event_cannot_be_joined() -> None:
+    [(topic, first), (topic2, second), *_] = journeys(1)
+    left, right, copy = ProjectionFold(), ProjectionFold(), ProjectionFold()
+    left.add(topic, message(topic, first.to_bytes()))
+    right.add(topic2, message(topic2, second.to_bytes()))  # the same citizen, another event
+    copy.add(topic, message(topic, first.to_bytes()))
+    with pytest.raises(UnsplittableLogError, match="two partition numbers"):
+        left.adopt(handed_back(right, 1))
+    stranger = ProjectionFold()
+    [(topic3, elsewhere), *_] = journeys(1)
+    stranger.add(topic3, message(topic3, elsewhere.to_bytes()))
+    stranger.seen.add(str(first.event_id))  # as if `first` had come in another partition
+    with pytest.raises(UnsplittableLogError):
+        left.adopt(handed_back(stranger, 2))
+    assert left.citizen_count == 1  # nothing was taken over
+
+
+def reader_of(partitions: dict[str, int]) -> TopicReader:
+    reader = TopicReader(RebuildSettings())
+    reader.partitions = [TopicPartition(topic, p) for topic, count in partitions.items()
+                         for p in range(count)]
+    return reader
+
+
+def test_partition_numbers_are_shared_out_only_where_every_topic_has_them_all() -> None:
+    six = reader_of({"a": 6, "b": 6})
+    assert six.split(2) == [frozenset({0, 2, 4}), frozenset({1, 3, 5})]
+    assert six.split(4) == [frozenset({0, 4}), frozenset({1, 5}), frozenset({2}),
+                            frozenset({3})]
+    assert six.split(1) == [frozenset(range(6))]
+    assert reader_of({"a": 1, "b": 1}).split(2) == [frozenset({0})]
+    # Citizen x's events may sit in partition 5 of `a` but in partition 2 of `b`.
+    assert reader_of({"a": 6, "b": 3}).split(2) == [frozenset(range(6))]
