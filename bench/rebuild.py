@@ -131,7 +131,7 @@ async def rebuild_once(settings: RebuildSettings, schema: str) -> dict[str, Any]
     return {"rebuild_seconds": elapsed,
             "phases": [{"phase": p.name, "seconds": p.seconds, "events": p.events}
                        for p in report.phases],
-            "rows": rows, "rows_active": active}
+            "rows": rows, "rows_active": active, "load_processes": report.load_processes}
 
 
 async def main(citizens: int, runs: int) -> None:
@@ -162,6 +162,7 @@ async def main(citizens: int, runs: int) -> None:
          peer_ratio(rate["median"], "projection_events_per_s")),
         *((f"  phase {p['phase']} (s, last run)", f"{p['seconds']:.1f}")
           for p in last["phases"]),
+        ("  load processes (last run)", str(last["load_processes"])),
         ("card_status rows / ACTIVE (last run)", f"{last['rows']:,} / {last['rows_active']:,}"),
     ])
     console.print(f"written {write_result('rebuild', figures)}")

@@ -36,7 +36,8 @@ def _print_report(report: RebuildReport) -> None:
     console.print(table)
     console.print(f"{report.applied:,} events applied for {report.citizens:,} citizens; "
                   f"{report.duplicates:,} duplicates and {report.skipped:,} unprocessable "
-                  "messages skipped (as the live consumer does)")
+                  "messages skipped (as the live consumer does); loaded in "
+                  f"{report.load_processes} process{'es' if report.load_processes > 1 else ''}")
     if report.old_tables:
         console.print(f"kept the replaced tables: {', '.join(report.old_tables)}")
 

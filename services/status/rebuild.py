@@ -125,6 +125,7 @@ class RebuildReport:
     citizens: int = 0
     seconds: float = 0.0
     old_tables: list[str] = field(default_factory=list)
+    load_processes: int = 1
 
     @property
     def events(self) -> int:
@@ -733,6 +734,7 @@ async def _load(settings: RebuildSettings, pool: asyncpg.Pool, reader: TopicRead
     await asyncio.gather(*(index(table) for table in LIVE_TABLES))
     phase.seconds = time.monotonic() - started
     report.phases.append(phase)
+    report.load_processes = len(shares)
     log.info("rebuild.loaded", events=phase.events, seconds=round(phase.seconds, 3),
              events_per_s=round(phase.rate), citizens=fold.citizen_count,
              processes=len(shares), copy_wait_s=round(waited, 3),

@@ -208,6 +208,7 @@ async def test_after_the_swap_the_rows_are_those_of_the_live_tables_and_of_a_pur
     assert after.names == before.names  # the same tables and index names; none old, none next
     assert (report.applied, report.duplicates, report.skipped) == (len(isolated.sent), 1, 1)
     assert report.citizens == len(citizens)
+    assert report.load_processes == 2
 
 
 async def test_the_running_service_applies_new_events_to_the_new_tables(
@@ -355,6 +356,7 @@ async def test_an_event_in_two_partition_numbers_has_the_log_loaded_again_in_one
         "loading again in one process"]
     assert [phase.name for phase in report.phases] == ["load", "catch-up", "swap"]
     assert (report.applied, report.duplicates) == (len(isolated.sent), 2)
+    assert report.load_processes == 1
 
 
 async def test_a_load_process_that_dies_fails_the_rebuild_and_leaves_the_live_tables(
