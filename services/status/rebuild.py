@@ -28,7 +28,7 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from multiprocessing.connection import Connection
@@ -175,14 +175,18 @@ class FoldState:
     duplicates: int
     positions: dict[tuple[str, int], int]
 
+    @staticmethod
+    def compact(status: Iterable[tuple[Any, ...]]) -> dict[str, tuple[datetime, str, str]]:
+        """What `citizens` keeps of status rows."""
+        return {row[0]: (row[_UPDATED_AT], row[_LAST_EVENT_ID], row[_SUB_STATES])
+                for row in status}
+
     @classmethod
-    def of(cls, fold: ProjectionFold, status: Iterable[tuple[Any, ...]], events: int,
-           positions: Mapping[TopicPartition, int]) -> FoldState:
-        """`status`: the rows `take_all_status` gave, all of this fold's citizens."""
-        return cls({row[0]: (row[_UPDATED_AT], row[_LAST_EVENT_ID], row[_SUB_STATES])
-                    for row in status}, fold.seen, events, fold.applied, fold.skipped,
-                   fold.duplicates, {(tp.topic, tp.partition): at
-                                     for tp, at in positions.items()})
+    def of(cls, fold: ProjectionFold, citizens: dict[str, tuple[datetime, str, str]],
+           events: int, positions: Mapping[TopicPartition, int]) -> FoldState:
+        """`citizens`: `compact` of every status row the fold gave."""
+        return cls(citizens, fold.seen, events, fold.applied, fold.skipped, fold.duplicates,
+                   {(tp.topic, tp.partition): at for tp, at in positions.items()})
 
 
 class ProjectionFold:
@@ -286,8 +290,14 @@ class ProjectionFold:
     def take_all_status(self) -> list[tuple[Any, ...]]:
         """The status rows of every citizen this fold holds (not of those it adopted, whose
         rows are written)."""
+        return [row for rows in self.all_status(max(1, len(self.citizens))) for row in rows]
+
+    def all_status(self, size: int) -> Iterator[list[tuple[Any, ...]]]:
+        """`take_all_status`, `size` rows at a time."""
         self._dirty = set()
-        return [self.row(ref) for ref in self.citizens]
+        refs = list(self.citizens)
+        for start in range(0, len(refs), size):
+            yield [self.row(ref) for ref in refs[start:start + size]]
 
 
 # --- reading the topics ------------------------------------------------------------------
@@ -651,22 +661,27 @@ async def rebuild(settings: RebuildSettings, *, keep_old: bool = False,
 
 async def _read_and_copy(settings: RebuildSettings, pool: asyncpg.Pool, reader: TopicReader,
                          fold: ProjectionFold, targets: Mapping[TopicPartition, int],
-                         on_count: Callable[[int], None]) -> tuple[int, float,
-                                                                   list[tuple[Any, ...]]]:
+                         on_progress: Callable[[int], None], *, hand_back: bool = False,
+                         ) -> tuple[int, float, dict[str, tuple[datetime, str, str]]]:
     """Fold the assigned partitions up to `targets`, COPY'ing timeline and processed rows
-    batch by batch while reading on, then every status row. Returns the count read, the
-    seconds spent waiting for a COPY, and the status rows written."""
+    batch by batch while reading on, then every status row, `rebuild_batch_rows` at a time.
+    `on_progress(events read)` runs after each batch read and each COPY. Returns the count
+    read, the seconds spent waiting for a COPY, and with `hand_back` `FoldState.compact` of
+    the status rows written."""
     schema = settings.status_schema
     flushing: asyncio.Task[None] | None = None
     waited = 0.0
+    read = 0
 
     async def flush(delta: Delta) -> None:
         async with pool.acquire() as conn:
             await write_delta(conn, schema, delta, replace=False)
+        on_progress(read)
 
     async def on_batch(count: int) -> None:
-        nonlocal flushing, waited
-        on_count(count)
+        nonlocal flushing, waited, read
+        read = count
+        on_progress(count)
         if fold.pending_rows >= settings.rebuild_batch_rows:
             if flushing is not None:
                 wait_started = time.monotonic()
@@ -675,17 +690,20 @@ async def _read_and_copy(settings: RebuildSettings, pool: asyncpg.Pool, reader: 
             # One COPY runs while the next batch is read and folded.
             flushing = asyncio.create_task(flush(fold.take(with_status=False)))
 
+    handed: dict[str, tuple[datetime, str, str]] = {}
     try:
         events = await reader.read_to(targets, fold, on_batch=on_batch)
         if flushing is not None:
             await flushing
-        delta = fold.take(with_status=False)
-        delta.status = fold.take_all_status()
-        await flush(delta)
+        await flush(fold.take(with_status=False))
+        for rows in fold.all_status(settings.rebuild_batch_rows):
+            await flush(Delta(rows, [], []))
+            if hand_back:
+                handed.update(FoldState.compact(rows))
     finally:
         if flushing is not None and not flushing.done():
             flushing.cancel()
-    return events, waited, delta.status
+    return events, waited, handed
 
 
 async def _load(settings: RebuildSettings, pool: asyncpg.Pool, reader: TopicReader,
@@ -714,7 +732,8 @@ async def _load(settings: RebuildSettings, pool: asyncpg.Pool, reader: TopicRead
         phase.events = own
         at = {tp: await reader.consumer.position(tp) for tp in mine}
         for helper in helpers:
-            part = await helper.result(lambda: show(own))
+            part = await helper.result(lambda: show(own),
+                                       settings.rebuild_stall_timeout_seconds)
             fold.adopt(part)
             phase.events += part.events
             at.update({TopicPartition(topic, partition): position
@@ -753,10 +772,11 @@ class LoadProcess:
         context = multiprocessing.get_context("spawn")
         self._results, sending = context.Pipe(duplex=False)
         self._count = context.Value("q", 0, lock=False)
+        self._beats = context.Value("q", 0, lock=False)  # one per batch read, per COPY
         self.process = context.Process(
             target=_load_process, name="carddesk-rebuild-load", daemon=True,
             args=(settings, [(tp.topic, tp.partition, end) for tp, end in targets.items()],
-                  sending, self._count))
+                  sending, self._count, self._beats))
         self.process.start()
         sending.close()  # the child's end only: its exit is then our end-of-file
 
@@ -764,14 +784,25 @@ class LoadProcess:
     def count(self) -> int:
         return int(self._count.value)
 
-    async def result(self, tick: Callable[[], None]) -> FoldState:
-        """Its fold's state once it is done; `tick` every half second meanwhile. Ends when the
-        process does: a process that dies without a result is a `RebuildError`."""
+    @property
+    def beats(self) -> int:
+        return int(self._beats.value)
+
+    async def result(self, tick: Callable[[], None], stall_timeout_s: float) -> FoldState:
+        """Its fold's state once it is done; `tick` every half second meanwhile. A process
+        that dies without a result, or that neither reads nor writes for `stall_timeout_s`
+        while we wait, is a `RebuildError` (and `stop` ends it)."""
         receiving = asyncio.ensure_future(asyncio.to_thread(self._results.recv))
+        seen, moved = self.beats, time.monotonic()
         try:
             while not receiving.done():
                 await asyncio.wait({receiving}, timeout=0.5)
                 tick()
+                if self.beats != seen:
+                    seen, moved = self.beats, time.monotonic()
+                elif not receiving.done() and time.monotonic() - moved > stall_timeout_s:
+                    raise RebuildError(f"a load process read and wrote nothing for"
+                                       f" {stall_timeout_s:g} s (at {self.count:,} events)")
         finally:
             # Cancelled here: the thread ends when `stop` ends the process; nobody waits.
             receiving.cancel()
@@ -794,13 +825,13 @@ class LoadProcess:
 
 
 def _load_process(settings: RebuildSettings, targets: list[tuple[str, int, int]],
-                  results: Connection, count: Any) -> None:
+                  results: Connection, count: Any, beats: Any) -> None:
     """A load process's body: ("ok", FoldState) or ("error", what went wrong) down `results`."""
     configure_logging("status-rebuild", "WARNING")
     try:
         state = uvloop.run(_load_share(settings, {TopicPartition(topic, partition): end
                                                   for topic, partition, end in targets},
-                                       count))
+                                       count, beats))
         results.send(("ok", state))
     except BaseException as error:  # interrupted too: the parent hears of it at once
         results.send(("error", f"{type(error).__name__}: {error}"))
@@ -809,7 +840,7 @@ def _load_process(settings: RebuildSettings, targets: list[tuple[str, int, int]]
 
 
 async def _load_share(settings: RebuildSettings, targets: Mapping[TopicPartition, int],
-                      count: Any) -> FoldState:
+                      count: Any, beats: Any) -> FoldState:
     fold = ProjectionFold(limits=MessageLimits.from_settings(settings))
     reader = TopicReader(settings, after_batch=gc.freeze)  # as in the parent, see `rebuild`
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
@@ -819,14 +850,15 @@ async def _load_share(settings: RebuildSettings, targets: Mapping[TopicPartition
 
         def counted(events: int) -> None:
             count.value = events
+            beats.value += 1
 
-        events, _, status = await _read_and_copy(settings, pool, reader, fold, targets,
-                                                 counted)
+        events, _, citizens = await _read_and_copy(settings, pool, reader, fold, targets,
+                                                   counted, hand_back=True)
         positions = {tp: await reader.consumer.position(tp) for tp in targets}
     finally:
         await reader.stop()
         await pool.close()
-    return FoldState.of(fold, status, events, positions)
+    return FoldState.of(fold, citizens, events, positions)
 
 
 async def _catch_up(settings: RebuildSettings, pool: asyncpg.Pool, reader: TopicReader,

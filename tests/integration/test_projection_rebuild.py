@@ -8,6 +8,8 @@ import asyncio
 import gc
 import json
 import multiprocessing
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -383,4 +385,29 @@ async def test_a_load_process_that_dies_fails_the_rebuild_and_leaves_the_live_ta
     assert not [c for c in multiprocessing.active_children()
                 if c.name == "carddesk-rebuild-load"]
     await rebuild(isolated.settings)  # nothing in the way of the next one
+    assert await read_tables(settings, schema) == before
+
+
+async def test_a_load_process_that_stops_reading_is_ended_within_the_stall_timeout(
+    isolated: Isolated, settings: CardDeskSettings,
+) -> None:
+    for citizen in [Citizen() for _ in range(6)]:
+        await isolated.send(citizen.journey(4))
+    await isolated.all_applied()
+    schema = isolated.settings.status_schema
+    before = await read_tables(settings, schema)
+    stopped: list[multiprocessing.process.BaseProcess] = []
+
+    def freeze_the_load_process(step: Progress) -> None:
+        for child in multiprocessing.active_children():
+            if child.name == "carddesk-rebuild-load" and child not in stopped and child.pid:
+                stopped.append(child)
+                os.kill(child.pid, signal.SIGSTOP)  # alive, but reads nothing any more
+
+    impatient = isolated.settings.model_copy(update={"rebuild_stall_timeout_seconds": 2.0})
+    with pytest.raises(RebuildError, match="a load process read and wrote nothing for 2 s"):
+        await asyncio.wait_for(rebuild(impatient, progress=freeze_the_load_process), 60)
+
+    assert len(stopped) == 1
+    assert not stopped[0].is_alive()  # ended, not left stopped
     assert await read_tables(settings, schema) == before

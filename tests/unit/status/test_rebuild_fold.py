@@ -214,7 +214,7 @@ def journeys(citizens: int) -> list[tuple[str, EventEnvelope]]:
 
 def handed_back(fold: ProjectionFold, events: int) -> FoldState:
     """What a load process sends its parent: the state of a fold whose rows it wrote."""
-    return FoldState.of(fold, fold.take_all_status(), events, {})
+    return FoldState.of(fold, FoldState.compact(fold.take_all_status()), events, {})
 
 
 def test_a_fold_that_adopts_another_folds_citizens_carries_on_as_one_fold() -> None:
@@ -236,7 +236,8 @@ def test_a_fold_that_adopts_another_folds_citizens_carries_on_as_one_fold() -> N
     parent.take(with_status=False)
     other_rows = other.take_all_status()
     written |= {row[0]: row for row in other_rows}
-    part = FoldState.of(other, other_rows, sum(len(loaded[ref]) for ref in refs[::2]), {})
+    part = FoldState.of(other, FoldState.compact(other_rows),
+                        sum(len(loaded[ref]) for ref in refs[::2]), {})
 
     parent.adopt(part)
     # A redelivered event of an adopted citizen is a duplicate here too.
