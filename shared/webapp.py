@@ -49,7 +49,18 @@ def runtime_lifespan(runtime: ServiceRuntime, *,
     return lifespan
 
 
+def server_config(app: Starlette, host: str, port: int, *,
+                  access_log: bool = True) -> uvicorn.Config:
+    """uvicorn's settings for `app`, logging through the service's structlog configuration.
+
+    The HTTP parser is named, not left to uvicorn: it would take httptools wherever that is
+    installed, and it buffers a request's headers for httptools without bound (a 20 MB
+    header was answered 200; README, "Tried and not kept"). h11 refuses a request line and
+    headers over 16 KB."""
+    return uvicorn.Config(app, host=host, port=port, log_config=None, access_log=access_log,
+                          http="h11")
+
+
 async def serve(app: Starlette, host: str, port: int, *, access_log: bool = True) -> None:
-    """Serve `app` with uvicorn, logging through the service's structlog configuration."""
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=access_log)
-    await uvicorn.Server(config).serve()
+    """Serve `app` with uvicorn (`server_config`)."""
+    await uvicorn.Server(server_config(app, host, port, access_log=access_log)).serve()
