@@ -12,6 +12,7 @@ it failed."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -20,6 +21,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from shared.kafka import client_options
+from shared.metrics import BARRIER_WAIT
 from shared.progress import FollowerProgress
 from shared.settings import CardDeskSettings
 
@@ -149,7 +151,14 @@ class FollowerBarrier:
 
     async def caught_up(self) -> bool:
         """Wait (at most `timeout_s`) until the followers have committed past every event
-        published before this call; False when the wait runs out or Kafka cannot tell."""
+        published before this call; False when the wait runs out or Kafka cannot tell. The
+        wait is observed in `carddesk_barrier_wait_seconds`, by outcome."""
+        started = time.monotonic()
+        outcome = await self._caught_up()
+        BARRIER_WAIT.labels(self.group, outcome).observe(time.monotonic() - started)
+        return outcome == "caught_up"
+
+    async def _caught_up(self) -> str:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
         try:
@@ -176,12 +185,12 @@ class FollowerBarrier:
                     log.warning("barrier.followers_behind", group=self.group,
                                 behind={f"{tp.topic}/{tp.partition}": lag
                                         for tp, lag in behind.items()})
-                    return False
+                    return "behind"
                 await self.progress.moved(min(self.poll_s, deadline - now))
-            return True
+            return "caught_up"
         except Exception as exc:  # cannot tell: then the copy is not known to be current
             log.warning("barrier.unknown", group=self.group, error=type(exc).__name__)
-            return False
+            return "unknown"
 
     async def _ends(self) -> dict[TopicPartition, int]:
         """The end offsets of the followed partitions, from a read that started after this

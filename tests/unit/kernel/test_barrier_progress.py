@@ -8,6 +8,7 @@ import asyncio
 from aiokafka import TopicPartition
 
 from shared.barrier import FollowerBarrier
+from shared.metrics import REGISTRY
 from shared.progress import FollowerProgress
 from shared.settings import CardDeskSettings
 from tests.unit.kernel.kafka_fake import TOPIC, FakeKafka
@@ -110,3 +111,32 @@ async def test_a_figure_left_from_an_earlier_assignment_is_rechecked_with_the_gr
     barrier, kafka = scripted({P0: 9}, {P0: 9}, progress, timeout_s=5.0)
     assert await asyncio.wait_for(barrier.caught_up(), 2.0) is True
     assert kafka.fetched == [{P0}]
+
+
+def observed(group: str, outcome: str) -> tuple[float, float]:
+    """How many waits `carddesk_barrier_wait_seconds` holds for `group` and `outcome`, and
+    their sum of seconds."""
+    count = REGISTRY.get_sample_value("carddesk_barrier_wait_seconds_count",
+                                      {"group": group, "outcome": outcome}) or 0.0
+    total = REGISTRY.get_sample_value("carddesk_barrier_wait_seconds_sum",
+                                      {"group": group, "outcome": outcome}) or 0.0
+    return count, total
+
+
+async def test_each_wait_is_observed_with_its_outcome_and_length() -> None:
+    progress = FollowerProgress()
+    progress.applied("loss.events", 0, 4)
+    barrier, _ = scripted({P0: 5}, {P0: 4}, progress, timeout_s=5.0)
+    barrier.group = "carddesk-barrier-metric"
+    waiting = asyncio.create_task(barrier.caught_up())
+    await asyncio.sleep(0.2)
+    progress.applied("loss.events", 0, 5)
+    assert await asyncio.wait_for(waiting, 1.0) is True
+    count, seconds = observed("carddesk-barrier-metric", "caught_up")
+    assert count == 1 and 0.2 <= seconds < 1.2
+
+    stalled, _ = scripted({P0: 5}, {P0: 2}, FollowerProgress(), timeout_s=0.2)
+    stalled.group = "carddesk-barrier-metric"
+    assert await asyncio.wait_for(stalled.caught_up(), 5.0) is False
+    count, seconds = observed("carddesk-barrier-metric", "behind")
+    assert count == 1 and seconds >= 0.2
