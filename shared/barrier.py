@@ -152,7 +152,7 @@ class FollowerBarrier:
     async def caught_up(self) -> bool:
         """Wait (at most `timeout_s`) until the followers have committed past every event
         published before this call; False when the wait runs out or Kafka cannot tell. The
-        wait is observed in `carddesk_barrier_wait_seconds`, by outcome."""
+        wait is observed in `carddesk_barrier_wait_seconds`, by its status."""
         started = time.monotonic()
         outcome = await self._caught_up()
         BARRIER_WAIT.labels(self.group, outcome).observe(time.monotonic() - started)

@@ -86,8 +86,8 @@ BATCH_SIZE = Histogram(
 BARRIER_WAIT = Histogram(
     "carddesk_barrier_wait_seconds",
     "How long a command batch waited for the service's followers (shared/barrier.py), by"
-    " outcome: caught_up, behind (the wait ran out) or unknown (Kafka could not tell)",
-    ["group", "outcome"], registry=REGISTRY,
+    " status: caught_up, behind (the wait ran out) or unknown (Kafka could not tell)",
+    ["group", "status"], registry=REGISTRY,
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
 EVENTS_APPLIED = Counter(
     "carddesk_events_applied", "Events a follower or projection applied (first time only)",

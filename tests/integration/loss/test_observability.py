@@ -77,7 +77,7 @@ async def test_an_accepted_command_moves_every_metric_of_its_path(harness: Harne
                  type="LossReported") == 1
     assert moved(after, "carddesk_replies_published_total", service=service) >= 1
     assert moved(after, "carddesk_consumer_batch_size_count", topic="loss.commands") >= 1
-    assert moved(after, "carddesk_barrier_wait_seconds_count", outcome="caught_up") >= 1
+    assert moved(after, "carddesk_barrier_wait_seconds_count", status="caught_up") >= 1
     assert moved(after, "carddesk_events_applied_total", topic="issuance.events") >= 1
     assert total(after, "carddesk_db_pool_max", service=service) == 10
     assert total(after, "carddesk_process_resident_memory_bytes") > 0

@@ -117,9 +117,9 @@ def observed(group: str, outcome: str) -> tuple[float, float]:
     """How many waits `carddesk_barrier_wait_seconds` holds for `group` and `outcome`, and
     their sum of seconds."""
     count = REGISTRY.get_sample_value("carddesk_barrier_wait_seconds_count",
-                                      {"group": group, "outcome": outcome}) or 0.0
+                                      {"group": group, "status": outcome}) or 0.0
     total = REGISTRY.get_sample_value("carddesk_barrier_wait_seconds_sum",
-                                      {"group": group, "outcome": outcome}) or 0.0
+                                      {"group": group, "status": outcome}) or 0.0
     return count, total
 
 
