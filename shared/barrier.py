@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -28,6 +28,9 @@ from shared.settings import CardDeskSettings
 log = structlog.get_logger()
 
 T = TypeVar("T")
+
+# How a wait ended: the `status` label of `carddesk_barrier_wait_seconds`.
+WaitStatus = Literal["caught_up", "behind", "unknown"]
 
 
 class EndOffsets(Protocol):
@@ -154,11 +157,11 @@ class FollowerBarrier:
         published before this call; False when the wait runs out or Kafka cannot tell. The
         wait is observed in `carddesk_barrier_wait_seconds`, by its status."""
         started = time.monotonic()
-        outcome = await self._caught_up()
-        BARRIER_WAIT.labels(self.group, outcome).observe(time.monotonic() - started)
-        return outcome == "caught_up"
+        status = await self._wait()
+        BARRIER_WAIT.labels(self.group, status).observe(time.monotonic() - started)
+        return status == "caught_up"
 
-    async def _caught_up(self) -> str:
+    async def _wait(self) -> WaitStatus:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
         try:

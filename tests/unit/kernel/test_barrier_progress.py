@@ -18,12 +18,12 @@ P0, P1 = TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)
 
 def scripted(ends: dict[TopicPartition, int], committed: dict[TopicPartition, int],
              progress: FollowerProgress, timeout_s: float = 1.0,
-             ) -> tuple[FollowerBarrier, FakeKafka]:
+             group: str = "carddesk-review") -> tuple[FollowerBarrier, FakeKafka]:
     """A barrier on a Kafka with these end offsets and group commits; the fake records the
     partitions each committed-offsets lookup asked about (`fetched`)."""
     kafka = FakeKafka(partitions=len(ends), latency_s=0)
     kafka.ends, kafka.committed = dict(ends), dict(committed)
-    barrier = FollowerBarrier(CardDeskSettings(), "carddesk-review", [TOPIC],
+    barrier = FollowerBarrier(CardDeskSettings(), group, [TOPIC],
                               timeout_s=timeout_s, poll_s=0.05, progress=progress,
                               offsets=kafka, admin=kafka)
     return barrier, kafka
@@ -113,21 +113,20 @@ async def test_a_figure_left_from_an_earlier_assignment_is_rechecked_with_the_gr
     assert kafka.fetched == [{P0}]
 
 
-def observed(group: str, outcome: str) -> tuple[float, float]:
-    """How many waits `carddesk_barrier_wait_seconds` holds for `group` and `outcome`, and
+def observed(group: str, status: str) -> tuple[float, float]:
+    """How many waits `carddesk_barrier_wait_seconds` holds for `group` and `status`, and
     their sum of seconds."""
-    count = REGISTRY.get_sample_value("carddesk_barrier_wait_seconds_count",
-                                      {"group": group, "status": outcome}) or 0.0
-    total = REGISTRY.get_sample_value("carddesk_barrier_wait_seconds_sum",
-                                      {"group": group, "status": outcome}) or 0.0
+    labels = {"group": group, "status": status}
+    count = REGISTRY.get_sample_value("carddesk_barrier_wait_seconds_count", labels) or 0.0
+    total = REGISTRY.get_sample_value("carddesk_barrier_wait_seconds_sum", labels) or 0.0
     return count, total
 
 
-async def test_each_wait_is_observed_with_its_outcome_and_length() -> None:
+async def test_each_wait_is_observed_with_its_status_and_length() -> None:
     progress = FollowerProgress()
     progress.applied("loss.events", 0, 4)
-    barrier, _ = scripted({P0: 5}, {P0: 4}, progress, timeout_s=5.0)
-    barrier.group = "carddesk-barrier-metric"
+    barrier, _ = scripted({P0: 5}, {P0: 4}, progress, timeout_s=5.0,
+                          group="carddesk-barrier-metric")
     waiting = asyncio.create_task(barrier.caught_up())
     await asyncio.sleep(0.2)
     progress.applied("loss.events", 0, 5)
@@ -135,8 +134,8 @@ async def test_each_wait_is_observed_with_its_outcome_and_length() -> None:
     count, seconds = observed("carddesk-barrier-metric", "caught_up")
     assert count == 1 and 0.2 <= seconds < 1.2
 
-    stalled, _ = scripted({P0: 5}, {P0: 2}, FollowerProgress(), timeout_s=0.2)
-    stalled.group = "carddesk-barrier-metric"
+    stalled, _ = scripted({P0: 5}, {P0: 2}, FollowerProgress(), timeout_s=0.2,
+                          group="carddesk-barrier-metric")
     assert await asyncio.wait_for(stalled.caught_up(), 5.0) is False
     count, seconds = observed("carddesk-barrier-metric", "behind")
     assert count == 1 and seconds >= 0.2
