@@ -14,6 +14,13 @@ in the database where it is missing):
     cardctl stack down && cardctl stack up --no-services
 
     python -m bench.budget -- --citizens 300 --concurrency 50 --seconds 20 --rate 50 --runs 1
+
+`--phase paced` measures the first paced phase instead (issue 12's latency targets are set at
+half the sustained rate, where batches are smaller and each command costs more):
+
+    python -m bench.budget --phase paced -- --citizens 2000 --seconds 30 --rate half --runs 1
+
+The load driver (the journeys process: the channels and the status polls) is measured too.
 """
 
 from __future__ import annotations
@@ -154,8 +161,11 @@ def start_profiles(pids: dict[str, int], out: Path,
             for name in profiled if name in pids]
 
 
+PHASES = {"sustained": "sustained phase", "paced": "paced phase"}
+
+
 class Window:
-    """The sustained phase and its drain, as seen in the journeys run's output."""
+    """A phase and its drain, as seen in the journeys run's output."""
 
     def __init__(self, stack: Stack, dsn: str, profiled: list[str]) -> None:
         self.stack, self.dsn, self.profiled = stack, dsn, profiled
@@ -167,8 +177,8 @@ class Window:
         self.stats: list[asyncpg.Record] = []
         self.profiles: list[subprocess.Popen[bytes]] = []
 
-    async def open(self) -> None:
-        self.pids = stack_processes(self.stack)
+    async def open(self, driver: int) -> None:
+        self.pids = {**stack_processes(self.stack), "load driver": driver}
         conn = await asyncpg.connect(self.dsn)
         try:
             await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
@@ -192,9 +202,9 @@ class Window:
             await conn.close()
 
 
-async def follow(argv: list[str], window: Window) -> None:
-    """Run the journeys benchmark, opening the window at its sustained phase and closing it
-    when its first backlog has drained; its output passes through."""
+async def follow(argv: list[str], window: Window, phase: str) -> None:
+    """Run the journeys benchmark, opening the window at the first run of `phase` and
+    closing it when that run's backlog has drained; its output passes through."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.journeys", *argv, stdout=asyncio.subprocess.PIPE)
     assert process.stdout is not None
@@ -202,34 +212,39 @@ async def follow(argv: list[str], window: Window) -> None:
     async for raw in process.stdout:
         line = raw.decode(errors="replace")
         sys.stdout.write(line)
-        if state == "before" and "sustained phase" in line:
-            await window.open()
+        if state == "before" and PHASES[phase] in line:
+            await window.open(process.pid)
             state = "open"
         elif state == "open" and "backlog drained" in line:
             await window.close()
             state = "closed"
     await asyncio.wait_for(process.wait(), 60)
     if state != "closed":
-        raise SystemExit("the journeys run ended before its sustained phase drained")
+        raise SystemExit(f"the journeys run ended before its {PHASES[phase]} drained")
 
 
-def sustained_commands() -> int:
+def phase_commands(phase: str) -> int:
+    """The commands the measured run of `phase` carried, from the journeys result."""
     result = latest_result("journeys")
     if result is None:
         raise SystemExit("no journeys result written")
-    return int(result["figures"]["sustained"]["runs"][0]["commands"])
+    figures = result["figures"]
+    if phase == "sustained":
+        return int(figures["sustained"]["runs"][0]["commands"])
+    paced = figures["paced"][0]["runs"][0]
+    return round(float(paced["achieved_commands_per_s"]) * float(paced["seconds"]))
 
 
-async def run(argv: list[str], profiled: list[str]) -> None:
+async def run(argv: list[str], profiled: list[str], phase: str) -> None:
     settings = CardDeskSettings()
     stack = Stack(settings, report=lambda line: console.print(f"[dim]•[/] {line}"))
     pg = pg_target(settings)
     window = Window(stack, f"postgresql://{PG_SUPERUSER}@{pg.host}:{pg.port}/{pg.dbname}",
                     profiled)
-    await follow(argv, window)
+    await follow(argv, window, phase)
     for profile in window.profiles:
         profile.wait(timeout=60)
-    commands = sustained_commands()
+    commands = phase_commands(phase)
     print_table(f"statements per command ({commands} commands, {window.seconds:.1f} s)",
                 statement_rows(window.stats, commands))
     print_table("top statements by execution time", top_statements(window.stats))
@@ -245,12 +260,14 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default=PROFILED,
                         help="services py-spy records, comma-separated (default: %(default)s)")
+    parser.add_argument("--phase", choices=sorted(PHASES), default="sustained",
+                        help="the phase measured: its first run (default: %(default)s)")
     parser.add_argument("journeys", nargs="*",
                         help="arguments for bench.journeys, after --")
     args = parser.parse_args()
     asyncio.run(run(args.journeys or ["--citizens", "300", "--concurrency", "50",
                                       "--seconds", "20", "--rate", "50", "--runs", "1"],
-                    [name for name in args.profile.split(",") if name]))
+                    [name for name in args.profile.split(",") if name], args.phase))
 
 
 if __name__ == "__main__":
