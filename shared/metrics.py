@@ -10,6 +10,7 @@ query (outbox backlog, consumer lag) is sampled by `MetricsSampler` off the mess
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
@@ -96,9 +97,36 @@ CHECKED_WRITES = Counter(
     "carddesk_checked_writes", "Follower batches tried as one read and one checked call, by"
     " status: applied, or missed (something moved; the batch went the locked way)",
     ["consumer", "status"], registry=REGISTRY)
+GC_PAUSE = Histogram(
+    "carddesk_gc_pause_seconds",
+    "How long each of Python's cyclic garbage collections held the process, by generation"
+    " (0, 1, 2): the event loop runs nothing meanwhile",
+    ["generation"], registry=REGISTRY,
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5))
 SAMPLER_ERRORS = Counter(
     "carddesk_metrics_sample_errors", "Failed samples of the outbox or the consumer lag",
     ["service", "what"], registry=REGISTRY)
+
+
+class _CollectionTimer:
+    """A `gc.callbacks` entry: each collection's length into `GC_PAUSE`."""
+
+    def __init__(self) -> None:
+        self.started: float | None = None
+        self.children = {generation: GC_PAUSE.labels(str(generation)) for generation in range(3)}
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+        elif self.started is not None:
+            self.children[info["generation"]].observe(time.perf_counter() - self.started)
+            self.started = None
+
+
+def observe_collections() -> None:
+    """Time every garbage collection of this process from now on (once per process)."""
+    if not any(isinstance(callback, _CollectionTimer) for callback in gc.callbacks):
+        gc.callbacks.append(_CollectionTimer())
 
 
 def command_type_label(command_type: str | None, known: Collection[str]) -> str:

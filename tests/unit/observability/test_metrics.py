@@ -23,7 +23,7 @@ from tests.support import OutboxRows
 
 # Every label any carddesk_ series may have: none can hold a citizen or free text.
 ALLOWED_LABELS = {"service", "type", "status", "code", "topic", "group", "partition",
-                  "consumer", "what", "le"}
+                  "consumer", "what", "generation", "le"}
 
 
 def scraped() -> dict[str, list[tuple[dict[str, str], float]]]:
