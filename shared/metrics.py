@@ -103,6 +103,11 @@ GC_PAUSE = Histogram(
     " (0, 1, 2): the event loop runs nothing meanwhile",
     ["generation"], registry=REGISTRY,
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5))
+GC_FROZEN = Gauge(
+    "carddesk_gc_frozen_objects",
+    "Objects a service process froze out of garbage collection once started (gc.freeze):"
+    " what its start built, never walked by a collection again", registry=REGISTRY)
+GC_FROZEN.set_function(gc.get_freeze_count)
 SAMPLER_ERRORS = Counter(
     "carddesk_metrics_sample_errors", "Failed samples of the outbox or the consumer lag",
     ["service", "what"], registry=REGISTRY)

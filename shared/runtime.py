@@ -83,6 +83,7 @@ class ServiceRuntime:
         self._on_ready: list[Callable[[], Awaitable[None]]] = []
         self._background: list[Callable[[], Awaitable[None]]] = []
         self._barriers: list[FollowerBarrier] = []
+        self._own_process = False  # `claim_process`
         self.watches: list[ConsumerWatch] = []
         # How far this process's consumers have handled each partition, for the barrier.
         self.progress = FollowerProgress()
@@ -240,7 +241,9 @@ class ServiceRuntime:
         for loop in self._background:
             self._tasks.append(asyncio.create_task(supervise(loop.__name__, loop)))
         self._start_metrics()
-        log.info("service.started", schema=self.schema, frozen_objects=freeze_startup_heap())
+        if self._own_process:
+            log.info("service.heap_frozen", objects=freeze_startup_heap())
+        log.info("service.started", schema=self.schema)
 
     def _start_metrics(self) -> None:
         """Pool use read at scrape time; outbox backlog and consumer lag sampled; every
@@ -295,11 +298,14 @@ class ServiceRuntime:
         return {"database": database, **({"kafka": broker} if kafka else {}),
                 **{f"consumer:{w.topic}": w.problem() for w in self.watches}}
 
-    def arm_watchdog(self) -> None:
-        """In a service process (never in tests that run services in-process): exit once
-        unhealthy for `unhealthy_exit_seconds`, for the supervisor to restart it."""
+    def claim_process(self) -> None:
+        """In a service process (never in tests that run services in-process, several to a
+        process): exit once unhealthy for `unhealthy_exit_seconds`, for the supervisor to
+        restart it, and once started, freeze what the start built out of later garbage
+        collections (`freeze_startup_heap`)."""
         if self.settings.unhealthy_exit_seconds > 0:
             self.background(self._watchdog)
+        self._own_process = True
 
     async def _watchdog(self) -> None:
         await watchdog(self.name, self.problems,
@@ -413,7 +419,7 @@ def run_service(runtime: ServiceRuntime, default_health_port: int) -> None:
     except UnsafeConfigurationError as error:
         exit_refused(error)
     port = settings.health_port or default_health_port
-    runtime.arm_watchdog()
+    runtime.claim_process()
     app = runtime.app()
     uvloop.run(app.run(run_extra_options={"host": settings.http_host, "port": port}))
 

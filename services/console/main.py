@@ -146,7 +146,7 @@ def build(settings: ConsoleSettings | None = None) -> ConsoleService:
 def main() -> None:
     service = build()
     configure_logging("console", service.settings.log_level)
-    service.runtime.arm_watchdog()  # a console stuck unhealthy exits for its supervisor
+    service.runtime.claim_process()  # a console stuck unhealthy exits for its supervisor
     uvloop.run(service.serve())
 
 

@@ -89,7 +89,7 @@ def main() -> None:
         exit_refused(error)
     service = bootstrap(SPEC, settings, schema=settings.status_schema)
     configure_logging("status", settings.log_level)
-    service.runtime.arm_watchdog()
+    service.runtime.claim_process()
     uvloop.run(serve(query_app(service), settings.http_host, settings.http_port))
 
 

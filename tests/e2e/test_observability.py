@@ -47,6 +47,16 @@ async def test_a_login_shows_in_the_auth_and_status_metrics(
                      "carddesk_process_resident_memory_bytes") > 0
 
 
+async def test_every_service_process_froze_its_startup_heap_and_times_its_collections(
+    settings: CardDeskSettings, services: list[str],
+) -> None:
+    for service in service_ports(settings):
+        samples = parse(await scrape(settings, service))
+        assert total(samples, "carddesk_gc_frozen_objects") > 10_000, service
+        assert {labels["generation"] for labels, _ in
+                samples["carddesk_gc_pause_seconds_count"]} == {"0", "1", "2"}, service
+
+
 def test_cardctl_top_shows_every_service_up(settings: CardDeskSettings,
                                             services: list[str]) -> None:
     result = CliRunner().invoke(app, ["top", "--iterations", "1", "--interval", "0.2"],

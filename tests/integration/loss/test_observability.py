@@ -3,7 +3,6 @@ trace sent with a command travels on the events it caused (issue 14)."""
 
 from __future__ import annotations
 
-import gc
 import json
 import uuid
 from collections.abc import Iterator
@@ -82,10 +81,9 @@ async def test_an_accepted_command_moves_every_metric_of_its_path(harness: Harne
     assert moved(after, "carddesk_events_applied_total", topic="issuance.events") >= 1
     assert total(after, "carddesk_db_pool_max", service=service) == 10
     assert total(after, "carddesk_process_resident_memory_bytes") > 0
-    # The runtime's start times every collection and froze what startup built.
+    # The runtime's start times every collection.
     assert {labels["generation"] for labels, _ in after["carddesk_gc_pause_seconds_count"]} == {
         "0", "1", "2"}
-    assert gc.get_freeze_count() > 0
 
 
 async def test_the_sampler_reports_the_outbox_backlog_and_each_partitions_lag(
