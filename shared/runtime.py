@@ -342,8 +342,9 @@ def freeze_startup_heap() -> int:
     A full collection walks every object the collector tracks, some 85,000 in a started
     service, and at half the sustained rate each full collection held the event loop for
     140-190 ms (README, Performance): every command and event in flight waited that long.
-    Frozen, those objects are no longer walked. What is frozen is still freed when no reference is left; only a
-    cycle among frozen objects would stay, and startup's cycles were collected first."""
+    Frozen, those objects are no longer walked. What is frozen is still freed when no
+    reference is left; only a cycle among frozen objects would stay, and startup's cycles
+    were collected first."""
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
