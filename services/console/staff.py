@@ -27,6 +27,20 @@ MIN_PASSWORD_LENGTH = 12
 MAX_PASSWORD_LENGTH = 256
 # How long a sign-in waits for its turn at the password hasher before it is refused as busy.
 PASSWORD_WAIT_S = 5.0
+# Argon2id's cost: OWASP's first recommended setting (Password Storage Cheat Sheet: 19 MiB,
+# 2 passes, 1 lane). argon2-cffi's default (RFC 9106's low-memory profile: 64 MiB, 3 passes,
+# 4 lanes) held 64 MiB for each hash, which took the console from 82 MB at rest to a peak of
+# 145-148 MB, within 5 MB of issue 12's 150 MB bound (README, Performance).
+PASSWORD_MEMORY_KIB = 19 * 1024
+PASSWORD_TIME_COST = 2
+PASSWORD_PARALLELISM = 1
+
+
+def password_hasher() -> PasswordHasher:
+    """Argon2id at the console's cost; a hash stored at another cost still verifies, and is
+    made again at this one on its next good sign-in (`StaffDirectory.sign_in`)."""
+    return PasswordHasher(time_cost=PASSWORD_TIME_COST, memory_cost=PASSWORD_MEMORY_KIB,
+                          parallelism=PASSWORD_PARALLELISM)
 
 T = TypeVar("T")
 
@@ -163,11 +177,11 @@ class PasswordWorkBusyError(Exception):
 class PasswordWork:
     """Argon2id hashing and verification, one at a time, each wait for a turn bounded.
 
-    One hash holds 64 MiB while it runs (argon2-cffi's default cost) and about 125 ms of a
-    core here. Sign-in attempts come before any authentication: run side by side in
-    asyncio's thread pool (six threads on two cores), twelve took the console's memory to
-    467 MB. One at a time it stays within one hash's worth, and a flood waits its turn
-    instead, for at most `wait_s`, then is refused."""
+    One hash holds its memory cost while it runs (`PASSWORD_MEMORY_KIB`; 64 MiB at
+    argon2-cffi's default). Sign-in attempts come before any authentication: at that default,
+    run side by side in asyncio's thread pool (six threads on two cores), twelve took the
+    console's memory to 467 MB. One at a time it stays within one hash's worth, and a flood
+    waits its turn instead, for at most `wait_s`, then is refused."""
 
     def __init__(self, hasher: PasswordHasher, wait_s: float = PASSWORD_WAIT_S) -> None:
         self.hasher = hasher
@@ -208,7 +222,7 @@ class StaffDirectory:
         self.policy = policy
         self.idle = idle
         self.max_age = max_age
-        self.hasher = hasher or PasswordHasher()  # Argon2id
+        self.hasher = hasher or password_hasher()
         self.passwords = PasswordWork(self.hasher)
         # Verified against when the id is unknown, so timing does not tell which ids exist.
         self._dummy_hash = self.hasher.hash(secrets.token_urlsafe(16))
@@ -283,9 +297,13 @@ class StaffDirectory:
                     f"UPDATE {self.schema}.staff SET failed_attempts = $2, locked_until = $3"
                     " WHERE staff_id = $1", staff_id, attempts.failed, attempts.locked_until)
                 return SignIn("locked" if is_locked(attempts, now) else "invalid")
+            # A hash stored at another cost is made again at this one, in the same turn.
+            rehashed = (await self.passwords.run(self.hasher.hash, password)
+                        if self.hasher.check_needs_rehash(row["password_hash"]) else None)
             await conn.execute(
-                f"UPDATE {self.schema}.staff SET failed_attempts = 0, locked_until = NULL"
-                " WHERE staff_id = $1", staff_id)
+                f"UPDATE {self.schema}.staff SET failed_attempts = 0, locked_until = NULL,"
+                " password_hash = coalesce($2, password_hash) WHERE staff_id = $1",
+                staff_id, rehashed)
             token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
             await conn.execute(
                 f"INSERT INTO {self.schema}.staff_sessions"

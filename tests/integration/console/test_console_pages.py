@@ -8,13 +8,14 @@ import re
 from datetime import datetime, timedelta
 
 import pytest
+from argon2 import PasswordHasher, extract_parameters
 
 from services.console.queue import QueueReader, QueueWriter
 from services.console.staff import Role
 from shared.contracts import review
 from shared.identity import citizen_ref
 from shared.settings import CardDeskSettings
-from tests.integration.console.conftest import Desk, csrf_of
+from tests.integration.console.conftest import PASSWORD, Desk, csrf_of
 from tests.unit.status.events import T0, Streams
 from tests.unit.status.test_asyncapi_page import external_references
 
@@ -64,6 +65,29 @@ async def test_a_wrong_password_is_refused_and_repeated_ones_lock_the_account(
     assert SESSION_COOKIE not in locked.headers.get("set-cookie", "")
     desk.clock.advance(minutes=16)
     assert (await desk.sign_in(staff_id)).status_code == 303
+
+
+async def test_a_password_stored_at_the_old_default_cost_is_hashed_again_on_a_good_sign_in(
+        desk: Desk) -> None:
+    """An account hashed at argon2-cffi's default (64 MiB) keeps signing in; its hash is
+    made again at the console's cost on its next good sign-in, and not on a wrong one."""
+    staff_id = await desk.add(Role.COUNTER)
+    await desk.pool.execute(
+        f"UPDATE {desk.schema}.staff SET password_hash = $2 WHERE staff_id = $1",
+        staff_id, PasswordHasher().hash(PASSWORD))
+
+    async def stored_memory_kib() -> int:
+        digest = await desk.pool.fetchval(
+            f"SELECT password_hash FROM {desk.schema}.staff WHERE staff_id = $1", staff_id)
+        return int(extract_parameters(digest).memory_cost)
+
+    assert (await desk.sign_in(staff_id, "wrong password!!")).status_code == 401
+    assert await stored_memory_kib() == 64 * 1024
+    assert (await desk.sign_in(staff_id)).status_code == 303
+    assert await stored_memory_kib() == 19 * 1024
+    # The new hash verifies (straight to the directory: this client is signed in now).
+    assert (await desk.staff.sign_in(staff_id, PASSWORD, desk.clock())).outcome == "ok"
+    assert await stored_memory_kib() == 19 * 1024
 
 
 async def test_a_sign_in_that_cannot_get_the_hasher_in_time_is_refused_busy_not_failed(

@@ -1,4 +1,5 @@
-"""The console's password hashing: one Argon2id run at a time, and a bounded wait for it."""
+"""The console's password hashing: one Argon2id run at a time, a bounded wait for it, and
+the cost each hash holds."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import threading
 import time
 
 import pytest
+from argon2 import PasswordHasher, extract_parameters
 
-from services.console.staff import PasswordWork, PasswordWorkBusyError
+from services.console.staff import PasswordWork, PasswordWorkBusyError, password_hasher
 
 
 class SlowHasher:
@@ -55,3 +57,16 @@ async def test_work_outside_a_turn_is_a_program_error() -> None:
     work = PasswordWork(SlowHasher(0))  # type: ignore[arg-type]
     with pytest.raises(AssertionError):
         await work.run(str.upper, "no turn")
+
+
+def test_a_hash_holds_19_mib_for_two_passes_in_one_lane_and_the_old_default_is_made_again(
+        ) -> None:
+    digest = password_hasher().hash("a password of twelve")
+    cost = extract_parameters(digest)
+    assert (cost.memory_cost, cost.time_cost, cost.parallelism) == (19 * 1024, 2, 1)
+    assert not password_hasher().check_needs_rehash(digest)
+
+    old = PasswordHasher().hash("a password of twelve")  # argon2-cffi's default: 64 MiB
+    assert extract_parameters(old).memory_cost == 64 * 1024
+    assert password_hasher().verify(old, "a password of twelve")
+    assert password_hasher().check_needs_rehash(old)
