@@ -197,6 +197,34 @@ async def test_stored_replies_are_purged_once_a_repeat_would_be_stale_anyway(
         REPLIES_TOPIC, "loss.events"]
 
 
+async def test_sent_replies_leave_the_outbox_in_position_order_up_to_the_first_recent_one(
+    pool: asyncpg.Pool, schema: str,
+) -> None:
+    """The purge takes the reply rows in the order the relay sent them and stops at the
+    first one sent within the window: it never walks the window's replies. A reply re-sent
+    out of order waits behind the recent one for the next purge."""
+    await pool.execute(WRITES_DDL.format(schema=schema))
+    probe = intake(pool, schema, RecordingDeadLetters())
+    await probe.handle_batch([command(i, f"note-{i}") for i in range(4)])
+    stale = 2 * probe.freshness + timedelta(seconds=1)
+    positions = [r["position"] for r in await pool.fetch(
+        f"SELECT position FROM {schema}.outbox ORDER BY position")]
+    assert len(positions) == 4
+    for position, age in zip(positions, (stale, stale, timedelta(0), stale), strict=True):
+        await pool.execute(f"UPDATE {schema}.outbox SET sent_at = now() - $2::interval"
+                           " WHERE position = $1", position, age)
+
+    await probe.purge_stored_replies(batch=1)
+    left = [r["position"] for r in await pool.fetch(
+        f"SELECT position FROM {schema}.outbox ORDER BY position")]
+    assert left == positions[2:]
+
+    await pool.execute(f"UPDATE {schema}.outbox SET sent_at = now() - $2::interval"
+                       " WHERE position = $1", positions[2], stale)
+    await probe.purge_stored_replies(batch=1)
+    assert await pool.fetchval(f"SELECT count(*) FROM {schema}.outbox") == 0
+
+
 async def test_the_new_ids_a_handler_asks_its_context_for_come_from_the_intake(
     pool: asyncpg.Pool, schema: str,
 ) -> None:

@@ -148,6 +148,27 @@ async def test_the_relay_purges_rows_sent_before_the_retention_and_nothing_else(
     assert [r["key"] for r in left] == [b"recent", b"stuck"]
 
 
+async def test_the_relay_reads_only_the_oldest_row_when_it_was_sent_within_the_retention(
+    pool: asyncpg.Pool, schema: str, producer: AIOKafkaProducer,
+) -> None:
+    """Rows are sent in position order, so when the oldest was sent within the retention no
+    row is due and the purge stops there (a later row sent before it, which the relay's
+    order rules out, waits). An unsent oldest row does not stop the purge."""
+    for citizen in ("first", "second", "third"):
+        await store_events(pool, schema, f"{schema}.events", citizen, 1)
+    await pool.execute(f"UPDATE {schema}.outbox SET sent_at = now() WHERE key = $1", b"first")
+    await pool.execute(f"UPDATE {schema}.outbox SET sent_at = now() - interval '2 days'"
+                       " WHERE key = $1", b"second")
+    relay = OutboxRelay(pool, producer, schema, retention=timedelta(hours=24), purge_batch=10)
+    async with pool.acquire() as conn:
+        assert await relay.purge_sent(conn) == 0
+        await pool.execute(f"UPDATE {schema}.outbox SET sent_at = NULL WHERE key = $1",
+                           b"first")
+        assert await relay.purge_sent(conn) == 1
+    left = await pool.fetch(f"SELECT key FROM {schema}.outbox ORDER BY position")
+    assert [r["key"] for r in left] == [b"first", b"third"]
+
+
 async def test_a_relay_killed_after_the_ack_republishes_and_the_consumer_applies_once(
     pool: asyncpg.Pool, schema: str, producer: AIOKafkaProducer, settings: CardDeskSettings,
 ) -> None:
