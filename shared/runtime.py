@@ -46,6 +46,7 @@ from shared.outbox import OutboxRelay, make_producer
 from shared.production import UnsafeConfigurationError, exit_refused, refuse_unsafe_configuration
 from shared.progress import FollowerProgress
 from shared.settings import CardDeskSettings
+from shared.ticks import tick_once_a_second
 from shared.tracing import configure_tracing
 
 log = structlog.get_logger()
@@ -302,10 +303,12 @@ class ServiceRuntime:
         """In a service process (never in tests that run services in-process, several to a
         process): exit once unhealthy for `unhealthy_exit_seconds`, for the supervisor to
         restart it, and once started, freeze what the start built out of later garbage
-        collections (`freeze_startup_heap`)."""
+        collections (`freeze_startup_heap`). Its HTTP server ticks once a second
+        (`shared.ticks`)."""
         if self.settings.unhealthy_exit_seconds > 0:
             self.background(self._watchdog)
         self._own_process = True
+        tick_once_a_second()
 
     async def _watchdog(self) -> None:
         await watchdog(self.name, self.problems,
