@@ -1,5 +1,6 @@
 """The console's runtime: it consumes in the configured group, so what it dead-letters names
-it; its process exits when it stays unhealthy, as the other services' do."""
+it; its process exits when it stays unhealthy, and its HTTP server ticks once a second, as
+the other services' do."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ from collections.abc import Coroutine
 from typing import Any
 
 import pytest
+import uvicorn
 import uvloop
 
 from services.console import main as console_main
 from services.console.main import ConsoleService
 from services.console.settings import ConsoleSettings
+from shared.ticks import _main_loop
 
 
 async def test_the_console_consumes_and_dead_letters_in_its_configured_group() -> None:
@@ -21,7 +24,7 @@ async def test_the_console_consumes_and_dead_letters_in_its_configured_group() -
                                                "carddesk-console-blue")]
 
 
-def test_the_console_process_arms_the_unhealthy_exit_as_the_other_services_do(
+def test_the_console_process_arms_the_unhealthy_exit_and_ticks_once_a_second_as_others_do(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     built: list[ConsoleService] = []
@@ -36,7 +39,10 @@ def test_the_console_process_arms_the_unhealthy_exit_as_the_other_services_do(
     monkeypatch.setattr(console_main, "build", build)
     monkeypatch.setattr(console_main, "configure_logging", lambda *_: None)
     monkeypatch.setattr(uvloop, "run", run)
+    # uvicorn's own loop for the rest of this test process, once this test is over.
+    monkeypatch.setattr(uvicorn.Server, "main_loop", uvicorn.Server.main_loop)
     console_main.main()
 
     [service] = built
     assert service.runtime._watchdog in service.runtime._background
+    assert uvicorn.Server.main_loop is _main_loop
