@@ -23,7 +23,13 @@ from shared.channels import Channel
 from shared.envelope import EventEnvelope
 from shared.eventstore import AlsoWritten
 from shared.intake.messages import Reply
-from shared.outbox import OutboxMessage, notify_channel, outbox_columns, outbox_insert
+from shared.outbox import (
+    OutboxMessage,
+    delete_sent_sql,
+    notify_channel,
+    outbox_columns,
+    outbox_insert,
+)
 from shared.purge import delete_in_batches, delete_in_one_pass
 from shared.topics import REPLY_TOPIC_PREFIX
 
@@ -82,20 +88,15 @@ class StoredReplies:
         that long ago (they hold captcha codes and session tokens in clear), a bounded batch
         at a time; returns how many stored replies went.
 
-        The relay sends in position order, so the reply rows sent that long ago are the first
-        ones: each statement takes the next batch of reply rows in order (`outbox_replies`)
-        and deletes those sent before the cutoff, and a batch with any younger or unsent row
-        is the last. Asking instead for reply rows sent before the cutoff, `LIMIT` batch,
-        walked every younger reply row whenever fewer than a batch were old, which was every
-        purge: 113,000 rows and 470 ms for 2,400 deleted on the benchmark's stack (README,
-        Performance)."""
+        The reply rows are taken in position order (`delete_sent_sql`, over the index
+        `outbox_replies`). Asking instead for reply rows sent before the cutoff, `LIMIT`
+        batch, walked every younger reply row whenever fewer than a batch were old, which was
+        every purge: 113,000 rows and 470 ms for 2,400 deleted on the benchmark's stack
+        (README, Performance)."""
         replies = (f"DELETE FROM {self.schema}.stored_replies WHERE ctid IN"
                    f"  (SELECT ctid FROM {self.schema}.stored_replies"
                    "   WHERE created_at < now() - $1::interval LIMIT $2)")
-        sent = (f"DELETE FROM {self.schema}.outbox AS o USING"
-                f"  (SELECT position, sent_at FROM {self.schema}.outbox"
-                f"   WHERE topic LIKE '{REPLY_TOPIC_PREFIX}%' ORDER BY position LIMIT $2) AS head"
-                "  WHERE o.position = head.position AND head.sent_at < now() - $1::interval")
+        sent = delete_sent_sql(self.schema, f"topic LIKE '{REPLY_TOPIC_PREFIX}%'")
         purged = await delete_in_batches(pool, replies, older_than, batch)
         await delete_in_batches(pool, sent, older_than, batch)
         return purged

@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaProducer
 
 from shared.kafka import client_options
 from shared.metrics import EVENTS_PUBLISHED, REPLIES_PUBLISHED
+from shared.purge import delete_in_batches
 from shared.settings import CardDeskSettings
 
 log = structlog.get_logger()
@@ -104,6 +105,20 @@ class InFlight:
 
     sent: list[Outgoing]
     futures: list[asyncio.Future[Any]]
+
+
+def delete_sent_sql(schema: str, where: str = "TRUE") -> str:
+    """A `delete_in_batches` statement over the outbox rows that meet `where` (a condition
+    on the row alone), taken in position order: of the next `$2` of them, those sent over
+    `$1` ago. The relay sends in position order, so the rows due are the first ones and a
+    batch short of `$2` deleted is the last. When the first such row was sent within `$1`,
+    no later one is older, and nothing but that row is read."""
+    return (f"DELETE FROM {schema}.outbox AS o USING"
+            f"  (SELECT position, sent_at FROM {schema}.outbox WHERE ({where})"
+            f"   AND (SELECT f.sent_at IS NULL OR f.sent_at < now() - $1::interval"
+            f"        FROM {schema}.outbox f WHERE ({where}) ORDER BY f.position LIMIT 1)"
+            "   ORDER BY position LIMIT $2) AS head"
+            "  WHERE o.position = head.position AND head.sent_at < now() - $1::interval")
 
 
 class OutboxRelay:
@@ -245,26 +260,11 @@ class OutboxRelay:
 
     async def purge_sent(self, conn: asyncpg.Connection) -> int:
         """Delete rows sent longer ago than the retention, a bounded batch at a time from the
-        oldest; return how many went. The relay publishes in position order, so the rows to
-        purge are a prefix: a batch that meets a younger (or unsent) row is the last. When
-        the oldest row was sent within the retention, no later one is older, so nothing but
-        that row is read (a batch of the primary key took 90 ms a minute per service)."""
+        oldest (`delete_sent_sql`); return how many went. With nothing due only the oldest
+        row is read (a batch of the primary key took 90 ms a minute per service)."""
         self._purged_at = time.monotonic()
-        purged = 0
-        while True:
-            deleted: int = await conn.fetchval(
-                f"WITH head AS (SELECT position, sent_at FROM {self.schema}.outbox"
-                f"  WHERE (SELECT f.sent_at IS NULL OR f.sent_at < now() - $1::interval"
-                f"         FROM {self.schema}.outbox f ORDER BY f.position LIMIT 1)"
-                "  ORDER BY position LIMIT $2),"
-                f" gone AS (DELETE FROM {self.schema}.outbox AS o USING head"
-                "  WHERE o.position = head.position AND head.sent_at < now() - $1::interval"
-                "  RETURNING 1)"
-                " SELECT count(*) FROM gone",
-                self.retention, self.purge_batch)
-            purged += deleted
-            if deleted < self.purge_batch:
-                break
+        purged = await delete_in_batches(conn, delete_sent_sql(self.schema), self.retention,
+                                         self.purge_batch)
         if purged:
             log.info("outbox.purged", schema=self.schema, count=purged)
         return purged

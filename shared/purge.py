@@ -7,8 +7,8 @@ from datetime import timedelta
 import asyncpg
 
 
-async def delete_in_batches(pool: asyncpg.Pool, delete: str, older_than: timedelta,
-                            batch: int) -> int:
+async def delete_in_batches(pool: asyncpg.Pool | asyncpg.Connection, delete: str,
+                            older_than: timedelta, batch: int) -> int:
     """Run `delete` (parameters: age, batch size) until a batch comes back short; returns
     how many rows went."""
     total = 0
