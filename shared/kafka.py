@@ -31,6 +31,11 @@ ADMIN = "admin"
 AUDITOR = "auditor"
 
 
+# How often an idle consumer wakes: aiokafka's fetcher routine (`consumer_timeout_ms`,
+# aiokafka's default 200 ms) and a reply reader's `getmany`. A record that arrives ends the
+# wait at once, so this costs no latency; at rest a consumer wakes once a second.
+IDLE_WAKE_MS = 1000
+
 class CredentialsError(RuntimeError):
     """A principal's Kafka credentials are not where they should be."""
 

@@ -9,11 +9,9 @@ from collections.abc import Callable
 from aiokafka import AIOKafkaConsumer
 
 from shared.intake.messages import Reply
+from shared.kafka import IDLE_WAKE_MS
 
 Waiting = Callable[[str], "asyncio.Future[Reply] | None"]
-# How long an idle reply consumer waits before it asks again (a reply that arrives ends the
-# wait at once): a channel at rest wakes once a second, not five times as at aiokafka's 200 ms.
-IDLE_WAKE_MS = 1000
 
 
 async def deliver_replies(replies: AIOKafkaConsumer, waiting: Waiting) -> None:

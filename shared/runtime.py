@@ -33,7 +33,7 @@ from shared.health import (
     summarise,
     watchdog,
 )
-from shared.kafka import broker_security, commit_batch_ends, linger
+from shared.kafka import IDLE_WAKE_MS, broker_security, commit_batch_ends, linger
 from shared.logging import configure_logging
 from shared.metrics import (
     BATCH_SIZE,
@@ -164,9 +164,9 @@ class ServiceRuntime:
             batch=True,
             max_records=self.settings.consumer_batch_size,
             batch_timeout_ms=self.settings.consumer_batch_wait_ms,
-            # Idle, a consumer's fetcher wakes this often (aiokafka: 200 ms); the broker holds
-            # an empty fetch `consumer_fetch_wait_ms` (see the setting).
-            consumer_timeout_ms=1000, fetch_max_wait_ms=self.settings.consumer_fetch_wait_ms,
+            # The broker holds an empty fetch `consumer_fetch_wait_ms` (see the setting).
+            consumer_timeout_ms=IDLE_WAKE_MS,
+            fetch_max_wait_ms=self.settings.consumer_fetch_wait_ms,
             title=title or f"{','.join(topics)}:{self.name}",
             description=description,
             parser=parse_leniently,

@@ -17,8 +17,8 @@ from aiokafka.errors import KafkaError
 
 from shared.channels import Channel, sign
 from shared.commands import Reply
-from shared.kafka import as_channel, client_options
-from shared.replies import IDLE_WAKE_MS, deliver_replies
+from shared.kafka import IDLE_WAKE_MS, as_channel, client_options
+from shared.replies import deliver_replies
 from shared.sealing import FieldSealer, SealContext
 from shared.settings import CardDeskSettings
 from shared.topics import command_topic, reply_topic
@@ -57,7 +57,6 @@ class ConsoleChannel:
         self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=1, **options)
         self._replies = replies = AIOKafkaConsumer(
             bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-            # Idle, the fetcher wakes this often (aiokafka: 200 ms), as the services' do.
             consumer_timeout_ms=IDLE_WAKE_MS,
             fetch_max_wait_ms=self.settings.consumer_fetch_wait_ms, **options)
         await self._producer.start()
