@@ -91,6 +91,7 @@ class ServiceRuntime:
         self._subscriptions: list[tuple[str, str]] = []  # (topic, group), for consumer lag
         self._sampler: MetricsSampler | None = None
         COMMITS.interval_s = settings.consumer_commit_interval_ms / 1000
+        COMMITS.alone_interval_s = settings.consumer_commit_interval_alone_ms / 1000
 
     @property
     def pool(self) -> asyncpg.Pool:

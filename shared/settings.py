@@ -90,6 +90,9 @@ class CardDeskSettings(BaseSettings):
     # How long after a batch was handled its offsets are committed, with those of the
     # batches handled meanwhile (ms; shared/commits.py); 0 commits every batch at once.
     consumer_commit_interval_ms: int = Field(default=100, ge=0, le=5000)
+    # The same for a consumer that holds every partition of its topics (one instance of the
+    # service): no other instance's barrier reads its commits, so they can wait longer.
+    consumer_commit_interval_alone_ms: int = Field(default=1000, ge=0, le=5000)
     # After a fetch short of a full batch, how long a consumer waits for more records to
     # take into the same batch (ms; shared/kafka.py); 0 takes each fetch as it comes. At
     # half the sustained rate 20 ms made status visible sooner than 5 ms did (README,

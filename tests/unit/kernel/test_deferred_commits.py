@@ -17,14 +17,24 @@ TOPIC = "loss.commands"
 class FakeConsumer:
     """An aiokafka consumer as far as commits go: its assignment and what it committed."""
 
-    def __init__(self, partitions: int = 3) -> None:
+    def __init__(self, partitions: int = 3, *, topic_partitions: int | None = 3) -> None:
+        """Assigned the first `partitions` of `TOPIC`'s `topic_partitions` (None: its
+        metadata is not known yet)."""
         self.assigned = {TopicPartition(TOPIC, p) for p in range(partitions)}
+        self.topic_partitions = topic_partitions
         self.commits: list[dict[TopicPartition, int]] = []
         self.failures: list[Exception] = []
         self.committed = asyncio.Event()
 
     def assignment(self) -> set[TopicPartition]:
         return set(self.assigned)
+
+    def subscription(self) -> frozenset[str]:
+        return frozenset({TOPIC})
+
+    def partitions_for_topic(self, topic: str) -> set[int] | None:
+        assert topic == TOPIC
+        return None if self.topic_partitions is None else set(range(self.topic_partitions))
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         if self.failures:
@@ -57,6 +67,30 @@ async def test_an_interval_of_zero_commits_every_batch_at_once() -> None:
     await commits.handled(consumer, records(2, 0, 1))
     await commits.handled(consumer, records(2, 2))
     assert consumer.commits == [{tp(2): 2}, {tp(2): 3}]
+
+
+async def test_a_consumer_alone_in_its_group_commits_on_the_longer_timer() -> None:
+    commits = DeferredCommits(interval_s=10, alone_interval_s=0.05)
+    alone, sharing = FakeConsumer(3), FakeConsumer(2)  # the second holds 2 of the 3
+    await commits.handled(alone, records(0, 1))
+    await commits.handled(sharing, records(1, 4))
+    await asyncio.sleep(0.3)
+    assert alone.commits == [{tp(0): 2}]
+    assert sharing.commits == [] and commits.owed(sharing) == {tp(1): 5}
+    await commits.flush_all()
+
+
+def test_the_interval_follows_the_assignment() -> None:
+    commits = DeferredCommits(interval_s=0.1, alone_interval_s=1.0)
+    consumer = FakeConsumer(3)
+    assert commits.interval_for(consumer) == 1.0
+    consumer.assigned.discard(tp(2))  # another instance joined and took one
+    assert commits.interval_for(consumer) == 0.1
+    assert commits.interval_for(FakeConsumer(0)) == 0.1  # nothing assigned yet
+    assert commits.interval_for(FakeConsumer(3, topic_partitions=None)) == 0.1
+    assert commits.interval_for(FakeConsumer(3, topic_partitions=4)) == 0.1  # grew
+    # Without a longer interval for it, a consumer alone commits on the one interval.
+    assert DeferredCommits(interval_s=0.1).interval_for(FakeConsumer(3)) == 0.1
 
 
 async def test_a_revocation_commits_the_revoked_partitions_at_once_and_only_them() -> None:
