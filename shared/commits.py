@@ -72,6 +72,8 @@ class DeferredCommits:
         """Note that `consumer` has handled its partitions up to `ends` (each the offset after
         a handled batch's last record there)."""
         self._owe(consumer, ends)
+        if consumer in self._timers:
+            return  # its timer commits these with the rest
         interval_s = self.interval_for(consumer)
         if interval_s <= 0:
             await self.flush(consumer)
@@ -79,8 +81,10 @@ class DeferredCommits:
             self._schedule(consumer, interval_s)
 
     def interval_for(self, consumer: Any) -> float:
-        """How long after a handled batch `consumer`'s offsets are committed."""
-        if self.alone_interval_s is not None and holds_every_partition(consumer):
+        """How long after a handled batch `consumer`'s offsets are committed (an interval of
+        0 commits every batch at once, alone or not)."""
+        if (self.interval_s > 0 and self.alone_interval_s is not None
+                and holds_every_partition(consumer)):
             return self.alone_interval_s
         return self.interval_s
 

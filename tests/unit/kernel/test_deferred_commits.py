@@ -91,6 +91,8 @@ def test_the_interval_follows_the_assignment() -> None:
     assert commits.interval_for(FakeConsumer(3, topic_partitions=4)) == 0.1  # grew
     # Without a longer interval for it, a consumer alone commits on the one interval.
     assert DeferredCommits(interval_s=0.1).interval_for(FakeConsumer(3)) == 0.1
+    # Committing every batch at once holds for a consumer alone too.
+    assert DeferredCommits(interval_s=0, alone_interval_s=1.0).interval_for(FakeConsumer()) == 0
 
 
 async def test_a_revocation_commits_the_revoked_partitions_at_once_and_only_them() -> None:
