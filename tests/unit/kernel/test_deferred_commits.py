@@ -69,7 +69,7 @@ async def test_an_interval_of_zero_commits_every_batch_at_once() -> None:
     assert consumer.commits == [{tp(2): 2}, {tp(2): 3}]
 
 
-async def test_a_consumer_alone_in_its_group_commits_on_the_longer_timer() -> None:
+async def test_a_consumer_alone_in_its_group_commits_on_the_alone_timer() -> None:
     commits = DeferredCommits(interval_s=10, alone_interval_s=0.05)
     alone, sharing = FakeConsumer(3), FakeConsumer(2)  # the second holds 2 of the 3
     await commits.handled(alone, records(0, 1))
