@@ -953,6 +953,11 @@ class Stack:
             "transaction.state.log.replication.factor=1",
             "transaction.state.log.min.isr=1",
             "group.initial.rebalance.delay.ms=0",
+            # The controller appends a no-op record to the metadata log this often when
+            # nothing else changes (KIP-835, default 500 ms), so that lag metrics move; each
+            # is a raft append and flush. Every 5 s the idle broker used 1.2-2.3% of a core
+            # less (3.1-3.7% against 4.3-5.9%, README Performance).
+            f"metadata.max.idle.interval.ms={METADATA_IDLE_INTERVAL_MS}",
             *broker_threads(os.cpu_count() or 2),
         ]
         return "\n".join(lines) + "\n"
@@ -1102,6 +1107,9 @@ def _write_private(path: Path, text: str) -> None:
 
 def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+METADATA_IDLE_INTERVAL_MS = 5000
 
 
 def broker_threads(cpus: int) -> list[str]:

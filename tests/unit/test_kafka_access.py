@@ -225,6 +225,16 @@ def test_the_local_broker_has_no_unauthenticated_listener(tmp_path: Path) -> Non
     assert properties["sasl.enabled.mechanisms"] == "SCRAM-SHA-512"
 
 
+def test_the_local_controller_marks_an_idle_metadata_log_every_five_seconds(
+        tmp_path: Path) -> None:
+    from cardctl.stack import Stack
+
+    stack = Stack(settings_in(tmp_path))
+    properties = dict(line.split("=", 1) for line in
+                      stack._server_properties(tmp_path, "s3cret").splitlines() if line)
+    assert properties["metadata.max.idle.interval.ms"] == "5000"  # Kafka's default: 500
+
+
 def test_the_local_broker_sizes_its_request_threads_to_the_machine() -> None:
     from cardctl.stack import broker_threads
 
