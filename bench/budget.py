@@ -3,7 +3,9 @@
 Runs `python -m bench.journeys` (one short run; its arguments pass through) and, over its
 sustained phase and backlog drain, reads PostgreSQL's `pg_stat_statements` (reset when the
 phase starts) and each stack process's CPU seconds (`/proc/<pid>/stat`; PostgreSQL with its
-backends), and the records Kafka wrote to its offsets topic. With py-spy on PATH it also
+backends), the records Kafka wrote to its offsets topic, and from each service's `/metrics`
+its consumers' batches (how many per command, how many records each) and its barrier's
+waits. With py-spy on PATH it also
 records the loss and status services (`--profile` names others) for 15 s (speedscope files
 in the state directory). Divides by the commands the phase accepted.
 
@@ -37,11 +39,13 @@ from collections import Counter
 from pathlib import Path
 
 import asyncpg
+import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from bench.common import console, latest_result, print_table
-from cardctl.stack import PG_SUPERUSER, Stack, pg_target
+from cardctl.stack import PG_SUPERUSER, Stack, pg_target, service_ports
+from cardctl.top import Samples, scrape
 from shared.kafka import as_principal, client_options
 from shared.settings import CardDeskSettings
 
@@ -121,6 +125,57 @@ async def _offset_records(settings: CardDeskSettings) -> int:
         await consumer.stop()
 
 
+async def scrape_services(settings: CardDeskSettings) -> dict[str, Samples | None]:
+    """Every service's `/metrics` now (None for one that did not answer in 5 s)."""
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        ports = service_ports(settings)
+        found = await asyncio.gather(*(
+            scrape(client, f"http://{settings.http_host}:{port}/metrics")
+            for port in ports.values()))
+    return dict(zip(ports, found, strict=True))
+
+
+def _moved(before: Samples | None, after: Samples | None,
+           name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """How much each series of `name` grew between two scrapes, by its labels."""
+    def by_labels(samples: Samples | None) -> dict[tuple[tuple[str, str], ...], float]:
+        return {tuple(sorted(labels.items())): value
+                for labels, value in (samples or {}).get(name, ())}
+
+    earlier = by_labels(before)
+    return {key: value - earlier.get(key, 0.0) for key, value in by_labels(after).items()}
+
+
+def batch_rows(before: dict[str, Samples | None], after: dict[str, Samples | None],
+               commands: int) -> list[tuple[str, str]]:
+    """Per consumer (service and topics): its batches per command and records per batch
+    (`carddesk_consumer_batch_size`); per command service: its barrier's waits per command
+    and their mean (`carddesk_barrier_wait_seconds`), between the two scrapes."""
+    rows: list[tuple[str, str]] = []
+    for service, samples in after.items():
+        if samples is None:
+            rows.append((service, "no /metrics"))
+            continue
+        counts = _moved(before.get(service), samples, "carddesk_consumer_batch_size_count")
+        sums = _moved(before.get(service), samples, "carddesk_consumer_batch_size_sum")
+        for key, batches in sorted(counts.items()):
+            topics = dict(key).get("topic", "?")
+            per_batch = sums.get(key, 0.0) / batches if batches else 0.0
+            rows.append((f"{service} ← {topics}", f"{batches / commands:.3f} batches per "
+                         f"command, {per_batch:.1f} records per batch"))
+        waits = sum(_moved(before.get(service), samples,
+                           "carddesk_barrier_wait_seconds_count").values())
+        waited = sum(_moved(before.get(service), samples,
+                            "carddesk_barrier_wait_seconds_sum").values())
+        if waits:
+            rows.append((f"{service}: barrier", f"{waits / commands:.3f} waits per command, "
+                         f"{1000 * waited / waits:.1f} ms mean"))
+    batches = sum(sum(_moved(before.get(service), samples,
+                             "carddesk_consumer_batch_size_count").values())
+                  for service, samples in after.items() if samples is not None)
+    return [*rows, ("all consumers", f"{batches / commands:.2f} batches per command")]
+
+
 def schema_of(query: str) -> str:
     """The schema a statement names, or the statement itself when it names none or several."""
     named = {m.group(1) for m in SCHEMA.finditer(query)}
@@ -176,6 +231,8 @@ class Window:
         self.started = self.seconds = 0.0
         self.stats: list[asyncpg.Record] = []
         self.profiles: list[subprocess.Popen[bytes]] = []
+        self.metrics_before: dict[str, Samples | None] = {}
+        self.metrics_after: dict[str, Samples | None] = {}
 
     async def open(self, driver: int) -> None:
         self.pids = {**stack_processes(self.stack), "load driver": driver}
@@ -186,6 +243,7 @@ class Window:
         finally:
             await conn.close()
         self.offset_records = -await offset_records(self.stack.settings)
+        self.metrics_before = await scrape_services(self.stack.settings)
         self.started, self.before = time.monotonic(), snapshot(self.pids)
         self.profiles = start_profiles(self.pids, self.stack.state_dir, self.profiled)
 
@@ -193,6 +251,7 @@ class Window:
         self.seconds = time.monotonic() - self.started
         after = snapshot(self.pids)
         self.cpu = {name: after[name] - self.before.get(name, 0.0) for name in after}
+        self.metrics_after = await scrape_services(self.stack.settings)
         self.offset_records += await offset_records(self.stack.settings)
         conn = await asyncpg.connect(self.dsn)
         try:
@@ -248,6 +307,8 @@ async def run(argv: list[str], profiled: list[str], phase: str) -> None:
     print_table(f"statements per command ({commands} commands, {window.seconds:.1f} s)",
                 statement_rows(window.stats, commands))
     print_table("top statements by execution time", top_statements(window.stats))
+    print_table("consumer batches",
+                batch_rows(window.metrics_before, window.metrics_after, commands))
     print_table("offset commits", [("records written to __consumer_offsets per command",
                                     f"{window.offset_records / commands:.2f}")])
     print_table("CPU ms per command", [
