@@ -155,6 +155,7 @@ class OutboxRelay:
         self.purge_interval = purge_interval
         self.purge_batch = purge_batch
         self._purged_at = float("-inf")
+        self._purging: asyncio.Task[None] | None = None
         self._in_flight: InFlight | None = None
         self._acknowledged: list[Outgoing] = []  # not yet marked sent
         self._wake = asyncio.Event()
@@ -287,8 +288,7 @@ class OutboxRelay:
                     sent = await self._publish(conn)
                     if sent:
                         log.debug("outbox.published", schema=self.schema, count=sent)
-                    if time.monotonic() - self._purged_at >= self.purge_interval:
-                        await self.purge_sent(conn)
+                    self._purge_when_due()
                     if sent < self.batch_size:
                         if not self._wake.is_set():  # nothing committed meanwhile
                             await self._acknowledge()
@@ -296,8 +296,38 @@ class OutboxRelay:
                             await self._sleep()
                 await self._settle(conn)
             finally:
+                await self._stop_purging()
                 await conn.remove_listener(notify_channel(self.schema), self._on_notify)
                 await conn.execute("SELECT pg_advisory_unlock_all()")
+
+    def _purge_when_due(self) -> None:
+        """Start the retention purge when it is due and the last one has ended, on a
+        connection of its own: a purge with rows due deletes them in statements of up to
+        `purge_batch` rows (100-500 ms each on a busy machine), and the relay, which only
+        the holder of the schema's lock runs, keeps publishing meanwhile. The rows it
+        deletes were sent a retention ago; the relay reads and marks only unsent rows."""
+        if self._purging is not None and not self._purging.done():
+            return
+        if time.monotonic() - self._purged_at < self.purge_interval:
+            return
+        self._purged_at = time.monotonic()
+        self._purging = asyncio.create_task(self._purge_apart())
+
+    async def _purge_apart(self) -> None:
+        try:
+            async with self.pool.acquire() as conn:
+                await self.purge_sent(conn)
+        except Exception as exc:  # the next one is due after `purge_interval`
+            log.warning("outbox.purge_failed", schema=self.schema, error=type(exc).__name__)
+
+    async def _stop_purging(self) -> None:
+        """A purge still running when the relay stops is cancelled: its statement is rolled
+        back and the rows wait for the next relay's."""
+        purging, self._purging = self._purging, None
+        if purging is not None and not purging.done():
+            purging.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await purging
 
     def stop(self) -> None:
         self._stopping.set()

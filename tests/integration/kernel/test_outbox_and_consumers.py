@@ -8,7 +8,7 @@ import json
 import logging
 import random
 import uuid
-from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -167,6 +167,48 @@ async def test_the_relay_reads_only_the_oldest_row_when_it_was_sent_within_the_r
         assert await relay.purge_sent(conn) == 1
     left = await pool.fetch(f"SELECT key FROM {schema}.outbox ORDER BY position")
     assert [r["key"] for r in left] == [b"first", b"third"]
+
+
+async def test_the_relay_keeps_publishing_while_its_purge_waits(
+    pool: asyncpg.Pool, schema: str, producer: AIOKafkaProducer, settings: CardDeskSettings,
+) -> None:
+    """The retention purge runs beside the relay: a purge held up (here by a lock on a row
+    it deletes; on a busy machine, by statements of 100-500 ms) delays no publishing."""
+    topic = f"{schema}.events"
+    await create_topics(settings.kafka_bootstrap, [topic])
+    await store_events(pool, schema, topic, "old", 1)
+    await pool.execute(f"UPDATE {schema}.outbox SET sent_at = now() - interval '2 days'")
+    relay = OutboxRelay(pool, producer, schema, retention=timedelta(hours=24),
+                        poll_interval=0.05, purge_interval=3600)
+
+    async def purge_waits() -> bool:
+        return bool(await pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND query LIKE $1", f"%DELETE FROM {schema}.outbox%"))
+
+    async def unsent() -> int:
+        return int(await pool.fetchval(
+            f"SELECT count(*) FROM {schema}.outbox WHERE sent_at IS NULL"))
+
+    async with pool.acquire() as holder, holder.transaction():
+        await holder.execute(f"SELECT 1 FROM {schema}.outbox WHERE key = 'old' FOR UPDATE")
+        running = asyncio.create_task(relay.run())
+        try:
+            await eventually(purge_waits, timeout_s=10)
+            await store_events(pool, schema, topic, "new", 2)
+            await eventually(lambda: _is_zero(unsent()), timeout_s=10)
+            assert await purge_waits()  # published while the purge still waited
+        finally:
+            relay.stop()
+            await asyncio.wait_for(running, 10)
+    records = await read_topic(settings.kafka_bootstrap, topic, until=lambda r: len(r) >= 2)
+    assert [r.key for r in records] == [b"new", b"new"]
+    # The purge was cancelled with the relay: the old row waits for the next one.
+    assert await pool.fetchval(f"SELECT count(*) FROM {schema}.outbox WHERE key = 'old'") == 1
+
+
+async def _is_zero(count: Awaitable[int]) -> bool:
+    return await count == 0
 
 
 async def test_a_relay_killed_after_the_ack_republishes_and_the_consumer_applies_once(
