@@ -207,7 +207,7 @@ def schema_ddl(schema: str) -> str:
     CREATE INDEX IF NOT EXISTS outbox_unsent ON {schema}.outbox (position) WHERE sent_at IS NULL;
     -- No statement filters on the payloads, and the others need little: ANALYZE samples
     -- 300 rows per point of the largest target, and at the default (100) autovacuum's
-    -- analyze of a busy outbox read 30,000 rows' payloads, 1.1-1.4 s of CPU each time;
+    -- analyze of a busy outbox read 30,000 rows' payloads, 1.05-1.45 s each time;
     -- with these, 53-59 ms (README, Performance).
     ALTER TABLE {schema}.outbox ALTER COLUMN key SET STATISTICS 0,
         ALTER COLUMN value SET STATISTICS 0, ALTER COLUMN headers SET STATISTICS 0,

@@ -121,6 +121,10 @@ def delete_sent_sql(schema: str, where: str = "TRUE") -> str:
             "  WHERE o.position = head.position AND head.sent_at < now() - $1::interval")
 
 
+# How long a stopping relay waits for its cancelled purge to end.
+PURGE_STOP_TIMEOUT_S = 10.0
+
+
 class OutboxRelay:
     """Publishes a schema's outbox in position order.
 
@@ -322,12 +326,12 @@ class OutboxRelay:
 
     async def _stop_purging(self) -> None:
         """A purge still running when the relay stops is cancelled: its statement is rolled
-        back and the rows wait for the next relay's."""
+        back and the rows wait for the next relay's. The wait for it is bounded, as asyncpg
+        asks PostgreSQL to cancel the statement over a connection of its own."""
         purging, self._purging = self._purging, None
         if purging is not None and not purging.done():
             purging.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await purging
+            await asyncio.wait({purging}, timeout=PURGE_STOP_TIMEOUT_S)
 
     def stop(self) -> None:
         self._stopping.set()
