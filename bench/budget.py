@@ -45,7 +45,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from bench.common import console, latest_result, print_table
 from cardctl.stack import PG_SUPERUSER, Stack, pg_target, service_ports
-from cardctl.top import Samples, scrape
+from cardctl.top import Samples, scrape, total
 from shared.kafka import as_principal, client_options
 from shared.settings import CardDeskSettings
 
@@ -135,15 +135,14 @@ async def scrape_services(settings: CardDeskSettings) -> dict[str, Samples | Non
     return dict(zip(ports, found, strict=True))
 
 
-def _moved(before: Samples | None, after: Samples | None,
-           name: str) -> dict[tuple[tuple[str, str], ...], float]:
-    """How much each series of `name` grew between two scrapes, by its labels."""
-    def by_labels(samples: Samples | None) -> dict[tuple[tuple[str, str], ...], float]:
-        return {tuple(sorted(labels.items())): value
-                for labels, value in (samples or {}).get(name, ())}
+BATCHES = "carddesk_consumer_batch_size"
+BARRIER_WAITS = "carddesk_barrier_wait_seconds"
 
-    earlier = by_labels(before)
-    return {key: value - earlier.get(key, 0.0) for key, value in by_labels(after).items()}
+
+def _grew(before: Samples | None, after: Samples, name: str, **match: str) -> float:
+    """How much the series of `name` whose labels include `match` grew between two scrapes
+    (from 0 for a service that had not answered the first)."""
+    return total(after, name, **match) - total(before, name, **match)
 
 
 def batch_rows(before: dict[str, Samples | None], after: dict[str, Samples | None],
@@ -152,28 +151,26 @@ def batch_rows(before: dict[str, Samples | None], after: dict[str, Samples | Non
     (`carddesk_consumer_batch_size`); per command service: its barrier's waits per command
     and their mean (`carddesk_barrier_wait_seconds`), between the two scrapes."""
     rows: list[tuple[str, str]] = []
+    all_batches = 0.0
     for service, samples in after.items():
         if samples is None:
             rows.append((service, "no /metrics"))
             continue
-        counts = _moved(before.get(service), samples, "carddesk_consumer_batch_size_count")
-        sums = _moved(before.get(service), samples, "carddesk_consumer_batch_size_sum")
-        for key, batches in sorted(counts.items()):
-            topics = dict(key).get("topic", "?")
-            per_batch = sums.get(key, 0.0) / batches if batches else 0.0
+        earlier = before.get(service)
+        consumers = {labels["topic"] for labels, _ in samples.get(f"{BATCHES}_count", ())}
+        for topics in sorted(consumers):
+            batches = _grew(earlier, samples, f"{BATCHES}_count", topic=topics)
+            records = _grew(earlier, samples, f"{BATCHES}_sum", topic=topics)
+            per_batch = records / batches if batches else 0.0
+            all_batches += batches
             rows.append((f"{service} ← {topics}", f"{batches / commands:.3f} batches per "
                          f"command, {per_batch:.1f} records per batch"))
-        waits = sum(_moved(before.get(service), samples,
-                           "carddesk_barrier_wait_seconds_count").values())
-        waited = sum(_moved(before.get(service), samples,
-                            "carddesk_barrier_wait_seconds_sum").values())
+        waits = _grew(earlier, samples, f"{BARRIER_WAITS}_count")
         if waits:
+            waited = _grew(earlier, samples, f"{BARRIER_WAITS}_sum")
             rows.append((f"{service}: barrier", f"{waits / commands:.3f} waits per command, "
                          f"{1000 * waited / waits:.1f} ms mean"))
-    batches = sum(sum(_moved(before.get(service), samples,
-                             "carddesk_consumer_batch_size_count").values())
-                  for service, samples in after.items() if samples is not None)
-    return [*rows, ("all consumers", f"{batches / commands:.2f} batches per command")]
+    return [*rows, ("all consumers", f"{all_batches / commands:.2f} batches per command")]
 
 
 def schema_of(query: str) -> str:
